@@ -1,0 +1,485 @@
+//! The coordinator: one [`SagaActor`] per live saga, under a [`Coordinator`] that routes
+//! events to them and restarts them.
+//!
+//! ```text
+//!  partition consumers ──Deliver(saga_id, input, delivery)──▶ Coordinator ──▶ SagaActor(saga_id)
+//!  (sagaflow crate)                                          spawns/restarts     │
+//!                                                                                │ 1. load snapshot (once)
+//!                                                                                │ 2. apply event (pure machine)
+//!                                                                                │ 3. CAS-save snapshot
+//!                                                                                │ 4. publish commands, announce status
+//!                                                                                │ 5. ack the event
+//!                                                                                │ 6. arm the timer for next_wakeup
+//! ```
+//!
+//! **Ordering.** A saga's events reach its actor in stream order and its mailbox handles one
+//! at a time, so per-saga events are applied in order, one at a time. The actor awaits its
+//! own I/O inside `handle` on purpose: that blocks only this saga, which is what ordering needs.
+//!
+//! **Persist before anything else.** The snapshot is written (compare-and-set on the revision)
+//! before the commands it lists are published and before the event is acked. If the process
+//! dies after the write, the event is redelivered and is a no-op for the machine, and recovery
+//! republishes [`Saga::in_flight`] (same command ids: the server and participants de-duplicate).
+//!
+//! **Restart policy.** A saga actor that fails (a bug: the machine is pure and tested) is
+//! respawned by the coordinator with capped backoff; it reloads its snapshot, republishes its
+//! in-flight commands and re-arms its timer. Events that were in its mailbox were never acked:
+//! JetStream redelivers them after the consumer's `ack_wait`. A saga actor that finished stops
+//! itself and is forgotten.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::task::JoinHandle;
+
+use crate::definition::SagaDefinition;
+use crate::machine::{CommandSpec, Effect, Event, Millis, Saga, StepError, Transition};
+use crate::ports::{CommandBus, Delivery, Error as PortError, StateStore};
+use crate::service::restart_backoff;
+
+/// What a delivered saga event says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The saga's snapshot was created; publish its first commands.
+    Started,
+    /// A participant's reply.
+    Reply {
+        /// Step name.
+        step: String,
+        /// Attempt answered.
+        attempt: u32,
+        /// Whether it answers a compensation.
+        compensation: bool,
+        /// Output or error.
+        outcome: Result<Vec<u8>, StepError>,
+    },
+    /// Compensate now.
+    Cancel {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the actors share: definitions, ports, clock.
+pub struct Context {
+    /// Definitions by name.
+    pub definitions: HashMap<String, Arc<SagaDefinition>>,
+    /// Snapshot store.
+    pub store: Arc<dyn StateStore>,
+    /// Command and status publisher.
+    pub bus: Arc<dyn CommandBus>,
+    /// Current time, unix milliseconds.
+    pub clock: Arc<dyn Fn() -> Millis + Send + Sync>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("definitions", &self.definitions.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// Supervisor and router of saga actors (no data; see [`CoordinatorState`]).
+#[derive(Debug, Default)]
+pub struct Coordinator;
+
+/// Messages of [`Coordinator`].
+pub enum CoordinatorMsg {
+    /// Route an event to its saga.
+    Deliver {
+        /// Saga id.
+        saga_id: String,
+        /// The event.
+        input: Input,
+        /// Its acknowledgement.
+        delivery: Box<dyn Delivery>,
+    },
+    /// Bring a saga found unfinished in the store back to life (after a restart or takeover).
+    Recover {
+        /// Saga id.
+        saga_id: String,
+    },
+    /// Respawn a failed saga actor.
+    Respawn(String),
+    /// Number of live saga actors.
+    Live(RpcReplyPort<usize>),
+}
+
+/// State of [`Coordinator`].
+pub struct CoordinatorState {
+    ctx: Arc<Context>,
+    actors: HashMap<String, ActorRef<SagaMsg>>,
+    ids: HashMap<ActorId, String>,
+    failures: HashMap<String, u32>,
+}
+
+impl Actor for Coordinator {
+    type Msg = CoordinatorMsg;
+    type State = CoordinatorState;
+    type Arguments = Arc<Context>;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, ctx: Arc<Context>) -> Result<Self::State, ActorProcessingErr> {
+        Ok(CoordinatorState { ctx, actors: HashMap::new(), ids: HashMap::new(), failures: HashMap::new() })
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CoordinatorMsg::Deliver { saga_id, input, delivery } => {
+                let actor = match state.actor_for(&myself, &saga_id).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!(saga_id, error = %e, "cannot spawn saga actor");
+                        delivery.nak(Duration::from_secs(1)).await;
+                        return Ok(());
+                    }
+                };
+                if let Err(e) = actor.cast(SagaMsg::Deliver(input, delivery)) {
+                    // The actor stopped between lookup and send: the message is dropped with it
+                    // un-acked, and JetStream redelivers it.
+                    tracing::debug!(saga_id, error = %e, "saga actor gone, event will be redelivered");
+                }
+            }
+            CoordinatorMsg::Recover { saga_id } | CoordinatorMsg::Respawn(saga_id) => {
+                match state.actor_for(&myself, &saga_id).await {
+                    Ok(actor) => {
+                        let _ = actor.cast(SagaMsg::Recover);
+                    }
+                    Err(e) => tracing::error!(saga_id, error = %e, "cannot spawn saga actor"),
+                }
+            }
+            CoordinatorMsg::Live(reply) => {
+                let _ = reply.send(state.actors.len());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(id) = state.ids.remove(&cell.get_id()) {
+                    state.actors.remove(&id);
+                    state.failures.remove(&id);
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                if let Some(id) = state.ids.remove(&cell.get_id()) {
+                    state.actors.remove(&id);
+                    let n = state.failures.entry(id.clone()).or_insert(0);
+                    *n += 1;
+                    let delay = restart_backoff(*n);
+                    tracing::error!(saga_id = %id, error = %err, ?delay, "saga actor failed, restarting it");
+                    myself.send_after(delay, move || CoordinatorMsg::Respawn(id));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl CoordinatorState {
+    async fn actor_for(&mut self, myself: &ActorRef<CoordinatorMsg>, saga_id: &str) -> Result<ActorRef<SagaMsg>, ActorProcessingErr> {
+        if let Some(a) = self.actors.get(saga_id) {
+            return Ok(a.clone());
+        }
+        let args = SagaArgs { id: saga_id.to_string(), ctx: self.ctx.clone() };
+        let (actor, _) = Actor::spawn_linked(None, SagaActor, args, myself.get_cell()).await?;
+        self.actors.insert(saga_id.to_string(), actor.clone());
+        self.ids.insert(actor.get_id(), saga_id.to_string());
+        Ok(actor)
+    }
+}
+
+/// Hosts one saga's state machine (no data; see [`SagaState`]).
+#[derive(Debug, Default)]
+pub struct SagaActor;
+
+/// Arguments of [`SagaActor`].
+pub struct SagaArgs {
+    id: String,
+    ctx: Arc<Context>,
+}
+
+/// Messages of [`SagaActor`].
+pub enum SagaMsg {
+    /// An event from the saga's subject.
+    Deliver(Input, Box<dyn Delivery>),
+    /// Reload, republish in-flight commands, re-arm the timer.
+    Recover,
+    /// A due time passed.
+    Tick,
+}
+
+/// State of [`SagaActor`].
+pub struct SagaState {
+    id: String,
+    ctx: Arc<Context>,
+    loaded: Option<Loaded>,
+    timer: Option<JoinHandle<()>>,
+}
+
+struct Loaded {
+    saga: Saga,
+    revision: u64,
+    def: Arc<SagaDefinition>,
+}
+
+/// Why an event could not be handled now.
+enum Failure {
+    /// Retry later (the store or NATS is unavailable).
+    Transient(String),
+    /// The saga lost a compare-and-set: reload and retry at once.
+    Conflict,
+    /// The event can never be handled: dead-letter it.
+    Permanent(String),
+}
+
+impl Actor for SagaActor {
+    type Msg = SagaMsg;
+    type State = SagaState;
+    type Arguments = SagaArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: SagaArgs) -> Result<Self::State, ActorProcessingErr> {
+        // Loading happens on the first message, so spawning costs the coordinator no I/O.
+        Ok(SagaState { id: args.id, ctx: args.ctx, loaded: None, timer: None })
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SagaMsg::Deliver(input, delivery) => state.on_delivery(input, delivery).await,
+            SagaMsg::Recover => {
+                state.loaded = None;
+                match state.load().await {
+                    Ok(true) => state.resend_in_flight().await,
+                    Ok(false) => tracing::warn!(saga_id = %state.id, "asked to recover a saga that does not exist"),
+                    Err(Failure::Permanent(reason)) => tracing::error!(saga_id = %state.id, reason, "cannot recover saga"),
+                    Err(_) => {
+                        // Try again shortly; the coordinator's map keeps us alive meanwhile.
+                        myself.send_after(Duration::from_secs(1), || SagaMsg::Recover);
+                        return Ok(());
+                    }
+                }
+            }
+            SagaMsg::Tick => {
+                state.timer = None;
+                if let Err(f) = state.process(Event::Tick, None).await {
+                    let delay = match f {
+                        Failure::Conflict => Duration::ZERO,
+                        _ => Duration::from_secs(1),
+                    };
+                    state.timer = Some(schedule_tick(&myself, delay));
+                    return Ok(());
+                }
+            }
+        }
+        state.arm_timer(&myself);
+        if state.loaded.as_ref().is_none_or(|l| l.saga.is_terminal()) {
+            myself.stop(None);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.timer.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+}
+
+fn schedule_tick(myself: &ActorRef<SagaMsg>, delay: Duration) -> JoinHandle<()> {
+    let me = myself.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = me.cast(SagaMsg::Tick);
+    })
+}
+
+impl SagaState {
+    fn now(&self) -> Millis {
+        (self.ctx.clock)()
+    }
+
+    /// Loads the snapshot if not loaded; `Ok(false)` if the saga does not exist.
+    async fn load(&mut self) -> Result<bool, Failure> {
+        if self.loaded.is_some() {
+            return Ok(true);
+        }
+        match self.ctx.store.load(&self.id).await {
+            Ok(Some((saga, revision))) => {
+                let Some(def) = self.ctx.definitions.get(&saga.definition).cloned() else {
+                    return Err(Failure::Permanent(format!("saga definition `{}` is not loaded on this node", saga.definition)));
+                };
+                if saga.fingerprint != def.fingerprint {
+                    tracing::warn!(saga_id = %self.id, definition = %def.name, "saga started under a different version of its definition");
+                }
+                self.loaded = Some(Loaded { saga, revision, def });
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(PortError::Corrupt { message, .. }) => Err(Failure::Permanent(message)),
+            Err(e) => Err(Failure::Transient(e.to_string())),
+        }
+    }
+
+    async fn on_delivery(&mut self, input: Input, delivery: Box<dyn Delivery>) {
+        match self.load().await {
+            Ok(true) => {}
+            Ok(false) => {
+                delivery.dead_letter(format!("event for unknown saga `{}`", self.id)).await;
+                return;
+            }
+            Err(Failure::Permanent(reason)) => {
+                delivery.dead_letter(reason).await;
+                return;
+            }
+            Err(Failure::Transient(e)) => {
+                tracing::warn!(saga_id = %self.id, error = %e, "cannot load saga, event will be retried");
+                delivery.nak(Duration::from_secs(1)).await;
+                return;
+            }
+            Err(Failure::Conflict) => {
+                delivery.nak(Duration::ZERO).await;
+                return;
+            }
+        }
+        let event = match input {
+            Input::Started => {
+                self.resend_in_flight().await;
+                delivery.ack().await;
+                return;
+            }
+            Input::Cancel { reason } => Event::Cancel { reason },
+            Input::Reply { step, attempt, compensation, outcome } => {
+                let index = self.loaded.as_ref().and_then(|l| step_index(&l.def, &step));
+                let Some(step) = index else {
+                    delivery.dead_letter(format!("reply names unknown step `{step}`")).await;
+                    return;
+                };
+                Event::Reply { step, attempt, compensation, outcome }
+            }
+        };
+        // A lost compare-and-set means our copy is stale: reload and apply again (the machine
+        // ignores what was already applied), a bounded number of times.
+        for _ in 0..3 {
+            match self.process(event.clone(), Some(&*delivery)).await {
+                Ok(()) => {
+                    delivery.ack().await;
+                    return;
+                }
+                Err(Failure::Conflict) => {
+                    self.loaded = None;
+                    match self.load().await {
+                        Ok(true) => self.resend_in_flight().await,
+                        _ => break,
+                    }
+                }
+                Err(Failure::Permanent(reason)) => {
+                    delivery.dead_letter(reason).await;
+                    return;
+                }
+                Err(Failure::Transient(e)) => {
+                    tracing::warn!(saga_id = %self.id, error = %e, "cannot persist saga, event will be retried");
+                    self.loaded = None;
+                    delivery.nak(Duration::from_secs(1)).await;
+                    return;
+                }
+            }
+        }
+        delivery.nak(Duration::from_millis(100)).await;
+    }
+
+    /// Applies `event`, persists, then carries out the effects.
+    async fn process(&mut self, event: Event, delivery: Option<&dyn Delivery>) -> Result<(), Failure> {
+        if !self.load().await? {
+            return Ok(());
+        }
+        let now = self.now();
+        let Some(l) = self.loaded.as_ref() else { return Ok(()) };
+        let mut next = l.saga.clone();
+        let t: Transition = next.apply(&l.def, event, now).map_err(|e| Failure::Permanent(e.to_string()))?;
+        if !t.changed {
+            return Ok(());
+        }
+        let revision = match self.ctx.store.save(&next, Some(l.revision)).await {
+            Ok(r) => r,
+            Err(PortError::Conflict { .. }) => return Err(Failure::Conflict),
+            Err(e) => return Err(Failure::Transient(e.to_string())),
+        };
+        let def = l.def.clone();
+        self.loaded = Some(Loaded { saga: next, revision, def });
+        self.carry_out(t.effects, delivery).await;
+        Ok(())
+    }
+
+    /// Publishes commands and status changes, retrying until NATS takes them: the snapshot
+    /// already says they happened, so they must not be skipped.
+    async fn carry_out(&self, effects: Vec<Effect>, delivery: Option<&dyn Delivery>) {
+        let Some(l) = self.loaded.as_ref() else { return };
+        let sends: Vec<CommandSpec> = effects.iter().filter_map(|e| if let Effect::Send(c) = e { Some(*c) } else { None }).collect();
+        if !sends.is_empty() {
+            retry_forever(&self.id, "publish commands", delivery, || self.ctx.bus.send(&l.def, &l.saga, &sends)).await;
+        }
+        let changes: Vec<(&str, &str)> = effects
+            .iter()
+            .filter_map(|e| if let Effect::StatusChanged { from, to } = e { Some((from.as_str(), to.as_str())) } else { None })
+            .collect();
+        let first_seq = l.saga.status_seq + 1 - changes.len() as u64;
+        for (k, (from, to)) in changes.into_iter().enumerate() {
+            let seq = first_seq + k as u64;
+            retry_forever(&self.id, "announce status", delivery, || self.ctx.bus.announce(&l.saga, from, to, seq)).await;
+        }
+    }
+
+    async fn resend_in_flight(&self) {
+        let Some(l) = self.loaded.as_ref() else { return };
+        let in_flight = l.saga.in_flight();
+        if !in_flight.is_empty() {
+            retry_forever(&self.id, "republish in-flight commands", None, || self.ctx.bus.send(&l.def, &l.saga, &in_flight)).await;
+        }
+    }
+
+    fn arm_timer(&mut self, myself: &ActorRef<SagaMsg>) {
+        if let Some(t) = self.timer.take() {
+            t.abort();
+        }
+        let Some(at) = self.loaded.as_ref().and_then(|l| l.saga.next_wakeup()) else { return };
+        let delay = u64::try_from(at.saturating_sub(self.now())).unwrap_or(0);
+        self.timer = Some(schedule_tick(myself, Duration::from_millis(delay)));
+    }
+}
+
+fn step_index(def: &SagaDefinition, name: &str) -> Option<usize> {
+    def.steps.iter().position(|s| s.name == name).or_else(|| {
+        def.after_compensation.as_ref().filter(|s| s.name == name).map(|_| def.steps.len())
+    })
+}
+
+async fn retry_forever<F, Fut>(saga_id: &str, what: &str, delivery: Option<&dyn Delivery>, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), PortError>>,
+{
+    let mut failures = 0u32;
+    loop {
+        match f().await {
+            Ok(()) => return,
+            Err(e) => {
+                failures += 1;
+                let delay = restart_backoff(failures);
+                tracing::warn!(saga_id, error = %e, attempt = failures, ?delay, "{what} failed, retrying");
+                if let Some(d) = delivery {
+                    d.in_progress().await;
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

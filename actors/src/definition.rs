@@ -1,0 +1,200 @@
+//! Saga definitions: the validated, immutable model of a saga loaded from `sagas/*.toml`.
+//!
+//! A [`SagaDefinition`] can only be built by [`parse`] (or [`load_dir`]), which refuses anything
+//! the engine could not run safely: unknown keys, duplicate or dangling names, a mutating step
+//! with neither a compensation nor `pivot = true`, unbounded retries, missing timeouts. Errors
+//! name `file:line:column` and the field, so a user can fix a file without reading our code.
+//!
+//! The raw serde types live in [`raw`]; this module holds the domain types the state machine
+//! reads. See `docs/saga-config.md` for the file format.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod raw;
+
+pub use raw::{load_dir, parse};
+
+/// A validated saga definition. Cheap to share behind an `Arc`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaDefinition {
+    /// Unique name of the saga (`order`); the key `StartSaga` and snapshots refer to it by.
+    pub name: String,
+    /// Human description, shown by `ListDefinitions`.
+    pub description: String,
+    /// The status labels each outcome sets.
+    pub statuses: Statuses,
+    /// Overall deadline measured from the saga's start: past it, forward progress stops and
+    /// the saga compensates.
+    pub deadline: Duration,
+    /// Stages run one after another; the steps of one stage run in parallel.
+    pub stages: Vec<Stage>,
+    /// Every forward step, in stage order; a step's position here is its [`StepIndex`].
+    pub steps: Vec<Step>,
+    /// A step run once compensation has finished (e.g. tell the customer), never compensated.
+    pub after_compensation: Option<Step>,
+    /// Stable hash of the definition's content: a snapshot records it so a node can tell when
+    /// a saga in flight was started under a different definition.
+    pub fingerprint: u64,
+    /// Where the definition was loaded from, for messages.
+    pub source: PathBuf,
+}
+
+/// Index of a step in [`SagaDefinition::steps`]; `steps.len()` denotes the after-compensation step.
+pub type StepIndex = usize;
+
+/// Status labels set by a saga's outcomes (order statuses for the order saga).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statuses {
+    /// Status of a saga that has started and not yet reached a stage with its own status.
+    pub initial: String,
+    /// Status when every stage succeeded.
+    pub completed: String,
+    /// Status when a step failed for good and every completed step was compensated.
+    pub compensated: String,
+    /// Status when compensation itself could not complete: the saga needs a human.
+    pub failed: String,
+}
+
+/// A group of steps that run in parallel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    /// Name, unique within the saga.
+    pub name: String,
+    /// Indices into [`SagaDefinition::steps`].
+    pub steps: Vec<StepIndex>,
+    /// Status set when every step of the stage succeeded, if any.
+    pub status: Option<String>,
+}
+
+/// One step: a command to a participant service, with its compensation and policies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Name, unique within the saga (compensations and history refer to it).
+    pub name: String,
+    /// The stage this step belongs to (`usize::MAX` for the after-compensation step).
+    pub stage: usize,
+    /// The command sent to do the work.
+    pub action: Action,
+    /// The command that undoes it, if the step can be undone.
+    pub compensation: Option<Action>,
+    /// The step cannot be undone and the saga's outcome is decided once it succeeds
+    /// (a mutating step must have a compensation or be a pivot).
+    pub pivot: bool,
+    /// How the forward action is retried.
+    pub retry: RetryPolicy,
+    /// How the compensation is retried; exhausting it parks the saga as failed.
+    pub compensation_retry: RetryPolicy,
+    /// How long one attempt may take before it counts as a transient failure.
+    pub timeout: Duration,
+}
+
+/// `service.action`, as written in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Action {
+    /// Participant service (`payment`): the consumer group that handles the command.
+    pub service: String,
+    /// Action within the service (`charge`).
+    pub name: String,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.service, self.name)
+    }
+}
+
+/// Retry policy: exponential backoff with full jitter, bounded attempts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in total, the first included (≥ 1, bounded).
+    pub max_attempts: u32,
+    /// Backoff ceiling before the second attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound of any backoff.
+    pub max_backoff: Duration,
+    /// Growth factor of the backoff ceiling per attempt (≥ 1).
+    pub multiplier: f64,
+    /// Error kinds that fail the step at once (a business refusal such as `declined`).
+    pub non_retryable: Vec<String>,
+}
+
+impl RetryPolicy {
+    /// Backoff ceiling after `attempt` (1-based) failed: `min(max, initial * multiplier^(attempt-1))`.
+    /// The caller draws the actual delay uniformly in `[0, ceiling]` (full jitter).
+    pub fn backoff_ceiling(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(64) as i32;
+        let secs = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exp);
+        let max = self.max_backoff.as_secs_f64();
+        Duration::from_secs_f64(if secs.is_finite() { secs.min(max) } else { max })
+    }
+
+    /// Whether an error of `kind` may be retried under this policy.
+    pub fn is_retryable(&self, kind: &str) -> bool {
+        !self.non_retryable.iter().any(|k| k == kind)
+    }
+}
+
+impl SagaDefinition {
+    /// The step at `index`, the after-compensation step being `steps.len()`.
+    pub fn step(&self, index: StepIndex) -> Option<&Step> {
+        if index == self.steps.len() {
+            self.after_compensation.as_ref()
+        } else {
+            self.steps.get(index)
+        }
+    }
+
+    /// Number of step slots a saga of this definition tracks (forward steps + after-compensation).
+    pub fn step_slots(&self) -> usize {
+        self.steps.len() + usize::from(self.after_compensation.is_some())
+    }
+
+    /// Every service the saga sends commands to (forward, compensation, after-compensation).
+    pub fn services(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let all = self.steps.iter().chain(self.after_compensation.iter());
+        for step in all {
+            for action in std::iter::once(&step.action).chain(step.compensation.iter()) {
+                if !out.contains(&action.service) {
+                    out.push(action.service.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Why a definition file was refused: where, which field, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{column}: {}{message}", file.display(), field.as_deref().map(|f| format!("`{f}`: ")).unwrap_or_default())]
+pub struct Error {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Dotted path of the offending field (`stage[1].step[0].compensation`), when one is to blame.
+    pub field: Option<String>,
+    /// What is wrong, lowercase, no trailing period.
+    pub message: String,
+}
+
+impl Error {
+    /// An error at a byte offset of `source`.
+    pub fn at(file: &Path, source: &str, offset: usize, field: Option<String>, message: String) -> Self {
+        let (line, column) = line_col(source, offset);
+        Error { file: file.to_path_buf(), line, column, field, message }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = source.get(..offset).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}

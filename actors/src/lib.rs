@@ -1,0 +1,22 @@
+//! # sagaflow-actors: the domain
+//!
+//! Everything Sagaflow knows about sagas, with no network and no environment:
+//!
+//! - [`definition`]: saga definitions loaded from `sagas/*.toml`, validated into a model that
+//!   cannot be invalid.
+//! - [`machine`]: the pure saga state machine, `(state, event, now) -> (state, effects)`.
+//! - [`wire`]: versioned postcard envelopes for everything stored or sent.
+//! - [`coordinator`]: the ractor actors hosting the machine (one per live saga, under a supervisor).
+//! - [`service`]: supervised pools of participant instances sharing one consumer group.
+//! - [`ports`]: the small traits through which the actors reach the outside (event log, command
+//!   bus, state store), implemented over NATS JetStream by the `sagaflow` crate.
+//! - [`hash`], [`duration`]: stable hashing, human durations.
+
+pub mod definition;
+pub mod duration;
+pub mod hash;
+pub mod coordinator;
+pub mod machine;
+pub mod ports;
+pub mod service;
+pub mod wire;

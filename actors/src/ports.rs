@@ -1,0 +1,76 @@
+//! The small traits through which the actors reach the outside world.
+//!
+//! The `sagaflow` crate implements them over NATS JetStream; tests can implement them in memory.
+//! Every method is cancel-safe in the sense that matters here: if the caller is dropped, nothing
+//! half-done is left that a retry of the same call would not repair.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::definition::SagaDefinition;
+use crate::machine::{CommandSpec, Saga};
+
+/// Why a port call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A compare-and-set lost: someone else wrote the snapshot since we read it.
+    #[error("snapshot of saga `{saga}` was changed by someone else (expected revision {expected:?})")]
+    Conflict {
+        /// Saga id.
+        saga: String,
+        /// Revision we expected.
+        expected: Option<u64>,
+    },
+    /// The stored bytes could not be decoded.
+    #[error("stored snapshot of saga `{saga}` is unreadable: {message}")]
+    Corrupt {
+        /// Saga id.
+        saga: String,
+        /// Why.
+        message: String,
+    },
+    /// The transport failed (NATS unavailable, timeout…): retrying later may succeed.
+    #[error("{operation} failed: {message}")]
+    Transport {
+        /// What we tried.
+        operation: &'static str,
+        /// Cause.
+        message: String,
+    },
+}
+
+/// Where saga snapshots live (compare-and-set on a revision).
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// The latest snapshot and its revision, if the saga exists.
+    async fn load(&self, saga_id: &str) -> Result<Option<(Saga, u64)>, Error>;
+    /// Writes `saga` if the stored revision is still `expected` (`None`: must not exist yet);
+    /// returns the new revision, or [`Error::Conflict`].
+    async fn save(&self, saga: &Saga, expected: Option<u64>) -> Result<u64, Error>;
+}
+
+/// How commands reach participants and status changes reach everyone else.
+#[async_trait]
+pub trait CommandBus: Send + Sync + 'static {
+    /// Publishes the commands (de-duplicated by command id), and returns once the server has
+    /// stored every one of them.
+    async fn send(&self, def: &SagaDefinition, saga: &Saga, commands: &[CommandSpec]) -> Result<(), Error>;
+    /// Publishes a lifecycle event for a status change (`from` empty for the first status);
+    /// `sequence` numbers the saga's status changes (1 for the first) for de-duplication.
+    async fn announce(&self, saga: &Saga, from: &str, to: &str, sequence: u64) -> Result<(), Error>;
+}
+
+/// The acknowledgement of one delivered message: ack once its effects are durable.
+#[async_trait]
+pub trait Delivery: Send + Sync + 'static {
+    /// Done: do not deliver again.
+    async fn ack(self: Box<Self>);
+    /// Not done: deliver again after `delay`.
+    async fn nak(self: Box<Self>, delay: Duration);
+    /// Still working: push the redelivery deadline back.
+    async fn in_progress(&self) {}
+    /// The message can never be processed: store it in the dead-letter stream with `reason`
+    /// (with its original bytes), then ack it.
+    async fn dead_letter(self: Box<Self>, reason: String);
+}

@@ -1,0 +1,820 @@
+//! The `sagaflow` command line: `node` and `dev` run things, `saga validate` checks files
+//! locally, everything else is a gRPC client of a running node.
+//!
+//! ```text
+//! sagaflow dev [--grpc-addr 127.0.0.1:50051] [--demo-orders N] [--saga-dir sagas]
+//! sagaflow node [--config node.toml] [--nats URL]... [--grpc-addr ADDR] [--demo-services]
+//!               [--saga-dir DIR] [--node-id ID] [--log-format text|json]
+//! sagaflow order place|get|list|watch --server ADDR ...
+//! sagaflow saga validate FILE... | list | start | get
+//! sagaflow analytics sales --server ADDR [--json]
+//! ```
+//!
+//! `main.rs` parses a [`Cli`], turns it into a [`Plan`] (which loads the node configuration,
+//! so the log format can come from the file), initialises tracing and runs the plan. Errors
+//! are printed as one `error: ...` line by [`report`]; usage errors exit 2 (clap), others 1.
+//!
+//! - [`remote`]: the gRPC client commands.
+//! - [`render`]: tables and JSON built by hand from the proto messages.
+//! - [`validate`]: `saga validate`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{NodeConfig, Overrides};
+use crate::dev::DevOptions;
+
+pub mod remote;
+pub mod render;
+pub mod validate;
+
+/// Default node address of the client commands.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
+
+/// `sagaflow`: a saga orchestrator on NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(name = "sagaflow", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a local NATS JetStream server, a node with the demo services and a short demo.
+    Dev(DevArgs),
+    /// Run a node of a Sagaflow cluster.
+    Node(NodeArgs),
+    /// Place and follow orders.
+    #[command(subcommand)]
+    Order(OrderCommand),
+    /// Validate, list, start and inspect sagas.
+    #[command(subcommand)]
+    Saga(SagaCommand),
+    /// Reports of the demo analytics service.
+    #[command(subcommand)]
+    Analytics(AnalyticsCommand),
+}
+
+/// `sagaflow dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the node's gRPC API listens.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_SERVER)]
+    pub grpc_addr: SocketAddr,
+    /// Orders placed as a demo once the node is up (0: none).
+    #[arg(long, value_name = "N", default_value_t = 6)]
+    pub demo_orders: usize,
+    /// Folder of saga definitions.
+    #[arg(long, value_name = "DIR", default_value = "sagas")]
+    pub saga_dir: PathBuf,
+}
+
+/// `sagaflow node`: flags override the file and the `SAGAFLOW_*` environment.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Configuration file (TOML); without it, defaults and the environment apply.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL; repeat for a NATS cluster.
+    #[arg(long, value_name = "URL")]
+    pub nats: Vec<String>,
+    /// Where the gRPC API listens.
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Run the demo participant services in this node.
+    #[arg(long)]
+    pub demo_services: bool,
+    /// Folder of saga definitions.
+    #[arg(long, value_name = "DIR")]
+    pub saga_dir: Option<PathBuf>,
+    /// This node's id in the cluster.
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Log format.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name the config file uses (`text`, `json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// The node to talk to: `host:port` or an `http://` URL.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArg {
+    /// Node address, `host:port` or `http://host:port`.
+    #[arg(long, value_name = "ADDR", env = "SAGAFLOW_SERVER", default_value = DEFAULT_SERVER, value_parser = parse_server)]
+    pub server: Server,
+}
+
+/// A normalised node address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// As the user wrote it (for messages).
+    pub given: String,
+    /// `http://host:port`, for the gRPC channel.
+    pub url: String,
+}
+
+/// `--json`: print one JSON object instead of text.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct JsonArg {
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sagaflow order ...`.
+#[derive(Debug, Subcommand)]
+pub enum OrderCommand {
+    /// Place an order (idempotent on the order id).
+    Place {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Client's order id (`[A-Za-z0-9_-]`, 1 to 100 characters).
+        #[arg(long, value_name = "ID")]
+        order_id: String,
+        /// Customer name.
+        #[arg(long, value_name = "NAME")]
+        customer: String,
+        /// Total in cents, > 0.
+        #[arg(long, value_name = "CENTS", value_parser = clap::value_parser!(i64).range(1..))]
+        amount: i64,
+        /// An item, `SKU:QTY`; repeat for several.
+        #[arg(long = "item", value_name = "SKU:QTY", required = true, value_parser = parse_item)]
+        items: Vec<Item>,
+    },
+    /// Show an order: status, steps, compensations, history.
+    Get {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Order id.
+        #[arg(value_name = "ID")]
+        order_id: String,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List orders (all pages).
+    List {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Only orders in this status (`PENDING`, `SHIPPED`, `CANCELLED`…).
+        #[arg(long, value_name = "S")]
+        status: Option<String>,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Print a line per change of an order until it is terminal.
+    Watch {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Order id.
+        #[arg(value_name = "ID")]
+        order_id: String,
+    },
+}
+
+/// `sagaflow saga ...`.
+#[derive(Debug, Subcommand)]
+pub enum SagaCommand {
+    /// Check saga definition files (or folders of `*.toml`) without a node.
+    Validate {
+        /// Files to check.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List the saga definitions a node has loaded.
+    List {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Start a saga of any loaded definition (idempotent on `--saga-id`).
+    Start {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Definition name.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Input, a JSON object sent to every participant.
+        #[arg(long, value_name = "JSON", value_parser = parse_input)]
+        input: String,
+        /// Saga id (generated by the node when absent).
+        #[arg(long, value_name = "ID")]
+        saga_id: Option<String>,
+    },
+    /// Show a saga: status, steps, compensations, history.
+    Get {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Saga id.
+        #[arg(value_name = "ID")]
+        saga_id: String,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+/// `sagaflow analytics ...`.
+#[derive(Debug, Subcommand)]
+pub enum AnalyticsCommand {
+    /// Completed orders, revenue and units per SKU.
+    Sales {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+/// One `--item SKU:QTY`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// Stock keeping unit.
+    pub sku: String,
+    /// Units, > 0.
+    pub quantity: u32,
+}
+
+/// Parses `--item SKU:QTY`.
+pub fn parse_item(s: &str) -> Result<Item, String> {
+    let Some((sku, qty)) = s.rsplit_once(':') else {
+        return Err(format!("--item {s:?}: expected SKU:QTY"));
+    };
+    let sku = sku.trim();
+    if sku.is_empty() {
+        return Err(format!("--item {s:?}: expected SKU:QTY, the SKU is empty"));
+    }
+    match qty.trim().parse::<u32>() {
+        Ok(quantity) if quantity > 0 => Ok(Item {
+            sku: sku.to_string(),
+            quantity,
+        }),
+        _ => Err(format!(
+            "--item {s:?}: expected SKU:QTY with QTY a whole number > 0"
+        )),
+    }
+}
+
+/// Normalises a node address: `host:port` becomes `http://host:port`; `http://` URLs are kept
+/// (without a trailing `/`).
+pub fn parse_server(s: &str) -> Result<Server, String> {
+    let given = s.trim();
+    if given.is_empty() {
+        return Err("empty node address: expected host:port or an http:// URL".to_string());
+    }
+    if given.starts_with("https://") {
+        return Err(format!(
+            "{given}: tls is not supported, use http://host:port"
+        ));
+    }
+    let rest = given.strip_prefix("http://").unwrap_or(given);
+    let rest = rest.trim_end_matches('/');
+    if rest.contains("://") || rest.contains('/') {
+        return Err(format!("{given}: expected host:port or an http:// URL"));
+    }
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{given}: expected host:port (no port given)"))?;
+    let host_ok =
+        !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok {
+        return Err(format!(
+            "{given}: expected host:port (write IPv6 hosts as [::1]:50051)"
+        ));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{given}: {port:?} is not a port number"))?;
+    Ok(Server {
+        given: given.to_string(),
+        url: format!("http://{host}:{port}"),
+    })
+}
+
+/// Checks `--input` is a JSON object.
+fn parse_input(s: &str) -> Result<String, String> {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(serde_json::Value::Object(_)) => Ok(s.to_string()),
+        Ok(_) => Err("--input: expected a JSON object".to_string()),
+        Err(e) => Err(format!("--input: invalid JSON: {e}")),
+    }
+}
+
+/// What to run, with the node configuration already loaded (so its log format is known before
+/// tracing starts).
+#[derive(Debug)]
+pub enum Plan {
+    /// `sagaflow node`.
+    Node(Box<NodeConfig>),
+    /// `sagaflow dev`.
+    Dev(DevOptions),
+    /// `sagaflow saga validate`.
+    Validate(Vec<PathBuf>),
+    /// A gRPC client command.
+    Remote(Command),
+}
+
+impl Cli {
+    /// Loads what the command needs before it runs (the node configuration).
+    pub fn plan(self) -> anyhow::Result<Plan> {
+        Ok(match self.command {
+            Command::Node(args) => {
+                let overrides = Overrides {
+                    nats: args.nats,
+                    grpc_addr: args.grpc_addr,
+                    demo_services: args.demo_services.then_some(true),
+                    saga_dir: args.saga_dir,
+                    node_id: args.node_id,
+                    log_format: args.log_format.map(|f| f.as_str().to_string()),
+                };
+                let config = NodeConfig::load(args.config.as_deref(), &node_env(), &overrides)?;
+                Plan::Node(Box::new(config))
+            }
+            Command::Dev(args) => Plan::Dev(DevOptions {
+                grpc_addr: args.grpc_addr,
+                demo_orders: args.demo_orders,
+                saga_dir: args.saga_dir,
+            }),
+            Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
+            other => Plan::Remote(other),
+        })
+    }
+}
+
+impl Plan {
+    /// The log format to initialise tracing with.
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            Plan::Node(config) if config.log_format == "json" => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    }
+
+    /// Runs the command; `Ok` carries the exit code of a command that reported its own failures
+    /// (`saga validate`).
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Plan::Node(config) => {
+                crate::node::run(*config, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Plan::Dev(opts) => {
+                crate::dev::run(opts, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Plan::Validate(files) => Ok(validate::run(&files)),
+            Plan::Remote(command) => remote::run(command).await.map(|()| ExitCode::SUCCESS),
+        }
+    }
+}
+
+/// The `SAGAFLOW_*` environment, for [`NodeConfig::load`]. `SAGAFLOW_SERVER` belongs to the
+/// client commands and is left out; variables that are not Unicode are skipped.
+fn node_env() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("SAGAFLOW_") && k != "SAGAFLOW_SERVER")
+        .collect()
+}
+
+/// Initialises tracing to stderr (stdout is for command output): `RUST_LOG` filter, default
+/// `info`. Does nothing if a subscriber is already set.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    // Already initialised (tests): keep the existing subscriber.
+    drop(result);
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt());
+    let mut terminate = signal(SignalKind::terminate());
+    let (interrupt, terminate) = match (&mut interrupt, &mut terminate) {
+        (Ok(i), Ok(t)) => (i, t),
+        (Err(e), _) | (_, Err(e)) => {
+            // Without signal handlers the process cannot shut down gracefully; keep running
+            // until killed rather than stopping at once.
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return std::future::pending().await;
+        }
+    };
+    let name = tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    tracing::info!(signal = name, "shutdown requested");
+}
+
+/// Prints `error: ...` (with the cause chain on one line) to stderr; returns exit code 1.
+pub fn report(error: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {error:#}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sagaflow").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cli_server_addresses_are_normalised() {
+        let url = |s: &str| parse_server(s).map(|s| s.url);
+        assert_eq!(url("127.0.0.1:50051").unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(url("localhost:7000").unwrap(), "http://localhost:7000");
+        assert_eq!(url("http://node-1:50051/").unwrap(), "http://node-1:50051");
+        assert_eq!(url(" http://10.0.0.1:1 ").unwrap(), "http://10.0.0.1:1");
+        assert_eq!(url("[::1]:50051").unwrap(), "http://[::1]:50051");
+        assert_eq!(parse_server("http://x:1").unwrap().given, "http://x:1");
+        assert!(url("").is_err());
+        assert!(url("localhost").unwrap_err().contains("no port"));
+        assert!(url("localhost:http").unwrap_err().contains("not a port"));
+        assert!(url("localhost:70000").is_err());
+        assert!(url("https://x:1").unwrap_err().contains("tls"));
+        assert!(url("grpc://x:1").is_err());
+        assert!(url("http://x:1/path").is_err());
+        assert!(url("::1:50051").is_err());
+    }
+
+    #[test]
+    fn cli_items_are_parsed() {
+        assert_eq!(
+            parse_item("SKU-1:2").unwrap(),
+            Item {
+                sku: "SKU-1".into(),
+                quantity: 2
+            }
+        );
+        assert_eq!(
+            parse_item(" SKU-1 : 3 ").unwrap(),
+            Item {
+                sku: "SKU-1".into(),
+                quantity: 3
+            }
+        );
+        assert_eq!(
+            parse_item("X").unwrap_err(),
+            "--item \"X\": expected SKU:QTY"
+        );
+        assert!(parse_item(":2").unwrap_err().contains("SKU is empty"));
+        assert!(parse_item("X:0").unwrap_err().contains("> 0"));
+        assert!(parse_item("X:-1").unwrap_err().contains("expected SKU:QTY"));
+        assert!(parse_item("X:two")
+            .unwrap_err()
+            .contains("expected SKU:QTY"));
+    }
+
+    #[test]
+    fn cli_parses_dev_with_defaults() {
+        let Command::Dev(a) = parse(&["dev"]).unwrap().command else {
+            panic!("not dev")
+        };
+        assert_eq!(a.grpc_addr, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(a.demo_orders, 6);
+        assert_eq!(a.saga_dir, PathBuf::from("sagas"));
+        let Command::Dev(a) = parse(&[
+            "dev",
+            "--grpc-addr",
+            "127.0.0.1:6000",
+            "--demo-orders",
+            "0",
+            "--saga-dir",
+            "x",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not dev")
+        };
+        assert_eq!(a.grpc_addr.port(), 6000);
+        assert_eq!(a.demo_orders, 0);
+        assert_eq!(a.saga_dir, PathBuf::from("x"));
+    }
+
+    #[test]
+    fn cli_parses_node() {
+        let cli = parse(&[
+            "node",
+            "--config",
+            "node.toml",
+            "--nats",
+            "nats://a:1",
+            "--nats",
+            "nats://b:2",
+            "--grpc-addr",
+            "127.0.0.1:7000",
+            "--demo-services",
+            "--saga-dir",
+            "s",
+            "--node-id",
+            "n1",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let Command::Node(a) = cli.command else {
+            panic!("not node")
+        };
+        assert_eq!(a.config, Some(PathBuf::from("node.toml")));
+        assert_eq!(a.nats, vec!["nats://a:1", "nats://b:2"]);
+        assert_eq!(a.grpc_addr.unwrap().port(), 7000);
+        assert!(a.demo_services);
+        assert_eq!(a.saga_dir, Some(PathBuf::from("s")));
+        assert_eq!(a.node_id.as_deref(), Some("n1"));
+        assert_eq!(a.log_format, Some(LogFormat::Json));
+
+        let Command::Node(a) = parse(&["node"]).unwrap().command else {
+            panic!("not node")
+        };
+        assert!(
+            a.config.is_none() && a.nats.is_empty() && !a.demo_services && a.log_format.is_none()
+        );
+        assert!(parse(&["node", "--log-format", "xml"]).is_err());
+        assert!(parse(&["node", "--grpc-addr", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn cli_node_plan_applies_flags() {
+        let cli = parse(&[
+            "node",
+            "--nats",
+            "nats://x:1",
+            "--node-id",
+            "n-7",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let plan = cli.plan().unwrap();
+        assert_eq!(plan.log_format(), LogFormat::Json);
+        let Plan::Node(config) = plan else {
+            panic!("not a node plan")
+        };
+        assert_eq!(config.nats, vec!["nats://x:1"]);
+        assert_eq!(config.node_id, "n-7");
+        let err = parse(&["node", "--node-id", "bad id"])
+            .unwrap()
+            .plan()
+            .unwrap_err();
+        assert!(err.to_string().contains("node_id"), "{err}");
+    }
+
+    #[test]
+    fn cli_parses_order_place() {
+        let cli = parse(&[
+            "order",
+            "place",
+            "--server",
+            "http://n:1",
+            "--order-id",
+            "o-1",
+            "--customer",
+            "alice",
+            "--amount",
+            "1200",
+            "--item",
+            "SKU-1:2",
+            "--item",
+            "SKU-2:1",
+        ])
+        .unwrap();
+        let Command::Order(OrderCommand::Place {
+            server,
+            order_id,
+            customer,
+            amount,
+            items,
+        }) = cli.command
+        else {
+            panic!("not order place")
+        };
+        assert_eq!(server.server.url, "http://n:1");
+        assert_eq!(
+            (order_id.as_str(), customer.as_str(), amount),
+            ("o-1", "alice", 1200)
+        );
+        assert_eq!(items.len(), 2);
+        assert_eq!(
+            items[1],
+            Item {
+                sku: "SKU-2".into(),
+                quantity: 1
+            }
+        );
+
+        let base = [
+            "order",
+            "place",
+            "--order-id",
+            "o",
+            "--customer",
+            "c",
+            "--amount",
+            "5",
+        ];
+        let err = parse(&[&base[..], &["--item", "X"]].concat()).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(
+            err.to_string().contains("--item \"X\": expected SKU:QTY"),
+            "{err}"
+        );
+        assert!(parse(&base).is_err(), "at least one item");
+        assert!(parse(&[
+            "order",
+            "place",
+            "--order-id",
+            "o",
+            "--customer",
+            "c",
+            "--amount",
+            "0",
+            "--item",
+            "A:1"
+        ])
+        .is_err());
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn cli_parses_order_get_list_watch() {
+        let Command::Order(OrderCommand::Get {
+            server,
+            order_id,
+            json,
+        }) = parse(&["order", "get", "--server", "h:9", "o-1", "--json"])
+            .unwrap()
+            .command
+        else {
+            panic!("not order get")
+        };
+        assert_eq!(
+            (server.server.url.as_str(), order_id.as_str(), json.json),
+            ("http://h:9", "o-1", true)
+        );
+
+        let Command::Order(OrderCommand::List {
+            status,
+            json,
+            server,
+        }) = parse(&["order", "list", "--status", "SHIPPED"])
+            .unwrap()
+            .command
+        else {
+            panic!("not order list")
+        };
+        assert_eq!(status.as_deref(), Some("SHIPPED"));
+        assert!(!json.json);
+        // The default applies unless SAGAFLOW_SERVER is set in the test's environment.
+        if std::env::var_os("SAGAFLOW_SERVER").is_none() {
+            assert_eq!(server.server.url, "http://127.0.0.1:50051");
+        }
+
+        let Command::Order(OrderCommand::Watch { order_id, .. }) =
+            parse(&["order", "watch", "--server", "h:9", "o-2"])
+                .unwrap()
+                .command
+        else {
+            panic!("not order watch")
+        };
+        assert_eq!(order_id, "o-2");
+        assert!(
+            parse(&["order", "get", "--server", "h"]).is_err(),
+            "id and port required"
+        );
+    }
+
+    #[test]
+    fn cli_parses_saga_commands() {
+        let Command::Saga(SagaCommand::Validate { files }) =
+            parse(&["saga", "validate", "a.toml", "b.toml"])
+                .unwrap()
+                .command
+        else {
+            panic!("not saga validate")
+        };
+        assert_eq!(files.len(), 2);
+        assert!(parse(&["saga", "validate"]).is_err());
+
+        let Command::Saga(SagaCommand::List { json, .. }) =
+            parse(&["saga", "list", "--json"]).unwrap().command
+        else {
+            panic!("not saga list")
+        };
+        assert!(json.json);
+
+        let Command::Saga(SagaCommand::Start {
+            name,
+            input,
+            saga_id,
+            ..
+        }) = parse(&[
+            "saga",
+            "start",
+            "--server",
+            "h:1",
+            "order",
+            "--input",
+            r#"{"a":1}"#,
+            "--saga-id",
+            "s1",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not saga start")
+        };
+        assert_eq!(
+            (name.as_str(), input.as_str(), saga_id.as_deref()),
+            ("order", r#"{"a":1}"#, Some("s1"))
+        );
+        let err = parse(&["saga", "start", "order", "--input", "[1]"]).unwrap_err();
+        assert!(err.to_string().contains("expected a JSON object"), "{err}");
+        assert!(parse(&["saga", "start", "order", "--input", "{"]).is_err());
+
+        let Command::Saga(SagaCommand::Get { saga_id, json, .. }) =
+            parse(&["saga", "get", "--server", "h:1", "s1"])
+                .unwrap()
+                .command
+        else {
+            panic!("not saga get")
+        };
+        assert_eq!((saga_id.as_str(), json.json), ("s1", false));
+    }
+
+    #[test]
+    fn cli_parses_analytics_sales() {
+        let Command::Analytics(AnalyticsCommand::Sales { server, json }) =
+            parse(&["analytics", "sales", "--server", "http://a:2", "--json"])
+                .unwrap()
+                .command
+        else {
+            panic!("not analytics sales")
+        };
+        assert_eq!(server.server.url, "http://a:2");
+        assert!(json.json);
+    }
+
+    #[test]
+    fn cli_usage_errors_exit_2() {
+        let err = parse(&["order", "frobnicate"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["order", "get", "--server", "nope", "x"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("no port"), "{err}");
+    }
+}

@@ -1,0 +1,300 @@
+//! The client commands: each connects to a node over gRPC (bounded by [`CONNECT_TIMEOUT`]),
+//! makes its calls (each unary call bounded by [`CALL_TIMEOUT`]) and prints the answer.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::bail;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use sagaflow_proto::v1::analytics_service_client::AnalyticsServiceClient;
+use sagaflow_proto::v1::order_service_client::OrderServiceClient;
+use sagaflow_proto::v1::saga_service_client::SagaServiceClient;
+use sagaflow_proto::v1::{
+    GetOrderRequest, GetSagaRequest, GetSalesRequest, ListDefinitionsRequest, ListOrdersRequest,
+    OrderItem, PlaceOrderRequest, StartSagaRequest,
+};
+
+use super::{render, AnalyticsCommand, Command, OrderCommand, SagaCommand, Server};
+
+/// Bound on connecting to a node.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bound on one unary call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Orders asked for per `ListOrders` page.
+const PAGE_SIZE: u32 = 1000;
+
+/// Opens a channel to a node, or fails with `cannot reach sagaflow node at ADDR: ...`.
+pub async fn connect(server: &Server) -> anyhow::Result<Channel> {
+    let unreachable =
+        |why: String| anyhow::anyhow!("cannot reach sagaflow node at {}: {why}", server.given);
+    let endpoint = Endpoint::from_shared(server.url.clone())
+        .map_err(|e| unreachable(error_chain(&e)))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(unreachable(error_chain(&e))),
+        Err(_) => Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+/// `a: b: c` from an error and its sources (tonic's transport errors hide the cause in the chain).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// The canonical gRPC name of a status code (`not_found`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// `<code>: <message>`, how the CLI shows a gRPC error.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
+}
+
+/// Awaits one unary call within [`CALL_TIMEOUT`], mapping its status.
+async fn call<T>(
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(status_error(status)),
+        Err(_) => bail!("deadline_exceeded: no answer from the node within {CALL_TIMEOUT:?}"),
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+/// Runs a client command (everything but `node`, `dev` and `saga validate`).
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Order(c) => order(c).await,
+        Command::Saga(c) => saga(c).await,
+        Command::Analytics(AnalyticsCommand::Sales { server, json }) => {
+            let mut client = AnalyticsServiceClient::new(connect(&server.server).await?);
+            let report = call(client.get_sales(GetSalesRequest {})).await?;
+            if json.json {
+                print_json(&render::sales_json(&report));
+            } else {
+                print!("{}", render::sales_text(&report));
+            }
+            Ok(())
+        }
+        Command::Node(_) | Command::Dev(_) => bail!("not a client command"),
+    }
+}
+
+async fn order(command: OrderCommand) -> anyhow::Result<()> {
+    match command {
+        OrderCommand::Place {
+            server,
+            order_id,
+            customer,
+            amount,
+            items,
+        } => {
+            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let request = PlaceOrderRequest {
+                order_id,
+                customer,
+                amount_cents: amount,
+                items: items
+                    .into_iter()
+                    .map(|i| OrderItem {
+                        sku: i.sku,
+                        quantity: i.quantity,
+                    })
+                    .collect(),
+            };
+            let r = call(client.place_order(request)).await?;
+            let verb = if r.created {
+                "placed"
+            } else {
+                "already placed"
+            };
+            println!(
+                "{verb} order {} (saga {}, status {})",
+                r.order_id, r.saga_id, r.status
+            );
+            Ok(())
+        }
+        OrderCommand::Get {
+            server,
+            order_id,
+            json,
+        } => {
+            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let o = call(client.get_order(GetOrderRequest { order_id })).await?;
+            if json.json {
+                print_json(&render::order_json(&o));
+            } else {
+                print!("{}", render::order_text(&o));
+            }
+            Ok(())
+        }
+        OrderCommand::List {
+            server,
+            status,
+            json,
+        } => {
+            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let mut orders = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = ListOrdersRequest {
+                    status: status.clone().unwrap_or_default(),
+                    page_size: PAGE_SIZE,
+                    page_token,
+                };
+                let page = call(client.list_orders(request)).await?;
+                orders.extend(page.orders);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if json.json {
+                let list: Vec<_> = orders.iter().map(render::order_json).collect();
+                print_json(&serde_json::json!({ "orders": list }));
+            } else {
+                print!("{}", render::orders_text(&orders));
+            }
+            Ok(())
+        }
+        OrderCommand::Watch { server, order_id } => {
+            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let mut stream = call(client.watch_order(GetOrderRequest {
+                order_id: order_id.clone(),
+            }))
+            .await?;
+            while let Some(update) = stream.next().await {
+                let o = update.map_err(status_error)?;
+                println!("{}", render::watch_line(&o));
+                if o.terminal {
+                    return Ok(());
+                }
+            }
+            bail!("the node ended the watch of order {order_id} before it was terminal")
+        }
+    }
+}
+
+async fn saga(command: SagaCommand) -> anyhow::Result<()> {
+    match command {
+        SagaCommand::Validate { .. } => bail!("`saga validate` runs locally"),
+        SagaCommand::List { server, json } => {
+            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let defs = call(client.list_definitions(ListDefinitionsRequest {}))
+                .await?
+                .definitions;
+            if json.json {
+                let list: Vec<_> = defs.iter().map(render::definition_json).collect();
+                print_json(&serde_json::json!({ "definitions": list }));
+            } else {
+                print!("{}", render::definitions_text(&defs));
+            }
+            Ok(())
+        }
+        SagaCommand::Start {
+            server,
+            name,
+            input,
+            saga_id,
+        } => {
+            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let request = StartSagaRequest {
+                saga_name: name.clone(),
+                saga_id: saga_id.unwrap_or_default(),
+                input_json: input,
+            };
+            let r = call(client.start_saga(request)).await?;
+            let verb = if r.created {
+                "started"
+            } else {
+                "already started"
+            };
+            println!("{verb} saga {} ({name})", r.saga_id);
+            Ok(())
+        }
+        SagaCommand::Get {
+            server,
+            saga_id,
+            json,
+        } => {
+            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let s = call(client.get_saga(GetSagaRequest { saga_id })).await?;
+            if json.json {
+                print_json(&render::saga_json(&s));
+            } else {
+                print!("{}", render::saga_text(&s));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cli_unreachable_node_is_reported() {
+        // A port nobody listens on: bind, read it, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = super::super::parse_server(&format!("127.0.0.1:{port}")).unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), connect(&server))
+            .await
+            .unwrap()
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with(&format!("cannot reach sagaflow node at 127.0.0.1:{port}: ")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn cli_status_errors_read_code_then_message() {
+        let e = status_error(tonic::Status::not_found("no order o-1"));
+        assert_eq!(e.to_string(), "not_found: no order o-1");
+    }
+}

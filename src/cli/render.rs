@@ -1,0 +1,544 @@
+//! Output of the client commands: aligned text tables for people, one JSON object for scripts.
+//!
+//! The JSON is built by hand from the proto messages (no serde derives on generated types), so
+//! its shape is ours to keep stable: field names follow the proto, timestamps stay Unix
+//! milliseconds (`*_unix_ms`), and JSON inputs and outputs are embedded as JSON, not strings.
+
+use serde_json::{json, Value};
+
+use sagaflow_proto::v1::{
+    CompensationRecord, Definition, HistoryEntry, Order, OrderItem, Saga, SalesReport, StepStatus,
+};
+
+/// An embedded JSON document: parsed when it is valid JSON, else kept as a string, `null` when empty.
+fn embedded(text: &str) -> Value {
+    if text.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// `{"sku", "quantity"}`.
+pub fn item_json(item: &OrderItem) -> Value {
+    json!({ "sku": item.sku, "quantity": item.quantity })
+}
+
+/// One step of a saga.
+pub fn step_json(s: &StepStatus) -> Value {
+    json!({
+        "name": s.name,
+        "stage": s.stage,
+        "action": s.action,
+        "compensation": s.compensation,
+        "state": s.state,
+        "attempts": s.attempts,
+        "compensation_attempts": s.compensation_attempts,
+        "last_error_kind": s.last_error_kind,
+        "last_error": s.last_error,
+        "started_at_unix_ms": s.started_at_unix_ms,
+        "finished_at_unix_ms": s.finished_at_unix_ms,
+        "next_attempt_at_unix_ms": s.next_attempt_at_unix_ms,
+        "output": embedded(&s.output_json),
+    })
+}
+
+/// One entry of the compensation trail.
+pub fn compensation_json(c: &CompensationRecord) -> Value {
+    json!({
+        "step": c.step,
+        "action": c.action,
+        "state": c.state,
+        "attempts": c.attempts,
+        "finished_at_unix_ms": c.finished_at_unix_ms,
+    })
+}
+
+/// One history entry.
+pub fn history_json(h: &HistoryEntry) -> Value {
+    json!({ "at_unix_ms": h.at_unix_ms, "step": h.step, "what": h.what })
+}
+
+/// A saga, as `saga get --json` prints it.
+pub fn saga_json(s: &Saga) -> Value {
+    json!({
+        "saga_id": s.saga_id,
+        "saga_name": s.saga_name,
+        "status": s.status,
+        "phase": s.phase,
+        "terminal": s.terminal,
+        "reason": s.reason,
+        "input": embedded(&s.input_json),
+        "started_at_unix_ms": s.started_at_unix_ms,
+        "updated_at_unix_ms": s.updated_at_unix_ms,
+        "deadline_unix_ms": s.deadline_unix_ms,
+        "revision": s.revision,
+        "steps": s.steps.iter().map(step_json).collect::<Vec<_>>(),
+        "compensations": s.compensations.iter().map(compensation_json).collect::<Vec<_>>(),
+        "history": s.history.iter().map(history_json).collect::<Vec<_>>(),
+    })
+}
+
+/// An order, as `order get --json` prints it: the order fields plus its saga's steps,
+/// compensations and history at the top level.
+pub fn order_json(o: &Order) -> Value {
+    let saga = o.saga.clone().unwrap_or_default();
+    json!({
+        "order_id": o.order_id,
+        "customer": o.customer,
+        "amount_cents": o.amount_cents,
+        "items": o.items.iter().map(item_json).collect::<Vec<_>>(),
+        "status": o.status,
+        "reason": o.reason,
+        "terminal": o.terminal,
+        "saga_id": saga.saga_id,
+        "phase": saga.phase,
+        "started_at_unix_ms": saga.started_at_unix_ms,
+        "updated_at_unix_ms": saga.updated_at_unix_ms,
+        "revision": saga.revision,
+        "steps": saga.steps.iter().map(step_json).collect::<Vec<_>>(),
+        "compensations": saga.compensations.iter().map(compensation_json).collect::<Vec<_>>(),
+        "history": saga.history.iter().map(history_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A loaded saga definition.
+pub fn definition_json(d: &Definition) -> Value {
+    json!({
+        "name": d.name,
+        "description": d.description,
+        "source": d.source,
+        "stages": d.stages.iter().map(|s| json!({ "name": s.name, "steps": s.steps, "status": s.status })).collect::<Vec<_>>(),
+        "after_compensation": d.after_compensation,
+        "fingerprint": d.fingerprint,
+    })
+}
+
+/// The sales report.
+pub fn sales_json(r: &SalesReport) -> Value {
+    json!({
+        "completed_orders": r.completed_orders,
+        "revenue_cents": r.revenue_cents,
+        "events_processed": r.events_processed,
+        "skus": r.skus.iter().map(|s| json!({ "sku": s.sku, "units": s.units, "revenue_cents": s.revenue_cents })).collect::<Vec<_>>(),
+    })
+}
+
+/// Left-aligned columns separated by two spaces; the first row is the header.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let pad = widths[c].saturating_sub(cell.chars().count());
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `-` for empty text.
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC); `-` for 0.
+pub fn time(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".to_string();
+    }
+    let secs = unix_ms.div_euclid(1000);
+    let ms = unix_ms.rem_euclid(1000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// `SKU-1 x2, SKU-2 x1`.
+pub fn items_text(items: &[OrderItem]) -> String {
+    if items.is_empty() {
+        return "-".to_string();
+    }
+    items
+        .iter()
+        .map(|i| format!("{} x{}", i.sku, i.quantity))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `last_error_kind: last_error`, or `-`.
+fn last_error(s: &StepStatus) -> String {
+    match (s.last_error_kind.is_empty(), s.last_error.is_empty()) {
+        (true, true) => "-".to_string(),
+        (false, true) => s.last_error_kind.clone(),
+        (true, false) => s.last_error.clone(),
+        (false, false) => format!("{}: {}", s.last_error_kind, s.last_error),
+    }
+}
+
+/// The body shared by `order get` and `saga get`: steps, compensation trail, history.
+fn saga_body(s: &Saga) -> String {
+    let mut out = String::from("steps:\n");
+    if s.steps.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let mut rows = vec![[
+            "STEP",
+            "STAGE",
+            "STATE",
+            "ATTEMPTS",
+            "LAST ERROR",
+            "STARTED",
+            "FINISHED",
+            "NEXT ATTEMPT",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for step in &s.steps {
+            let attempts = if step.compensation_attempts > 0 {
+                format!("{} (+{} comp)", step.attempts, step.compensation_attempts)
+            } else {
+                step.attempts.to_string()
+            };
+            rows.push(vec![
+                step.name.clone(),
+                or_dash(&step.stage),
+                or_dash(&step.state),
+                attempts,
+                last_error(step),
+                time(step.started_at_unix_ms),
+                time(step.finished_at_unix_ms),
+                time(step.next_attempt_at_unix_ms),
+            ]);
+        }
+        out.push_str(&indent(&table(&rows)));
+    }
+    out.push_str("compensations:\n");
+    if s.compensations.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let mut rows = vec![["STEP", "ACTION", "STATE", "ATTEMPTS", "FINISHED"]
+            .map(String::from)
+            .to_vec()];
+        for c in &s.compensations {
+            rows.push(vec![
+                c.step.clone(),
+                or_dash(&c.action),
+                or_dash(&c.state),
+                c.attempts.to_string(),
+                time(c.finished_at_unix_ms),
+            ]);
+        }
+        out.push_str(&indent(&table(&rows)));
+    }
+    out.push_str("history:\n");
+    if s.history.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .history
+            .iter()
+            .map(|h| vec![time(h.at_unix_ms), or_dash(&h.step), h.what.clone()])
+            .collect();
+        out.push_str(&indent(&table(&rows)));
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn status_line(status: &str, terminal: bool, phase: &str) -> String {
+    let mut notes = Vec::new();
+    if terminal {
+        notes.push("terminal".to_string());
+    }
+    if !phase.is_empty() {
+        notes.push(format!("phase {phase}"));
+    }
+    if notes.is_empty() {
+        or_dash(status)
+    } else {
+        format!("{} ({})", or_dash(status), notes.join(", "))
+    }
+}
+
+/// `order get`, for people.
+pub fn order_text(o: &Order) -> String {
+    let saga = o.saga.clone().unwrap_or_default();
+    let header = vec![
+        vec!["order".to_string(), o.order_id.clone()],
+        vec![
+            "status".to_string(),
+            status_line(&o.status, o.terminal, &saga.phase),
+        ],
+        vec!["reason".to_string(), or_dash(&o.reason)],
+        vec!["customer".to_string(), or_dash(&o.customer)],
+        vec!["amount".to_string(), format!("{} cents", o.amount_cents)],
+        vec!["items".to_string(), items_text(&o.items)],
+        vec!["saga".to_string(), or_dash(&saga.saga_id)],
+        vec!["started".to_string(), time(saga.started_at_unix_ms)],
+        vec!["updated".to_string(), time(saga.updated_at_unix_ms)],
+    ];
+    format!("{}{}", table(&header), saga_body(&saga))
+}
+
+/// `saga get`, for people.
+pub fn saga_text(s: &Saga) -> String {
+    let header = vec![
+        vec![
+            "saga".to_string(),
+            format!("{} ({})", s.saga_id, or_dash(&s.saga_name)),
+        ],
+        vec![
+            "status".to_string(),
+            status_line(&s.status, s.terminal, &s.phase),
+        ],
+        vec!["reason".to_string(), or_dash(&s.reason)],
+        vec!["input".to_string(), or_dash(&s.input_json)],
+        vec!["started".to_string(), time(s.started_at_unix_ms)],
+        vec!["updated".to_string(), time(s.updated_at_unix_ms)],
+        vec!["deadline".to_string(), time(s.deadline_unix_ms)],
+        vec!["revision".to_string(), s.revision.to_string()],
+    ];
+    format!("{}{}", table(&header), saga_body(s))
+}
+
+/// `order list`, for people.
+pub fn orders_text(orders: &[Order]) -> String {
+    if orders.is_empty() {
+        return "no orders\n".to_string();
+    }
+    let mut rows = vec![[
+        "ORDER",
+        "STATUS",
+        "TERMINAL",
+        "CUSTOMER",
+        "AMOUNT (cents)",
+        "ITEMS",
+        "REASON",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for o in orders {
+        rows.push(vec![
+            o.order_id.clone(),
+            or_dash(&o.status),
+            if o.terminal { "yes" } else { "no" }.to_string(),
+            or_dash(&o.customer),
+            o.amount_cents.to_string(),
+            items_text(&o.items),
+            or_dash(&o.reason),
+        ]);
+    }
+    table(&rows)
+}
+
+/// One line of `order watch`: time, order, status, each step's state.
+pub fn watch_line(o: &Order) -> String {
+    let saga = o.saga.clone().unwrap_or_default();
+    let mut line = format!(
+        "{} {} {}",
+        time(saga.updated_at_unix_ms),
+        o.order_id,
+        or_dash(&o.status)
+    );
+    for step in &saga.steps {
+        line.push_str(&format!(" {}={}", step.name, or_dash(&step.state)));
+    }
+    if !o.reason.is_empty() {
+        line.push_str(&format!(" reason={:?}", o.reason));
+    }
+    if o.terminal {
+        line.push_str(" (terminal)");
+    }
+    line
+}
+
+/// `saga list`, for people.
+pub fn definitions_text(defs: &[Definition]) -> String {
+    if defs.is_empty() {
+        return "no saga definitions loaded\n".to_string();
+    }
+    let mut rows = vec![["NAME", "STAGES", "DESCRIPTION"].map(String::from).to_vec()];
+    for d in defs {
+        let mut stages = d
+            .stages
+            .iter()
+            .map(|s| s.steps.join("+"))
+            .collect::<Vec<_>>()
+            .join(" -> ");
+        if !d.after_compensation.is_empty() {
+            stages.push_str(&format!(" (after compensation: {})", d.after_compensation));
+        }
+        rows.push(vec![d.name.clone(), stages, or_dash(&d.description)]);
+    }
+    table(&rows)
+}
+
+/// `analytics sales`, for people.
+pub fn sales_text(r: &SalesReport) -> String {
+    let header = vec![
+        vec![
+            "completed orders".to_string(),
+            r.completed_orders.to_string(),
+        ],
+        vec!["revenue".to_string(), format!("{} cents", r.revenue_cents)],
+        vec![
+            "events processed".to_string(),
+            r.events_processed.to_string(),
+        ],
+    ];
+    let mut out = table(&header);
+    if !r.skus.is_empty() {
+        let mut rows = vec![["SKU", "UNITS", "REVENUE (cents)"]
+            .map(String::from)
+            .to_vec()];
+        rows.extend(r.skus.iter().map(|s| {
+            vec![
+                s.sku.clone(),
+                s.units.to_string(),
+                s.revenue_cents.to_string(),
+            ]
+        }));
+        out.push_str(&table(&rows));
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn order() -> Order {
+        Order {
+            order_id: "o-1".into(),
+            customer: "alice".into(),
+            amount_cents: 1200,
+            items: vec![OrderItem {
+                sku: "SKU-1".into(),
+                quantity: 2,
+            }],
+            status: "CANCELLED".into(),
+            reason: "payment declined".into(),
+            terminal: true,
+            saga: Some(Saga {
+                saga_id: "order-o-1".into(),
+                phase: "COMPENSATED".into(),
+                input_json: r#"{"order_id":"o-1"}"#.into(),
+                steps: vec![StepStatus {
+                    name: "charge".into(),
+                    state: "FAILED".into(),
+                    attempts: 1,
+                    last_error_kind: "declined".into(),
+                    last_error: "over limit".into(),
+                    started_at_unix_ms: 1_700_000_000_123,
+                    ..Default::default()
+                }],
+                compensations: vec![CompensationRecord {
+                    step: "reserve".into(),
+                    attempts: 2,
+                    ..Default::default()
+                }],
+                history: vec![HistoryEntry {
+                    at_unix_ms: 1,
+                    step: "charge".into(),
+                    what: "failed".into(),
+                }],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn cli_order_json_has_the_documented_fields() {
+        let v = order_json(&order());
+        assert_eq!(v["order_id"], "o-1");
+        assert_eq!(v["status"], "CANCELLED");
+        assert_eq!(v["terminal"], true);
+        assert_eq!(v["amount_cents"], 1200);
+        assert_eq!(v["items"][0]["quantity"], 2);
+        assert_eq!(v["steps"][0]["name"], "charge");
+        assert_eq!(v["steps"][0]["state"], "FAILED");
+        assert_eq!(v["steps"][0]["attempts"], 1);
+        assert_eq!(v["steps"][0]["last_error"], "over limit");
+        assert_eq!(v["compensations"][0]["step"], "reserve");
+        assert_eq!(v["history"][0]["what"], "failed");
+        assert_eq!(v["reason"], "payment declined");
+        assert_eq!(
+            saga_json(order().saga.as_ref().unwrap())["input"]["order_id"],
+            "o-1"
+        );
+    }
+
+    #[test]
+    fn cli_order_text_shows_steps_and_trail() {
+        let text = order_text(&order());
+        assert!(
+            text.contains("CANCELLED (terminal, phase COMPENSATED)"),
+            "{text}"
+        );
+        assert!(text.contains("declined: over limit"), "{text}");
+        assert!(text.contains("2023-11-14T22:13:20.123Z"), "{text}");
+        assert!(text.contains("compensations:\n  STEP"), "{text}");
+        let line = watch_line(&order());
+        assert!(line.contains("o-1 CANCELLED charge=FAILED"), "{line}");
+    }
+
+    #[test]
+    fn cli_times_are_utc() {
+        assert_eq!(time(0), "-");
+        assert_eq!(time(1), "1970-01-01T00:00:00.001Z");
+        assert_eq!(time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn cli_tables_align() {
+        let t = table(&[
+            vec!["A".into(), "BB".into()],
+            vec!["ccc".into(), "d".into()],
+        ]);
+        assert_eq!(t, "A    BB\nccc  d\n");
+    }
+}

@@ -1,0 +1,361 @@
+//! Node configuration: built-in defaults → `node.toml` → `SAGAFLOW_*` environment → CLI flags,
+//! then [`NodeConfig::validate`] before anything is spawned.
+//!
+//! The environment is passed in as a map so tests never touch the process environment.
+//! An environment variable `SAGAFLOW_A__B=v` sets key `a.b` (double underscore = nesting,
+//! lowercase); the value is read as a TOML scalar when it parses as one (`8`, `true`, `"x"`),
+//! else as a string, and a comma-separated value for a list key (`nats`) becomes a list.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file, an environment variable or a flag has a bad key or value.
+    #[error("invalid configuration{}: {message}", origin.as_deref().map(|o| format!(" in {o}")).unwrap_or_default())]
+    Invalid {
+        /// File (with line:column) or variable name, when known.
+        origin: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(origin: Option<String>, message: impl Into<String>) -> Error {
+    Error::Invalid { origin, message: message.into() }
+}
+
+/// Everything a node needs to run. Every field has a default, so a node runs without a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id in the cluster (default: `node-<random>`).
+    pub node_id: String,
+    /// NATS server URLs; several for a NATS cluster.
+    pub nats: Vec<String>,
+    /// Where the gRPC API listens.
+    pub grpc_addr: SocketAddr,
+    /// Folder of saga definitions (`*.toml`).
+    pub saga_dir: PathBuf,
+    /// Number of saga event partitions. Fixed for the life of a deployment: changing it moves sagas.
+    pub partitions: u32,
+    /// Run the demo participant services (payment, inventory, shipping, notification, analytics) in this node.
+    pub demo_services: bool,
+    /// Demo services' knobs.
+    pub demo: DemoConfig,
+    /// Stream and KV settings.
+    pub streams: StreamsConfig,
+    /// Consumer settings.
+    pub consumers: ConsumerConfig,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+/// Knobs of the demo participant services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    /// Instances (actors) per service on this node, all sharing the service's consumer group.
+    pub instances: usize,
+    /// Payment declines any amount above this (cents).
+    pub payment_limit_cents: i64,
+    /// Initial stock per SKU, written once when the stock bucket has no entry for the SKU.
+    pub stock: BTreeMap<String, u64>,
+    /// Share of commands that fail with a transient `unavailable` error (0..1).
+    pub failure_rate: f64,
+    /// Added latency per command, milliseconds.
+    pub latency_ms: u64,
+    /// Share of commands whose handler panics (0..1), to exercise supervision.
+    pub panic_rate: f64,
+}
+
+/// Stream and KV retention and replication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Replicas of every stream and bucket: 1 for dev, 3 in production (durability comes from replication).
+    pub replicas: usize,
+    /// How long events, commands and status events are kept.
+    #[serde(with = "humantime_secs")]
+    pub max_age: Duration,
+    /// Window in which a republished message with the same `Nats-Msg-Id` is dropped by the server.
+    #[serde(with = "humantime_secs")]
+    pub duplicate_window: Duration,
+    /// Size cap per stream, bytes (-1: unlimited).
+    pub max_bytes: i64,
+    /// How long dead letters are kept.
+    #[serde(with = "humantime_secs")]
+    pub dlq_max_age: Duration,
+}
+
+/// Consumer tuning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// Redelivery delay of an unacked saga event.
+    #[serde(with = "humantime_secs")]
+    pub event_ack_wait: Duration,
+    /// Redelivery delay of an unacked command: keep it above the p99 of participant handling.
+    #[serde(with = "humantime_secs")]
+    pub command_ack_wait: Duration,
+    /// Deliveries of one command before it is dead-lettered.
+    pub command_max_deliver: i64,
+    /// Unacked messages a consumer may have out; delivery stops silently beyond it, so size it
+    /// for instances × concurrency.
+    pub max_ack_pending: i64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: format!("node-{:08x}", rand::random::<u32>()),
+            nats: vec!["nats://127.0.0.1:4222".to_string()],
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            saga_dir: PathBuf::from("sagas"),
+            partitions: 32,
+            demo_services: false,
+            demo: DemoConfig::default(),
+            streams: StreamsConfig::default(),
+            consumers: ConsumerConfig::default(),
+            log_format: "text".to_string(),
+        }
+    }
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        let mut stock: BTreeMap<String, u64> = (1..=9).map(|i| (format!("SKU-{i}"), 1_000_000)).collect();
+        stock.insert("SKU-OUT".to_string(), 0);
+        DemoConfig {
+            instances: 4,
+            payment_limit_cents: 100_000,
+            stock,
+            failure_rate: 0.0,
+            latency_ms: 0,
+            panic_rate: 0.0,
+        }
+    }
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            replicas: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            max_bytes: -1,
+            dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            event_ack_wait: Duration::from_secs(30),
+            command_ack_wait: Duration::from_secs(30),
+            command_max_deliver: 20,
+            max_ack_pending: 20_000,
+        }
+    }
+}
+
+/// Settings given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--nats` (repeatable).
+    pub nats: Vec<String>,
+    /// `--grpc-addr`.
+    pub grpc_addr: Option<SocketAddr>,
+    /// `--demo-services`.
+    pub demo_services: Option<bool>,
+    /// `--saga-dir`.
+    pub saga_dir: Option<PathBuf>,
+    /// `--node-id`.
+    pub node_id: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+}
+
+impl NodeConfig {
+    /// Layers defaults, the file (if any), `SAGAFLOW_*` variables from `env` and `overrides`,
+    /// then validates.
+    pub fn load(file: Option<&Path>, env: &BTreeMap<String, String>, overrides: &Overrides) -> Result<Self, Error> {
+        let mut root = toml::Table::new();
+        let mut origin = None;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+            root = text.parse::<toml::Table>().map_err(|e| {
+                let (line, col) = e.span().map_or((1, 1), |s| sagaflow_actors::definition::line_col(&text, s.start));
+                invalid(Some(format!("{}:{line}:{col}", path.display())), e.message().to_string())
+            })?;
+            origin = Some(path.display().to_string());
+        }
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("SAGAFLOW_") else { continue };
+            if rest.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut root, &path, env_value(&path, value)).map_err(|m| invalid(Some(key.clone()), m))?;
+        }
+        if !overrides.nats.is_empty() {
+            root.insert("nats".into(), toml::Value::Array(overrides.nats.iter().cloned().map(toml::Value::String).collect()));
+        }
+        if let Some(addr) = overrides.grpc_addr {
+            root.insert("grpc_addr".into(), toml::Value::String(addr.to_string()));
+        }
+        if let Some(demo) = overrides.demo_services {
+            root.insert("demo_services".into(), toml::Value::Boolean(demo));
+        }
+        if let Some(dir) = &overrides.saga_dir {
+            root.insert("saga_dir".into(), toml::Value::String(dir.display().to_string()));
+        }
+        if let Some(id) = &overrides.node_id {
+            root.insert("node_id".into(), toml::Value::String(id.clone()));
+        }
+        if let Some(f) = &overrides.log_format {
+            root.insert("log_format".into(), toml::Value::String(f.clone()));
+        }
+        let config: NodeConfig = NodeConfig::deserialize(toml::Value::Table(root)).map_err(|e| invalid(origin.clone(), e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses values the node could not run with.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(invalid(None, m));
+        if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return bad(format!("`node_id` must be letters, digits, `-` or `_`, got {:?}", self.node_id));
+        }
+        if self.nats.is_empty() {
+            return bad("`nats` needs at least one server URL".into());
+        }
+        if !(1..=1024).contains(&self.partitions) {
+            return bad(format!("`partitions` must be in 1..=1024, got {}", self.partitions));
+        }
+        if !(1..=5).contains(&self.streams.replicas) {
+            return bad(format!("`streams.replicas` must be in 1..=5, got {}", self.streams.replicas));
+        }
+        if !(1..=256).contains(&self.demo.instances) {
+            return bad(format!("`demo.instances` must be in 1..=256, got {}", self.demo.instances));
+        }
+        for (name, rate) in [("demo.failure_rate", self.demo.failure_rate), ("demo.panic_rate", self.demo.panic_rate)] {
+            if !(0.0..=1.0).contains(&rate) {
+                return bad(format!("`{name}` must be in 0..=1, got {rate}"));
+            }
+        }
+        if self.consumers.max_ack_pending < 1 || self.consumers.command_max_deliver < 1 {
+            return bad("`consumers.max_ack_pending` and `consumers.command_max_deliver` must be ≥ 1".into());
+        }
+        if self.consumers.event_ack_wait < Duration::from_secs(1) || self.consumers.command_ack_wait < Duration::from_secs(1) {
+            return bad("`consumers.*_ack_wait` must be at least 1s".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad(format!("`log_format` must be `text` or `json`, got {:?}", self.log_format));
+        }
+        Ok(())
+    }
+}
+
+fn env_value(path: &[String], raw: &str) -> toml::Value {
+    if path.len() == 1 && path[0] == "nats" {
+        return toml::Value::Array(raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).collect());
+    }
+    // A scalar that parses as TOML keeps its type; anything else is a string.
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else { return Ok(()) };
+    let mut table = root;
+    for p in parents {
+        let entry = table.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| format!("`{p}` is not a table"))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Durations in config files: `"30s"`, `"5m"`, `"250ms"`, or a number of seconds.
+mod humantime_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => sagaflow_actors::duration::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let c = NodeConfig::load(None, &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.partitions, 32);
+        assert_eq!(c.demo.stock.get("SKU-OUT"), Some(&0));
+        assert_eq!(c.demo.stock.get("SKU-9"), Some(&1_000_000));
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "partitions = 8\ngrpc_addr = \"127.0.0.1:7000\"\n[demo]\ninstances = 2\n").unwrap();
+        let env: BTreeMap<String, String> = [
+            ("SAGAFLOW_PARTITIONS".to_string(), "16".to_string()),
+            ("SAGAFLOW_DEMO__PAYMENT_LIMIT_CENTS".to_string(), "500".to_string()),
+            ("SAGAFLOW_NATS".to_string(), "nats://a:1, nats://b:2".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ]
+        .into();
+        let o = Overrides { grpc_addr: Some("127.0.0.1:7001".parse().unwrap()), ..Default::default() };
+        let c = NodeConfig::load(Some(&file), &env, &o).unwrap();
+        assert_eq!(c.partitions, 16, "env beats file");
+        assert_eq!(c.demo.instances, 2, "file beats default");
+        assert_eq!(c.demo.payment_limit_cents, 500);
+        assert_eq!(c.nats, vec!["nats://a:1", "nats://b:2"]);
+        assert_eq!(c.grpc_addr.port(), 7001, "cli beats env and file");
+    }
+
+    #[test]
+    fn unknown_key_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "partitons = 8\n").unwrap();
+        let err = NodeConfig::load(Some(&file), &BTreeMap::new(), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("partitons"), "{err}");
+        let env: BTreeMap<String, String> = [("SAGAFLOW_PARTITIONS".to_string(), "0".to_string())].into();
+        let err = NodeConfig::load(None, &env, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("partitions"), "{err}");
+    }
+}

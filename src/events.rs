@@ -1,0 +1,175 @@
+//! Saga events in: one durable pull consumer per partition of `SAGA_EVENTS`, decoding each
+//! message and routing it to the [`Coordinator`], which hands it to the saga's actor.
+//!
+//! A message that cannot be decoded (bad subject, bad protobuf, bad postcard) goes to the DLQ
+//! with the reason and is acked: it never crashes the node and is never dropped silently.
+//! Decoded events are acked by the saga actor once their effects are durable.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use prost::Message as _;
+use ractor::ActorRef;
+use sagaflow_actors::coordinator::{CoordinatorMsg, Input};
+use sagaflow_actors::machine::StepError;
+use sagaflow_actors::service::restart_backoff;
+use sagaflow_actors::wire::{self, Control};
+use sagaflow_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConsumerConfig;
+use crate::dlq::{self, JsDelivery};
+use crate::topology::{partition_filter, EVENTS_STREAM};
+
+/// Name of the durable consumer of one partition.
+pub fn consumer_name(partition: u32) -> String {
+    format!("evt-p{partition}")
+}
+
+/// Decodes a saga event from its subject and payload.
+pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let [_, _, _, saga_id, kind] = tokens.as_slice() else {
+        return Err(format!("unexpected event subject `{subject}`"));
+    };
+    let input = match *kind {
+        "reply" => {
+            let reply = v1::Reply::decode(payload).map_err(|e| format!("undecodable reply: {e}"))?;
+            if reply.saga_id != *saga_id {
+                return Err(format!("reply for saga `{}` published on the subject of saga `{saga_id}`", reply.saga_id));
+            }
+            let outcome = match reply.outcome {
+                Some(v1::reply::Outcome::Success(s)) => Ok(s.output),
+                Some(v1::reply::Outcome::Failure(f)) => Err(StepError { kind: f.kind, message: f.message }),
+                None => return Err("reply has no outcome".to_string()),
+            };
+            Input::Reply { step: reply.step, attempt: reply.attempt, compensation: reply.compensation, outcome }
+        }
+        "start" | "cancel" => match wire::decode_control(payload).map_err(|e| e.to_string())? {
+            Control::Started { .. } => Input::Started,
+            Control::Cancel { reason, .. } => Input::Cancel { reason },
+        },
+        other => return Err(format!("unknown event kind `{other}`")),
+    };
+    Ok((saga_id.to_string(), input))
+}
+
+/// Creates (or updates) the durable consumer of `partition`.
+pub async fn ensure_consumer(js: &jetstream::Context, partition: u32, cfg: &ConsumerConfig) -> Result<consumer::PullConsumer, String> {
+    let stream = js.get_stream(EVENTS_STREAM).await.map_err(|e| e.to_string())?;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(consumer_name(partition)),
+            description: Some(format!("saga events of partition {partition}")),
+            filter_subject: partition_filter(partition),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: cfg.event_ack_wait,
+            // Saga events are never given up on: a saga must reach a terminal status.
+            max_deliver: -1,
+            max_ack_pending: cfg.max_ack_pending,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Consumes one partition's events into `coordinator` until `cancel` fires.
+pub async fn run_partition(
+    js: jetstream::Context,
+    partition: u32,
+    cfg: ConsumerConfig,
+    coordinator: ActorRef<CoordinatorMsg>,
+    cancel: CancellationToken,
+) {
+    let mut failures = 0u32;
+    while !cancel.is_cancelled() {
+        let consumer = match ensure_consumer(&js, partition, &cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                let delay = restart_backoff(failures);
+                tracing::warn!(partition, error = %e, ?delay, "cannot open partition consumer, retrying");
+                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
+            }
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(512)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(partition, error = %e, "cannot pull events, retrying");
+                tokio::time::sleep(restart_backoff(failures)).await;
+                continue;
+            }
+        };
+        failures = 0;
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = messages.next() => n,
+            };
+            match next {
+                Some(Ok(message)) => match decode(&message.subject, &message.payload) {
+                    Ok((saga_id, input)) => {
+                        let delivery = Box::new(JsDelivery { message, js: js.clone(), source: "events" });
+                        if coordinator.cast(CoordinatorMsg::Deliver { saga_id, input, delivery }).is_err() {
+                            tracing::warn!(partition, "coordinator stopped; leaving events unacked");
+                            return;
+                        }
+                    }
+                    Err(reason) => dlq::dead_letter(&js, "events", &message, &reason).await,
+                },
+                Some(Err(e)) => tracing::warn!(partition, error = %e, "event stream error"),
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_replies_and_controls() {
+        let reply = v1::Reply {
+            command_id: "c".into(),
+            saga_id: "order-1".into(),
+            step: "charge".into(),
+            attempt: 2,
+            compensation: false,
+            outcome: Some(v1::reply::Outcome::Failure(v1::Failure { kind: "declined".into(), message: "no".into() })),
+        };
+        let (id, input) = decode("sagaflow.evt.3.order-1.reply", &reply.encode_to_vec()).unwrap();
+        assert_eq!(id, "order-1");
+        assert_eq!(
+            input,
+            Input::Reply {
+                step: "charge".into(),
+                attempt: 2,
+                compensation: false,
+                outcome: Err(StepError { kind: "declined".into(), message: "no".into() })
+            }
+        );
+        let start = wire::encode_control(&Control::Started { at: 1 }).unwrap();
+        assert_eq!(decode("sagaflow.evt.3.order-1.start", &start).unwrap().1, Input::Started);
+    }
+
+    #[test]
+    fn rejects_garbage_with_a_reason() {
+        assert!(decode("sagaflow.evt.3.order-1.reply", b"\xff\xff\xff").unwrap_err().contains("undecodable reply"));
+        assert!(decode("sagaflow.evt.3.order-1", b"").unwrap_err().contains("unexpected event subject"));
+        assert!(decode("sagaflow.evt.3.order-1.bogus", b"").unwrap_err().contains("unknown event kind"));
+        let other = v1::Reply { saga_id: "order-2".into(), ..Default::default() };
+        assert!(decode("sagaflow.evt.3.order-1.reply", &other.encode_to_vec()).unwrap_err().contains("order-2"));
+        assert!(decode("sagaflow.evt.3.order-1.start", b"\x07").is_err());
+    }
+}

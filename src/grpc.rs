@@ -1,0 +1,208 @@
+//! The gRPC API (tonic): orders, generic sagas, analytics, plus health and reflection.
+//!
+//! Every service is a thin edge over [`SagaApi`]: it validates the request (`INVALID_ARGUMENT`
+//! naming the field), calls the core, and maps errors to `tonic::Status` here and only here.
+//! Status reads go straight to the snapshot bucket, so any node answers for any saga.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, kv};
+use async_nats::HeaderMap;
+use futures::{Stream, StreamExt};
+use sagaflow_actors::definition::SagaDefinition;
+use sagaflow_actors::hash::partition_of;
+use sagaflow_actors::machine::Saga;
+use sagaflow_actors::ports::{CommandBus, Error as PortError, StateStore};
+use sagaflow_actors::wire::{self, Control};
+use tonic::Status;
+
+use crate::bus::JetStreamBus;
+use crate::dlq::now_ms;
+use crate::store::KvStateStore;
+use crate::topology::event_subject;
+
+pub mod analytics;
+pub mod orders;
+pub mod render;
+pub mod sagas;
+
+/// A boxed server stream.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The core the gRPC services share.
+#[derive(Clone)]
+pub struct SagaApi {
+    js: jetstream::Context,
+    store: KvStateStore,
+    bus: JetStreamBus,
+    definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
+    partitions: u32,
+}
+
+impl std::fmt::Debug for SagaApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaApi").field("partitions", &self.partitions).finish()
+    }
+}
+
+/// Checks an id: 1 to `max` characters of `[A-Za-z0-9_-]`.
+pub fn valid_id(id: &str, max: usize) -> bool {
+    !id.is_empty() && id.len() <= max && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `INVALID_ARGUMENT` naming `field`.
+pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    tracing::warn!(error = %e, "storage unavailable");
+    Status::unavailable(e.to_string())
+}
+
+impl SagaApi {
+    /// A core over the node's JetStream context and snapshot bucket.
+    pub fn new(
+        js: jetstream::Context,
+        sagas: kv::Store,
+        definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
+        partitions: u32,
+    ) -> Self {
+        SagaApi {
+            store: KvStateStore::new(sagas, partitions),
+            bus: JetStreamBus::new(js.clone(), partitions),
+            js,
+            definitions,
+            partitions,
+        }
+    }
+
+    /// A loaded definition.
+    pub fn definition(&self, name: &str) -> Option<Arc<SagaDefinition>> {
+        self.definitions.get(name).cloned()
+    }
+
+    /// Every loaded definition, by name.
+    pub fn definitions(&self) -> &HashMap<String, Arc<SagaDefinition>> {
+        &self.definitions
+    }
+
+    /// Starts saga `id` of `def` with `input` (JSON), idempotently: returns whether it was created.
+    ///
+    /// The snapshot is created here (create-only, so a repeat finds it), then a `start` event
+    /// tells the partition's owner to publish the first commands. A repeat of an unfinished
+    /// saga publishes the `start` event again (de-duplicated by `Nats-Msg-Id` within the
+    /// window, harmless beyond it), which also repairs a crash between the two writes.
+    pub async fn start(&self, def: &SagaDefinition, id: &str, input: Vec<u8>) -> Result<(bool, Saga), Status> {
+        let existing = self.store.load(id).await.map_err(unavailable)?;
+        let (created, saga) = match existing {
+            Some((saga, _)) => (false, saga),
+            None => {
+                let (saga, _) = Saga::start(def, id.to_string(), input, now_ms());
+                match self.store.save(&saga, None).await {
+                    Ok(_) => (true, saga),
+                    Err(PortError::Conflict { .. }) => match self.store.load(id).await.map_err(unavailable)? {
+                        Some((saga, _)) => (false, saga),
+                        None => return Err(Status::aborted("saga was created and removed concurrently; retry")),
+                    },
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+        };
+        if !saga.is_terminal() {
+            self.publish_control(id, "start", &Control::Started { at: now_ms() }, format!("start/{id}")).await?;
+        }
+        if created {
+            // The first lifecycle event (status `initial`); later ones come from the owner.
+            if let Err(e) = self.bus.announce(&saga, "", &saga.status, 1).await {
+                tracing::warn!(saga_id = %id, error = %e, "cannot announce initial status");
+            }
+            tracing::info!(saga_id = %id, saga = %def.name, "saga started");
+        }
+        Ok((created, saga))
+    }
+
+    async fn publish_control(&self, id: &str, kind: &str, control: &Control, msg_id: String) -> Result<(), Status> {
+        let payload = wire::encode_control(control).map_err(|e| Status::internal(e.to_string()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
+        let subject = event_subject(partition_of(id, self.partitions), id, kind);
+        self.js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The saga's snapshot and revision, or `NOT_FOUND`.
+    pub async fn get(&self, id: &str) -> Result<(Saga, u64), Status> {
+        match self.store.load(id).await {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err(Status::not_found(format!("no saga with id `{id}`"))),
+            Err(PortError::Corrupt { message, .. }) => Err(Status::data_loss(message)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Every change of the saga's snapshot, starting with the current one, until terminal.
+    pub async fn watch(&self, id: &str) -> Result<impl Stream<Item = Result<(Saga, u64), Status>> + Send + 'static, Status> {
+        // Existence check first, so an unknown id is NOT_FOUND rather than a silent wait.
+        self.get(id).await?;
+        let watch = self.store.bucket().watch_with_history(self.store.key(id)).await.map_err(unavailable)?;
+        let stream = watch
+            .filter_map(|entry| async move {
+                match entry {
+                    Ok(e) if e.operation == kv::Operation::Put => {
+                        Some(wire::decode_snapshot(&e.value).map(|s| (s, e.revision)).map_err(|e| Status::data_loss(e.to_string())))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(unavailable(e))),
+                }
+            })
+            .scan(false, |done, item| {
+                // Yield up to and including the first terminal snapshot, then end.
+                if *done {
+                    return futures::future::ready(None);
+                }
+                if let Ok((s, _)) = &item {
+                    *done = s.is_terminal();
+                }
+                futures::future::ready(Some(item))
+            });
+        Ok(stream)
+    }
+
+    /// Every saga whose id starts with `prefix` (a full scan of the bucket, newest first).
+    ///
+    /// Fine for the dev cluster and tests; a production deployment would list from a
+    /// per-node view maintained by watching the bucket (tracked as a follow-up).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Saga>, Status> {
+        let keys = match self.store.bucket().keys().await {
+            Ok(k) => k,
+            Err(e) => return Err(unavailable(e)),
+        };
+        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
+        let ids: Vec<String> = keys
+            .into_iter()
+            .filter_map(|k| k.split_once('.').map(|(_, id)| id.to_string()))
+            .filter(|id| id.starts_with(prefix))
+            .collect();
+        let store = self.store.clone();
+        let loaded: Vec<Result<Option<(Saga, u64)>, PortError>> =
+            futures::stream::iter(ids).map(|id| { let store = store.clone(); async move { store.load(&id).await } }).buffer_unordered(64).collect().await;
+        let mut sagas = Vec::with_capacity(loaded.len());
+        for l in loaded {
+            match l {
+                Ok(Some((s, _))) => sagas.push(s),
+                Ok(None) | Err(PortError::Corrupt { .. }) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        sagas.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(sagas)
+    }
+}

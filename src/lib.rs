@@ -1,0 +1,25 @@
+//! # Sagaflow
+//!
+//! A saga orchestrator on NATS JetStream. This crate holds the outside world's side; the domain
+//! (definitions, the pure state machine, the actors) is in `sagaflow-actors`.
+//!
+//! # Layout
+//! - [`config`]: node configuration, layered defaults → file → env → CLI.
+//! - [`node`]: one node: NATS connection, topology, coordinators, demo services, gRPC.
+//! - [`dev`]: `sagaflow dev`, a local NATS + node + demo in one command.
+//! - [`nats_server`]: finding, starting and stopping `nats-server` processes (dev and tests).
+//! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
+
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod nats_server;
+pub mod node;
+pub mod bus;
+pub mod demo;
+pub mod dlq;
+pub mod events;
+pub mod grpc;
+pub mod participant;
+pub mod store;
+pub mod topology;

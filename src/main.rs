@@ -1,0 +1,22 @@
+//! The `sagaflow` binary: parse the command line, initialise tracing, run, exit.
+//! Everything else lives in [`sagaflow::cli`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sagaflow::cli::{self, Cli};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Usage errors print clap's message and exit 2; `--help` and `--version` exit 0.
+    let cli = Cli::parse();
+    let plan = match cli.plan() {
+        Ok(plan) => plan,
+        Err(e) => return cli::report(&e),
+    };
+    cli::init_tracing(plan.log_format());
+    match plan.run().await {
+        Ok(code) => code,
+        Err(e) => cli::report(&e),
+    }
+}

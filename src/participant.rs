@@ -1,0 +1,198 @@
+//! Hosting participant services: a service's durable consumer (its consumer group) feeding a
+//! supervised [`ServicePool`] of instances, each handling one command at a time.
+//!
+//! A participant in another language does the same with any NATS client: pull from the
+//! service's consumer, do the work idempotently (keyed by `idempotency_key`), publish a
+//! protobuf `Reply` to `reply_subject`, then ack. See `docs/participants.md`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use prost::Message as _;
+use ractor::ActorRef;
+use sagaflow_actors::ports::Delivery;
+use sagaflow_actors::service::{Job, ServicePoolMsg};
+use sagaflow_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConsumerConfig;
+use crate::dlq::{self, JsDelivery};
+use crate::topology::COMMANDS_STREAM;
+
+/// What a participant's handler decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (output JSON, may be empty).
+    Success(Vec<u8>),
+    /// Refused or failed: `kind` decides whether the saga retries.
+    Failure {
+        /// Machine-readable kind (`declined`, `out_of_stock`, `unavailable`).
+        kind: String,
+        /// Detail.
+        message: String,
+    },
+}
+
+/// The handler could not decide now (its own storage is unavailable): the command is
+/// returned and redelivered later; no reply is sent.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// A participant service's business logic.
+#[async_trait]
+pub trait Participant: Send + Sync + 'static {
+    /// Handles one command. Must be idempotent on `cmd.idempotency_key`: a duplicate answers
+    /// what the first one answered.
+    async fn handle(&self, cmd: &v1::Command) -> Result<Outcome, Unavailable>;
+}
+
+/// Creates (or updates) the durable consumer shared by every instance of `service`.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    service: &str,
+    cfg: &ConsumerConfig,
+) -> Result<consumer::PullConsumer, String> {
+    let stream = js.get_stream(COMMANDS_STREAM).await.map_err(|e| e.to_string())?;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(format!("svc-{service}")),
+            description: Some(format!("consumer group of the `{service}` participant service")),
+            filter_subject: format!("sagaflow.cmd.{service}.>"),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: cfg.command_ack_wait,
+            max_deliver: cfg.command_max_deliver,
+            max_ack_pending: cfg.max_ack_pending,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Pulls `service`'s commands and hands them to `pool` until `cancel` fires.
+pub async fn run_consumer(
+    js: jetstream::Context,
+    service: String,
+    cfg: ConsumerConfig,
+    participant: Arc<dyn Participant>,
+    pool: ActorRef<ServicePoolMsg>,
+    cancel: CancellationToken,
+) {
+    let mut failures = 0u32;
+    while !cancel.is_cancelled() {
+        let consumer = match ensure_consumer(&js, &service, &cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                let delay = sagaflow_actors::service::restart_backoff(failures);
+                tracing::warn!(service, error = %e, ?delay, "cannot open service consumer, retrying");
+                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
+            }
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(service, error = %e, "cannot pull commands, retrying");
+                tokio::time::sleep(sagaflow_actors::service::restart_backoff(failures)).await;
+                continue;
+            }
+        };
+        failures = 0;
+        loop {
+            // `next()` on the pull stream is cancel-safe: a message is only taken when it is returned.
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = messages.next() => n,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let fallback = JsDelivery { message: message.clone(), js: js.clone(), source: "commands" };
+                    let job = CommandJob { js: js.clone(), message, participant: participant.clone() };
+                    if pool.cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(fallback))).is_err() {
+                        tracing::warn!(service, "service pool stopped; leaving commands to other instances");
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    // Missed heartbeats and transient errors: the stream recovers by itself.
+                    tracing::warn!(service, error = %e, "command stream error");
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// One command being handled by an instance.
+struct CommandJob {
+    js: jetstream::Context,
+    message: jetstream::Message,
+    participant: Arc<dyn Participant>,
+}
+
+impl Job for CommandJob {
+    fn run(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.handle().await })
+    }
+}
+
+impl CommandJob {
+    async fn handle(self) {
+        let delivery = Box::new(JsDelivery { message: self.message.clone(), js: self.js.clone(), source: "commands" });
+        let cmd = match v1::Command::decode(self.message.payload.as_ref()) {
+            Ok(c) if !c.reply_subject.is_empty() && !c.command_id.is_empty() => c,
+            Ok(_) => return delivery.dead_letter("command lacks reply_subject or command_id".into()).await,
+            Err(e) => return delivery.dead_letter(format!("undecodable command: {e}")).await,
+        };
+        tracing::debug!(saga_id = %cmd.saga_id, step = %cmd.step, service = %cmd.service, action = %cmd.action, attempt = cmd.attempt, "handling command");
+        let outcome = match self.participant.handle(&cmd).await {
+            Ok(o) => o,
+            Err(Unavailable(e)) => {
+                tracing::warn!(command_id = %cmd.command_id, error = %e, "participant unavailable, command returned");
+                return delivery.nak(Duration::from_millis(500)).await;
+            }
+        };
+        let reply = v1::Reply {
+            command_id: cmd.command_id.clone(),
+            saga_id: cmd.saga_id.clone(),
+            step: cmd.step.clone(),
+            attempt: cmd.attempt,
+            compensation: cmd.compensation,
+            outcome: Some(match outcome {
+                Outcome::Success(output) => v1::reply::Outcome::Success(v1::Success { output }),
+                Outcome::Failure { kind, message } => v1::reply::Outcome::Failure(v1::Failure { kind, message }),
+            }),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("reply/{}", cmd.command_id).as_str());
+        let published = match self.js.publish_with_headers(cmd.reply_subject.clone(), headers, reply.encode_to_vec().into()).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(()) => delivery.ack().await,
+            Err(e) => {
+                tracing::warn!(command_id = %cmd.command_id, error = %e, "cannot publish reply, command returned");
+                delivery.nak(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Dead-letters `message` from the command stream (used by participants outside a pool).
+pub async fn dead_letter(js: &jetstream::Context, message: &jetstream::Message, reason: &str) {
+    dlq::dead_letter(js, "commands", message, reason).await;
+}

@@ -1,0 +1,150 @@
+//! The JetStream topology: stream and bucket names, subjects, and their idempotent creation.
+//!
+//! | name | kind | subjects / keys |
+//! | --- | --- | --- |
+//! | `SAGA_EVENTS` | stream | `sagaflow.evt.<partition>.<saga_id>.<start\|reply\|cancel>` |
+//! | `SAGA_COMMANDS` | stream | `sagaflow.cmd.<service>.<action>` |
+//! | `SAGA_STATUS` | stream | `sagaflow.status.<saga_name>.<saga_id>` (lifecycle events) |
+//! | `SAGA_DLQ` | stream | `sagaflow.dlq.<source>` (original bytes + reason headers) |
+//! | `sagaflow_sagas` | KV | `<partition>.<saga_id>` → snapshot |
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::config::StreamsConfig;
+
+/// Stream of everything that happens to sagas.
+pub const EVENTS_STREAM: &str = "SAGA_EVENTS";
+/// Stream of commands to participants.
+pub const COMMANDS_STREAM: &str = "SAGA_COMMANDS";
+/// Stream of lifecycle (status) events.
+pub const STATUS_STREAM: &str = "SAGA_STATUS";
+/// Dead letters.
+pub const DLQ_STREAM: &str = "SAGA_DLQ";
+/// Saga snapshots.
+pub const SAGAS_BUCKET: &str = "sagaflow_sagas";
+
+/// Subject of a saga event of `kind` (`start`, `reply`, `cancel`).
+pub fn event_subject(partition: u32, saga_id: &str, kind: &str) -> String {
+    format!("sagaflow.evt.{partition}.{saga_id}.{kind}")
+}
+
+/// Subject filter of one partition's events.
+pub fn partition_filter(partition: u32) -> String {
+    format!("sagaflow.evt.{partition}.>")
+}
+
+/// Subject of a command.
+pub fn command_subject(service: &str, action: &str) -> String {
+    format!("sagaflow.cmd.{service}.{action}")
+}
+
+/// Subject of a lifecycle event.
+pub fn status_subject(saga_name: &str, saga_id: &str) -> String {
+    format!("sagaflow.status.{saga_name}.{saga_id}")
+}
+
+/// Subject of a dead letter from `source`.
+pub fn dlq_subject(source: &str) -> String {
+    format!("sagaflow.dlq.{source}")
+}
+
+/// Key of a saga's snapshot.
+pub fn saga_key(partition: u32, saga_id: &str) -> String {
+    format!("{partition}.{saga_id}")
+}
+
+/// Why the topology could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create {what} `{name}`: {message}")]
+pub struct Error {
+    /// `stream` or `bucket`.
+    pub what: &'static str,
+    /// Its name.
+    pub name: String,
+    /// Cause.
+    pub message: String,
+}
+
+/// Creates (or updates to the configured settings) every stream and bucket; safe to call from
+/// every node at every start.
+pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<kv::Store, Error> {
+    let streams = [
+        (EVENTS_STREAM, "sagaflow.evt.>", cfg.max_age, "saga events: starts, participant replies, cancels"),
+        (COMMANDS_STREAM, "sagaflow.cmd.>", cfg.max_age, "commands to participant services"),
+        (STATUS_STREAM, "sagaflow.status.>", cfg.max_age, "saga lifecycle events for other systems"),
+        (DLQ_STREAM, "sagaflow.dlq.>", cfg.dlq_max_age, "dead letters: original bytes and the reason"),
+    ];
+    for (name, subject, max_age, description) in streams {
+        let config = stream::Config {
+            name: name.to_string(),
+            description: Some(description.to_string()),
+            subjects: vec![subject.to_string()],
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            max_age,
+            max_bytes: cfg.max_bytes,
+            duplicate_window: cfg.duplicate_window,
+            ..Default::default()
+        };
+        ensure_stream(js, config).await?;
+    }
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: SAGAS_BUCKET.to_string(),
+            description: "latest saga snapshot per saga".to_string(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Creates a stream, or updates it when it exists with other settings.
+pub async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), Error> {
+    let name = config.name.clone();
+    let err = |e: &dyn std::fmt::Display| Error { what: "stream", name: name.clone(), message: e.to_string() };
+    match js.get_stream(&name).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| err(&e))?;
+            let current = &info.config;
+            if current.subjects != config.subjects || current.max_age != config.max_age || current.max_bytes != config.max_bytes
+                || current.duplicate_window != config.duplicate_window || current.num_replicas != config.num_replicas
+            {
+                js.update_stream(config).await.map_err(|e| err(&e))?;
+            }
+            Ok(())
+        }
+        Err(_) => match js.create_stream(config.clone()).await {
+            Ok(_) => Ok(()),
+            // Another node created it meanwhile.
+            Err(e) if js.get_stream(&name).await.is_ok() => {
+                tracing::debug!(stream = %name, error = %e, "stream created concurrently");
+                Ok(())
+            }
+            Err(e) => Err(err(&e)),
+        },
+    }
+}
+
+/// Opens a bucket, creating it if needed.
+pub async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, Error> {
+    let name = config.bucket.clone();
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(e) => js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| Error { what: "bucket", name: name.clone(), message: e.to_string() }),
+    }
+}
+
+/// How long to wait for JetStream API answers before treating the server as unavailable.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);

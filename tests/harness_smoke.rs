@@ -1,0 +1,57 @@
+//! The harness itself: a real `nats-server` starts, restarts on the same port with its store,
+//! and answers JetStream requests; `wait_until` polls and times out.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{nats_client, start_nats, wait_until, within, TIMEOUT};
+
+#[tokio::test]
+async fn nats_server_restarts_with_its_store() -> anyhow::Result<()> {
+    let server = start_nats().await?;
+    let url = server.url();
+    let js = async_nats::jetstream::new(nats_client(&url).await?);
+    let account = within(TIMEOUT, "query account", js.query_account()).await??;
+    assert_eq!(account.streams, 0);
+    let config = async_nats::jetstream::stream::Config {
+        name: "SMOKE".into(),
+        subjects: vec!["smoke.>".into()],
+        ..Default::default()
+    };
+    within(TIMEOUT, "create stream", js.create_stream(config)).await??;
+    within(TIMEOUT, "publish", async { js.publish("smoke.1", "x".into()).await?.await }).await??;
+
+    let server = within(TIMEOUT, "restart", tokio::task::spawn_blocking(move || server.restart().map(|()| server)))
+        .await???;
+    assert_eq!(server.url(), url, "same port after restart");
+
+    // A fresh connection sees the stream and its message: the store survived.
+    let js = async_nats::jetstream::new(nats_client(&url).await?);
+    let mut stream = within(TIMEOUT, "get stream", js.get_stream("SMOKE")).await??;
+    let info = within(TIMEOUT, "stream info", stream.info()).await??;
+    assert_eq!(info.state.messages, 1);
+
+    server.stop()?;
+    assert!(!server.is_running());
+    Ok(())
+}
+
+#[tokio::test]
+async fn wait_until_polls_and_times_out() {
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    wait_until(Duration::from_secs(5), "three polls", || {
+        n += 1;
+        let done = n >= 3;
+        async move { done }
+    })
+    .await
+    .unwrap();
+    assert_eq!(n, 3);
+    let err = wait_until(Duration::from_millis(200), "never", || async { false }).await.unwrap_err();
+    assert!(err.to_string().contains("waiting for never"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_ne!(common::free_port(), 0);
+}
