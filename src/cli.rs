@@ -419,8 +419,11 @@ fn node_env() -> BTreeMap<String, String> {
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal: logs redirected to a file stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
@@ -449,6 +452,17 @@ pub async fn shutdown_signal() {
         _ = terminate.recv() => "SIGTERM",
     };
     tracing::info!(signal = name, "shutdown requested");
+}
+
+/// Writes `text` to stdout. A closed pipe (`sagaflow order list | head`) is not an error: the
+/// reader has what it wanted.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))?),
+    }
 }
 
 /// Prints `error: ...` (with the cause chain on one line) to stderr; returns exit code 1.

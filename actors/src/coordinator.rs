@@ -271,7 +271,12 @@ impl Actor for SagaActor {
                 state.timer = None;
                 if let Err(f) = state.process(Event::Tick, None).await {
                     let delay = match f {
-                        Failure::Conflict => Duration::ZERO,
+                        Failure::Conflict => {
+                            // Our copy is stale: retrying it would lose every compare-and-set.
+                            // Reload before the next tick.
+                            state.loaded = None;
+                            Duration::ZERO
+                        }
                         _ => Duration::from_secs(1),
                     };
                     state.timer = Some(schedule_tick(&myself, delay));

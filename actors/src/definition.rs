@@ -5,7 +5,7 @@
 //! with neither a compensation nor `pivot = true`, unbounded retries, missing timeouts. Errors
 //! name `file:line:column` and the field, so a user can fix a file without reading our code.
 //!
-//! The raw serde types live in [`raw`]; this module holds the domain types the state machine
+//! The raw serde types live in `raw`; this module holds the domain types the state machine
 //! reads. See `docs/saga-config.md` for the file format.
 
 use std::fmt;

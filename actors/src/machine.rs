@@ -577,7 +577,7 @@ impl Saga {
                     && (self.phase == Phase::Running || self.is_after_compensation(def, i))
                     && (now < self.deadline_at || self.is_after_compensation(def, i));
                 if may_retry {
-                    let at = now.saturating_add(backoff(&step.retry, &self.id, i, attempt));
+                    let at = now.saturating_add(backoff(&step.retry, &self.id, i, attempt, false));
                     let s = &mut self.steps[i];
                     s.phase = StepPhase::RetryWait;
                     s.due_at = Some(at);
@@ -619,6 +619,9 @@ impl Saga {
                 self.stage += 1;
                 if self.stage as usize >= def.stages.len() {
                     self.finish(def, Phase::Completed, now, t);
+                } else if now >= self.deadline_at {
+                    // The reply beat the deadline's Tick: past the deadline no forward step starts.
+                    self.begin_compensation(def, "saga deadline exceeded".to_string(), now, t);
                 } else {
                     self.start_stage(def, now, t);
                 }
@@ -750,7 +753,7 @@ impl Saga {
                 );
                 let policy = &step.compensation_retry;
                 if policy.is_retryable(&err.kind) && attempt < policy.max_attempts {
-                    let at = now.saturating_add(backoff(policy, &self.id, i, attempt + 1000));
+                    let at = now.saturating_add(backoff(policy, &self.id, i, attempt, true));
                     let s = &mut self.steps[i];
                     s.phase = StepPhase::CompensationRetryWait;
                     s.due_at = Some(at);
@@ -844,13 +847,17 @@ fn millis(d: std::time::Duration) -> i64 {
 }
 
 /// Full-jitter backoff after `attempt` failed: uniform in `[0, ceiling]`, drawn from a hash of
-/// (saga, step, attempt) so the machine stays deterministic while sagas spread out.
-fn backoff(policy: &RetryPolicy, saga: &str, step: StepIndex, attempt: u32) -> i64 {
+/// (saga, step, attempt, forward/compensation) so the machine stays deterministic while sagas
+/// spread out.
+fn backoff(policy: &RetryPolicy, saga: &str, step: StepIndex, attempt: u32, compensation: bool) -> i64 {
     let ceiling = millis(policy.backoff_ceiling(attempt)).max(1);
+    // Compensation attempts draw from other keys than forward ones (the offset only salts the
+    // hash: the ceiling above uses the real attempt number).
+    let salted = if compensation { attempt.wrapping_add(1000) } else { attempt };
     let mut key = Vec::with_capacity(saga.len() + 16);
     key.extend_from_slice(saga.as_bytes());
     key.extend_from_slice(&(step as u64).to_le_bytes());
-    key.extend_from_slice(&attempt.to_le_bytes());
+    key.extend_from_slice(&salted.to_le_bytes());
     let draw = crate::hash::fnv1a(&key);
     // ceiling is ≥ 1 and fits in i64, so the modulo does too.
     (draw % (ceiling as u64 + 1)) as i64

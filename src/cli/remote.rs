@@ -16,7 +16,7 @@ use sagaflow_proto::v1::{
     OrderItem, PlaceOrderRequest, StartSagaRequest,
 };
 
-use super::{render, AnalyticsCommand, Command, OrderCommand, SagaCommand, Server};
+use super::{emit, render, AnalyticsCommand, Command, OrderCommand, SagaCommand, Server};
 
 /// Bound on connecting to a node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,8 +95,8 @@ async fn call<T>(
     }
 }
 
-fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    emit(&format!("{value}\n"))
 }
 
 /// Runs a client command (everything but `node`, `dev` and `saga validate`).
@@ -108,9 +108,9 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             let mut client = AnalyticsServiceClient::new(connect(&server.server).await?);
             let report = call(client.get_sales(GetSalesRequest {})).await?;
             if json.json {
-                print_json(&render::sales_json(&report));
+                print_json(&render::sales_json(&report))?;
             } else {
-                print!("{}", render::sales_text(&report));
+                emit(&render::sales_text(&report))?;
             }
             Ok(())
         }
@@ -146,10 +146,10 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             } else {
                 "already placed"
             };
-            println!(
-                "{verb} order {} (saga {}, status {})",
+            emit(&format!(
+                "{verb} order {} (saga {}, status {})\n",
                 r.order_id, r.saga_id, r.status
-            );
+            ))?;
             Ok(())
         }
         OrderCommand::Get {
@@ -160,9 +160,9 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             let mut client = OrderServiceClient::new(connect(&server.server).await?);
             let o = call(client.get_order(GetOrderRequest { order_id })).await?;
             if json.json {
-                print_json(&render::order_json(&o));
+                print_json(&render::order_json(&o))?;
             } else {
-                print!("{}", render::order_text(&o));
+                emit(&render::order_text(&o))?;
             }
             Ok(())
         }
@@ -189,9 +189,9 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             }
             if json.json {
                 let list: Vec<_> = orders.iter().map(render::order_json).collect();
-                print_json(&serde_json::json!({ "orders": list }));
+                print_json(&serde_json::json!({ "orders": list }))?;
             } else {
-                print!("{}", render::orders_text(&orders));
+                emit(&render::orders_text(&orders))?;
             }
             Ok(())
         }
@@ -203,7 +203,7 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             .await?;
             while let Some(update) = stream.next().await {
                 let o = update.map_err(status_error)?;
-                println!("{}", render::watch_line(&o));
+                emit(&format!("{}\n", render::watch_line(&o)))?;
                 if o.terminal {
                     return Ok(());
                 }
@@ -223,9 +223,9 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
                 .definitions;
             if json.json {
                 let list: Vec<_> = defs.iter().map(render::definition_json).collect();
-                print_json(&serde_json::json!({ "definitions": list }));
+                print_json(&serde_json::json!({ "definitions": list }))?;
             } else {
-                print!("{}", render::definitions_text(&defs));
+                emit(&render::definitions_text(&defs))?;
             }
             Ok(())
         }
@@ -247,7 +247,7 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             } else {
                 "already started"
             };
-            println!("{verb} saga {} ({name})", r.saga_id);
+            emit(&format!("{verb} saga {} ({name})\n", r.saga_id))?;
             Ok(())
         }
         SagaCommand::Get {
@@ -258,9 +258,9 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             let mut client = SagaServiceClient::new(connect(&server.server).await?);
             let s = call(client.get_saga(GetSagaRequest { saga_id })).await?;
             if json.json {
-                print_json(&render::saga_json(&s));
+                print_json(&render::saga_json(&s))?;
             } else {
-                print!("{}", render::saga_text(&s));
+                emit(&render::saga_text(&s))?;
             }
             Ok(())
         }

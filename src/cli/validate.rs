@@ -61,12 +61,15 @@ fn validate_file(file: &Path) -> bool {
     };
     match sagaflow_actors::definition::parse(&source, file) {
         Ok(def) => {
-            println!(
-                "ok: {} (saga {}, {} steps)",
+            let line = format!(
+                "ok: {} (saga {}, {} steps)\n",
                 file.display(),
                 def.name,
                 def.steps.len()
             );
+            if let Err(e) = super::emit(&line) {
+                eprintln!("error: {e:#}");
+            }
             true
         }
         Err(errors) => {

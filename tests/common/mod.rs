@@ -4,7 +4,7 @@
 //! Every await in a test is bounded: use [`within`] (or `tokio::time::timeout`) around single
 //! calls and [`wait_until`] for conditions; nothing here sleeps for a fixed time to "let things
 //! settle". Processes are killed when dropped; a node's log is printed when a test panics.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,8 +28,14 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Awaits `fut` for at most `timeout`; the error names `what`.
-pub async fn within<T>(timeout: Duration, what: &str, fut: impl Future<Output = T>) -> anyhow::Result<T> {
-    tokio::time::timeout(timeout, fut).await.map_err(|_| anyhow::anyhow!("timed out after {timeout:?}: {what}"))
+pub async fn within<T>(
+    timeout: Duration,
+    what: &str,
+    fut: impl Future<Output = T>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after {timeout:?}: {what}"))
 }
 
 /// Polls `f` every 50 ms until it returns true; fails after `timeout` (each poll is bounded by
@@ -61,15 +67,23 @@ pub fn free_port() -> u16 {
 /// Starts a single JetStream `nats-server` on free ports with a temporary store, off the async
 /// runtime's threads.
 pub async fn start_nats() -> anyhow::Result<NatsServer> {
-    let server = within(TIMEOUT, "start nats-server", tokio::task::spawn_blocking(NatsServer::start)).await???;
+    let server = within(
+        TIMEOUT,
+        "start nats-server",
+        tokio::task::spawn_blocking(NatsServer::start),
+    )
+    .await???;
     Ok(server)
 }
 
 /// Starts an `n`-node JetStream cluster, off the async runtime's threads.
 pub async fn start_nats_cluster(n: usize) -> anyhow::Result<Vec<NatsServer>> {
-    let servers =
-        within(Duration::from_secs(60), "start nats cluster", tokio::task::spawn_blocking(move || start_cluster(n)))
-            .await???;
+    let servers = within(
+        Duration::from_secs(60),
+        "start nats cluster",
+        tokio::task::spawn_blocking(move || start_cluster(n)),
+    )
+    .await???;
     Ok(servers)
 }
 
@@ -135,7 +149,10 @@ impl NodeProcess {
     /// [`NodeProcess::connect_orders`] to wait until it serves.
     pub fn start(node_id: &str, nats_url: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut opts = NodeOptions::new(node_id, &[nats_url.to_string()]);
-        opts.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        opts.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Self::start_with(opts)
     }
 
@@ -144,7 +161,10 @@ impl NodeProcess {
         if opts.grpc_port == 0 {
             opts.grpc_port = free_port();
         }
-        let dir = tempfile::Builder::new().prefix("sagaflow-node-").tempdir().context("create node log dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("sagaflow-node-")
+            .tempdir()
+            .context("create node log dir")?;
         let log_file = dir.path().join(format!("{}.log", opts.node_id));
         let mut node = NodeProcess {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], opts.grpc_port)),
@@ -173,7 +193,10 @@ impl NodeProcess {
         if self.opts.demo_services {
             cmd.arg("--demo-services");
         }
-        cmd.arg("--saga-dir").arg(&self.opts.saga_dir).arg("--node-id").arg(&self.opts.node_id);
+        cmd.arg("--saga-dir")
+            .arg(&self.opts.saga_dir)
+            .arg("--node-id")
+            .arg(&self.opts.node_id);
         cmd.args(&self.opts.args);
         // The test's own SAGAFLOW_* settings must not leak into the node.
         for (key, _) in std::env::vars_os() {
@@ -223,7 +246,9 @@ impl NodeProcess {
 
     /// Its exit status, if it exited (without waiting).
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// The log file (stderr + stdout, appended across restarts).
@@ -247,7 +272,9 @@ impl NodeProcess {
     /// Sends SIGTERM and waits up to `timeout` for a graceful exit; kills it and fails if it
     /// does not exit in time.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else { bail!("node {} is not running", self.opts.node_id) };
+        let Some(mut child) = self.child.take() else {
+            bail!("node {} is not running", self.opts.node_id)
+        };
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
@@ -265,7 +292,10 @@ impl NodeProcess {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("node {} did not exit within {timeout:?} of SIGTERM", self.opts.node_id);
+                bail!(
+                    "node {} did not exit within {timeout:?} of SIGTERM",
+                    self.opts.node_id
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -294,15 +324,24 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("--- last lines of node {} log ---\n{}\n---", self.opts.node_id, self.log_tail(60));
+            eprintln!(
+                "--- last lines of node {} log ---\n{}\n---",
+                self.opts.node_id,
+                self.log_tail(60)
+            );
         }
     }
 }
 
 /// A gRPC channel to `addr` (`host:port` or `http://host:port`); one attempt, bounded by 5 s.
 pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    let url = if addr.starts_with("http://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = tonic::transport::Endpoint::from_shared(url)?.connect_timeout(Duration::from_secs(5));
+    let url = if addr.starts_with("http://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(url)?.connect_timeout(Duration::from_secs(5));
     Ok(within(Duration::from_secs(5), "grpc connect", endpoint.connect()).await??)
 }
 
@@ -330,30 +369,53 @@ where
 /// An `OrderService` client, once a `ListOrders` call on `addr` succeeds (bounded by
 /// [`CONNECT_TIMEOUT`]).
 pub async fn connect_orders(addr: &str) -> anyhow::Result<OrderServiceClient<Channel>> {
-    retry(CONNECT_TIMEOUT, &format!("connect to orders at {addr}"), || async {
-        let mut client = OrderServiceClient::new(channel(addr).await?);
-        let probe = ListOrdersRequest { page_size: 1, ..Default::default() };
-        within(Duration::from_secs(5), "ListOrders", client.list_orders(probe)).await??;
-        Ok(client)
-    })
+    retry(
+        CONNECT_TIMEOUT,
+        &format!("connect to orders at {addr}"),
+        || async {
+            let mut client = OrderServiceClient::new(channel(addr).await?);
+            let probe = ListOrdersRequest {
+                page_size: 1,
+                ..Default::default()
+            };
+            within(
+                Duration::from_secs(5),
+                "ListOrders",
+                client.list_orders(probe),
+            )
+            .await??;
+            Ok(client)
+        },
+    )
     .await
 }
 
 /// A `SagaService` client, once a `ListDefinitions` call on `addr` succeeds.
 pub async fn connect_sagas(addr: &str) -> anyhow::Result<SagaServiceClient<Channel>> {
-    retry(CONNECT_TIMEOUT, &format!("connect to sagas at {addr}"), || async {
-        let mut client = SagaServiceClient::new(channel(addr).await?);
-        within(Duration::from_secs(5), "ListDefinitions", client.list_definitions(ListDefinitionsRequest {})).await??;
-        Ok(client)
-    })
+    retry(
+        CONNECT_TIMEOUT,
+        &format!("connect to sagas at {addr}"),
+        || async {
+            let mut client = SagaServiceClient::new(channel(addr).await?);
+            within(
+                Duration::from_secs(5),
+                "ListDefinitions",
+                client.list_definitions(ListDefinitionsRequest {}),
+            )
+            .await??;
+            Ok(client)
+        },
+    )
     .await
 }
 
 /// An `AnalyticsService` client on `addr` (connects once the port answers).
 pub async fn connect_analytics(addr: &str) -> anyhow::Result<AnalyticsServiceClient<Channel>> {
-    retry(CONNECT_TIMEOUT, &format!("connect to analytics at {addr}"), || async {
-        Ok(AnalyticsServiceClient::new(channel(addr).await?))
-    })
+    retry(
+        CONNECT_TIMEOUT,
+        &format!("connect to analytics at {addr}"),
+        || async { Ok(AnalyticsServiceClient::new(channel(addr).await?)) },
+    )
     .await
 }
 

@@ -1,1 +1,1791 @@
+//! Tests of the saga state machine: scripted runs of the order saga (`sagas/order.toml`), then
+//! property tests that drive random saga shapes through hostile environments (failures,
+//! duplicates, stale and reordered replies, lost messages, timeouts, cancels, crashes) and check
+//! the machine's invariants after every single event.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::definition::{Action, RetryPolicy, SagaDefinition, Stage, Statuses, Step};
+
+/// A start time far from zero, so that an accidental `0` in a due time stands out.
+const T0: Millis = 1_700_000_000_000;
+
+// Step slots of the order saga.
+const CHARGE: StepIndex = 0;
+const RESERVE: StepIndex = 1;
+const PREPARE: StepIndex = 2;
+const NOTIFY: StepIndex = 3;
+const AFTER: StepIndex = 4;
+
+/// The order saga as shipped, parsed from `sagas/order.toml`.
+fn order() -> SagaDefinition {
+    let def = crate::definition::parse(
+        include_str!("../../../sagas/order.toml"),
+        Path::new("sagas/order.toml"),
+    )
+    .expect("sagas/order.toml is valid");
+    let names: Vec<&str> = def.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["charge", "reserve", "prepare_shipment", "notify"],
+        "the tests assume this step order"
+    );
+    assert!(def.steps[NOTIFY].pivot);
+    assert_eq!(
+        def.after_compensation.as_ref().map(|s| s.name.as_str()),
+        Some("notify_cancellation")
+    );
+    assert_eq!(def.step_slots(), AFTER + 1);
+    def
+}
+
+/// The order saga with a shorter deadline (the shipped one is 5 minutes).
+fn order_with_deadline(deadline: Duration) -> SagaDefinition {
+    let mut def = order();
+    def.deadline = deadline;
+    def
+}
+
+fn start(def: &SagaDefinition) -> (Saga, Transition) {
+    Saga::start(def, "order-1".to_string(), br#"{"order":1}"#.to_vec(), T0)
+}
+
+fn reply(
+    step: StepIndex,
+    attempt: u32,
+    compensation: bool,
+    outcome: Result<Vec<u8>, StepError>,
+) -> Event {
+    Event::Reply {
+        step,
+        attempt,
+        compensation,
+        outcome,
+    }
+}
+
+fn ok(step: StepIndex, attempt: u32) -> Event {
+    reply(step, attempt, false, Ok(Vec::new()))
+}
+
+fn error(kind: &str) -> StepError {
+    StepError {
+        kind: kind.to_string(),
+        message: format!("{kind} (test)"),
+    }
+}
+
+fn err(step: StepIndex, attempt: u32, kind: &str) -> Event {
+    reply(step, attempt, false, Err(error(kind)))
+}
+
+fn comp_ok(step: StepIndex, attempt: u32) -> Event {
+    reply(step, attempt, true, Ok(Vec::new()))
+}
+
+fn comp_err(step: StepIndex, attempt: u32, kind: &str) -> Event {
+    reply(step, attempt, true, Err(error(kind)))
+}
+
+fn spec(step: StepIndex, compensation: bool, attempt: u32) -> CommandSpec {
+    CommandSpec {
+        step,
+        compensation,
+        attempt,
+    }
+}
+
+fn fwd(step: StepIndex, attempt: u32) -> Effect {
+    Effect::Send(spec(step, false, attempt))
+}
+
+fn comp(step: StepIndex, attempt: u32) -> Effect {
+    Effect::Send(spec(step, true, attempt))
+}
+
+fn status(from: &str, to: &str) -> Effect {
+    Effect::StatusChanged {
+        from: from.to_string(),
+        to: to.to_string(),
+    }
+}
+
+fn ms(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap()
+}
+
+/// The largest delay the policy allows after `attempt` failed (the machine draws in `[0, c]`,
+/// with `c` at least 1 ms).
+fn ceiling(policy: &RetryPolicy, attempt: u32) -> Millis {
+    ms(policy.backoff_ceiling(attempt)).max(1)
+}
+
+/// Applies an event that must change the saga.
+fn apply(saga: &mut Saga, def: &SagaDefinition, event: Event, now: Millis) -> Vec<Effect> {
+    let t = saga.apply(def, event.clone(), now).unwrap();
+    assert!(t.changed, "{event:?} at {now} should change the saga");
+    t.effects
+}
+
+/// Applies an event that must change nothing at all.
+#[track_caller]
+fn assert_ignored(saga: &mut Saga, def: &SagaDefinition, event: Event, now: Millis) {
+    let before = saga.clone();
+    let t = saga.apply(def, event.clone(), now).unwrap();
+    assert_eq!(t, Transition::default(), "{event:?} should be ignored");
+    assert_eq!(
+        *saga, before,
+        "{event:?} should leave the snapshot untouched"
+    );
+}
+
+fn phases(saga: &Saga) -> Vec<StepPhase> {
+    saga.steps.iter().map(|s| s.phase).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The order saga, scripted.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn happy_path_runs_every_stage_and_ships() {
+    let def = order();
+    let (mut saga, t) = start(&def);
+    assert!(t.changed);
+    assert_eq!(t.effects, vec![status("", "PENDING"), fwd(CHARGE, 1)]);
+    assert_eq!(
+        (saga.phase, saga.status.as_str(), saga.status_seq),
+        (Phase::Running, "PENDING", 1)
+    );
+    assert_eq!(saga.in_flight(), vec![spec(CHARGE, false, 1)]);
+    assert_eq!(saga.deadline_at, T0 + ms(def.deadline));
+
+    let charged = reply(CHARGE, 1, false, Ok(br#"{"charge":"ch_1"}"#.to_vec()));
+    let effects = apply(&mut saga, &def, charged, T0 + 10);
+    assert_eq!(
+        effects,
+        vec![status("PENDING", "PAID"), fwd(RESERVE, 1), fwd(PREPARE, 1)]
+    );
+    assert_eq!(
+        saga.steps[CHARGE].output.as_deref(),
+        Some(br#"{"charge":"ch_1"}"#.as_slice())
+    );
+    assert_eq!(saga.steps[CHARGE].finished_at, Some(T0 + 10));
+
+    // The parallel stage completes only when both steps succeeded, in whatever order.
+    assert_eq!(apply(&mut saga, &def, ok(PREPARE, 1), T0 + 20), vec![]);
+    assert_eq!(saga.stage, 1);
+    assert_eq!(
+        apply(&mut saga, &def, ok(RESERVE, 1), T0 + 30),
+        vec![fwd(NOTIFY, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, ok(NOTIFY, 1), T0 + 40),
+        vec![status("PAID", "SHIPPED")]
+    );
+
+    assert_eq!(saga.phase, Phase::Completed);
+    assert_eq!(saga.status, "SHIPPED");
+    assert_eq!(saga.status_seq, 3);
+    assert_eq!(saga.reason, None);
+    assert_eq!(saga.compensation_plan, None);
+    assert_eq!(
+        phases(&saga),
+        [
+            StepPhase::Succeeded,
+            StepPhase::Succeeded,
+            StepPhase::Succeeded,
+            StepPhase::Succeeded,
+            StepPhase::Pending
+        ]
+    );
+    assert!(saga
+        .steps
+        .iter()
+        .all(|s| s.comp_attempt == 0 && s.due_at.is_none()));
+    assert_eq!(saga.next_wakeup(), None);
+    assert!(saga.in_flight().is_empty());
+    assert_eq!(saga.updated_at, T0 + 40);
+    assert!(saga.history.iter().any(|h| h.what
+        == Happening::Finished {
+            phase: Phase::Completed
+        }));
+}
+
+#[test]
+fn declined_charge_is_not_compensated_and_the_order_is_cancelled() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    let effects = apply(&mut saga, &def, err(CHARGE, 1, "declined"), T0 + 5);
+    // The charge never succeeded: nothing to undo, straight to the after-compensation step.
+    assert_eq!(effects, vec![fwd(AFTER, 1)]);
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert_eq!(
+        saga.steps[CHARGE].attempt, 1,
+        "a business refusal is not retried"
+    );
+    assert_eq!(saga.compensation_plan, Some(vec![]));
+    assert_eq!(
+        phases(&saga),
+        [
+            StepPhase::Failed,
+            StepPhase::Skipped,
+            StepPhase::Skipped,
+            StepPhase::Skipped,
+            StepPhase::Running
+        ]
+    );
+    let reason = saga.reason.clone().unwrap();
+    assert!(
+        reason.contains("charge") && reason.contains("declined"),
+        "{reason}"
+    );
+
+    assert_eq!(
+        apply(&mut saga, &def, ok(AFTER, 1), T0 + 6),
+        vec![status("PENDING", "CANCELLED")]
+    );
+    assert_eq!(saga.phase, Phase::Compensated);
+    assert_eq!(saga.status, "CANCELLED");
+    assert!(saga.steps.iter().all(|s| s.comp_attempt == 0));
+}
+
+#[test]
+fn out_of_stock_waits_for_the_parallel_step_then_compensates_newest_first() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 10);
+
+    // prepare_shipment is still in flight: nothing may be compensated before it settles.
+    assert_eq!(
+        apply(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), T0 + 20),
+        vec![]
+    );
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert_eq!(saga.compensation_plan, None);
+    assert_eq!(saga.in_flight(), vec![spec(PREPARE, false, 1)]);
+    assert_eq!(saga.steps[NOTIFY].phase, StepPhase::Skipped);
+
+    // It succeeded: undo it first (shipping.cancel), then the charge (payment.refund).
+    assert_eq!(
+        apply(&mut saga, &def, ok(PREPARE, 1), T0 + 30),
+        vec![comp(PREPARE, 1)]
+    );
+    assert_eq!(
+        saga.compensation_plan,
+        Some(vec![PREPARE as u32, CHARGE as u32])
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(PREPARE, 1), T0 + 40),
+        vec![comp(CHARGE, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(CHARGE, 1), T0 + 50),
+        vec![fwd(AFTER, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, ok(AFTER, 1), T0 + 60),
+        vec![status("PAID", "CANCELLED")]
+    );
+
+    assert_eq!(saga.phase, Phase::Compensated);
+    assert_eq!(
+        phases(&saga),
+        [
+            StepPhase::Compensated,
+            StepPhase::Failed,
+            StepPhase::Compensated,
+            StepPhase::Skipped,
+            StepPhase::Succeeded
+        ]
+    );
+    assert_eq!(
+        saga.steps[RESERVE].comp_attempt, 0,
+        "the refused reservation is not released"
+    );
+    let reason = saga.reason.clone().unwrap();
+    assert!(
+        reason.contains("reserve") && reason.contains("out_of_stock"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_parallel_step_that_fails_while_draining_is_not_compensated() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 10);
+    apply(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), T0 + 20);
+    // A transient failure while compensating is not retried, and a reported failure means the
+    // participant did nothing: only the charge is refunded.
+    assert_eq!(
+        apply(&mut saga, &def, err(PREPARE, 1, "unavailable"), T0 + 30),
+        vec![comp(CHARGE, 1)]
+    );
+    assert_eq!(saga.steps[PREPARE].phase, StepPhase::Failed);
+    assert_eq!(saga.steps[PREPARE].attempt, 1);
+}
+
+#[test]
+fn a_parallel_step_that_times_out_while_draining_is_compensated() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 10);
+    apply(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), T0 + 20);
+    let due = saga.steps[PREPARE].due_at.unwrap();
+    assert_eq!(due, T0 + 10 + ms(def.steps[PREPARE].timeout));
+    assert_eq!(saga.next_wakeup(), Some(due));
+    assert_ignored(&mut saga, &def, Event::Tick, due - 1);
+    // Its outcome is unknown, so it is undone to be safe.
+    assert_eq!(
+        apply(&mut saga, &def, Event::Tick, due),
+        vec![comp(PREPARE, 1)]
+    );
+    let s = &saga.steps[PREPARE];
+    assert_eq!((s.phase, s.maybe_applied), (StepPhase::Compensating, true));
+    assert_eq!(
+        s.last_error.as_ref().map(|e| e.kind.as_str()),
+        Some(TIMEOUT_KIND)
+    );
+    // The late reply of the timed-out attempt changes nothing any more.
+    assert_ignored(&mut saga, &def, ok(PREPARE, 1), due + 1);
+}
+
+#[test]
+fn transient_failures_are_retried_within_the_policy_then_compensated() {
+    let def = order();
+    let policy = def.steps[CHARGE].retry.clone();
+    assert!(policy.max_attempts >= 2);
+    let timeout = ms(def.steps[CHARGE].timeout);
+    let (mut saga, _) = start(&def);
+    let mut now = T0;
+    for attempt in 1..policy.max_attempts {
+        now += 3;
+        assert_eq!(
+            apply(&mut saga, &def, err(CHARGE, attempt, "unavailable"), now),
+            vec![]
+        );
+        let s = &saga.steps[CHARGE];
+        assert_eq!(
+            (s.phase, s.attempt, s.maybe_applied),
+            (StepPhase::RetryWait, attempt, false)
+        );
+        let due = s.due_at.unwrap();
+        assert!(
+            due >= now && due - now <= ceiling(&policy, attempt),
+            "attempt {attempt}: due in {}ms",
+            due - now
+        );
+        assert!(saga.in_flight().is_empty());
+        assert_eq!(saga.next_wakeup(), Some(due));
+        assert!(saga.history.iter().any(|h| h.what
+            == Happening::RetryScheduled {
+                attempt: attempt + 1,
+                at: due
+            }
+            && h.step == Some(0)));
+        if due > now {
+            assert_ignored(&mut saga, &def, Event::Tick, due - 1);
+        }
+        now = due;
+        assert_eq!(
+            apply(&mut saga, &def, Event::Tick, now),
+            vec![fwd(CHARGE, attempt + 1)]
+        );
+        assert_eq!(saga.steps[CHARGE].due_at, Some(now + timeout));
+        assert_eq!(
+            saga.steps[CHARGE].started_at,
+            Some(T0),
+            "started_at is the first attempt"
+        );
+        // Late answers to the previous attempt are stale.
+        assert_ignored(&mut saga, &def, ok(CHARGE, attempt), now);
+        assert_ignored(&mut saga, &def, err(CHARGE, attempt, "unavailable"), now);
+    }
+    now += 3;
+    let last = policy.max_attempts;
+    assert_eq!(
+        apply(&mut saga, &def, err(CHARGE, last, "unavailable"), now),
+        vec![fwd(AFTER, 1)]
+    );
+    assert_eq!(
+        (saga.steps[CHARGE].phase, saga.steps[CHARGE].attempt),
+        (StepPhase::Failed, last)
+    );
+    assert!(saga.reason.clone().unwrap().contains("unavailable"));
+}
+
+#[test]
+fn a_step_that_keeps_timing_out_is_compensated_as_maybe_applied() {
+    let def = order();
+    let policy = def.steps[RESERVE].retry.clone();
+    let timeout = ms(def.steps[RESERVE].timeout);
+    let (mut saga, _) = start(&def);
+    let mut now = T0 + 10;
+    apply(&mut saga, &def, ok(CHARGE, 1), now);
+    apply(&mut saga, &def, ok(PREPARE, 1), now + 1);
+    for attempt in 1..=policy.max_attempts {
+        let due = saga.steps[RESERVE].due_at.unwrap();
+        assert_eq!(due, now + timeout);
+        assert_ignored(&mut saga, &def, Event::Tick, due - 1);
+        now = due;
+        let effects = apply(&mut saga, &def, Event::Tick, now);
+        let s = &saga.steps[RESERVE];
+        assert!(s.maybe_applied);
+        assert_eq!(
+            s.last_error.as_ref().map(|e| e.kind.as_str()),
+            Some(TIMEOUT_KIND)
+        );
+        if attempt < policy.max_attempts {
+            assert_eq!(effects, vec![]);
+            assert_eq!(s.phase, StepPhase::RetryWait);
+            let retry_at = s.due_at.unwrap();
+            assert!(retry_at - now <= ceiling(&policy, attempt));
+            now = retry_at;
+            assert_eq!(
+                apply(&mut saga, &def, Event::Tick, now),
+                vec![fwd(RESERVE, attempt + 1)]
+            );
+        } else {
+            // Failed for good; every step that may have been applied is undone, newest first.
+            assert_eq!(effects, vec![comp(PREPARE, 1)]);
+            assert_eq!(s.phase, StepPhase::Failed);
+        }
+    }
+    assert_eq!(
+        saga.compensation_plan,
+        Some(vec![PREPARE as u32, RESERVE as u32, CHARGE as u32])
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(PREPARE, 1), now + 1),
+        vec![comp(RESERVE, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(RESERVE, 1), now + 2),
+        vec![comp(CHARGE, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(CHARGE, 1), now + 3),
+        vec![fwd(AFTER, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, ok(AFTER, 1), now + 4),
+        vec![status("PAID", "CANCELLED")]
+    );
+    assert_eq!(saga.phase, Phase::Compensated);
+}
+
+#[test]
+fn a_compensation_that_keeps_failing_fails_the_saga() {
+    let def = order();
+    let policy = def.steps[PREPARE].compensation_retry.clone();
+    let timeout = ms(def.steps[PREPARE].timeout);
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    apply(&mut saga, &def, ok(PREPARE, 1), T0 + 2);
+    let mut now = T0 + 3;
+    assert_eq!(
+        apply(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), now),
+        vec![comp(PREPARE, 1)]
+    );
+    for attempt in 1..=policy.max_attempts {
+        // Odd attempts time out, even ones report an error: both are retried alike.
+        let effects = if attempt % 2 == 1 {
+            now = saga.steps[PREPARE].due_at.unwrap();
+            assert_eq!(now, saga.history.last().unwrap().at + timeout);
+            apply(&mut saga, &def, Event::Tick, now)
+        } else {
+            now += 1;
+            apply(
+                &mut saga,
+                &def,
+                comp_err(PREPARE, attempt, "unavailable"),
+                now,
+            )
+        };
+        if attempt == policy.max_attempts {
+            assert_eq!(effects, vec![status("PAID", "FAILED")]);
+            break;
+        }
+        assert_eq!(effects, vec![]);
+        let s = &saga.steps[PREPARE];
+        assert_eq!(
+            (s.phase, s.comp_attempt),
+            (StepPhase::CompensationRetryWait, attempt)
+        );
+        let due = s.due_at.unwrap();
+        assert!(
+            due >= now && due - now <= ceiling(&policy, attempt),
+            "compensation attempt {attempt}: retry in {}ms, ceiling {}ms",
+            due - now,
+            ceiling(&policy, attempt)
+        );
+        assert_ignored(&mut saga, &def, comp_ok(PREPARE, attempt), now);
+        now = due;
+        assert_eq!(
+            apply(&mut saga, &def, Event::Tick, now),
+            vec![comp(PREPARE, attempt + 1)]
+        );
+    }
+    assert_eq!(saga.phase, Phase::Failed);
+    assert_eq!(saga.status, "FAILED");
+    assert_eq!(saga.steps[PREPARE].phase, StepPhase::CompensationFailed);
+    assert_eq!(saga.steps[PREPARE].comp_attempt, policy.max_attempts);
+    assert_eq!(
+        saga.steps[CHARGE].comp_attempt, 0,
+        "compensation stops at the failed one"
+    );
+    assert_eq!(
+        saga.steps[AFTER].attempt, 0,
+        "the customer is not told the order was cancelled"
+    );
+    let reason = saga.reason.clone().unwrap();
+    for part in [
+        "out_of_stock",
+        "shipping.cancel",
+        "prepare_shipment",
+        &policy.max_attempts.to_string(),
+    ] {
+        assert!(reason.contains(part), "{reason:?} should mention {part:?}");
+    }
+    assert_eq!(saga.next_wakeup(), None);
+    assert!(saga.in_flight().is_empty());
+}
+
+#[test]
+fn a_non_retryable_compensation_error_fails_the_saga_at_once() {
+    let mut def = order();
+    def.steps[CHARGE].compensation_retry.non_retryable = vec!["closed_account".to_string()];
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    apply(
+        &mut saga,
+        &def,
+        Event::Cancel {
+            reason: "changed my mind".into(),
+        },
+        T0 + 2,
+    );
+    apply(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), T0 + 3);
+    assert_eq!(
+        apply(&mut saga, &def, err(PREPARE, 1, "invalid"), T0 + 4),
+        vec![comp(CHARGE, 1)]
+    );
+    let effects = apply(
+        &mut saga,
+        &def,
+        comp_err(CHARGE, 1, "closed_account"),
+        T0 + 5,
+    );
+    assert_eq!(effects, vec![status("PAID", "FAILED")]);
+    assert_eq!(saga.steps[CHARGE].phase, StepPhase::CompensationFailed);
+    assert!(saga.reason.clone().unwrap().contains("payment.refund"));
+}
+
+#[test]
+fn duplicate_and_stale_replies_change_nothing() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 10);
+    let now = T0 + 20;
+    for event in [
+        ok(CHARGE, 1),                               // duplicate
+        err(CHARGE, 1, "declined"),                  // duplicate with a different outcome
+        ok(CHARGE, 2),                               // an attempt never sent
+        ok(RESERVE, 2),                              // a future attempt
+        ok(RESERVE, 0),                              // attempt numbers start at 1
+        comp_ok(RESERVE, 1),                         // wrong compensation flag
+        comp_ok(CHARGE, 1),                          // a compensation never sent
+        ok(NOTIFY, 1),                               // a step not started
+        ok(AFTER, 1),                                // the after-compensation step, not started
+        ok(AFTER + 1, 1),                            // no such slot
+        ok(usize::MAX, 1),                           // no such slot either
+        reply(RESERVE, 1, true, Err(error("boom"))), // wrong flag, failure
+    ] {
+        assert_ignored(&mut saga, &def, event, now);
+    }
+
+    // The same holds while compensating.
+    apply(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), now);
+    apply(&mut saga, &def, ok(PREPARE, 1), now + 1);
+    assert_eq!(saga.in_flight(), vec![spec(PREPARE, true, 1)]);
+    for event in [
+        ok(PREPARE, 1),
+        comp_ok(PREPARE, 2),
+        comp_ok(CHARGE, 1),
+        err(RESERVE, 1, "out_of_stock"),
+    ] {
+        assert_ignored(&mut saga, &def, event, now + 2);
+    }
+    apply(&mut saga, &def, comp_ok(PREPARE, 1), now + 3);
+    assert_ignored(&mut saga, &def, comp_ok(PREPARE, 1), now + 4);
+    assert_ignored(
+        &mut saga,
+        &def,
+        comp_err(PREPARE, 1, "unavailable"),
+        now + 4,
+    );
+    assert_eq!(saga.in_flight(), vec![spec(CHARGE, true, 1)]);
+}
+
+#[test]
+fn cancel_while_running_waits_for_in_flight_steps_then_compensates() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 10);
+    let effects = apply(
+        &mut saga,
+        &def,
+        Event::Cancel {
+            reason: "customer asked".into(),
+        },
+        T0 + 20,
+    );
+    assert_eq!(effects, vec![]);
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert_eq!(saga.reason.as_deref(), Some("cancelled: customer asked"));
+    assert_eq!(saga.steps[NOTIFY].phase, StepPhase::Skipped);
+    // A second cancel is a no-op.
+    assert_ignored(
+        &mut saga,
+        &def,
+        Event::Cancel {
+            reason: "again".into(),
+        },
+        T0 + 21,
+    );
+
+    // The answers of the steps in flight still count; a success after the cancel is undone.
+    assert_eq!(apply(&mut saga, &def, ok(RESERVE, 1), T0 + 30), vec![]);
+    assert_eq!(
+        apply(&mut saga, &def, ok(PREPARE, 1), T0 + 40),
+        vec![comp(PREPARE, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(PREPARE, 1), T0 + 50),
+        vec![comp(RESERVE, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(RESERVE, 1), T0 + 60),
+        vec![comp(CHARGE, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, comp_ok(CHARGE, 1), T0 + 70),
+        vec![fwd(AFTER, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, ok(AFTER, 1), T0 + 80),
+        vec![status("PAID", "CANCELLED")]
+    );
+    assert_eq!(saga.phase, Phase::Compensated);
+}
+
+#[test]
+fn cancel_right_after_start_abandons_a_pending_retry() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, err(CHARGE, 1, "unavailable"), T0 + 1);
+    assert_eq!(saga.steps[CHARGE].phase, StepPhase::RetryWait);
+    let effects = apply(
+        &mut saga,
+        &def,
+        Event::Cancel {
+            reason: "no".into(),
+        },
+        T0 + 2,
+    );
+    assert_eq!(
+        effects,
+        vec![fwd(AFTER, 1)],
+        "the retry is abandoned: nothing to undo"
+    );
+    assert_eq!(saga.steps[CHARGE].phase, StepPhase::Failed);
+    assert_eq!(saga.steps[CHARGE].due_at, None);
+}
+
+#[test]
+fn an_after_compensation_step_is_retried_and_its_failure_still_compensates() {
+    let def = order();
+    let policy = def.after_compensation.as_ref().unwrap().retry.clone();
+    // Far past the deadline: the after-compensation step is not bound by it.
+    let mut now = T0 + ms(def.deadline) * 2;
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, err(CHARGE, 1, "declined"), T0 + 1);
+    for attempt in 1..policy.max_attempts {
+        assert_eq!(
+            apply(&mut saga, &def, err(AFTER, attempt, "unavailable"), now),
+            vec![]
+        );
+        let due = saga.steps[AFTER].due_at.unwrap();
+        assert!(due - now <= ceiling(&policy, attempt));
+        now = due;
+        assert_eq!(
+            apply(&mut saga, &def, Event::Tick, now),
+            vec![fwd(AFTER, attempt + 1)]
+        );
+    }
+    let effects = apply(
+        &mut saga,
+        &def,
+        err(AFTER, policy.max_attempts, "unavailable"),
+        now + 1,
+    );
+    assert_eq!(effects, vec![status("PENDING", "CANCELLED")]);
+    assert_eq!(saga.phase, Phase::Compensated);
+    assert_eq!(saga.steps[AFTER].phase, StepPhase::Failed);
+}
+
+#[test]
+fn the_deadline_passed_at_a_tick_compensates_and_stops_retries() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    apply(&mut saga, &def, ok(RESERVE, 1), T0 + 2);
+    apply(&mut saga, &def, err(PREPARE, 1, "unavailable"), T0 + 3);
+    assert_eq!(saga.steps[PREPARE].phase, StepPhase::RetryWait);
+    assert_eq!(saga.deadline_at, T0 + ms(def.deadline));
+    // The host was away for the retry and comes back after the deadline: no retry is sent.
+    let deadline = saga.deadline_at;
+    let effects = apply(&mut saga, &def, Event::Tick, deadline);
+    assert_eq!(effects, vec![comp(RESERVE, 1)]);
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert!(saga.reason.clone().unwrap().contains("deadline"));
+    assert_eq!(
+        (saga.steps[PREPARE].phase, saga.steps[PREPARE].attempt),
+        (StepPhase::Failed, 1)
+    );
+}
+
+#[test]
+fn the_deadline_waits_for_steps_in_flight() {
+    let def = order_with_deadline(Duration::from_secs(5));
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    let deadline = saga.deadline_at;
+    assert_eq!(deadline, T0 + 5_000);
+    // The deadline comes before the steps' timeouts.
+    assert_eq!(saga.next_wakeup(), Some(deadline));
+    assert_ignored(&mut saga, &def, Event::Tick, deadline - 1);
+    assert_eq!(apply(&mut saga, &def, Event::Tick, deadline), vec![]);
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert_eq!(saga.in_flight().len(), 2);
+    // Compensating: only the steps' timeouts wake the saga now.
+    let timeouts = saga.steps.iter().filter_map(|s| s.due_at).min();
+    assert_eq!(saga.next_wakeup(), timeouts);
+    assert_eq!(apply(&mut saga, &def, ok(RESERVE, 1), deadline + 1), vec![]);
+    assert_eq!(
+        apply(&mut saga, &def, ok(PREPARE, 1), deadline + 2),
+        vec![comp(PREPARE, 1)]
+    );
+}
+
+#[test]
+fn a_success_after_the_deadline_starts_no_new_stage() {
+    // The reply can beat the deadline's Tick to the saga (a busy or recovering host): the next
+    // stage must not start anyway ("once it passes, no forward step starts").
+    let def = order_with_deadline(Duration::from_secs(5));
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    apply(&mut saga, &def, ok(RESERVE, 1), T0 + 2);
+    let late = saga.deadline_at + 1;
+    let effects = apply(&mut saga, &def, ok(PREPARE, 1), late);
+    assert!(
+        !effects.contains(&fwd(NOTIFY, 1)),
+        "the pivot was sent after the deadline: {effects:?}"
+    );
+    assert_eq!(effects, vec![comp(PREPARE, 1)]);
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert!(saga.reason.clone().unwrap().contains("deadline"));
+    assert_eq!(saga.steps[NOTIFY].phase, StepPhase::Skipped);
+}
+
+#[test]
+fn a_failure_after_the_pivot_needs_a_human() {
+    // stage 0: a (compensable); stage 1: the pivot; stage 2: b (compensable).
+    let def = build(&Shape {
+        stages: vec![
+            vec![step_shape(Kind::Compensable)],
+            vec![step_shape(Kind::Pivot)],
+            vec![step_shape(Kind::Compensable)],
+        ],
+        stage_status: vec![false, true, false],
+        after: Some(step_shape(Kind::ReadOnly)),
+        deadline_ms: 60_000,
+    });
+    let (mut saga, _) = Saga::start(&def, "s".into(), Vec::new(), T0);
+    apply(&mut saga, &def, ok(0, 1), T0 + 1);
+    assert_eq!(
+        apply(&mut saga, &def, ok(1, 1), T0 + 2),
+        vec![status("INITIAL", "S1"), fwd(2, 1)]
+    );
+    assert_eq!(
+        apply(&mut saga, &def, err(2, 1, "fatal"), T0 + 3),
+        vec![status("S1", "FAILED")]
+    );
+    assert_eq!(saga.phase, Phase::Failed);
+    assert!(
+        saga.reason.clone().unwrap().contains("pivot step `s1_0`"),
+        "{:?}",
+        saga.reason
+    );
+    assert!(
+        saga.steps.iter().all(|s| s.comp_attempt == 0),
+        "nothing is undone"
+    );
+    assert_eq!(
+        saga.steps[3].attempt, 0,
+        "the after-compensation step does not run"
+    );
+}
+
+#[test]
+fn terminal_sagas_ignore_everything() {
+    let def = order();
+    let completed = {
+        let (mut s, _) = start(&def);
+        for (step, at) in [(CHARGE, 1), (RESERVE, 2), (PREPARE, 3), (NOTIFY, 4)] {
+            apply(&mut s, &def, ok(step, 1), T0 + at);
+        }
+        s
+    };
+    let compensated = {
+        let (mut s, _) = start(&def);
+        apply(&mut s, &def, err(CHARGE, 1, "declined"), T0 + 1);
+        apply(&mut s, &def, ok(AFTER, 1), T0 + 2);
+        s
+    };
+    let failed = {
+        let mut def = def.clone();
+        def.steps[CHARGE].compensation_retry.max_attempts = 1;
+        let (mut s, _) = start(&def);
+        apply(&mut s, &def, ok(CHARGE, 1), T0 + 1);
+        apply(&mut s, &def, Event::Cancel { reason: "x".into() }, T0 + 2);
+        apply(&mut s, &def, ok(RESERVE, 1), T0 + 3);
+        apply(&mut s, &def, err(PREPARE, 1, "invalid"), T0 + 4);
+        apply(&mut s, &def, comp_err(RESERVE, 1, "unavailable"), T0 + 5);
+        assert_eq!(
+            s.phase,
+            Phase::Compensating,
+            "the release gets its default 20 attempts"
+        );
+        let retry = s.steps[RESERVE].due_at.unwrap();
+        apply(&mut s, &def, Event::Tick, retry);
+        apply(&mut s, &def, comp_ok(RESERVE, 2), T0 + 100_000);
+        apply(
+            &mut s,
+            &def,
+            comp_err(CHARGE, 1, "unavailable"),
+            T0 + 100_001,
+        );
+        s
+    };
+    assert_eq!(
+        [completed.phase, compensated.phase, failed.phase],
+        [Phase::Completed, Phase::Compensated, Phase::Failed]
+    );
+    let far = T0 + ms(def.deadline) * 10;
+    for mut saga in [completed, compensated, failed] {
+        assert_eq!(saga.next_wakeup(), None);
+        assert!(saga.in_flight().is_empty());
+        for event in [
+            Event::Tick,
+            Event::Cancel {
+                reason: "late".into(),
+            },
+            ok(CHARGE, 1),
+            ok(CHARGE, 2),
+            err(RESERVE, 1, "out_of_stock"),
+            comp_ok(CHARGE, 1),
+            comp_ok(PREPARE, 1),
+            ok(AFTER, 1),
+            ok(AFTER, 2),
+        ] {
+            assert_ignored(&mut saga, &def, event.clone(), T0 + 5);
+            assert_ignored(&mut saga, &def, event, far);
+        }
+    }
+}
+
+#[test]
+fn next_wakeup_is_the_earliest_due_time() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    let timeout = ms(def.steps[CHARGE].timeout);
+    assert_eq!(saga.next_wakeup(), Some(T0 + timeout));
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 100);
+    assert_eq!(saga.next_wakeup(), Some(T0 + 100 + timeout));
+    apply(&mut saga, &def, err(PREPARE, 1, "unavailable"), T0 + 200);
+    let retry = saga.steps[PREPARE].due_at.unwrap();
+    assert!(retry < T0 + 100 + timeout);
+    assert_eq!(saga.next_wakeup(), Some(retry));
+    apply(&mut saga, &def, Event::Tick, retry);
+    assert_eq!(
+        saga.next_wakeup(),
+        Some(T0 + 100 + timeout),
+        "the reservation times out first now"
+    );
+
+    // A deadline shorter than the first timeout wakes the saga first.
+    let short = order_with_deadline(Duration::from_millis(700));
+    let (saga, _) = start(&short);
+    assert_eq!(saga.next_wakeup(), Some(T0 + 700));
+}
+
+#[test]
+fn a_snapshot_of_another_definition_is_refused() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    let mut other = def.clone();
+    other.after_compensation = None;
+    let before = saga.clone();
+    let e = saga.apply(&other, Event::Tick, T0 + 1).unwrap_err();
+    assert_eq!(
+        e,
+        Error::DefinitionMismatch {
+            saga: "order-1".into(),
+            definition: "order".into(),
+            expected: 4,
+            found: 5
+        }
+    );
+    assert_eq!(saga, before);
+}
+
+#[test]
+fn a_decoded_snapshot_continues_like_the_original() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    apply(&mut saga, &def, err(RESERVE, 1, "unavailable"), T0 + 2);
+    let mut copy =
+        crate::wire::decode_snapshot(&crate::wire::encode_snapshot(&saga).unwrap()).unwrap();
+    assert_eq!(copy, saga);
+    let at = saga.next_wakeup().unwrap();
+    assert_eq!(
+        copy.apply(&def, Event::Tick, at).unwrap(),
+        saga.apply(&def, Event::Tick, at).unwrap()
+    );
+    assert_eq!(copy, saga);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random saga shapes.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// Has a compensation.
+    Compensable,
+    /// Cannot be undone (alone in its stage).
+    Pivot,
+    /// Changes nothing: neither compensation nor pivot.
+    ReadOnly,
+}
+
+#[derive(Debug, Clone)]
+struct RetryShape {
+    max_attempts: u32,
+    initial_ms: u64,
+    max_ms: u64,
+    multiplier: f64,
+}
+
+#[derive(Debug, Clone)]
+struct StepShape {
+    kind: Kind,
+    retry: RetryShape,
+    comp_retry: RetryShape,
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Shape {
+    stages: Vec<Vec<StepShape>>,
+    stage_status: Vec<bool>,
+    after: Option<StepShape>,
+    deadline_ms: u64,
+}
+
+/// Error kind every random policy treats as final.
+const FATAL: &str = "fatal";
+
+fn step_shape(kind: Kind) -> StepShape {
+    let retry = RetryShape {
+        max_attempts: 2,
+        initial_ms: 10,
+        max_ms: 100,
+        multiplier: 2.0,
+    };
+    StepShape {
+        kind,
+        retry: retry.clone(),
+        comp_retry: retry,
+        timeout_ms: 500,
+    }
+}
+
+fn policy(r: &RetryShape) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: r.max_attempts,
+        initial_backoff: Duration::from_millis(r.initial_ms),
+        max_backoff: Duration::from_millis(r.max_ms),
+        multiplier: r.multiplier,
+        non_retryable: vec![FATAL.to_string()],
+    }
+}
+
+fn build_step(name: String, stage: usize, s: &StepShape) -> Step {
+    let service = format!("svc_{name}");
+    Step {
+        action: Action {
+            service: service.clone(),
+            name: "do".to_string(),
+        },
+        compensation: (s.kind == Kind::Compensable).then(|| Action {
+            service,
+            name: "undo".to_string(),
+        }),
+        pivot: s.kind == Kind::Pivot,
+        retry: policy(&s.retry),
+        compensation_retry: policy(&s.comp_retry),
+        timeout: Duration::from_millis(s.timeout_ms),
+        name,
+        stage,
+    }
+}
+
+/// Builds a definition that `definition::parse` would accept for the same shape: a pivot is
+/// alone in its stage, the after-compensation step has no compensation.
+fn build(shape: &Shape) -> SagaDefinition {
+    let mut steps = Vec::new();
+    let mut stages = Vec::new();
+    for (si, stage) in shape.stages.iter().enumerate() {
+        assert!(stage.len() == 1 || stage.iter().all(|s| s.kind != Kind::Pivot));
+        let mut indices = Vec::new();
+        for (k, s) in stage.iter().enumerate() {
+            indices.push(steps.len());
+            steps.push(build_step(format!("s{si}_{k}"), si, s));
+        }
+        let status = shape
+            .stage_status
+            .get(si)
+            .copied()
+            .unwrap_or(false)
+            .then(|| format!("S{si}"));
+        stages.push(Stage {
+            name: format!("stage{si}"),
+            steps: indices,
+            status,
+        });
+    }
+    let after = shape.after.as_ref().map(|s| {
+        let mut step = build_step("after".to_string(), usize::MAX, s);
+        step.compensation = None;
+        step.pivot = false;
+        step
+    });
+    SagaDefinition {
+        name: "random".to_string(),
+        description: String::new(),
+        statuses: Statuses {
+            initial: "INITIAL".to_string(),
+            completed: "DONE".to_string(),
+            compensated: "UNDONE".to_string(),
+            failed: "FAILED".to_string(),
+        },
+        deadline: Duration::from_millis(shape.deadline_ms),
+        stages,
+        steps,
+        after_compensation: after,
+        fingerprint: 42,
+        source: "random.toml".into(),
+    }
+}
+
+fn retry_strategy() -> impl Strategy<Value = RetryShape> {
+    (
+        1u32..=4,
+        0u64..=300,
+        0u64..=2_000,
+        prop::sample::select(vec![1.0, 1.5, 2.0, 3.0]),
+    )
+        .prop_map(|(max_attempts, initial_ms, extra, multiplier)| RetryShape {
+            max_attempts,
+            initial_ms,
+            max_ms: initial_ms + extra,
+            multiplier,
+        })
+}
+
+fn step_strategy(alone: bool) -> impl Strategy<Value = StepShape> {
+    let kind = if alone {
+        prop_oneof![4 => Just(Kind::Compensable), 1 => Just(Kind::Pivot), 1 => Just(Kind::ReadOnly)]
+            .boxed()
+    } else {
+        prop_oneof![4 => Just(Kind::Compensable), 1 => Just(Kind::ReadOnly)].boxed()
+    };
+    (kind, retry_strategy(), retry_strategy(), 200u64..=2_000).prop_map(
+        |(kind, retry, comp_retry, timeout_ms)| StepShape {
+            kind,
+            retry,
+            comp_retry,
+            timeout_ms,
+        },
+    )
+}
+
+fn shape_strategy() -> impl Strategy<Value = Shape> {
+    let stages = prop::collection::vec(1usize..=3, 1..=4).prop_flat_map(|sizes| {
+        sizes
+            .into_iter()
+            .map(|n| prop::collection::vec(step_strategy(n == 1), n))
+            .collect::<Vec<_>>()
+    });
+    (
+        stages,
+        prop::collection::vec(any::<bool>(), 4),
+        prop::option::weighted(0.7, step_strategy(false)),
+        prop_oneof![1 => 1_000u64..=5_000, 3 => 5_000u64..=120_000],
+    )
+        .prop_map(|(stages, stage_status, after, deadline_ms)| Shape {
+            stages,
+            stage_status,
+            after,
+            deadline_ms,
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random environments.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Success,
+    Retryable,
+    Fatal,
+}
+
+impl Outcome {
+    fn result(self) -> Result<Vec<u8>, StepError> {
+        match self {
+            Outcome::Success => Ok(b"{}".to_vec()),
+            Outcome::Retryable => Err(error("unavailable")),
+            Outcome::Fatal => Err(error(FATAL)),
+        }
+    }
+}
+
+/// One move of the environment.
+#[derive(Debug, Clone)]
+enum Move {
+    /// A participant answers one outstanding command (any of them: replies are reordered);
+    /// with `again`, the command stays outstanding and will be answered a second time.
+    Answer {
+        pick: usize,
+        outcome: Outcome,
+        again: bool,
+    },
+    /// A reply to something already sent, possibly mutated (other attempt, other flag, no such
+    /// slot): it must change nothing unless it happens to match a command in flight.
+    Stale { pick: usize, mutation: u8 },
+    /// A command or its reply is lost (only a timeout can notice).
+    Lose { pick: usize },
+    /// Time passes, then a Tick.
+    Advance { ms: u64 },
+    /// The host's timer fires at `next_wakeup`.
+    Wakeup,
+    /// The host dies; a new one decodes the stored snapshot and republishes `in_flight()`.
+    Crash,
+}
+
+fn outcome_strategy() -> impl Strategy<Value = Outcome> {
+    prop_oneof![8 => Just(Outcome::Success), 3 => Just(Outcome::Retryable), 1 => Just(Outcome::Fatal)]
+}
+
+fn move_strategy() -> impl Strategy<Value = Move> {
+    prop_oneof![
+        10 => (any::<usize>(), outcome_strategy(), prop::bool::weighted(0.15))
+            .prop_map(|(pick, outcome, again)| Move::Answer { pick, outcome, again }),
+        2 => (any::<usize>(), 0u8..5).prop_map(|(pick, mutation)| Move::Stale { pick, mutation }),
+        1 => any::<usize>().prop_map(|pick| Move::Lose { pick }),
+        2 => (0u64..=1_500).prop_map(|ms| Move::Advance { ms }),
+        3 => Just(Move::Wakeup),
+        1 => Just(Move::Crash),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Environment {
+    moves: Vec<Move>,
+    /// Index of the move before which a Cancel is sent, if any.
+    cancel_at: Option<usize>,
+}
+
+fn environment_strategy() -> impl Strategy<Value = Environment> {
+    prop::collection::vec(move_strategy(), 0..=150).prop_flat_map(|moves| {
+        let n = moves.len();
+        (Just(moves), prop::option::weighted(0.25, 0..=n))
+            .prop_map(|(moves, cancel_at)| Environment { moves, cancel_at })
+    })
+}
+
+/// Hosts a saga like the coordinator does, minus the I/O, and checks the invariants after
+/// every event.
+struct Driver<'d> {
+    def: &'d SagaDefinition,
+    saga: Saga,
+    now: Millis,
+    /// Published commands the participants have not answered (yet).
+    outstanding: Vec<CommandSpec>,
+    /// A participant answers a duplicate with its first answer.
+    answers: HashMap<CommandSpec, Result<Vec<u8>, StepError>>,
+    /// Every command sent, in order.
+    sent: Vec<CommandSpec>,
+    /// Every status change announced, in order.
+    statuses: Vec<(String, String)>,
+    /// Steps that reported success at some point.
+    succeeded: HashSet<StepIndex>,
+}
+
+impl<'d> Driver<'d> {
+    fn start(def: &'d SagaDefinition) -> Self {
+        let (saga, t) = Saga::start(def, "saga-7".to_string(), b"{}".to_vec(), T0);
+        assert!(t.changed);
+        assert_eq!(t.effects.first(), Some(&status("", &def.statuses.initial)));
+        let mut d = Driver {
+            def,
+            saga,
+            now: T0,
+            outstanding: Vec::new(),
+            answers: HashMap::new(),
+            sent: Vec::new(),
+            statuses: Vec::new(),
+            succeeded: HashSet::new(),
+        };
+        let expected: Vec<Effect> = def.stages[0].steps.iter().map(|&i| fwd(i, 1)).collect();
+        assert_eq!(t.effects[1..], expected[..]);
+        let blank = Saga {
+            steps: Vec::new(),
+            history: Vec::new(),
+            ..d.saga.clone()
+        };
+        d.record(&blank, &t);
+        d.check_state();
+        d
+    }
+
+    fn after(&self) -> Option<StepIndex> {
+        self.def
+            .after_compensation
+            .as_ref()
+            .map(|_| self.def.steps.len())
+    }
+
+    fn apply(&mut self, event: Event) -> Transition {
+        let before = self.saga.clone();
+        let t = self.saga.apply(self.def, event.clone(), self.now).unwrap();
+        // (c) terminal phases are absorbing; and "unchanged" must really mean unchanged, since
+        // the host then skips persisting.
+        if before.is_terminal() {
+            assert_eq!(
+                t,
+                Transition::default(),
+                "terminal saga reacted to {event:?}"
+            );
+        }
+        if !t.changed {
+            assert!(t.effects.is_empty(), "effects without a change: {t:?}");
+            assert_eq!(
+                self.saga, before,
+                "{event:?} changed the snapshot but said it did not"
+            );
+        } else {
+            assert_eq!(self.saga.updated_at, self.now);
+        }
+        self.record(&before, &t);
+        self.check_backoffs(&before);
+        self.check_state();
+        t
+    }
+
+    /// Checks and records the effects of one transition.
+    fn record(&mut self, before: &Saga, t: &Transition) {
+        for effect in &t.effects {
+            match effect {
+                Effect::Send(c) => {
+                    let step = self.def.step(c.step).expect("a command for a real step");
+                    let is_after = Some(c.step) == self.after();
+                    let previous = self
+                        .sent
+                        .iter()
+                        .filter(|s| s.step == c.step && s.compensation == c.compensation)
+                        .count();
+                    assert_eq!(
+                        c.attempt as usize,
+                        previous + 1,
+                        "attempts are numbered 1, 2, 3… without gaps: {c:?}"
+                    );
+                    if c.compensation {
+                        // (b)
+                        assert!(
+                            c.attempt <= step.compensation_retry.max_attempts,
+                            "{c:?} beyond {:?}",
+                            step.compensation_retry
+                        );
+                        assert!(
+                            step.compensation.is_some(),
+                            "compensation sent for a step without one: {c:?}"
+                        );
+                        assert!(
+                            self.sent.contains(&spec(c.step, false, 1)),
+                            "compensation of a step never attempted"
+                        );
+                        assert_ne!(self.saga.phase, Phase::Running);
+                        assert!(self
+                            .saga
+                            .in_flight()
+                            .iter()
+                            .all(|f| !f.compensation || f == c));
+                        // (e) newest first, one step at a time.
+                        if let Some(last) = self.sent.iter().rev().find(|s| s.compensation) {
+                            assert!(
+                                c.step <= last.step,
+                                "compensation of step {} after step {}",
+                                c.step,
+                                last.step
+                            );
+                        }
+                    } else {
+                        assert!(
+                            c.attempt <= step.retry.max_attempts,
+                            "{c:?} beyond {:?}",
+                            step.retry
+                        );
+                        if is_after {
+                            assert_eq!(self.saga.phase, Phase::Compensating);
+                            let plan = self
+                                .saga
+                                .compensation_plan
+                                .clone()
+                                .expect("a plan before the after step");
+                            assert!(plan
+                                .iter()
+                                .all(|&i| self.saga.steps[i as usize].phase
+                                    == StepPhase::Compensated));
+                        } else {
+                            // (a) no forward step starts once the saga left Running, nor past the
+                            // deadline.
+                            assert_eq!(
+                                before.phase,
+                                Phase::Running,
+                                "forward {c:?} sent while {:?}",
+                                before.phase
+                            );
+                            assert!(
+                                self.now < self.saga.deadline_at,
+                                "forward {c:?} sent past the deadline"
+                            );
+                        }
+                    }
+                    self.sent.push(*c);
+                    self.outstanding.push(*c);
+                }
+                Effect::StatusChanged { from, to } => {
+                    let last = self.statuses.last().map_or("", |(_, to)| to.as_str());
+                    assert_eq!(from, last, "status changes chain");
+                    assert_ne!(from, to);
+                    self.statuses.push((from.clone(), to.clone()));
+                }
+            }
+        }
+        for h in &self.saga.history[before.history.len()..] {
+            if let (Some(i), Happening::Succeeded { .. }) = (h.step, &h.what) {
+                self.succeeded.insert(i as usize);
+            }
+        }
+        // (f) never both completed and compensated.
+        let labels = &self.def.statuses;
+        let seen = |label: &str| self.statuses.iter().any(|(_, to)| to == label);
+        assert!(
+            !(seen(&labels.completed) && seen(&labels.compensated)),
+            "statuses {:?}",
+            self.statuses
+        );
+        assert!(
+            [&labels.completed, &labels.compensated, &labels.failed]
+                .iter()
+                .filter(|l| seen(l))
+                .count()
+                <= 1,
+            "more than one final status: {:?}",
+            self.statuses
+        );
+        if self.saga.is_terminal() && !before.is_terminal() {
+            self.check_final();
+        }
+    }
+
+    /// Every retry scheduled in the last transition waits at most the policy's ceiling.
+    fn check_backoffs(&self, before: &Saga) {
+        let new = &self.saga.history[before.history.len()..];
+        for pair in new.windows(2) {
+            let (failed, scheduled) = (&pair[0], &pair[1]);
+            let Happening::RetryScheduled { attempt, at } = scheduled.what else {
+                continue;
+            };
+            assert_eq!(failed.step, scheduled.step);
+            let step = self.def.step(scheduled.step.unwrap() as usize).unwrap();
+            let policy = match failed.what {
+                Happening::AttemptFailed { .. } => &step.retry,
+                Happening::CompensationAttemptFailed { .. } => &step.compensation_retry,
+                ref other => panic!("retry scheduled after {other:?}"),
+            };
+            assert!(
+                at >= self.now && at - self.now <= ceiling(policy, attempt - 1),
+                "retry {attempt} of step {:?} in {}ms, ceiling {}ms",
+                scheduled.step,
+                at - self.now,
+                ceiling(policy, attempt - 1)
+            );
+        }
+    }
+
+    /// Invariants of the snapshot alone.
+    fn check_state(&self) {
+        let saga = &self.saga;
+        assert_eq!(saga.status, self.statuses.last().unwrap().1);
+        assert_eq!(saga.status_seq, self.statuses.len() as u64);
+        let in_flight = saga.in_flight();
+        for c in &in_flight {
+            assert!(
+                self.sent.contains(c),
+                "{c:?} is in flight but was never sent"
+            );
+        }
+        assert!(
+            in_flight.iter().filter(|c| c.compensation).count() <= 1,
+            "one compensation at a time"
+        );
+        if saga.compensation_plan.is_some() {
+            assert!(
+                in_flight
+                    .iter()
+                    .all(|c| c.compensation || Some(c.step) == self.after()),
+                "{in_flight:?}"
+            );
+        }
+        // next_wakeup is the earliest due time (the deadline counts only while running)…
+        let mut due: Vec<Millis> = saga.steps.iter().filter_map(|s| s.due_at).collect();
+        if saga.phase == Phase::Running {
+            due.push(saga.deadline_at);
+        }
+        let expected = if saga.is_terminal() {
+            None
+        } else {
+            due.into_iter().min()
+        };
+        assert_eq!(saga.next_wakeup(), expected);
+        // …and a live saga always has something that will wake it: it cannot get stuck.
+        if !saga.is_terminal() {
+            assert!(
+                saga.steps.iter().any(|s| s.due_at.is_some()),
+                "live saga with nothing due: {saga:#?}"
+            );
+        } else {
+            assert!(in_flight.is_empty());
+        }
+        for s in &saga.steps {
+            let waiting = matches!(
+                s.phase,
+                StepPhase::Running
+                    | StepPhase::RetryWait
+                    | StepPhase::Compensating
+                    | StepPhase::CompensationRetryWait
+            );
+            assert_eq!(s.due_at.is_some(), waiting && !saga.is_terminal(), "{s:?}");
+        }
+    }
+
+    /// (d), (e) and the rest, once the saga finished.
+    fn check_final(&self) {
+        let saga = &self.saga;
+        let def = self.def;
+        let comps: Vec<&CommandSpec> = self.sent.iter().filter(|c| c.compensation).collect();
+        let after_sent = self
+            .after()
+            .is_some_and(|a| self.sent.iter().any(|c| c.step == a));
+        let last_status = &self.statuses.last().unwrap().1;
+        match saga.phase {
+            Phase::Completed => {
+                assert!(saga.steps[..def.steps.len()]
+                    .iter()
+                    .all(|s| s.phase == StepPhase::Succeeded));
+                assert!(comps.is_empty(), "a completed saga compensated: {comps:?}");
+                assert!(!after_sent);
+                assert_eq!(last_status, &def.statuses.completed);
+            }
+            Phase::Compensated => {
+                for (i, step) in def.steps.iter().enumerate() {
+                    let s = &saga.steps[i];
+                    if step.compensation.is_some() {
+                        if self.succeeded.contains(&i) || s.maybe_applied {
+                            assert_eq!(
+                                s.phase,
+                                StepPhase::Compensated,
+                                "step {i} may have been applied: {s:?}"
+                            );
+                        }
+                        assert_ne!(s.phase, StepPhase::Succeeded, "step {i} left applied");
+                    }
+                }
+                assert_eq!(after_sent, def.after_compensation.is_some());
+                assert_eq!(last_status, &def.statuses.compensated);
+                assert!(saga.reason.is_some());
+            }
+            Phase::Failed => {
+                let reason = saga.reason.clone().unwrap();
+                let comp_failed = saga
+                    .steps
+                    .iter()
+                    .any(|s| s.phase == StepPhase::CompensationFailed);
+                let pivot_done = def
+                    .steps
+                    .iter()
+                    .enumerate()
+                    .any(|(i, s)| s.pivot && saga.steps[i].phase == StepPhase::Succeeded);
+                assert!(comp_failed != pivot_done, "failed for one reason: {reason}");
+                if pivot_done {
+                    assert!(reason.contains("pivot"), "{reason}");
+                    assert!(comps.is_empty());
+                } else {
+                    assert!(reason.contains("compensation"), "{reason}");
+                }
+                assert!(!after_sent);
+                assert_eq!(last_status, &def.statuses.failed);
+            }
+            Phase::Running | Phase::Compensating => unreachable!(),
+        }
+    }
+
+    fn answer(&mut self, c: CommandSpec, outcome: Result<Vec<u8>, StepError>) {
+        let outcome = self.answers.entry(c).or_insert(outcome).clone();
+        let live = self.saga.in_flight().contains(&c);
+        let t = self.apply(Event::Reply {
+            step: c.step,
+            attempt: c.attempt,
+            compensation: c.compensation,
+            outcome,
+        });
+        assert_eq!(
+            t.changed, live,
+            "a reply changes the saga iff it answers a command in flight ({c:?})"
+        );
+    }
+
+    fn play(&mut self, m: &Move) {
+        match *m {
+            Move::Answer {
+                pick,
+                outcome,
+                again,
+            } => {
+                if self.outstanding.is_empty() {
+                    return;
+                }
+                let k = pick % self.outstanding.len();
+                let c = if again {
+                    self.outstanding[k]
+                } else {
+                    self.outstanding.remove(k)
+                };
+                self.answer(c, outcome.result());
+            }
+            Move::Stale { pick, mutation } => {
+                if self.sent.is_empty() {
+                    return;
+                }
+                let mut c = self.sent[pick % self.sent.len()];
+                match mutation {
+                    0 => {}
+                    1 => c.attempt += 1,
+                    2 => c.attempt -= 1,
+                    3 => c.compensation = !c.compensation,
+                    _ => c.step += self.def.step_slots(),
+                }
+                if self.saga.in_flight().contains(&c) {
+                    return; // a genuine reply, not a stale one
+                }
+                let outcome = if mutation % 2 == 0 {
+                    Ok(Vec::new())
+                } else {
+                    Err(error(FATAL))
+                };
+                let t = self.apply(Event::Reply {
+                    step: c.step,
+                    attempt: c.attempt,
+                    compensation: c.compensation,
+                    outcome,
+                });
+                assert!(!t.changed, "stale reply {c:?} changed the saga");
+            }
+            Move::Lose { pick } => {
+                if !self.outstanding.is_empty() {
+                    let k = pick % self.outstanding.len();
+                    self.outstanding.remove(k);
+                }
+            }
+            Move::Advance { ms } => {
+                self.now += ms as Millis;
+                let wake = self.saga.next_wakeup();
+                let t = self.apply(Event::Tick);
+                if wake.is_none_or(|w| self.now < w) {
+                    assert!(!t.changed, "a tick before anything is due changed the saga");
+                }
+            }
+            Move::Wakeup => {
+                let wake = self.saga.next_wakeup();
+                if let Some(w) = wake {
+                    self.now = self.now.max(w);
+                }
+                let t = self.apply(Event::Tick);
+                if wake.is_some() {
+                    assert!(t.changed, "a tick at next_wakeup made no progress");
+                }
+            }
+            Move::Crash => {
+                let bytes = crate::wire::encode_snapshot(&self.saga).unwrap();
+                let decoded = crate::wire::decode_snapshot(&bytes).unwrap();
+                assert_eq!(decoded, self.saga);
+                self.saga = decoded;
+                // The recovering host republishes what is in flight, with the same attempts.
+                let again = self.saga.in_flight();
+                self.outstanding.extend(again);
+            }
+        }
+    }
+
+    fn cancel(&mut self) {
+        let running = self.saga.phase == Phase::Running;
+        let t = self.apply(Event::Cancel {
+            reason: "test".to_string(),
+        });
+        assert_eq!(t.changed, running, "cancel changes a running saga only");
+        if running {
+            // (A pivot that already succeeded appends why the saga cannot be compensated.)
+            let reason = self.saga.reason.clone().unwrap();
+            assert!(reason.starts_with("cancelled: test"), "{reason}");
+        }
+    }
+
+    /// (g) every command answered (successfully), time advancing: the saga must finish, and
+    /// within a bound derived from the definition's retry budgets.
+    fn finish_fairly(&mut self) -> usize {
+        let def = self.def;
+        let budget: u32 = def
+            .steps
+            .iter()
+            .map(|s| s.retry.max_attempts + s.compensation_retry.max_attempts)
+            .chain(def.after_compensation.iter().map(|s| s.retry.max_attempts))
+            .sum();
+        let limit = 3 * budget as usize + 3;
+        for n in 0..limit {
+            if self.saga.is_terminal() {
+                return n;
+            }
+            if let Some(&c) = self.saga.in_flight().first() {
+                self.outstanding.retain(|o| *o != c);
+                self.answer(c, Ok(Vec::new()));
+            } else {
+                let w = self.saga.next_wakeup().expect("a live saga has a wakeup");
+                self.now = self.now.max(w);
+                let t = self.apply(Event::Tick);
+                assert!(t.changed);
+            }
+        }
+        assert!(
+            self.saga.is_terminal(),
+            "not finished after {limit} fair steps: {:#?}",
+            self.saga
+        );
+        limit
+    }
+}
+
+fn run(shape: &Shape, env: &Environment) -> Phase {
+    let def = build(shape);
+    let mut d = Driver::start(&def);
+    for (k, m) in env.moves.iter().enumerate() {
+        if env.cancel_at == Some(k) {
+            d.cancel();
+        }
+        d.play(m);
+    }
+    if env.cancel_at == Some(env.moves.len()) {
+        d.cancel();
+    }
+    d.finish_fairly();
+    // Terminal is absorbing even for a crash and replay of everything ever sent.
+    d.play(&Move::Crash);
+    for c in d.sent.clone() {
+        d.answer(c, Ok(Vec::new()));
+    }
+    d.play(&Move::Wakeup);
+    d.cancel();
+    d.saga.phase
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_sagas_in_hostile_environments_keep_their_invariants(shape in shape_strategy(), env in environment_strategy()) {
+        let phase = run(&shape, &env);
+        prop_assert!(phase.is_terminal());
+    }
+
+    #[test]
+    fn random_sagas_with_cooperative_participants_complete(shape in shape_strategy()) {
+        // Prompt, successful answers and no cancel: every saga completes, whatever its shape.
+        let mut shape = shape;
+        shape.deadline_ms = 3_600_000;
+        let def = build(&shape);
+        let mut d = Driver::start(&def);
+        d.finish_fairly();
+        prop_assert_eq!(d.saga.phase, Phase::Completed);
+        let forward = d.sent.iter().filter(|c| !c.compensation).count();
+        prop_assert_eq!(forward, def.steps.len(), "one command per step");
+    }
+}
+
+/// The random environments reach every outcome often enough to be meaningful.
+#[test]
+fn random_environments_reach_every_outcome() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, TestRng, TestRunner};
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::deterministic_rng(Config::default().rng_algorithm),
+    );
+    let mut seen: HashMap<&'static str, usize> = HashMap::new();
+    for _ in 0..200 {
+        let shape = shape_strategy().new_tree(&mut runner).unwrap().current();
+        let env = environment_strategy()
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        *seen.entry(run(&shape, &env).as_str()).or_default() += 1;
+    }
+    for phase in ["COMPLETED", "COMPENSATED", "FAILED"] {
+        assert!(
+            seen.get(phase).copied().unwrap_or(0) >= 5,
+            "too few {phase} outcomes: {seen:?}"
+        );
+    }
+}

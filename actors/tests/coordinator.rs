@@ -1,0 +1,1030 @@
+//! Integration tests of the coordinator actors ([`Coordinator`] and its saga actors) over
+//! in-memory ports: a compare-and-set store with injectable failures, a command bus that records
+//! what it publishes and feeds a scripted participant, and deliveries that behave like
+//! JetStream's (a nak or a message dropped un-acked comes back later).
+//!
+//! Real time, real timers: every wait polls a condition with a generous timeout, nothing asserts
+//! after a bare sleep.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use ractor::{Actor, ActorRef};
+use sagaflow_actors::coordinator::{Context, Coordinator, CoordinatorMsg, Input};
+use sagaflow_actors::definition::{RetryPolicy, SagaDefinition};
+use sagaflow_actors::machine::{
+    CommandSpec, Happening, Millis, Phase, Saga, StepError, TIMEOUT_KIND,
+};
+use sagaflow_actors::ports::{CommandBus, Delivery, Error as PortError, StateStore};
+use sagaflow_actors::wire;
+use tokio::sync::mpsc;
+
+/// Upper bound of every wait: far above what the tests need, even on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+fn now_millis() -> Millis {
+    Millis::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// The order saga as shipped.
+fn order() -> SagaDefinition {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas/order.toml");
+    let source = std::fs::read_to_string(&path).unwrap();
+    sagaflow_actors::definition::parse(&source, &path).expect("sagas/order.toml is valid")
+}
+
+/// The order saga with 50 ms timeouts and short retries, for tests of the timers.
+fn fast_order() -> SagaDefinition {
+    let mut def = order();
+    let fast = |max_attempts| RetryPolicy {
+        max_attempts,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(20),
+        multiplier: 2.0,
+        non_retryable: vec!["declined".to_string()],
+    };
+    for step in def
+        .steps
+        .iter_mut()
+        .chain(def.after_compensation.iter_mut())
+    {
+        step.timeout = Duration::from_millis(50);
+        step.retry = fast(2);
+        step.compensation_retry = fast(3);
+    }
+    def.deadline = Duration::from_secs(60);
+    def
+}
+
+/// Polls `condition` until it holds; panics after [`PATIENCE`].
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store.
+// ---------------------------------------------------------------------------------------------
+
+/// Snapshots in a map, encoded as in the real bucket, with a revision per write.
+#[derive(Default)]
+struct MemStore {
+    inner: Mutex<StoreInner>,
+}
+
+#[derive(Default)]
+struct StoreInner {
+    sagas: HashMap<String, (Vec<u8>, u64)>,
+    last_revision: u64,
+    failing_loads: u32,
+    failing_saves: u32,
+    concurrent_write: bool,
+    saves: u32,
+}
+
+impl MemStore {
+    fn get(&self, id: &str) -> Option<Saga> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .sagas
+            .get(id)
+            .map(|(bytes, _)| wire::decode_snapshot(bytes).unwrap())
+    }
+
+    fn phase(&self, id: &str) -> Option<Phase> {
+        self.get(id).map(|s| s.phase)
+    }
+
+    /// The next `n` loads fail with a transport error.
+    fn fail_loads(&self, n: u32) {
+        self.inner.lock().unwrap().failing_loads = n;
+    }
+
+    /// The next `n` saves fail with a transport error (and store nothing).
+    fn fail_saves(&self, n: u32) {
+        self.inner.lock().unwrap().failing_saves = n;
+    }
+
+    /// Someone else rewrites the snapshot just before the next save, which then loses its
+    /// compare-and-set.
+    fn write_concurrently_before_next_save(&self) {
+        self.inner.lock().unwrap().concurrent_write = true;
+    }
+
+    fn successful_saves(&self) -> u32 {
+        self.inner.lock().unwrap().saves
+    }
+}
+
+#[async_trait]
+impl StateStore for MemStore {
+    async fn load(&self, saga_id: &str) -> Result<Option<(Saga, u64)>, PortError> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.failing_loads > 0 {
+            inner.failing_loads -= 1;
+            return Err(PortError::Transport {
+                operation: "load snapshot",
+                message: "injected failure".to_string(),
+            });
+        }
+        match inner.sagas.get(saga_id) {
+            None => Ok(None),
+            Some((bytes, revision)) => {
+                let saga = wire::decode_snapshot(bytes).map_err(|e| PortError::Corrupt {
+                    saga: saga_id.to_string(),
+                    message: e.to_string(),
+                })?;
+                Ok(Some((saga, *revision)))
+            }
+        }
+    }
+
+    async fn save(&self, saga: &Saga, expected: Option<u64>) -> Result<u64, PortError> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.failing_saves > 0 {
+            inner.failing_saves -= 1;
+            return Err(PortError::Transport {
+                operation: "save snapshot",
+                message: "injected failure".to_string(),
+            });
+        }
+        if std::mem::take(&mut inner.concurrent_write) {
+            inner.last_revision += 1;
+            let revision = inner.last_revision;
+            if let Some(entry) = inner.sagas.get_mut(&saga.id) {
+                entry.1 = revision;
+            }
+        }
+        let current = inner.sagas.get(&saga.id).map(|(_, r)| *r);
+        if current != expected {
+            return Err(PortError::Conflict {
+                saga: saga.id.clone(),
+                expected,
+            });
+        }
+        inner.last_revision += 1;
+        let revision = inner.last_revision;
+        inner.sagas.insert(
+            saga.id.clone(),
+            (wire::encode_snapshot(saga).unwrap(), revision),
+        );
+        inner.saves += 1;
+        Ok(revision)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bus and the participants.
+// ---------------------------------------------------------------------------------------------
+
+/// A published command, as a participant sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Command {
+    saga_id: String,
+    step: String,
+    /// `service.action`
+    action: String,
+    spec: CommandSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Announcement {
+    saga_id: String,
+    from: String,
+    to: String,
+    sequence: u64,
+}
+
+struct MemBus {
+    commands: Mutex<Vec<Command>>,
+    announcements: Mutex<Vec<Announcement>>,
+    to_participants: mpsc::UnboundedSender<Command>,
+}
+
+impl MemBus {
+    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Command>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(MemBus {
+                commands: Mutex::default(),
+                announcements: Mutex::default(),
+                to_participants: tx,
+            }),
+            rx,
+        )
+    }
+
+    fn commands(&self, saga_id: &str) -> Vec<Command> {
+        self.commands
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.saga_id == saga_id)
+            .cloned()
+            .collect()
+    }
+
+    /// (action, attempt) of every command sent for the saga, in order.
+    fn sent(&self, saga_id: &str) -> Vec<(String, u32)> {
+        self.commands(saga_id)
+            .into_iter()
+            .map(|c| (c.action, c.spec.attempt))
+            .collect()
+    }
+
+    fn announcements(&self, saga_id: &str) -> Vec<(String, String, u64)> {
+        let all = self.announcements.lock().unwrap();
+        all.iter()
+            .filter(|a| a.saga_id == saga_id)
+            .map(|a| (a.from.clone(), a.to.clone(), a.sequence))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl CommandBus for MemBus {
+    async fn send(
+        &self,
+        def: &SagaDefinition,
+        saga: &Saga,
+        commands: &[CommandSpec],
+    ) -> Result<(), PortError> {
+        for c in commands {
+            let step = def
+                .step(c.step)
+                .expect("a command for a step of the definition");
+            let action = if c.compensation {
+                step.compensation.as_ref().expect("a compensation")
+            } else {
+                &step.action
+            };
+            let command = Command {
+                saga_id: saga.id.clone(),
+                step: step.name.clone(),
+                action: action.to_string(),
+                spec: *c,
+            };
+            self.commands.lock().unwrap().push(command.clone());
+            let _ = self.to_participants.send(command);
+        }
+        Ok(())
+    }
+
+    async fn announce(
+        &self,
+        saga: &Saga,
+        from: &str,
+        to: &str,
+        sequence: u64,
+    ) -> Result<(), PortError> {
+        let a = Announcement {
+            saga_id: saga.id.clone(),
+            from: from.to_string(),
+            to: to.to_string(),
+            sequence,
+        };
+        self.announcements.lock().unwrap().push(a);
+        Ok(())
+    }
+}
+
+/// How the participants answer a command: `None` means never.
+type Behaviour = Arc<dyn Fn(&Command) -> Option<Result<Vec<u8>, StepError>> + Send + Sync>;
+
+fn always_succeed() -> Behaviour {
+    Arc::new(|_| Some(Ok(b"{}".to_vec())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deliveries, JetStream style.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settlement {
+    Ack,
+    Nak,
+    DeadLetter(String),
+    /// Dropped without an answer: JetStream redelivers after `ack_wait`.
+    Dropped,
+}
+
+#[derive(Debug, Clone)]
+struct Settled {
+    saga_id: String,
+    input: Input,
+    how: Settlement,
+}
+
+/// The event stream: delivers to the current coordinator, records how each delivery was
+/// settled, redelivers what was nakked or dropped.
+#[derive(Default)]
+struct Stream {
+    coordinator: Mutex<Option<ActorRef<CoordinatorMsg>>>,
+    delivered: AtomicU64,
+    settled: Mutex<Vec<Settled>>,
+}
+
+/// How long a dropped delivery waits before it comes back (JetStream's `ack_wait`), and the
+/// longest nak delay honoured (the actors ask for up to a second; the tests need not wait that).
+const REDELIVERY: Duration = Duration::from_millis(100);
+
+impl Stream {
+    fn attach(&self, coordinator: ActorRef<CoordinatorMsg>) {
+        *self.coordinator.lock().unwrap() = Some(coordinator);
+    }
+
+    fn deliver(self: &Arc<Self>, saga_id: &str, input: Input) {
+        self.delivered.fetch_add(1, Ordering::SeqCst);
+        let delivery = TestDelivery {
+            stream: self.clone(),
+            saga_id: saga_id.to_string(),
+            input: input.clone(),
+            settled: false,
+        };
+        let coordinator = self
+            .coordinator
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a coordinator");
+        let msg = CoordinatorMsg::Deliver {
+            saga_id: saga_id.to_string(),
+            input,
+            delivery: Box::new(delivery),
+        };
+        // If the coordinator is gone, the message (and its delivery) is dropped: redelivered.
+        let _ = coordinator.cast(msg);
+    }
+
+    fn redeliver_later(self: &Arc<Self>, saga_id: String, input: Input, delay: Duration) {
+        let stream = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay.min(REDELIVERY)).await;
+            stream.deliver(&saga_id, input);
+        });
+    }
+
+    fn settled(&self) -> Vec<Settled> {
+        self.settled.lock().unwrap().clone()
+    }
+
+    fn count(&self, how: &Settlement) -> usize {
+        self.settled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| &s.how == how)
+            .count()
+    }
+
+    fn dead_letters(&self) -> Vec<(String, String)> {
+        let all = self.settled.lock().unwrap();
+        all.iter()
+            .filter_map(|s| match &s.how {
+                Settlement::DeadLetter(reason) => Some((s.saga_id.clone(), reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every delivery so far was settled (none is waiting in a mailbox).
+    fn all_settled(&self) -> bool {
+        self.settled.lock().unwrap().len() as u64 == self.delivered.load(Ordering::SeqCst)
+    }
+}
+
+struct TestDelivery {
+    stream: Arc<Stream>,
+    saga_id: String,
+    input: Input,
+    settled: bool,
+}
+
+impl TestDelivery {
+    fn settle(&mut self, how: Settlement) {
+        self.settled = true;
+        let record = Settled {
+            saga_id: self.saga_id.clone(),
+            input: self.input.clone(),
+            how,
+        };
+        self.stream.settled.lock().unwrap().push(record);
+    }
+}
+
+#[async_trait]
+impl Delivery for TestDelivery {
+    async fn ack(mut self: Box<Self>) {
+        self.settle(Settlement::Ack);
+    }
+
+    async fn nak(mut self: Box<Self>, delay: Duration) {
+        self.settle(Settlement::Nak);
+        self.stream
+            .redeliver_later(self.saga_id.clone(), self.input.clone(), delay);
+    }
+
+    async fn dead_letter(mut self: Box<Self>, reason: String) {
+        self.settle(Settlement::DeadLetter(reason));
+    }
+}
+
+impl Drop for TestDelivery {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle(Settlement::Dropped);
+            self.stream
+                .redeliver_later(self.saga_id.clone(), self.input.clone(), REDELIVERY);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness.
+// ---------------------------------------------------------------------------------------------
+
+struct Harness {
+    def: Arc<SagaDefinition>,
+    store: Arc<MemStore>,
+    bus: Arc<MemBus>,
+    stream: Arc<Stream>,
+    coordinator: ActorRef<CoordinatorMsg>,
+    participant: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start(def: SagaDefinition, behaviour: Behaviour) -> Harness {
+        let def = Arc::new(def);
+        let store = Arc::new(MemStore::default());
+        let (bus, mut commands) = MemBus::new();
+        let stream = Arc::new(Stream::default());
+        let coordinator = spawn_coordinator(&def, &store, &bus).await;
+        stream.attach(coordinator.clone());
+        // The participants: answer each published command as the behaviour says, on the
+        // saga's event stream.
+        let replies = stream.clone();
+        let participant = tokio::spawn(async move {
+            while let Some(c) = commands.recv().await {
+                if let Some(outcome) = behaviour(&c) {
+                    let input = Input::Reply {
+                        step: c.step.clone(),
+                        attempt: c.spec.attempt,
+                        compensation: c.spec.compensation,
+                        outcome,
+                    };
+                    replies.deliver(&c.saga_id, input);
+                }
+            }
+        });
+        Harness {
+            def,
+            store,
+            bus,
+            stream,
+            coordinator,
+            participant,
+        }
+    }
+
+    /// Creates the saga as the gRPC front does: the snapshot first…
+    async fn create_saga(&self, id: &str) -> Saga {
+        let (saga, t) = Saga::start(
+            &self.def,
+            id.to_string(),
+            br#"{"order":1}"#.to_vec(),
+            now_millis(),
+        );
+        assert!(t.changed);
+        self.store.save(&saga, None).await.unwrap();
+        saga
+    }
+
+    /// …then the `Started` event.
+    async fn start_saga(&self, id: &str) -> Saga {
+        let saga = self.create_saga(id).await;
+        self.stream.deliver(id, Input::Started);
+        saga
+    }
+
+    async fn finished(&self, id: &str) -> Saga {
+        eventually(&format!("saga {id} to finish"), || {
+            self.store.get(id).is_some_and(|s| s.is_terminal())
+        })
+        .await;
+        eventually("every delivery to be settled", || self.stream.all_settled()).await;
+        self.store.get(id).unwrap()
+    }
+
+    async fn live_actors(&self) -> usize {
+        ractor::call_t!(self.coordinator, CoordinatorMsg::Live, 5_000).unwrap()
+    }
+
+    /// Kills the node: coordinator and saga actors, without any clean-up.
+    async fn crash(&self) {
+        let children = self.coordinator.get_children();
+        self.coordinator
+            .kill_and_wait(Some(PATIENCE))
+            .await
+            .unwrap();
+        for child in children {
+            let _ = child.kill_and_wait(Some(PATIENCE)).await;
+        }
+    }
+
+    async fn stop(self) {
+        for child in self.coordinator.get_children() {
+            let _ = child.stop_and_wait(None, Some(PATIENCE)).await;
+        }
+        self.coordinator
+            .stop_and_wait(None, Some(PATIENCE))
+            .await
+            .unwrap();
+        self.participant.abort();
+    }
+}
+
+async fn spawn_coordinator(
+    def: &Arc<SagaDefinition>,
+    store: &Arc<MemStore>,
+    bus: &Arc<MemBus>,
+) -> ActorRef<CoordinatorMsg> {
+    let ctx = Context {
+        definitions: HashMap::from([(def.name.clone(), def.clone())]),
+        store: store.clone(),
+        bus: bus.clone(),
+        clock: Arc::new(now_millis),
+    };
+    let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
+        .await
+        .unwrap();
+    coordinator
+}
+
+fn strings(items: &[(&str, u32)]) -> Vec<(String, u32)> {
+    items.iter().map(|(a, n)| (a.to_string(), *n)).collect()
+}
+
+fn status_changes(items: &[(&str, &str, u64)]) -> Vec<(String, String, u64)> {
+    items
+        .iter()
+        .map(|(f, t, n)| (f.to_string(), t.to_string(), *n))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_started_saga_runs_to_shipped() {
+    let h = Harness::start(order(), always_succeed()).await;
+    h.start_saga("order-1").await;
+    let saga = h.finished("order-1").await;
+
+    assert_eq!(
+        (saga.phase, saga.status.as_str()),
+        (Phase::Completed, "SHIPPED")
+    );
+    // One command per step, first attempts only, stage by stage.
+    assert_eq!(
+        h.bus.sent("order-1"),
+        strings(&[
+            ("payment.charge", 1),
+            ("inventory.reserve", 1),
+            ("shipping.prepare", 1),
+            ("notification.send", 1)
+        ])
+    );
+    assert!(h
+        .bus
+        .commands("order-1")
+        .iter()
+        .all(|c| !c.spec.compensation));
+    assert_eq!(
+        h.bus.announcements("order-1"),
+        status_changes(&[("PENDING", "PAID", 2), ("PAID", "SHIPPED", 3)])
+    );
+    // Started + four replies, every one acked.
+    let settled = h.stream.settled();
+    assert_eq!(settled.len(), 5, "{settled:?}");
+    assert!(
+        settled.iter().all(|s| s.how == Settlement::Ack),
+        "{settled:?}"
+    );
+    // One write at creation and one per reply; Started changes nothing and writes nothing.
+    assert_eq!(h.store.successful_saves(), 5);
+    // The saga actor stopped once its saga finished.
+    let mut live = usize::MAX;
+    for _ in 0..500 {
+        live = h.live_actors().await;
+        if live == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(live, 0, "the finished saga's actor is still alive");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn many_sagas_run_side_by_side() {
+    // Declined charges for the odd ones: they end CANCELLED, the others SHIPPED.
+    let behaviour: Behaviour = Arc::new(|c: &Command| {
+        let odd = c.saga_id.ends_with(['1', '3', '5', '7', '9']);
+        if odd && c.action == "payment.charge" {
+            Some(Err(StepError {
+                kind: "declined".to_string(),
+                message: "insufficient funds".to_string(),
+            }))
+        } else {
+            Some(Ok(Vec::new()))
+        }
+    });
+    let h = Harness::start(order(), behaviour).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("order-{i}")).collect();
+    for id in &ids {
+        h.start_saga(id).await;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let saga = h.finished(id).await;
+        let expected = if i % 2 == 1 { "CANCELLED" } else { "SHIPPED" };
+        assert_eq!(saga.status, expected, "{id}");
+        if i % 2 == 1 {
+            assert_eq!(
+                h.bus.sent(id),
+                strings(&[("payment.charge", 1), ("notification.send_cancellation", 1)])
+            );
+        } else {
+            assert_eq!(h.bus.sent(id).len(), 4);
+        }
+    }
+    assert_eq!(h.stream.count(&Settlement::Ack), h.stream.settled().len());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_for_an_unknown_saga_is_dead_lettered() {
+    let h = Harness::start(order(), always_succeed()).await;
+    let reply = Input::Reply {
+        step: "charge".to_string(),
+        attempt: 1,
+        compensation: false,
+        outcome: Ok(Vec::new()),
+    };
+    h.stream.deliver("ghost", reply);
+    eventually("the dead letter", || !h.stream.dead_letters().is_empty()).await;
+    let dead = h.stream.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, "ghost");
+    assert!(dead[0].1.contains("unknown saga `ghost`"), "{}", dead[0].1);
+    assert!(
+        h.store.get("ghost").is_none(),
+        "nothing is created for an unknown saga"
+    );
+    assert!(h.bus.commands("ghost").is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_naming_an_unknown_step_is_dead_lettered() {
+    // The participants never answer on their own: the test plays them.
+    let h = Harness::start(order(), Arc::new(|_| None)).await;
+    h.start_saga("order-2").await;
+    eventually("the charge command", || {
+        !h.bus.commands("order-2").is_empty()
+    })
+    .await;
+    let before = h.store.get("order-2").unwrap();
+
+    let bogus = Input::Reply {
+        step: "teleport".to_string(),
+        attempt: 1,
+        compensation: false,
+        outcome: Ok(Vec::new()),
+    };
+    h.stream.deliver("order-2", bogus);
+    eventually("the dead letter", || !h.stream.dead_letters().is_empty()).await;
+    let (saga_id, reason) = h.stream.dead_letters().remove(0);
+    assert_eq!(saga_id, "order-2");
+    assert!(reason.contains("unknown step `teleport`"), "{reason}");
+    assert_eq!(
+        h.store.get("order-2").unwrap(),
+        before,
+        "the saga did not move"
+    );
+
+    // The saga is still served: a genuine reply is applied and acked.
+    let charged = Input::Reply {
+        step: "charge".to_string(),
+        attempt: 1,
+        compensation: false,
+        outcome: Ok(Vec::new()),
+    };
+    h.stream.deliver("order-2", charged);
+    eventually("the charge to be applied", || {
+        h.store.get("order-2").is_some_and(|s| s.status == "PAID")
+    })
+    .await;
+    eventually("every delivery to be settled", || h.stream.all_settled()).await;
+    assert_eq!(
+        h.stream.count(&Settlement::Ack),
+        2,
+        "{:?}",
+        h.stream.settled()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn transient_store_failures_nak_and_the_redelivery_completes_the_saga() {
+    let h = Harness::start(order(), always_succeed()).await;
+    // Stop the saga before its first reply is persisted: load the Started event fails once,
+    // then the save of the charge reply fails once.
+    h.create_saga("order-3").await;
+    h.store.fail_loads(1);
+    h.store.fail_saves(1);
+    h.stream.deliver("order-3", Input::Started);
+    let saga = h.finished("order-3").await;
+
+    assert_eq!(saga.status, "SHIPPED");
+    let naks: Vec<Input> = h
+        .stream
+        .settled()
+        .into_iter()
+        .filter(|s| s.how == Settlement::Nak)
+        .map(|s| s.input)
+        .collect();
+    assert_eq!(naks.len(), 2, "{:?}", h.stream.settled());
+    assert_eq!(naks[0], Input::Started);
+    assert!(
+        matches!(&naks[1], Input::Reply { step, .. } if step == "charge"),
+        "{naks:?}"
+    );
+    // Nothing was published twice: the failed save published nothing, the redelivery did it once.
+    assert_eq!(
+        h.bus.sent("order-3"),
+        strings(&[
+            ("payment.charge", 1),
+            ("inventory.reserve", 1),
+            ("shipping.prepare", 1),
+            ("notification.send", 1)
+        ])
+    );
+    assert_eq!(
+        h.bus.announcements("order-3"),
+        status_changes(&[("PENDING", "PAID", 2), ("PAID", "SHIPPED", 3)])
+    );
+    assert!(h.stream.dead_letters().is_empty());
+    // Every event ended acked eventually: Started + 4 replies.
+    assert_eq!(
+        h.stream.count(&Settlement::Ack),
+        5,
+        "{:?}",
+        h.stream.settled()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_compare_and_set_reloads_and_the_event_is_still_applied() {
+    let h = Harness::start(order(), always_succeed()).await;
+    h.create_saga("order-4").await;
+    h.store.write_concurrently_before_next_save();
+    h.stream.deliver("order-4", Input::Started);
+    let saga = h.finished("order-4").await;
+
+    assert_eq!(saga.status, "SHIPPED");
+    // The conflict is handled inside the actor: nothing nakked, nothing dead-lettered.
+    let settled = h.stream.settled();
+    assert!(
+        settled.iter().all(|s| s.how == Settlement::Ack),
+        "{settled:?}"
+    );
+    // After reloading, the actor republished the charge (same attempt: de-duplicated
+    // downstream); the duplicate reply changed nothing.
+    let mut sent = h.bus.sent("order-4");
+    assert_eq!(
+        sent[..2],
+        strings(&[("payment.charge", 1), ("payment.charge", 1)])[..]
+    );
+    sent.dedup();
+    assert_eq!(
+        sent,
+        strings(&[
+            ("payment.charge", 1),
+            ("inventory.reserve", 1),
+            ("shipping.prepare", 1),
+            ("notification.send", 1)
+        ])
+    );
+    // The duplicate reply was not written either: creation plus one write per reply.
+    assert_eq!(h.store.successful_saves(), 5);
+    assert_eq!(
+        h.bus.announcements("order-4"),
+        status_changes(&[("PENDING", "PAID", 2), ("PAID", "SHIPPED", 3)])
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn recovery_after_a_restart_republishes_in_flight_commands() {
+    // Before the crash the fulfilment participants are down: the commands stay unanswered.
+    let fulfilment_up = Arc::new(AtomicBool::new(false));
+    let up = fulfilment_up.clone();
+    let behaviour: Behaviour = Arc::new(move |c: &Command| {
+        let fulfilment = c.step == "reserve" || c.step == "prepare_shipment";
+        (!fulfilment || up.load(Ordering::SeqCst)).then(|| Ok(Vec::new()))
+    });
+    let h = Harness::start(order(), behaviour).await;
+    h.start_saga("order-5").await;
+    eventually("the fulfilment commands", || {
+        h.bus.commands("order-5").len() == 3
+    })
+    .await;
+    eventually("every delivery to be settled", || h.stream.all_settled()).await;
+    let before = h.store.get("order-5").unwrap();
+    assert_eq!(
+        (before.phase, before.status.as_str()),
+        (Phase::Running, "PAID")
+    );
+    let in_flight = before.in_flight();
+    assert_eq!(in_flight.len(), 2);
+
+    h.crash().await;
+    fulfilment_up.store(true, Ordering::SeqCst);
+    let published = h.bus.commands("order-5").len();
+
+    // A new node over the same store takes the saga over.
+    let coordinator = spawn_coordinator(&h.def, &h.store, &h.bus).await;
+    h.stream.attach(coordinator.clone());
+    coordinator
+        .cast(CoordinatorMsg::Recover {
+            saga_id: "order-5".to_string(),
+        })
+        .unwrap();
+    eventually("the in-flight commands to be republished", || {
+        h.bus.commands("order-5").len() >= published + 2
+    })
+    .await;
+    let republished: Vec<CommandSpec> = h.bus.commands("order-5")[published..published + 2]
+        .iter()
+        .map(|c| c.spec)
+        .collect();
+    assert_eq!(
+        republished, in_flight,
+        "the same commands, with the same attempts"
+    );
+
+    let h = Harness { coordinator, ..h };
+    let saga = h.finished("order-5").await;
+    assert_eq!(saga.status, "SHIPPED");
+    let sent = h.bus.sent("order-5");
+    assert_eq!(sent.last(), Some(&("notification.send".to_string(), 1)));
+    assert!(
+        sent.iter().all(|(_, attempt)| *attempt == 1),
+        "no step needed a second attempt: {sent:?}"
+    );
+    h.stop().await;
+}
+
+/// Charges are never answered; refunds and notifications are.
+fn charge_never_answers() -> Behaviour {
+    Arc::new(|c: &Command| (c.action != "payment.charge").then(|| Ok(Vec::new())))
+}
+
+fn assert_charge_timed_out_and_was_refunded(h: &Harness, id: &str, saga: &Saga) {
+    assert_eq!(
+        (saga.phase, saga.status.as_str()),
+        (Phase::Compensated, "CANCELLED")
+    );
+    // Two attempts that timed out, then the refund (the charge may have gone through), then the
+    // customer is told.
+    assert_eq!(
+        h.bus.sent(id),
+        strings(&[
+            ("payment.charge", 1),
+            ("payment.charge", 2),
+            ("payment.refund", 1),
+            ("notification.send_cancellation", 1)
+        ])
+    );
+    let timeouts: Vec<u32> = saga
+        .history
+        .iter()
+        .filter_map(|e| match &e.what {
+            Happening::AttemptFailed { attempt, kind, .. } if kind == TIMEOUT_KIND => {
+                Some(*attempt)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(timeouts, [1, 2]);
+    assert!(saga.steps[0].maybe_applied);
+    let reason = saga.reason.clone().unwrap();
+    assert!(
+        reason.contains("charge") && reason.contains(TIMEOUT_KIND),
+        "{reason}"
+    );
+    assert_eq!(
+        h.bus.announcements(id),
+        status_changes(&[("PENDING", "CANCELLED", 2)])
+    );
+}
+
+#[tokio::test]
+async fn a_step_whose_participant_never_answers_times_out() {
+    let h = Harness::start(fast_order(), charge_never_answers()).await;
+    h.start_saga("order-6").await;
+    let saga = h.finished("order-6").await;
+    assert_charge_timed_out_and_was_refunded(&h, "order-6", &saga);
+    // The timers, not events, drove the saga: Started and the two answered commands only.
+    let settled = h.stream.settled();
+    assert_eq!(settled.len(), 3, "{settled:?}");
+    assert!(
+        settled.iter().all(|s| s.how == Settlement::Ack),
+        "{settled:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_compare_and_set_on_a_timer_tick_reloads_the_saga() {
+    // The first write of this saga is the timeout handled by a Tick; it loses its
+    // compare-and-set. The actor must reload the snapshot rather than retry its stale copy.
+    let h = Harness::start(fast_order(), charge_never_answers()).await;
+    h.create_saga("order-7").await;
+    h.store.write_concurrently_before_next_save();
+    h.stream.deliver("order-7", Input::Started);
+    let saga = h.finished("order-7").await;
+    assert_charge_timed_out_and_was_refunded(&h, "order-7", &saga);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_event_compensates_a_running_saga() {
+    // Fulfilment never answers on its own, so the saga sits in stage 2 until cancelled; the
+    // test answers the in-flight commands after the cancel.
+    let behaviour: Behaviour = Arc::new(|c: &Command| {
+        (c.action != "inventory.reserve" && c.action != "shipping.prepare").then(|| Ok(Vec::new()))
+    });
+    let h = Harness::start(order(), behaviour).await;
+    h.start_saga("order-8").await;
+    eventually("the fulfilment commands", || {
+        h.bus.commands("order-8").len() == 3
+    })
+    .await;
+    h.stream.deliver(
+        "order-8",
+        Input::Cancel {
+            reason: "customer changed their mind".to_string(),
+        },
+    );
+    eventually("the cancel", || {
+        h.store.phase("order-8") == Some(Phase::Compensating)
+    })
+    .await;
+    for step in ["reserve", "prepare_shipment"] {
+        let reply = Input::Reply {
+            step: step.to_string(),
+            attempt: 1,
+            compensation: false,
+            outcome: Ok(Vec::new()),
+        };
+        h.stream.deliver("order-8", reply);
+    }
+    let saga = h.finished("order-8").await;
+    assert_eq!(saga.status, "CANCELLED");
+    assert_eq!(
+        saga.reason.as_deref(),
+        Some("cancelled: customer changed their mind")
+    );
+    let sent = h.bus.sent("order-8");
+    assert_eq!(
+        sent[3..],
+        strings(&[
+            ("shipping.cancel", 1),
+            ("inventory.release", 1),
+            ("payment.refund", 1),
+            ("notification.send_cancellation", 1)
+        ])[..]
+    );
+    assert_eq!(
+        h.bus.announcements("order-8"),
+        status_changes(&[("PENDING", "PAID", 2), ("PAID", "CANCELLED", 3)])
+    );
+    h.stop().await;
+}

@@ -1,0 +1,72 @@
+//! The demo notification service: `send` (the order is on its way) and `send_cancellation`
+//! (the order was cancelled). Both are forward actions recorded once per idempotency key, so
+//! the customer is told at most once each; neither can be undone.
+
+use async_trait::async_trait;
+use sagaflow_proto::v1;
+
+use super::ledger::{Ledger, LedgerEntry, Recorded};
+use super::{failure, Knobs, OrderInput};
+use crate::participant::{Outcome, Participant, Unavailable};
+
+/// Service name.
+pub const SERVICE: &str = "notification";
+
+/// The notification participant.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    ledger: Ledger,
+    knobs: Knobs,
+}
+
+impl Notification {
+    /// A notification service recording into `ledger`.
+    pub fn new(ledger: Ledger, knobs: Knobs) -> Self {
+        Notification { ledger, knobs }
+    }
+
+    async fn send(
+        &self,
+        cmd: &v1::Command,
+        action: &str,
+        template: &str,
+    ) -> Result<Outcome, Unavailable> {
+        if let Some(existing) = self.ledger.get(SERVICE, &cmd.idempotency_key).await? {
+            return Ok(existing.outcome.to_outcome());
+        }
+        // The recipient is informative only: a message is sent even for an input we cannot read.
+        let customer = OrderInput::parse(&cmd.input)
+            .map(|o| o.customer)
+            .unwrap_or_default();
+        let output = serde_json::json!({ "sent_to": customer, "template": template });
+        let entry = LedgerEntry::for_command(
+            SERVICE,
+            action,
+            cmd,
+            Recorded::Success {
+                output: output.to_string().into_bytes(),
+            },
+        );
+        self.ledger.record(entry).await
+    }
+}
+
+#[async_trait]
+impl Participant for Notification {
+    async fn handle(&self, cmd: &v1::Command) -> Result<Outcome, Unavailable> {
+        if let Some(injected) = self.knobs.apply(cmd).await {
+            return Ok(injected);
+        }
+        if cmd.idempotency_key.is_empty() {
+            return Ok(failure("invalid", "missing idempotency key"));
+        }
+        match cmd.action.as_str() {
+            "send" => self.send(cmd, "send", "order_confirmed").await,
+            "send_cancellation" => self.send(cmd, "send_cancellation", "order_cancelled").await,
+            other => Ok(failure(
+                "invalid",
+                format!("unknown notification action `{other}`"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! The demo participant services and analytics against a real `nats-server`: commands are
+//! published straight to `sagaflow.cmd.<service>.<action>` (no saga running) and the replies
+//! read with a core subscription on the reply subject, which `SAGA_EVENTS` also stores.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_trait::async_trait;
+use common::{nats_client, start_nats, wait_until, within, NatsServer, TIMEOUT};
+use futures::StreamExt;
+use prost::Message as _;
+use sagaflow::config::NodeConfig;
+use sagaflow::demo::{self, ledger::Ledger, payment::Payment, Knobs, LedgerSummary};
+use sagaflow::participant::{self, Outcome, Participant, Unavailable};
+use sagaflow_actors::service::{ServicePool, ServicePoolArgs, ServicePoolMsg};
+use sagaflow_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+const ORDER: &str = r#"{"order_id":"A1","customer":"ann","amount_cents":1200,"items":[{"sku":"SKU-1","quantity":2}]}"#;
+
+/// A NATS server with the topology, and a client listening on one reply subject.
+struct Env {
+    _nats: NatsServer,
+    js: jetstream::Context,
+    replies: async_nats::Subscriber,
+    reply_subject: String,
+    cfg: NodeConfig,
+}
+
+async fn env(test: &str) -> Env {
+    let nats = start_nats().await.unwrap();
+    let client = nats_client(&nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let mut cfg = NodeConfig::default();
+    cfg.demo.instances = 2;
+    within(
+        TIMEOUT,
+        "ensure topology",
+        sagaflow::topology::ensure(&js, &cfg.streams),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let reply_subject = format!("sagaflow.evt.0.{test}.reply");
+    let replies = within(
+        TIMEOUT,
+        "subscribe to replies",
+        client.subscribe(reply_subject.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    within(TIMEOUT, "flush", client.flush())
+        .await
+        .unwrap()
+        .unwrap();
+    Env {
+        _nats: nats,
+        js,
+        replies,
+        reply_subject,
+        cfg,
+    }
+}
+
+impl Env {
+    /// A command for step `step` of `saga`: `action` is `service.action`; `refund`, `release`
+    /// and `cancel` are compensations.
+    fn command(
+        &self,
+        action: &str,
+        saga: &str,
+        step: &str,
+        attempt: u32,
+        input: &str,
+    ) -> v1::Command {
+        let (service, action) = action.split_once('.').expect("service.action");
+        let compensation = matches!(action, "refund" | "release" | "cancel");
+        let forward = format!("{saga}/{step}");
+        v1::Command {
+            command_id: format!("{forward}/{}{attempt}", if compensation { "c" } else { "" }),
+            idempotency_key: if compensation {
+                format!("{forward}/compensate")
+            } else {
+                forward.clone()
+            },
+            saga_id: saga.to_string(),
+            saga_name: "order".to_string(),
+            step: step.to_string(),
+            service: service.to_string(),
+            action: action.to_string(),
+            attempt,
+            compensation,
+            compensates_key: if compensation { forward } else { String::new() },
+            input: input.as_bytes().to_vec(),
+            reply_subject: self.reply_subject.clone(),
+            deadline_unix_ms: 0,
+        }
+    }
+
+    /// Publishes `cmd` and waits for its reply's outcome.
+    async fn send(&mut self, cmd: &v1::Command) -> v1::reply::Outcome {
+        let subject = sagaflow::topology::command_subject(&cmd.service, &cmd.action);
+        within(TIMEOUT, "publish command", async {
+            self.js
+                .publish(subject, cmd.encode_to_vec().into())
+                .await?
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        loop {
+            let msg = within(TIMEOUT, "reply", self.replies.next())
+                .await
+                .unwrap()
+                .expect("reply subscription open");
+            let reply = v1::Reply::decode(msg.payload.as_ref()).unwrap();
+            if reply.command_id == cmd.command_id {
+                assert_eq!(
+                    (reply.saga_id.as_str(), reply.attempt),
+                    (cmd.saga_id.as_str(), cmd.attempt)
+                );
+                return reply.outcome.expect("reply has an outcome");
+            }
+        }
+    }
+
+    async fn summary(&self) -> LedgerSummary {
+        let entries = within(TIMEOUT, "read ledger", demo::ledger(&self.js))
+            .await
+            .unwrap()
+            .unwrap();
+        LedgerSummary::from_entries(&entries)
+    }
+
+    async fn entries_of(&self, saga: &str) -> Vec<demo::LedgerEntry> {
+        let entries = within(TIMEOUT, "read ledger", demo::ledger(&self.js))
+            .await
+            .unwrap()
+            .unwrap();
+        entries.into_iter().filter(|e| e.saga_id == saga).collect()
+    }
+}
+
+fn failure_kind(outcome: &v1::reply::Outcome) -> &str {
+    match outcome {
+        v1::reply::Outcome::Failure(f) => &f.kind,
+        v1::reply::Outcome::Success(_) => "",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_is_idempotent_declines_and_voids_late_charges() {
+    let mut env = env("pay").await;
+    let cancel = CancellationToken::new();
+    let running = within(
+        TIMEOUT,
+        "start demo",
+        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    // The same charge twice (a retry: new attempt, same idempotency key): one effect, one answer.
+    let first = env
+        .send(&env.command("payment.charge", "order-A1", "charge", 1, ORDER))
+        .await;
+    assert!(matches!(first, v1::reply::Outcome::Success(_)), "{first:?}");
+    let again = env
+        .send(&env.command("payment.charge", "order-A1", "charge", 2, ORDER))
+        .await;
+    assert_eq!(first, again, "a duplicate answers what the first answered");
+    assert_eq!(
+        env.entries_of("order-A1").await.len(),
+        1,
+        "one ledger entry for the charge"
+    );
+    let a1 = env.summary().await.saga("order-A1");
+    assert_eq!((a1.charged, a1.charged_cents), (1, 1200));
+
+    // Above the limit (1,000.00): declined, recorded, and a duplicate is declined the same way.
+    let big = r#"{"order_id":"A2","customer":"bob","amount_cents":100001,"items":[]}"#;
+    let declined = env
+        .send(&env.command("payment.charge", "order-A2", "charge", 1, big))
+        .await;
+    assert_eq!(failure_kind(&declined), "declined");
+    let v1::reply::Outcome::Failure(f) = &declined else {
+        unreachable!()
+    };
+    assert_eq!(f.message, "amount 100001 above limit 100000");
+    assert_eq!(
+        env.send(&env.command("payment.charge", "order-A2", "charge", 2, big))
+            .await,
+        declined
+    );
+    let invalid = env
+        .send(&env.command("payment.charge", "order-A9", "charge", 1, "not json"))
+        .await;
+    assert_eq!(failure_kind(&invalid), "invalid");
+
+    // A refund before its charge voids the charge: the late charge does nothing.
+    let refund = env
+        .send(&env.command("payment.refund", "order-A3", "charge", 1, ORDER))
+        .await;
+    assert!(
+        matches!(refund, v1::reply::Outcome::Success(_)),
+        "{refund:?}"
+    );
+    let late = env
+        .send(&env.command("payment.charge", "order-A3", "charge", 1, ORDER))
+        .await;
+    assert_eq!(failure_kind(&late), "voided");
+    let a3 = env.summary().await.saga("order-A3");
+    assert_eq!((a3.charged, a3.refunded, a3.voided), (0, 0, 1), "{a3:?}");
+
+    // A refund after the charge returns it, once.
+    let refund = env
+        .send(&env.command("payment.refund", "order-A1", "charge", 1, ORDER))
+        .await;
+    assert_eq!(
+        env.send(&env.command("payment.refund", "order-A1", "charge", 2, ORDER))
+            .await,
+        refund
+    );
+    let summary = env.summary().await;
+    let a1 = summary.saga("order-A1");
+    assert_eq!(
+        (a1.charged, a1.refunded, a1.net_charged_cents()),
+        (1, 1, 0),
+        "{a1:?}"
+    );
+    assert!(
+        summary.violations().is_empty(),
+        "{:?}",
+        summary.violations()
+    );
+
+    // Shipping and notification record once too; a cancelled shipment counts once.
+    let prepared = env
+        .send(&env.command("shipping.prepare", "order-A1", "prepare_shipment", 1, ORDER))
+        .await;
+    assert_eq!(
+        env.send(&env.command("shipping.prepare", "order-A1", "prepare_shipment", 2, ORDER))
+            .await,
+        prepared
+    );
+    env.send(&env.command("shipping.cancel", "order-A1", "prepare_shipment", 1, ORDER))
+        .await;
+    env.send(&env.command(
+        "notification.send_cancellation",
+        "order-A1",
+        "notify_cancellation",
+        1,
+        ORDER,
+    ))
+    .await;
+    env.send(&env.command(
+        "notification.send_cancellation",
+        "order-A1",
+        "notify_cancellation",
+        2,
+        ORDER,
+    ))
+    .await;
+    let a1 = env.summary().await.saga("order-A1");
+    assert_eq!(
+        (
+            a1.shipped,
+            a1.shipment_cancelled,
+            a1.notified,
+            a1.notified_cancellation
+        ),
+        (1, 1, 0, 1),
+        "{a1:?}"
+    );
+
+    cancel.cancel();
+    within(TIMEOUT, "demo shutdown", running.shutdown())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_refuses_what_it_lacks_and_keeps_stock_consistent() {
+    let mut env = env("inv").await;
+    let cancel = CancellationToken::new();
+    let running = within(
+        TIMEOUT,
+        "start demo",
+        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let js = env.js.clone();
+    let stock = move |sku: &'static str| {
+        let js = js.clone();
+        async move {
+            within(TIMEOUT, "read stock", demo::inventory::stock(&js, sku))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(stock("SKU-1").await, Some(1_000_000));
+    assert_eq!(stock("SKU-OUT").await, Some(0));
+
+    // SKU-1 is taken first, then SKU-OUT is short: SKU-1 goes back.
+    let short = r#"{"order_id":"B1","amount_cents":10,"items":[{"sku":"SKU-1","quantity":2},{"sku":"SKU-OUT","quantity":1}]}"#;
+    let refused = env
+        .send(&env.command("inventory.reserve", "order-B1", "reserve", 1, short))
+        .await;
+    assert_eq!(failure_kind(&refused), "out_of_stock");
+    assert_eq!(
+        stock("SKU-1").await,
+        Some(1_000_000),
+        "nothing kept from a refused reservation"
+    );
+    assert_eq!(
+        env.send(&env.command("inventory.reserve", "order-B1", "reserve", 2, short))
+            .await,
+        refused
+    );
+    let unknown = r#"{"amount_cents":10,"items":[{"sku":"NOPE","quantity":1}]}"#;
+    let refused = env
+        .send(&env.command("inventory.reserve", "order-B2", "reserve", 1, unknown))
+        .await;
+    assert_eq!(failure_kind(&refused), "out_of_stock");
+
+    // A reservation is taken once however often it is delivered, and released once.
+    let ok = r#"{"order_id":"B3","amount_cents":10,"items":[{"sku":"SKU-2","quantity":3}]}"#;
+    let reserved = env
+        .send(&env.command("inventory.reserve", "order-B3", "reserve", 1, ok))
+        .await;
+    assert!(
+        matches!(reserved, v1::reply::Outcome::Success(_)),
+        "{reserved:?}"
+    );
+    assert_eq!(
+        env.send(&env.command("inventory.reserve", "order-B3", "reserve", 2, ok))
+            .await,
+        reserved
+    );
+    assert_eq!(stock("SKU-2").await, Some(999_997));
+    env.send(&env.command("inventory.release", "order-B3", "reserve", 1, ok))
+        .await;
+    env.send(&env.command("inventory.release", "order-B3", "reserve", 2, ok))
+        .await;
+    assert_eq!(stock("SKU-2").await, Some(1_000_000));
+    let b3 = env.summary().await.saga("order-B3");
+    assert_eq!((b3.reserved, b3.released), (1, 1), "{b3:?}");
+
+    // A release before its reservation voids it: the late reservation takes nothing.
+    env.send(&env.command("inventory.release", "order-B4", "reserve", 1, ok))
+        .await;
+    let late = env
+        .send(&env.command("inventory.reserve", "order-B4", "reserve", 1, ok))
+        .await;
+    assert_eq!(failure_kind(&late), "voided");
+    assert_eq!(stock("SKU-2").await, Some(1_000_000));
+
+    cancel.cancel();
+    within(TIMEOUT, "demo shutdown", running.shutdown())
+        .await
+        .unwrap();
+
+    // A restart keeps the counts (the configured stock is only an initial value).
+    let mut cfg = env.cfg.clone();
+    cfg.demo.stock.insert("SKU-2".to_string(), 5);
+    let cancel = CancellationToken::new();
+    let running = within(
+        TIMEOUT,
+        "restart demo",
+        demo::start(env.js.clone(), &cfg, cancel.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let reserved = env
+        .send(&env.command("inventory.reserve", "order-B5", "reserve", 1, ok))
+        .await;
+    assert!(
+        matches!(reserved, v1::reply::Outcome::Success(_)),
+        "{reserved:?}"
+    );
+    assert_eq!(stock("SKU-2").await, Some(999_997));
+    within(TIMEOUT, "demo shutdown", running.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Panics on its first command, then behaves as `inner`.
+struct PanicOnce {
+    inner: Payment,
+    panicked: AtomicBool,
+}
+
+#[async_trait]
+impl Participant for PanicOnce {
+    async fn handle(&self, cmd: &v1::Command) -> Result<Outcome, Unavailable> {
+        assert!(
+            self.panicked.swap(true, Ordering::SeqCst),
+            "injected test panic on the first command"
+        );
+        self.inner.handle(cmd).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
+    let mut env = env("panic").await;
+    let ledger = within(TIMEOUT, "open ledger", Ledger::open(&env.js, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let participant = Arc::new(PanicOnce {
+        inner: Payment::new(ledger, Knobs::default(), 100_000),
+        panicked: AtomicBool::new(false),
+    });
+    let args = ServicePoolArgs {
+        service: "payment".into(),
+        instances: 1,
+    };
+    let (pool, pool_handle) = within(
+        TIMEOUT,
+        "spawn pool",
+        ractor::Actor::spawn(None, ServicePool, args),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let consumer = tokio::spawn(participant::run_consumer(
+        env.js.clone(),
+        "payment".into(),
+        env.cfg.consumers.clone(),
+        participant.clone(),
+        pool.clone(),
+        cancel.clone(),
+    ));
+
+    let outcome = env
+        .send(&env.command("payment.charge", "order-C1", "charge", 1, ORDER))
+        .await;
+    assert!(
+        matches!(outcome, v1::reply::Outcome::Success(_)),
+        "{outcome:?}"
+    );
+    assert!(participant.panicked.load(Ordering::SeqCst));
+    let stats = within(TIMEOUT, "pool stats", async {
+        ractor::call!(pool, ServicePoolMsg::Stats)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(stats.restarts, 1, "{stats:?}");
+    assert_eq!(
+        stats.returned, 1,
+        "the command was returned when its instance died: {stats:?}"
+    );
+    wait_until(TIMEOUT, "instance back", || {
+        let pool = pool.clone();
+        async move { ractor::call!(pool, ServicePoolMsg::Stats).is_ok_and(|s| s.live == 1) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(env.summary().await.saga("order-C1").charged, 1);
+
+    cancel.cancel();
+    within(TIMEOUT, "consumer stops", consumer)
+        .await
+        .unwrap()
+        .unwrap();
+    pool.stop(None);
+    within(TIMEOUT, "pool stops", pool_handle)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn status_event(saga_id: &str, phase: &str, terminal: bool, input: &str) -> v1::StatusEvent {
+    v1::StatusEvent {
+        saga_id: saga_id.into(),
+        saga_name: "order".into(),
+        previous_status: "PAID".into(),
+        status: if terminal {
+            "SHIPPED".into()
+        } else {
+            "PAID".into()
+        },
+        phase: phase.into(),
+        terminal,
+        input: input.as_bytes().to_vec(),
+        sequence: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_counts_completed_orders_once_across_a_restart() {
+    let env = env("analytics").await;
+    let publish = |subject: String, payload: Vec<u8>| {
+        let js = env.js.clone();
+        async move {
+            within(TIMEOUT, "publish status", async {
+                js.publish(subject, payload.into()).await?.await
+            })
+            .await
+            .unwrap()
+            .unwrap()
+        }
+    };
+    let input = r#"{"order_id":"D1","customer":"ann","amount_cents":1000,"items":[{"sku":"SKU-1","quantity":1},{"sku":"SKU-2","quantity":2}]}"#;
+    publish(
+        "sagaflow.status.order.order-D1".into(),
+        status_event("order-D1", "RUNNING", false, input).encode_to_vec(),
+    )
+    .await;
+    publish(
+        "sagaflow.status.order.order-D1".into(),
+        status_event("order-D1", "COMPLETED", true, input).encode_to_vec(),
+    )
+    .await;
+    publish(
+        "sagaflow.status.order.order-D2".into(),
+        b"\xffnot protobuf".to_vec(),
+    )
+    .await;
+
+    let cancel = CancellationToken::new();
+    let running = within(
+        TIMEOUT,
+        "start demo",
+        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let sales = || {
+        let js = env.js.clone();
+        async move {
+            within(TIMEOUT, "sales", demo::sales(&js))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    wait_until(TIMEOUT, "two events counted", || async {
+        sales().await.events_processed == 2
+    })
+    .await
+    .unwrap();
+    let report = sales().await;
+    assert_eq!((report.completed_orders, report.revenue_cents), (1, 1000));
+    let skus: Vec<(&str, u64, u64)> = report
+        .skus
+        .iter()
+        .map(|s| (s.sku.as_str(), s.units, s.revenue_cents))
+        .collect();
+    assert_eq!(skus, [("SKU-1", 1, 334), ("SKU-2", 2, 666)]);
+    // The undecodable event went to the DLQ.
+    wait_until(TIMEOUT, "dead letter stored", || {
+        let js = env.js.clone();
+        async move {
+            match js.get_stream(sagaflow::topology::DLQ_STREAM).await {
+                Ok(mut s) => s.info().await.is_ok_and(|i| i.state.messages == 1),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    // Through the gRPC edge type too.
+    use sagaflow_proto::v1::analytics_service_server::AnalyticsService as _;
+    let grpc = sagaflow::grpc::analytics::Analytics::new(env.js.clone());
+    let via_grpc = within(
+        TIMEOUT,
+        "get_sales",
+        grpc.get_sales(tonic::Request::new(v1::GetSalesRequest {})),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(via_grpc.into_inner(), report);
+
+    // A restart counts only new events (the pin may take a few seconds to come back).
+    cancel.cancel();
+    within(TIMEOUT, "demo shutdown", running.shutdown())
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let running = within(
+        TIMEOUT,
+        "restart demo",
+        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    publish(
+        "sagaflow.status.order.order-D3".into(),
+        status_event("order-D3", "COMPLETED", true, input).encode_to_vec(),
+    )
+    .await;
+    wait_until(Duration::from_secs(40), "third event counted", || async {
+        sales().await.events_processed == 3
+    })
+    .await
+    .unwrap();
+    let report = sales().await;
+    assert_eq!((report.completed_orders, report.revenue_cents), (2, 2000));
+    within(TIMEOUT, "demo shutdown", running.shutdown())
+        .await
+        .unwrap();
+}
