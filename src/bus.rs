@@ -38,9 +38,18 @@ pub fn idempotency_key(saga_id: &str, step: &str, compensation: bool) -> String 
 }
 
 /// Builds the protobuf command for one attempt, with its subject.
-pub fn build_command(def: &SagaDefinition, saga: &Saga, spec: CommandSpec, partitions: u32) -> Option<(String, v1::Command)> {
+pub fn build_command(
+    def: &SagaDefinition,
+    saga: &Saga,
+    spec: CommandSpec,
+    partitions: u32,
+) -> Option<(String, v1::Command)> {
     let step = def.step(spec.step)?;
-    let action = if spec.compensation { step.compensation.as_ref()? } else { &step.action };
+    let action = if spec.compensation {
+        step.compensation.as_ref()?
+    } else {
+        &step.action
+    };
     let state = saga.steps.get(spec.step)?;
     let cmd = v1::Command {
         command_id: command_id(&saga.id, &step.name, spec.compensation, spec.attempt),
@@ -52,7 +61,11 @@ pub fn build_command(def: &SagaDefinition, saga: &Saga, spec: CommandSpec, parti
         action: action.name.clone(),
         attempt: spec.attempt,
         compensation: spec.compensation,
-        compensates_key: if spec.compensation { idempotency_key(&saga.id, &step.name, false) } else { String::new() },
+        compensates_key: if spec.compensation {
+            idempotency_key(&saga.id, &step.name, false)
+        } else {
+            String::new()
+        },
         input: saga.input.clone(),
         reply_subject: event_subject(partition_of(&saga.id, partitions), &saga.id, "reply"),
         deadline_unix_ms: state.due_at.unwrap_or_default(),
@@ -75,12 +88,20 @@ impl JetStreamBus {
 }
 
 fn transport(operation: &'static str) -> impl Fn(&dyn std::fmt::Display) -> Error {
-    move |e| Error::Transport { operation, message: e.to_string() }
+    move |e| Error::Transport {
+        operation,
+        message: e.to_string(),
+    }
 }
 
 #[async_trait]
 impl CommandBus for JetStreamBus {
-    async fn send(&self, def: &SagaDefinition, saga: &Saga, commands: &[CommandSpec]) -> Result<(), Error> {
+    async fn send(
+        &self,
+        def: &SagaDefinition,
+        saga: &Saga,
+        commands: &[CommandSpec],
+    ) -> Result<(), Error> {
         let mut acks = Vec::with_capacity(commands.len());
         for spec in commands {
             let Some((subject, cmd)) = build_command(def, saga, *spec, self.partitions) else {
@@ -97,11 +118,19 @@ impl CommandBus for JetStreamBus {
                 .map_err(|e| transport("publish command")(&e))?;
             acks.push(ack.into_future());
         }
-        try_join_all(acks).await.map_err(|e| transport("publish command")(&e))?;
+        try_join_all(acks)
+            .await
+            .map_err(|e| transport("publish command")(&e))?;
         Ok(())
     }
 
-    async fn announce(&self, saga: &Saga, from: &str, to: &str, sequence: u64) -> Result<(), Error> {
+    async fn announce(
+        &self,
+        saga: &Saga,
+        from: &str,
+        to: &str,
+        sequence: u64,
+    ) -> Result<(), Error> {
         let event = v1::StatusEvent {
             saga_id: saga.id.clone(),
             saga_name: saga.definition.clone(),
@@ -115,9 +144,16 @@ impl CommandBus for JetStreamBus {
             sequence,
         };
         let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{}/status/{sequence}", saga.id).as_str());
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("{}/status/{sequence}", saga.id).as_str(),
+        );
         self.js
-            .publish_with_headers(status_subject(&saga.definition, &saga.id), headers, event.encode_to_vec().into())
+            .publish_with_headers(
+                status_subject(&saga.definition, &saga.id),
+                headers,
+                event.encode_to_vec().into(),
+            )
             .await
             .map_err(|e| transport("publish status")(&e))?
             .await

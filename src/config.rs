@@ -35,7 +35,10 @@ pub enum Error {
 }
 
 fn invalid(origin: Option<String>, message: impl Into<String>) -> Error {
-    Error::Invalid { origin, message: message.into() }
+    Error::Invalid {
+        origin,
+        message: message.into(),
+    }
 }
 
 /// Everything a node needs to run. Every field has a default, so a node runs without a file.
@@ -137,7 +140,8 @@ impl Default for NodeConfig {
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        let mut stock: BTreeMap<String, u64> = (1..=9).map(|i| (format!("SKU-{i}"), 1_000_000)).collect();
+        let mut stock: BTreeMap<String, u64> =
+            (1..=9).map(|i| (format!("SKU-{i}"), 1_000_000)).collect();
         stock.insert("SKU-OUT".to_string(), 0);
         DemoConfig {
             instances: 4,
@@ -193,27 +197,52 @@ pub struct Overrides {
 impl NodeConfig {
     /// Layers defaults, the file (if any), `SAGAFLOW_*` variables from `env` and `overrides`,
     /// then validates.
-    pub fn load(file: Option<&Path>, env: &BTreeMap<String, String>, overrides: &Overrides) -> Result<Self, Error> {
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        overrides: &Overrides,
+    ) -> Result<Self, Error> {
         let mut root = toml::Table::new();
         let mut origin = None;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
             root = text.parse::<toml::Table>().map_err(|e| {
-                let (line, col) = e.span().map_or((1, 1), |s| sagaflow_actors::definition::line_col(&text, s.start));
-                invalid(Some(format!("{}:{line}:{col}", path.display())), e.message().to_string())
+                let (line, col) = e.span().map_or((1, 1), |s| {
+                    sagaflow_actors::definition::line_col(&text, s.start)
+                });
+                invalid(
+                    Some(format!("{}:{line}:{col}", path.display())),
+                    e.message().to_string(),
+                )
             })?;
             origin = Some(path.display().to_string());
         }
         for (key, value) in env {
-            let Some(rest) = key.strip_prefix("SAGAFLOW_") else { continue };
+            let Some(rest) = key.strip_prefix("SAGAFLOW_") else {
+                continue;
+            };
             if rest.is_empty() {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-            set_path(&mut root, &path, env_value(&path, value)).map_err(|m| invalid(Some(key.clone()), m))?;
+            set_path(&mut root, &path, env_value(&path, value))
+                .map_err(|m| invalid(Some(key.clone()), m))?;
         }
         if !overrides.nats.is_empty() {
-            root.insert("nats".into(), toml::Value::Array(overrides.nats.iter().cloned().map(toml::Value::String).collect()));
+            root.insert(
+                "nats".into(),
+                toml::Value::Array(
+                    overrides
+                        .nats
+                        .iter()
+                        .cloned()
+                        .map(toml::Value::String)
+                        .collect(),
+                ),
+            );
         }
         if let Some(addr) = overrides.grpc_addr {
             root.insert("grpc_addr".into(), toml::Value::String(addr.to_string()));
@@ -222,7 +251,10 @@ impl NodeConfig {
             root.insert("demo_services".into(), toml::Value::Boolean(demo));
         }
         if let Some(dir) = &overrides.saga_dir {
-            root.insert("saga_dir".into(), toml::Value::String(dir.display().to_string()));
+            root.insert(
+                "saga_dir".into(),
+                toml::Value::String(dir.display().to_string()),
+            );
         }
         if let Some(id) = &overrides.node_id {
             root.insert("node_id".into(), toml::Value::String(id.clone()));
@@ -230,7 +262,8 @@ impl NodeConfig {
         if let Some(f) = &overrides.log_format {
             root.insert("log_format".into(), toml::Value::String(f.clone()));
         }
-        let config: NodeConfig = NodeConfig::deserialize(toml::Value::Table(root)).map_err(|e| invalid(origin.clone(), e.to_string()))?;
+        let config: NodeConfig = NodeConfig::deserialize(toml::Value::Table(root))
+            .map_err(|e| invalid(origin.clone(), e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -238,34 +271,62 @@ impl NodeConfig {
     /// Refuses values the node could not run with.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(invalid(None, m));
-        if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return bad(format!("`node_id` must be letters, digits, `-` or `_`, got {:?}", self.node_id));
+        if self.node_id.is_empty()
+            || !self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "`node_id` must be letters, digits, `-` or `_`, got {:?}",
+                self.node_id
+            ));
         }
         if self.nats.is_empty() {
             return bad("`nats` needs at least one server URL".into());
         }
         if !(1..=1024).contains(&self.partitions) {
-            return bad(format!("`partitions` must be in 1..=1024, got {}", self.partitions));
+            return bad(format!(
+                "`partitions` must be in 1..=1024, got {}",
+                self.partitions
+            ));
         }
         if !(1..=5).contains(&self.streams.replicas) {
-            return bad(format!("`streams.replicas` must be in 1..=5, got {}", self.streams.replicas));
+            return bad(format!(
+                "`streams.replicas` must be in 1..=5, got {}",
+                self.streams.replicas
+            ));
         }
         if !(1..=256).contains(&self.demo.instances) {
-            return bad(format!("`demo.instances` must be in 1..=256, got {}", self.demo.instances));
+            return bad(format!(
+                "`demo.instances` must be in 1..=256, got {}",
+                self.demo.instances
+            ));
         }
-        for (name, rate) in [("demo.failure_rate", self.demo.failure_rate), ("demo.panic_rate", self.demo.panic_rate)] {
+        for (name, rate) in [
+            ("demo.failure_rate", self.demo.failure_rate),
+            ("demo.panic_rate", self.demo.panic_rate),
+        ] {
             if !(0.0..=1.0).contains(&rate) {
                 return bad(format!("`{name}` must be in 0..=1, got {rate}"));
             }
         }
         if self.consumers.max_ack_pending < 1 || self.consumers.command_max_deliver < 1 {
-            return bad("`consumers.max_ack_pending` and `consumers.command_max_deliver` must be ≥ 1".into());
+            return bad(
+                "`consumers.max_ack_pending` and `consumers.command_max_deliver` must be ≥ 1"
+                    .into(),
+            );
         }
-        if self.consumers.event_ack_wait < Duration::from_secs(1) || self.consumers.command_ack_wait < Duration::from_secs(1) {
+        if self.consumers.event_ack_wait < Duration::from_secs(1)
+            || self.consumers.command_ack_wait < Duration::from_secs(1)
+        {
             return bad("`consumers.*_ack_wait` must be at least 1s".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return bad(format!("`log_format` must be `text` or `json`, got {:?}", self.log_format));
+            return bad(format!(
+                "`log_format` must be `text` or `json`, got {:?}",
+                self.log_format
+            ));
         }
         Ok(())
     }
@@ -273,21 +334,33 @@ impl NodeConfig {
 
 fn env_value(path: &[String], raw: &str) -> toml::Value {
     if path.len() == 1 && path[0] == "nats" {
-        return toml::Value::Array(raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).collect());
+        return toml::Value::Array(
+            raw.split(',')
+                .map(|s| toml::Value::String(s.trim().to_string()))
+                .collect(),
+        );
     }
     // A scalar that parses as TOML keeps its type; anything else is a string.
     match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
 
 fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
-    let Some((last, parents)) = path.split_last() else { return Ok(()) };
+    let Some((last, parents)) = path.split_last() else {
+        return Ok(());
+    };
     let mut table = root;
     for p in parents {
-        let entry = table.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().ok_or_else(|| format!("`{p}` is not a table"))?;
+        let entry = table
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a table"))?;
     }
     table.insert(last.clone(), value);
     Ok(())
@@ -330,15 +403,28 @@ mod tests {
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node.toml");
-        std::fs::write(&file, "partitions = 8\ngrpc_addr = \"127.0.0.1:7000\"\n[demo]\ninstances = 2\n").unwrap();
+        std::fs::write(
+            &file,
+            "partitions = 8\ngrpc_addr = \"127.0.0.1:7000\"\n[demo]\ninstances = 2\n",
+        )
+        .unwrap();
         let env: BTreeMap<String, String> = [
             ("SAGAFLOW_PARTITIONS".to_string(), "16".to_string()),
-            ("SAGAFLOW_DEMO__PAYMENT_LIMIT_CENTS".to_string(), "500".to_string()),
-            ("SAGAFLOW_NATS".to_string(), "nats://a:1, nats://b:2".to_string()),
+            (
+                "SAGAFLOW_DEMO__PAYMENT_LIMIT_CENTS".to_string(),
+                "500".to_string(),
+            ),
+            (
+                "SAGAFLOW_NATS".to_string(),
+                "nats://a:1, nats://b:2".to_string(),
+            ),
             ("OTHER".to_string(), "x".to_string()),
         ]
         .into();
-        let o = Overrides { grpc_addr: Some("127.0.0.1:7001".parse().unwrap()), ..Default::default() };
+        let o = Overrides {
+            grpc_addr: Some("127.0.0.1:7001".parse().unwrap()),
+            ..Default::default()
+        };
         let c = NodeConfig::load(Some(&file), &env, &o).unwrap();
         assert_eq!(c.partitions, 16, "env beats file");
         assert_eq!(c.demo.instances, 2, "file beats default");
@@ -352,9 +438,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node.toml");
         std::fs::write(&file, "partitons = 8\n").unwrap();
-        let err = NodeConfig::load(Some(&file), &BTreeMap::new(), &Overrides::default()).unwrap_err();
+        let err =
+            NodeConfig::load(Some(&file), &BTreeMap::new(), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("partitons"), "{err}");
-        let env: BTreeMap<String, String> = [("SAGAFLOW_PARTITIONS".to_string(), "0".to_string())].into();
+        let env: BTreeMap<String, String> =
+            [("SAGAFLOW_PARTITIONS".to_string(), "0".to_string())].into();
         let err = NodeConfig::load(None, &env, &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("partitions"), "{err}");
     }

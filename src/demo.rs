@@ -10,7 +10,7 @@
 //! ```
 //!
 //! # Layout
-//! - [`ledger`]: the durable, exactly-once record of every effect (KV `sagaflow_ledger`), and
+//! - [`ledger`](mod@ledger): the durable, exactly-once record of every effect (KV `sagaflow_ledger`), and
 //!   [`ledger::LedgerSummary`] for tests that check ledgers.
 //! - [`payment`], [`inventory`], [`shipping`], [`notification`]: one participant each.
 //! - [`analytics`]: completed orders, revenue and per-SKU sales from the lifecycle events.
@@ -23,7 +23,7 @@
 //! refused (`Failure{kind: "voided"}`) rather than applied.
 //!
 //! # Knobs
-//! [`DemoConfig`](crate::config::DemoConfig)'s `latency_ms`, `failure_rate` and `panic_rate` apply
+//! [`DemoConfig`]'s `latency_ms`, `failure_rate` and `panic_rate` apply
 //! to **every** command, compensations included: the saga retries compensations until they succeed,
 //! so an injected transient failure there only delays them, and an injected panic exercises the
 //! pool's supervision the same way. Injected `unavailable` failures are not recorded in the ledger

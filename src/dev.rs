@@ -44,7 +44,10 @@ pub enum Error {
 pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let server = tokio::task::spawn_blocking(NatsServer::start)
         .await
-        .map_err(|e| crate::nats_server::Error::Io { what: "starting nats-server".into(), source: std::io::Error::other(e) })??;
+        .map_err(|e| crate::nats_server::Error::Io {
+            what: "starting nats-server".into(),
+            source: std::io::Error::other(e),
+        })??;
     println!("nats-server (JetStream) listening on {}", server.url());
     let overrides = Overrides {
         nats: vec![server.url()],
@@ -78,7 +81,9 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
 
 /// Places `n` orders (a mix of outcomes) and prints how each ended.
 async fn demo(addr: SocketAddr, n: usize) -> Result<(), String> {
-    let mut client = OrderServiceClient::connect(format!("http://{addr}")).await.map_err(|e| e.to_string())?;
+    let mut client = OrderServiceClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| e.to_string())?;
     let run = rand::random::<u16>();
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
@@ -93,18 +98,34 @@ async fn demo(addr: SocketAddr, n: usize) -> Result<(), String> {
             order_id: order_id.clone(),
             customer: "demo".into(),
             amount_cents: amount,
-            items: vec![OrderItem { sku: sku.into(), quantity: 1 + (i as u32 % 3) }],
+            items: vec![OrderItem {
+                sku: sku.into(),
+                quantity: 1 + (i as u32 % 3),
+            }],
         };
-        client.place_order(req).await.map_err(|e| e.message().to_string())?;
+        client
+            .place_order(req)
+            .await
+            .map_err(|e| e.message().to_string())?;
         println!("placed order {order_id}: {amount} cents of {sku}");
         ids.push(order_id);
     }
     for id in ids {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let order = client.get_order(GetOrderRequest { order_id: id.clone() }).await.map_err(|e| e.message().to_string())?.into_inner();
+            let order = client
+                .get_order(GetOrderRequest {
+                    order_id: id.clone(),
+                })
+                .await
+                .map_err(|e| e.message().to_string())?
+                .into_inner();
             if order.terminal || tokio::time::Instant::now() > deadline {
-                let reason = if order.reason.is_empty() { String::new() } else { format!(" ({})", order.reason) };
+                let reason = if order.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", order.reason)
+                };
                 println!("order {id}: {}{reason}", order.status);
                 break;
             }

@@ -28,23 +28,43 @@ pub const SOURCE: &str = "Sagaflow-Dlq-Source";
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Publishes `message` to the DLQ with `reason`, then acks it (or naks it if that failed).
-pub async fn dead_letter(js: &jetstream::Context, source: &str, message: &jetstream::Message, reason: &str) {
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    source: &str,
+    message: &jetstream::Message,
+    reason: &str,
+) {
     let mut headers = HeaderMap::new();
     // Header values cannot hold newlines.
-    let clean: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1024).collect();
+    let clean: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1024)
+        .collect();
     headers.insert(REASON, clean.as_str());
     headers.insert(SUBJECT, message.subject.as_str());
     headers.insert(SOURCE, source);
     headers.insert(AT, now_ms().to_string().as_str());
     if let Ok(info) = message.info() {
-        headers.insert(ORIGIN, format!("{}:{}", info.stream, info.stream_sequence).as_str());
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("dlq/{}/{}", info.stream, info.stream_sequence).as_str());
+        headers.insert(
+            ORIGIN,
+            format!("{}:{}", info.stream, info.stream_sequence).as_str(),
+        );
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("dlq/{}/{}", info.stream, info.stream_sequence).as_str(),
+        );
     }
-    let published = match js.publish_with_headers(dlq_subject(source), headers, message.payload.clone()).await {
+    let published = match js
+        .publish_with_headers(dlq_subject(source), headers, message.payload.clone())
+        .await
+    {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -57,7 +77,9 @@ pub async fn dead_letter(js: &jetstream::Context, source: &str, message: &jetstr
         }
         Err(e) => {
             tracing::error!(source, subject = %message.subject, error = %e, "cannot dead-letter message, returning it");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
         }
     }
 }

@@ -35,16 +35,28 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
     };
     let input = match *kind {
         "reply" => {
-            let reply = v1::Reply::decode(payload).map_err(|e| format!("undecodable reply: {e}"))?;
+            let reply =
+                v1::Reply::decode(payload).map_err(|e| format!("undecodable reply: {e}"))?;
             if reply.saga_id != *saga_id {
-                return Err(format!("reply for saga `{}` published on the subject of saga `{saga_id}`", reply.saga_id));
+                return Err(format!(
+                    "reply for saga `{}` published on the subject of saga `{saga_id}`",
+                    reply.saga_id
+                ));
             }
             let outcome = match reply.outcome {
                 Some(v1::reply::Outcome::Success(s)) => Ok(s.output),
-                Some(v1::reply::Outcome::Failure(f)) => Err(StepError { kind: f.kind, message: f.message }),
+                Some(v1::reply::Outcome::Failure(f)) => Err(StepError {
+                    kind: f.kind,
+                    message: f.message,
+                }),
                 None => return Err("reply has no outcome".to_string()),
             };
-            Input::Reply { step: reply.step, attempt: reply.attempt, compensation: reply.compensation, outcome }
+            Input::Reply {
+                step: reply.step,
+                attempt: reply.attempt,
+                compensation: reply.compensation,
+                outcome,
+            }
         }
         "start" | "cancel" => match wire::decode_control(payload).map_err(|e| e.to_string())? {
             Control::Started { .. } => Input::Started,
@@ -56,8 +68,15 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
 }
 
 /// Creates (or updates) the durable consumer of `partition`.
-pub async fn ensure_consumer(js: &jetstream::Context, partition: u32, cfg: &ConsumerConfig) -> Result<consumer::PullConsumer, String> {
-    let stream = js.get_stream(EVENTS_STREAM).await.map_err(|e| e.to_string())?;
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    partition: u32,
+    cfg: &ConsumerConfig,
+) -> Result<consumer::PullConsumer, String> {
+    let stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
     stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(consumer_name(partition)),
@@ -118,9 +137,23 @@ pub async fn run_partition(
             match next {
                 Some(Ok(message)) => match decode(&message.subject, &message.payload) {
                     Ok((saga_id, input)) => {
-                        let delivery = Box::new(JsDelivery { message, js: js.clone(), source: "events" });
-                        if coordinator.cast(CoordinatorMsg::Deliver { saga_id, input, delivery }).is_err() {
-                            tracing::warn!(partition, "coordinator stopped; leaving events unacked");
+                        let delivery = Box::new(JsDelivery {
+                            message,
+                            js: js.clone(),
+                            source: "events",
+                        });
+                        if coordinator
+                            .cast(CoordinatorMsg::Deliver {
+                                saga_id,
+                                input,
+                                delivery,
+                            })
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                partition,
+                                "coordinator stopped; leaving events unacked"
+                            );
                             return;
                         }
                     }
@@ -146,7 +179,10 @@ mod tests {
             step: "charge".into(),
             attempt: 2,
             compensation: false,
-            outcome: Some(v1::reply::Outcome::Failure(v1::Failure { kind: "declined".into(), message: "no".into() })),
+            outcome: Some(v1::reply::Outcome::Failure(v1::Failure {
+                kind: "declined".into(),
+                message: "no".into(),
+            })),
         };
         let (id, input) = decode("sagaflow.evt.3.order-1.reply", &reply.encode_to_vec()).unwrap();
         assert_eq!(id, "order-1");
@@ -156,20 +192,39 @@ mod tests {
                 step: "charge".into(),
                 attempt: 2,
                 compensation: false,
-                outcome: Err(StepError { kind: "declined".into(), message: "no".into() })
+                outcome: Err(StepError {
+                    kind: "declined".into(),
+                    message: "no".into()
+                })
             }
         );
         let start = wire::encode_control(&Control::Started { at: 1 }).unwrap();
-        assert_eq!(decode("sagaflow.evt.3.order-1.start", &start).unwrap().1, Input::Started);
+        assert_eq!(
+            decode("sagaflow.evt.3.order-1.start", &start).unwrap().1,
+            Input::Started
+        );
     }
 
     #[test]
     fn rejects_garbage_with_a_reason() {
-        assert!(decode("sagaflow.evt.3.order-1.reply", b"\xff\xff\xff").unwrap_err().contains("undecodable reply"));
-        assert!(decode("sagaflow.evt.3.order-1", b"").unwrap_err().contains("unexpected event subject"));
-        assert!(decode("sagaflow.evt.3.order-1.bogus", b"").unwrap_err().contains("unknown event kind"));
-        let other = v1::Reply { saga_id: "order-2".into(), ..Default::default() };
-        assert!(decode("sagaflow.evt.3.order-1.reply", &other.encode_to_vec()).unwrap_err().contains("order-2"));
+        assert!(decode("sagaflow.evt.3.order-1.reply", b"\xff\xff\xff")
+            .unwrap_err()
+            .contains("undecodable reply"));
+        assert!(decode("sagaflow.evt.3.order-1", b"")
+            .unwrap_err()
+            .contains("unexpected event subject"));
+        assert!(decode("sagaflow.evt.3.order-1.bogus", b"")
+            .unwrap_err()
+            .contains("unknown event kind"));
+        let other = v1::Reply {
+            saga_id: "order-2".into(),
+            ..Default::default()
+        };
+        assert!(
+            decode("sagaflow.evt.3.order-1.reply", &other.encode_to_vec())
+                .unwrap_err()
+                .contains("order-2")
+        );
         assert!(decode("sagaflow.evt.3.order-1.start", b"\x07").is_err());
     }
 }

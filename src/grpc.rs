@@ -43,13 +43,19 @@ pub struct SagaApi {
 
 impl std::fmt::Debug for SagaApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SagaApi").field("partitions", &self.partitions).finish()
+        f.debug_struct("SagaApi")
+            .field("partitions", &self.partitions)
+            .finish()
     }
 }
 
 /// Checks an id: 1 to `max` characters of `[A-Za-z0-9_-]`.
 pub fn valid_id(id: &str, max: usize) -> bool {
-    !id.is_empty() && id.len() <= max && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !id.is_empty()
+        && id.len() <= max
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `INVALID_ARGUMENT` naming `field`.
@@ -95,7 +101,12 @@ impl SagaApi {
     /// tells the partition's owner to publish the first commands. A repeat of an unfinished
     /// saga publishes the `start` event again (de-duplicated by `Nats-Msg-Id` within the
     /// window, harmless beyond it), which also repairs a crash between the two writes.
-    pub async fn start(&self, def: &SagaDefinition, id: &str, input: Vec<u8>) -> Result<(bool, Saga), Status> {
+    pub async fn start(
+        &self,
+        def: &SagaDefinition,
+        id: &str,
+        input: Vec<u8>,
+    ) -> Result<(bool, Saga), Status> {
         let existing = self.store.load(id).await.map_err(unavailable)?;
         let (created, saga) = match existing {
             Some((saga, _)) => (false, saga),
@@ -103,16 +114,28 @@ impl SagaApi {
                 let (saga, _) = Saga::start(def, id.to_string(), input, now_ms());
                 match self.store.save(&saga, None).await {
                     Ok(_) => (true, saga),
-                    Err(PortError::Conflict { .. }) => match self.store.load(id).await.map_err(unavailable)? {
-                        Some((saga, _)) => (false, saga),
-                        None => return Err(Status::aborted("saga was created and removed concurrently; retry")),
-                    },
+                    Err(PortError::Conflict { .. }) => {
+                        match self.store.load(id).await.map_err(unavailable)? {
+                            Some((saga, _)) => (false, saga),
+                            None => {
+                                return Err(Status::aborted(
+                                    "saga was created and removed concurrently; retry",
+                                ))
+                            }
+                        }
+                    }
                     Err(e) => return Err(unavailable(e)),
                 }
             }
         };
         if !saga.is_terminal() {
-            self.publish_control(id, "start", &Control::Started { at: now_ms() }, format!("start/{id}")).await?;
+            self.publish_control(
+                id,
+                "start",
+                &Control::Started { at: now_ms() },
+                format!("start/{id}"),
+            )
+            .await?;
         }
         if created {
             // The first lifecycle event (status `initial`); later ones come from the owner.
@@ -124,7 +147,13 @@ impl SagaApi {
         Ok((created, saga))
     }
 
-    async fn publish_control(&self, id: &str, kind: &str, control: &Control, msg_id: String) -> Result<(), Status> {
+    async fn publish_control(
+        &self,
+        id: &str,
+        kind: &str,
+        control: &Control,
+        msg_id: String,
+    ) -> Result<(), Status> {
         let payload = wire::encode_control(control).map_err(|e| Status::internal(e.to_string()))?;
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
@@ -149,16 +178,26 @@ impl SagaApi {
     }
 
     /// Every change of the saga's snapshot, starting with the current one, until terminal.
-    pub async fn watch(&self, id: &str) -> Result<impl Stream<Item = Result<(Saga, u64), Status>> + Send + 'static, Status> {
+    pub async fn watch(
+        &self,
+        id: &str,
+    ) -> Result<impl Stream<Item = Result<(Saga, u64), Status>> + Send + 'static, Status> {
         // Existence check first, so an unknown id is NOT_FOUND rather than a silent wait.
         self.get(id).await?;
-        let watch = self.store.bucket().watch_with_history(self.store.key(id)).await.map_err(unavailable)?;
+        let watch = self
+            .store
+            .bucket()
+            .watch_with_history(self.store.key(id))
+            .await
+            .map_err(unavailable)?;
         let stream = watch
             .filter_map(|entry| async move {
                 match entry {
-                    Ok(e) if e.operation == kv::Operation::Put => {
-                        Some(wire::decode_snapshot(&e.value).map(|s| (s, e.revision)).map_err(|e| Status::data_loss(e.to_string())))
-                    }
+                    Ok(e) if e.operation == kv::Operation::Put => Some(
+                        wire::decode_snapshot(&e.value)
+                            .map(|s| (s, e.revision))
+                            .map_err(|e| Status::data_loss(e.to_string())),
+                    ),
                     Ok(_) => None,
                     Err(e) => Some(Err(unavailable(e))),
                 }
@@ -192,8 +231,14 @@ impl SagaApi {
             .filter(|id| id.starts_with(prefix))
             .collect();
         let store = self.store.clone();
-        let loaded: Vec<Result<Option<(Saga, u64)>, PortError>> =
-            futures::stream::iter(ids).map(|id| { let store = store.clone(); async move { store.load(&id).await } }).buffer_unordered(64).collect().await;
+        let loaded: Vec<Result<Option<(Saga, u64)>, PortError>> = futures::stream::iter(ids)
+            .map(|id| {
+                let store = store.clone();
+                async move { store.load(&id).await }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
         let mut sagas = Vec::with_capacity(loaded.len());
         for l in loaded {
             match l {
@@ -202,7 +247,11 @@ impl SagaApi {
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        sagas.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| a.id.cmp(&b.id)));
+        sagas.sort_by(|a, b| {
+            b.started_at
+                .cmp(&a.started_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok(sagas)
     }
 }

@@ -10,16 +10,16 @@
 //! - [`nats_server`]: finding, starting and stopping `nats-server` processes (dev and tests).
 //! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
 
+pub mod bus;
 pub mod cli;
 pub mod config;
-pub mod dev;
-pub mod nats_server;
-pub mod node;
-pub mod bus;
 pub mod demo;
+pub mod dev;
 pub mod dlq;
 pub mod events;
 pub mod grpc;
+pub mod nats_server;
+pub mod node;
 pub mod participant;
 pub mod store;
 pub mod topology;

@@ -85,7 +85,10 @@ pub struct NodeHandle {
 
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeHandle").field("grpc_addr", &self.grpc_addr).field("node_id", &self.node_id).finish()
+        f.debug_struct("NodeHandle")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("node_id", &self.node_id)
+            .finish()
     }
 }
 
@@ -103,17 +106,25 @@ impl NodeHandle {
     /// Stops taking work, stops the actors, joins every task and drains the NATS connection.
     pub async fn shutdown(self) -> Result<(), Error> {
         tracing::info!(node_id = %self.node_id, "shutting down");
-        self.health.set_not_serving::<v1::order_service_server::OrderServiceServer<Orders>>().await;
+        self.health
+            .set_not_serving::<v1::order_service_server::OrderServiceServer<Orders>>()
+            .await;
         self.cancel.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not stop within 10s");
         }
         if let Some(demo) = self.demo {
             demo.shutdown().await;
         }
         // Events still in saga mailboxes were not acked: JetStream redelivers them.
-        let _ = self.coordinator.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        let _ = self
+            .coordinator
+            .stop_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
         if let Err(e) = self.client.drain().await {
             tracing::debug!(error = %e, "drain");
         }
@@ -123,12 +134,17 @@ impl NodeHandle {
 }
 
 /// Loads and validates the saga definitions of `dir`.
-pub fn load_definitions(dir: &std::path::Path) -> Result<HashMap<String, Arc<SagaDefinition>>, Error> {
+pub fn load_definitions(
+    dir: &std::path::Path,
+) -> Result<HashMap<String, Arc<SagaDefinition>>, Error> {
     let defs = definition::load_dir(dir).map_err(Error::Definitions)?;
     if defs.is_empty() {
         return Err(Error::NoDefinitions(dir.display().to_string()));
     }
-    Ok(defs.into_iter().map(|d| (d.name.clone(), Arc::new(d))).collect())
+    Ok(defs
+        .into_iter()
+        .map(|d| (d.name.clone(), Arc::new(d)))
+        .collect())
 }
 
 /// Connects to NATS, retrying with capped backoff while no server is reachable.
@@ -141,7 +157,9 @@ pub async fn connect(config: &NodeConfig) -> async_nats::Client {
             .request_timeout(Some(topology::API_TIMEOUT))
             .event_callback(|event| async move {
                 match event {
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from nats, reconnecting"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from nats, reconnecting")
+                    }
                     async_nats::Event::Connected => tracing::info!("connected to nats"),
                     other => tracing::debug!(event = %other, "nats event"),
                 }
@@ -180,33 +198,67 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     let tasks = TaskTracker::new();
 
     let ctx = Arc::new(Context {
-        definitions: definitions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        definitions: definitions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         store: Arc::new(KvStateStore::new(sagas_kv.clone(), config.partitions)),
         bus: Arc::new(JetStreamBus::new(js.clone(), config.partitions)),
         clock: Arc::new(now_ms),
     });
-    let (coordinator, _) = Actor::spawn(None, Coordinator, ctx).await.map_err(|e| Error::Actor(e.to_string()))?;
+    let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)
+        .await
+        .map_err(|e| Error::Actor(e.to_string()))?;
 
     // This node owns every partition (single-node deployment).
     let owned: Vec<u32> = (0..config.partitions).collect();
     for &p in &owned {
-        tasks.spawn(events::run_partition(js.clone(), p, config.consumers.clone(), coordinator.clone(), cancel.child_token()));
+        tasks.spawn(events::run_partition(
+            js.clone(),
+            p,
+            config.consumers.clone(),
+            coordinator.clone(),
+            cancel.child_token(),
+        ));
     }
-    tasks.spawn(recover(sagas_kv.clone(), owned, config.partitions, coordinator.clone()));
+    tasks.spawn(recover(
+        sagas_kv.clone(),
+        owned,
+        config.partitions,
+        coordinator.clone(),
+    ));
 
     let demo = if config.demo_services {
-        Some(demo::start(js.clone(), &config, cancel.child_token()).await.map_err(|e| Error::Demo(e.to_string()))?)
+        Some(
+            demo::start(js.clone(), &config, cancel.child_token())
+                .await
+                .map_err(|e| Error::Demo(e.to_string()))?,
+        )
     } else {
         None
     };
 
     let api = SagaApi::new(js.clone(), sagas_kv, definitions, config.partitions);
-    let listener = tokio::net::TcpListener::bind(config.grpc_addr).await.map_err(|source| Error::Bind { addr: config.grpc_addr, source })?;
-    let grpc_addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.grpc_addr, source })?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.grpc_addr,
+        source,
+    })?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<v1::order_service_server::OrderServiceServer<Orders>>().await;
-    health.set_serving::<v1::saga_service_server::SagaServiceServer<Sagas>>().await;
-    health.set_serving::<v1::analytics_service_server::AnalyticsServiceServer<Analytics>>().await;
+    health
+        .set_serving::<v1::order_service_server::OrderServiceServer<Orders>>()
+        .await;
+    health
+        .set_serving::<v1::saga_service_server::SagaServiceServer<Sagas>>()
+        .await;
+    health
+        .set_serving::<v1::analytics_service_server::AnalyticsServiceServer<Analytics>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sagaflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -216,23 +268,48 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(v1::order_service_server::OrderServiceServer::new(Orders::new(api.clone())).max_decoding_message_size(MAX_MESSAGE))
-        .add_service(v1::saga_service_server::SagaServiceServer::new(Sagas::new(api)).max_decoding_message_size(MAX_MESSAGE))
-        .add_service(v1::analytics_service_server::AnalyticsServiceServer::new(Analytics::new(js.clone())));
+        .add_service(
+            v1::order_service_server::OrderServiceServer::new(Orders::new(api.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            v1::saga_service_server::SagaServiceServer::new(Sagas::new(api))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(v1::analytics_service_server::AnalyticsServiceServer::new(
+            Analytics::new(js.clone()),
+        ));
     let stop = cancel.child_token();
     tasks.spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "grpc server failed");
         }
     });
     tracing::info!(node_id = %config.node_id, %grpc_addr, partitions = config.partitions, demo = config.demo_services, "node ready");
-    Ok(NodeHandle { grpc_addr, node_id: config.node_id.clone(), cancel, tasks, coordinator, demo, client, health })
+    Ok(NodeHandle {
+        grpc_addr,
+        node_id: config.node_id.clone(),
+        cancel,
+        tasks,
+        coordinator,
+        demo,
+        client,
+        health,
+    })
 }
 
 /// Brings back every unfinished saga of the owned partitions: their actors reload the
 /// snapshot, republish in-flight commands and re-arm their timers. Finished sagas stop at once.
-async fn recover(kv: jetstream::kv::Store, owned: Vec<u32>, partitions: u32, coordinator: ActorRef<CoordinatorMsg>) {
+async fn recover(
+    kv: jetstream::kv::Store,
+    owned: Vec<u32>,
+    partitions: u32,
+    coordinator: ActorRef<CoordinatorMsg>,
+) {
     let keys = match kv.keys().await {
         Ok(k) => k,
         Err(e) => {
@@ -249,7 +326,10 @@ async fn recover(kv: jetstream::kv::Store, owned: Vec<u32>, partitions: u32, coo
     for id in ids {
         if owned.contains(&partition_of(&id, partitions)) {
             n += 1;
-            if coordinator.cast(CoordinatorMsg::Recover { saga_id: id }).is_err() {
+            if coordinator
+                .cast(CoordinatorMsg::Recover { saga_id: id })
+                .is_err()
+            {
                 return;
             }
         }
@@ -258,7 +338,10 @@ async fn recover(kv: jetstream::kv::Store, owned: Vec<u32>, partitions: u32, coo
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.
-pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
     tokio::pin!(shutdown);
     let handle = tokio::select! {
         h = start(config) => h?,

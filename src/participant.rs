@@ -58,11 +58,16 @@ pub async fn ensure_consumer(
     service: &str,
     cfg: &ConsumerConfig,
 ) -> Result<consumer::PullConsumer, String> {
-    let stream = js.get_stream(COMMANDS_STREAM).await.map_err(|e| e.to_string())?;
+    let stream = js
+        .get_stream(COMMANDS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
     stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(format!("svc-{service}")),
-            description: Some(format!("consumer group of the `{service}` participant service")),
+            description: Some(format!(
+                "consumer group of the `{service}` participant service"
+            )),
             filter_subject: format!("sagaflow.cmd.{service}.>"),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: cfg.command_ack_wait,
@@ -119,10 +124,24 @@ pub async fn run_consumer(
             };
             match next {
                 Some(Ok(message)) => {
-                    let fallback = JsDelivery { message: message.clone(), js: js.clone(), source: "commands" };
-                    let job = CommandJob { js: js.clone(), message, participant: participant.clone() };
-                    if pool.cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(fallback))).is_err() {
-                        tracing::warn!(service, "service pool stopped; leaving commands to other instances");
+                    let fallback = JsDelivery {
+                        message: message.clone(),
+                        js: js.clone(),
+                        source: "commands",
+                    };
+                    let job = CommandJob {
+                        js: js.clone(),
+                        message,
+                        participant: participant.clone(),
+                    };
+                    if pool
+                        .cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(fallback)))
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            service,
+                            "service pool stopped; leaving commands to other instances"
+                        );
                         return;
                     }
                 }
@@ -151,11 +170,23 @@ impl Job for CommandJob {
 
 impl CommandJob {
     async fn handle(self) {
-        let delivery = Box::new(JsDelivery { message: self.message.clone(), js: self.js.clone(), source: "commands" });
+        let delivery = Box::new(JsDelivery {
+            message: self.message.clone(),
+            js: self.js.clone(),
+            source: "commands",
+        });
         let cmd = match v1::Command::decode(self.message.payload.as_ref()) {
             Ok(c) if !c.reply_subject.is_empty() && !c.command_id.is_empty() => c,
-            Ok(_) => return delivery.dead_letter("command lacks reply_subject or command_id".into()).await,
-            Err(e) => return delivery.dead_letter(format!("undecodable command: {e}")).await,
+            Ok(_) => {
+                return delivery
+                    .dead_letter("command lacks reply_subject or command_id".into())
+                    .await
+            }
+            Err(e) => {
+                return delivery
+                    .dead_letter(format!("undecodable command: {e}"))
+                    .await
+            }
         };
         tracing::debug!(saga_id = %cmd.saga_id, step = %cmd.step, service = %cmd.service, action = %cmd.action, attempt = cmd.attempt, "handling command");
         let outcome = match self.participant.handle(&cmd).await {
@@ -173,12 +204,25 @@ impl CommandJob {
             compensation: cmd.compensation,
             outcome: Some(match outcome {
                 Outcome::Success(output) => v1::reply::Outcome::Success(v1::Success { output }),
-                Outcome::Failure { kind, message } => v1::reply::Outcome::Failure(v1::Failure { kind, message }),
+                Outcome::Failure { kind, message } => {
+                    v1::reply::Outcome::Failure(v1::Failure { kind, message })
+                }
             }),
         };
         let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("reply/{}", cmd.command_id).as_str());
-        let published = match self.js.publish_with_headers(cmd.reply_subject.clone(), headers, reply.encode_to_vec().into()).await {
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("reply/{}", cmd.command_id).as_str(),
+        );
+        let published = match self
+            .js
+            .publish_with_headers(
+                cmd.reply_subject.clone(),
+                headers,
+                reply.encode_to_vec().into(),
+            )
+            .await
+        {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

@@ -40,11 +40,16 @@ impl StateStore for KvStateStore {
             .kv
             .entry(self.key(saga_id))
             .await
-            .map_err(|e| Error::Transport { operation: "load snapshot", message: e.to_string() })?;
+            .map_err(|e| Error::Transport {
+                operation: "load snapshot",
+                message: e.to_string(),
+            })?;
         match entry {
             Some(e) if e.operation == kv::Operation::Put => {
-                let saga = wire::decode_snapshot(&e.value)
-                    .map_err(|err| Error::Corrupt { saga: saga_id.to_string(), message: err.to_string() })?;
+                let saga = wire::decode_snapshot(&e.value).map_err(|err| Error::Corrupt {
+                    saga: saga_id.to_string(),
+                    message: err.to_string(),
+                })?;
                 Ok(Some((saga, e.revision)))
             }
             _ => Ok(None),
@@ -52,17 +57,40 @@ impl StateStore for KvStateStore {
     }
 
     async fn save(&self, saga: &Saga, expected: Option<u64>) -> Result<u64, Error> {
-        let bytes = wire::encode_snapshot(saga).map_err(|e| Error::Corrupt { saga: saga.id.clone(), message: e.to_string() })?;
+        let bytes = wire::encode_snapshot(saga).map_err(|e| Error::Corrupt {
+            saga: saga.id.clone(),
+            message: e.to_string(),
+        })?;
         let key = self.key(&saga.id);
         match expected {
-            None => self.kv.create(key, bytes.into()).await.map_err(|e| match e.kind() {
-                kv::CreateErrorKind::AlreadyExists => Error::Conflict { saga: saga.id.clone(), expected },
-                _ => Error::Transport { operation: "create snapshot", message: e.to_string() },
-            }),
-            Some(rev) => self.kv.update(key, bytes.into(), rev).await.map_err(|e| match e.kind() {
-                kv::UpdateErrorKind::WrongLastRevision => Error::Conflict { saga: saga.id.clone(), expected },
-                _ => Error::Transport { operation: "update snapshot", message: e.to_string() },
-            }),
+            None => self
+                .kv
+                .create(key, bytes.into())
+                .await
+                .map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => Error::Conflict {
+                        saga: saga.id.clone(),
+                        expected,
+                    },
+                    _ => Error::Transport {
+                        operation: "create snapshot",
+                        message: e.to_string(),
+                    },
+                }),
+            Some(rev) => self
+                .kv
+                .update(key, bytes.into(), rev)
+                .await
+                .map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => Error::Conflict {
+                        saga: saga.id.clone(),
+                        expected,
+                    },
+                    _ => Error::Transport {
+                        operation: "update snapshot",
+                        message: e.to_string(),
+                    },
+                }),
         }
     }
 }

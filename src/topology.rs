@@ -71,10 +71,30 @@ pub struct Error {
 /// every node at every start.
 pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<kv::Store, Error> {
     let streams = [
-        (EVENTS_STREAM, "sagaflow.evt.>", cfg.max_age, "saga events: starts, participant replies, cancels"),
-        (COMMANDS_STREAM, "sagaflow.cmd.>", cfg.max_age, "commands to participant services"),
-        (STATUS_STREAM, "sagaflow.status.>", cfg.max_age, "saga lifecycle events for other systems"),
-        (DLQ_STREAM, "sagaflow.dlq.>", cfg.dlq_max_age, "dead letters: original bytes and the reason"),
+        (
+            EVENTS_STREAM,
+            "sagaflow.evt.>",
+            cfg.max_age,
+            "saga events: starts, participant replies, cancels",
+        ),
+        (
+            COMMANDS_STREAM,
+            "sagaflow.cmd.>",
+            cfg.max_age,
+            "commands to participant services",
+        ),
+        (
+            STATUS_STREAM,
+            "sagaflow.status.>",
+            cfg.max_age,
+            "saga lifecycle events for other systems",
+        ),
+        (
+            DLQ_STREAM,
+            "sagaflow.dlq.>",
+            cfg.dlq_max_age,
+            "dead letters: original bytes and the reason",
+        ),
     ];
     for (name, subject, max_age, description) in streams {
         let config = stream::Config {
@@ -107,13 +127,20 @@ pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<kv::
 /// Creates a stream, or updates it when it exists with other settings.
 pub async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), Error> {
     let name = config.name.clone();
-    let err = |e: &dyn std::fmt::Display| Error { what: "stream", name: name.clone(), message: e.to_string() };
+    let err = |e: &dyn std::fmt::Display| Error {
+        what: "stream",
+        name: name.clone(),
+        message: e.to_string(),
+    };
     match js.get_stream(&name).await {
         Ok(mut s) => {
             let info = s.info().await.map_err(|e| err(&e))?;
             let current = &info.config;
-            if current.subjects != config.subjects || current.max_age != config.max_age || current.max_bytes != config.max_bytes
-                || current.duplicate_window != config.duplicate_window || current.num_replicas != config.num_replicas
+            if current.subjects != config.subjects
+                || current.max_age != config.max_age
+                || current.max_bytes != config.max_bytes
+                || current.duplicate_window != config.duplicate_window
+                || current.num_replicas != config.num_replicas
             {
                 js.update_stream(config).await.map_err(|e| err(&e))?;
             }
@@ -132,17 +159,21 @@ pub async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> R
 }
 
 /// Opens a bucket, creating it if needed.
-pub async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, Error> {
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, Error> {
     let name = config.bucket.clone();
     if let Ok(store) = js.get_key_value(&name).await {
         return Ok(store);
     }
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
-        Err(e) => js
-            .get_key_value(&name)
-            .await
-            .map_err(|_| Error { what: "bucket", name: name.clone(), message: e.to_string() }),
+        Err(e) => js.get_key_value(&name).await.map_err(|_| Error {
+            what: "bucket",
+            name: name.clone(),
+            message: e.to_string(),
+        }),
     }
 }
 

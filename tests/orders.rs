@@ -13,12 +13,17 @@ use futures::StreamExt;
 use sagaflow::config::{NodeConfig, Overrides};
 use sagaflow::node::{self, NodeHandle};
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
-use sagaflow_proto::v1::{self, GetOrderRequest, GetSagaRequest, OrderItem, PlaceOrderRequest, StartSagaRequest};
+use sagaflow_proto::v1::{
+    self, GetOrderRequest, GetSagaRequest, OrderItem, PlaceOrderRequest, StartSagaRequest,
+};
 use tonic::transport::Channel;
 use tonic::Code;
 
 fn config(nats: &NatsServer, env: &[(&str, &str)]) -> NodeConfig {
-    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let overrides = Overrides {
         nats: vec![nats.url()],
         grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
@@ -28,12 +33,19 @@ fn config(nats: &NatsServer, env: &[(&str, &str)]) -> NodeConfig {
         log_format: None,
     };
     let mut env = env;
-    env.entry("SAGAFLOW_PARTITIONS".into()).or_insert_with(|| "4".into());
+    env.entry("SAGAFLOW_PARTITIONS".into())
+        .or_insert_with(|| "4".into());
     NodeConfig::load(None, &env, &overrides).unwrap()
 }
 
-async fn start_node(nats: &NatsServer, env: &[(&str, &str)]) -> (NodeHandle, OrderServiceClient<Channel>) {
-    let node = within(TIMEOUT, "start node", node::start(config(nats, env))).await.unwrap().unwrap();
+async fn start_node(
+    nats: &NatsServer,
+    env: &[(&str, &str)],
+) -> (NodeHandle, OrderServiceClient<Channel>) {
+    let node = within(TIMEOUT, "start node", node::start(config(nats, env)))
+        .await
+        .unwrap()
+        .unwrap();
     let client = connect_orders(&node.grpc_addr.to_string()).await.unwrap();
     (node, client)
 }
@@ -43,18 +55,41 @@ fn order(id: &str, amount: i64, items: &[(&str, u32)]) -> PlaceOrderRequest {
         order_id: id.into(),
         customer: "ann".into(),
         amount_cents: amount,
-        items: items.iter().map(|(s, q)| OrderItem { sku: s.to_string(), quantity: *q }).collect(),
+        items: items
+            .iter()
+            .map(|(s, q)| OrderItem {
+                sku: s.to_string(),
+                quantity: *q,
+            })
+            .collect(),
     }
 }
 
-async fn wait_terminal(client: &mut OrderServiceClient<Channel>, id: &str, timeout: Duration) -> v1::Order {
+async fn wait_terminal(
+    client: &mut OrderServiceClient<Channel>,
+    id: &str,
+    timeout: Duration,
+) -> v1::Order {
     let deadline = Instant::now() + timeout;
     loop {
-        let o = within(TIMEOUT, "GetOrder", client.get_order(GetOrderRequest { order_id: id.into() })).await.unwrap().unwrap().into_inner();
+        let o = within(
+            TIMEOUT,
+            "GetOrder",
+            client.get_order(GetOrderRequest {
+                order_id: id.into(),
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
         if o.terminal {
             return o;
         }
-        assert!(Instant::now() < deadline, "order {id} not terminal after {timeout:?}: {o:?}");
+        assert!(
+            Instant::now() < deadline,
+            "order {id} not terminal after {timeout:?}: {o:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -74,7 +109,14 @@ struct Effects {
 
 async fn ledgers(nats: &NatsServer) -> HashMap<String, Effects> {
     let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
-    let entries = within(Duration::from_secs(60), "read ledger", sagaflow::demo::ledger(&js)).await.unwrap().unwrap();
+    let entries = within(
+        Duration::from_secs(60),
+        "read ledger",
+        sagaflow::demo::ledger(&js),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let summary = sagaflow::demo::LedgerSummary::from_entries(&entries);
     summary
         .per_saga()
@@ -107,15 +149,38 @@ fn check_ledgers(orders: &[v1::Order], ledgers: &HashMap<String, Effects>) {
         match o.status.as_str() {
             "SHIPPED" => assert_eq!(
                 e,
-                Effects { charged: 1, reserved: 1, shipped: 1, notified: 1, ..Default::default() },
+                Effects {
+                    charged: 1,
+                    reserved: 1,
+                    shipped: 1,
+                    notified: 1,
+                    ..Default::default()
+                },
                 "shipped order {} effects",
                 o.order_id
             ),
             "CANCELLED" => {
-                assert!(e.charged <= 1 && e.refunded == e.charged, "cancelled order {}: charges must be refunded once: {e:?}", o.order_id);
-                assert_eq!(e.released, e.reserved, "cancelled order {}: {e:?}", o.order_id);
-                assert_eq!(e.shipment_cancelled, e.shipped, "cancelled order {}: {e:?}", o.order_id);
-                assert_eq!((e.notified, e.notified_cancellation), (0, 1), "cancelled order {}: {e:?}", o.order_id);
+                assert!(
+                    e.charged <= 1 && e.refunded == e.charged,
+                    "cancelled order {}: charges must be refunded once: {e:?}",
+                    o.order_id
+                );
+                assert_eq!(
+                    e.released, e.reserved,
+                    "cancelled order {}: {e:?}",
+                    o.order_id
+                );
+                assert_eq!(
+                    e.shipment_cancelled, e.shipped,
+                    "cancelled order {}: {e:?}",
+                    o.order_id
+                );
+                assert_eq!(
+                    (e.notified, e.notified_cancellation),
+                    (0, 1),
+                    "cancelled order {}: {e:?}",
+                    o.order_id
+                );
             }
             other => panic!("order {} ended {other}: {}", o.order_id, o.reason),
         }
@@ -126,7 +191,11 @@ fn check_ledgers(orders: &[v1::Order], ledgers: &HashMap<String, Effects>) {
 async fn happy_path_ships_and_placing_again_is_idempotent() {
     let nats = start_nats().await.unwrap();
     let (node, mut client) = start_node(&nats, &[]).await;
-    let placed = client.place_order(order("happy-1", 1999, &[("SKU-1", 2), ("SKU-2", 1)])).await.unwrap().into_inner();
+    let placed = client
+        .place_order(order("happy-1", 1999, &[("SKU-1", 2), ("SKU-2", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(placed.created);
     assert_eq!(placed.saga_id, "order-happy-1");
     assert_eq!(placed.status, "PENDING");
@@ -136,7 +205,16 @@ async fn happy_path_ships_and_placing_again_is_idempotent() {
     assert_eq!(o.items.len(), 2);
     let saga = o.saga.clone().unwrap();
     let names: Vec<&str> = saga.steps.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["charge", "reserve", "prepare_shipment", "notify", "notify_cancellation"]);
+    assert_eq!(
+        names,
+        [
+            "charge",
+            "reserve",
+            "prepare_shipment",
+            "notify",
+            "notify_cancellation"
+        ]
+    );
     for s in &saga.steps[..4] {
         assert_eq!(s.state, "SUCCEEDED", "{s:?}");
         assert_eq!(s.attempts, 1);
@@ -146,8 +224,15 @@ async fn happy_path_ships_and_placing_again_is_idempotent() {
     assert!(saga.history.iter().any(|h| h.what.contains("status PAID")));
     assert!(saga.compensations.is_empty());
 
-    let again = client.place_order(order("happy-1", 1999, &[("SKU-1", 2), ("SKU-2", 1)])).await.unwrap().into_inner();
-    assert!(!again.created, "placing the same order twice returns the same saga");
+    let again = client
+        .place_order(order("happy-1", 1999, &[("SKU-1", 2), ("SKU-2", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !again.created,
+        "placing the same order twice returns the same saga"
+    );
     assert_eq!(again.status, "SHIPPED");
     check_ledgers(&[o], &ledgers(&nats).await);
     node.shutdown().await.unwrap();
@@ -157,7 +242,10 @@ async fn happy_path_ships_and_placing_again_is_idempotent() {
 async fn declined_payment_cancels_with_nothing_charged() {
     let nats = start_nats().await.unwrap();
     let (node, mut client) = start_node(&nats, &[]).await;
-    client.place_order(order("big-1", 250_000, &[("SKU-1", 1)])).await.unwrap();
+    client
+        .place_order(order("big-1", 250_000, &[("SKU-1", 1)]))
+        .await
+        .unwrap();
     let o = wait_terminal(&mut client, "big-1", Duration::from_secs(30)).await;
     assert_eq!(o.status, "CANCELLED");
     assert!(o.reason.contains("declined"), "{}", o.reason);
@@ -176,14 +264,21 @@ async fn declined_payment_cancels_with_nothing_charged() {
 async fn out_of_stock_refunds_the_charge_exactly_once() {
     let nats = start_nats().await.unwrap();
     let (node, mut client) = start_node(&nats, &[]).await;
-    client.place_order(order("oos-1", 4200, &[("SKU-1", 1), ("SKU-OUT", 1)])).await.unwrap();
+    client
+        .place_order(order("oos-1", 4200, &[("SKU-1", 1), ("SKU-OUT", 1)]))
+        .await
+        .unwrap();
     let o = wait_terminal(&mut client, "oos-1", Duration::from_secs(30)).await;
     assert_eq!(o.status, "CANCELLED");
     assert!(o.reason.contains("out_of_stock"), "{}", o.reason);
     let saga = o.saga.clone().unwrap();
     assert_eq!(saga.steps[0].state, "COMPENSATED");
     let trail: Vec<&str> = saga.compensations.iter().map(|c| c.step.as_str()).collect();
-    assert_eq!(trail.last(), Some(&"charge"), "the charge is undone last: {trail:?}");
+    assert_eq!(
+        trail.last(),
+        Some(&"charge"),
+        "the charge is undone last: {trail:?}"
+    );
     let l = ledgers(&nats).await;
     let e = l.get("order-oos-1").cloned().unwrap_or_default();
     assert_eq!((e.charged, e.refunded), (1, 1));
@@ -204,32 +299,82 @@ async fn bad_requests_are_refused_naming_the_field_and_unknown_ids_are_not_found
         (order("ok", 100, &[("bad sku", 1)]), "items[0].sku"),
         (order("ok", 100, &[("SKU-1", 0)]), "items[0].quantity"),
         (order(&"x".repeat(5000), 100, &[("SKU-1", 1)]), "order_id"),
-        (PlaceOrderRequest { customer: String::new(), ..order("ok", 100, &[("SKU-1", 1)]) }, "customer"),
+        (
+            PlaceOrderRequest {
+                customer: String::new(),
+                ..order("ok", 100, &[("SKU-1", 1)])
+            },
+            "customer",
+        ),
     ];
     for (req, field) in cases {
         let err = client.place_order(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
     }
     // Oversize message: refused by the server, not a crash.
-    let huge = PlaceOrderRequest { customer: "c".repeat(2 * 1024 * 1024), ..order("ok", 100, &[("SKU-1", 1)]) };
+    let huge = PlaceOrderRequest {
+        customer: "c".repeat(2 * 1024 * 1024),
+        ..order("ok", 100, &[("SKU-1", 1)])
+    };
     assert!(client.place_order(huge).await.is_err());
 
-    let err = client.get_order(GetOrderRequest { order_id: "nope".into() }).await.unwrap_err();
+    let err = client
+        .get_order(GetOrderRequest {
+            order_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = client.watch_order(GetOrderRequest { order_id: "nope".into() }).await.unwrap_err();
+    let err = client
+        .watch_order(GetOrderRequest {
+            order_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let mut sagas = connect_sagas(&node.grpc_addr.to_string()).await.unwrap();
-    let err = sagas.get_saga(GetSagaRequest { saga_id: "nope".into() }).await.unwrap_err();
+    let err = sagas
+        .get_saga(GetSagaRequest {
+            saga_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = sagas.start_saga(StartSagaRequest { saga_name: "nope".into(), saga_id: String::new(), input_json: "{}".into() }).await.unwrap_err();
+    let err = sagas
+        .start_saga(StartSagaRequest {
+            saga_name: "nope".into(),
+            saga_id: String::new(),
+            input_json: "{}".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("saga_name"));
-    let err = sagas.start_saga(StartSagaRequest { saga_name: "order".into(), saga_id: String::new(), input_json: "{oops".into() }).await.unwrap_err();
+    let err = sagas
+        .start_saga(StartSagaRequest {
+            saga_name: "order".into(),
+            saga_id: String::new(),
+            input_json: "{oops".into(),
+        })
+        .await
+        .unwrap_err();
     assert!(err.message().starts_with("input_json"), "{}", err.message());
     // Nothing was created by the bad requests, and the node still works.
-    client.place_order(order("after-bad", 500, &[("SKU-3", 1)])).await.unwrap();
-    assert_eq!(wait_terminal(&mut client, "after-bad", Duration::from_secs(30)).await.status, "SHIPPED");
+    client
+        .place_order(order("after-bad", 500, &[("SKU-3", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_terminal(&mut client, "after-bad", Duration::from_secs(30))
+            .await
+            .status,
+        "SHIPPED"
+    );
     node.shutdown().await.unwrap();
 }
 
@@ -239,29 +384,56 @@ async fn poison_messages_are_dead_lettered_and_the_node_keeps_going() {
     let (node, mut client) = start_node(&nats, &[]).await;
     let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
     for (subject, payload) in [
-        ("sagaflow.evt.1.order-x.reply", &b"\xff\xfe not protobuf"[..]),
+        (
+            "sagaflow.evt.1.order-x.reply",
+            &b"\xff\xfe not protobuf"[..],
+        ),
         ("sagaflow.evt.1.order-x.start", &b"\x09\x09"[..]),
         ("sagaflow.cmd.payment.charge", &b"\xff\xff\xff"[..]),
     ] {
-        within(TIMEOUT, "publish poison", async { js.publish(subject, payload.to_vec().into()).await.unwrap().await.unwrap() }).await.unwrap();
+        within(TIMEOUT, "publish poison", async {
+            js.publish(subject, payload.to_vec().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        })
+        .await
+        .unwrap();
     }
     let dlq = js.get_stream("SAGA_DLQ").await.unwrap();
     wait_until(Duration::from_secs(20), "3 dead letters", || {
         let mut dlq = dlq.clone();
-        async move { dlq.info().await.map(|i| i.state.messages == 3).unwrap_or(false) }
+        async move {
+            dlq.info()
+                .await
+                .map(|i| i.state.messages == 3)
+                .unwrap_or(false)
+        }
     })
     .await
     .unwrap();
     for seq in 1..=3u64 {
         let m = dlq.get_raw_message(seq).await.unwrap();
         let headers = m.headers;
-        let reason = headers.get(sagaflow::dlq::REASON).map(|v| v.to_string()).unwrap_or_default();
+        let reason = headers
+            .get(sagaflow::dlq::REASON)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         assert!(!reason.is_empty(), "dead letter {seq} has a reason");
         assert!(headers.get(sagaflow::dlq::SUBJECT).is_some());
         assert!(!m.payload.is_empty(), "original bytes are kept");
     }
-    client.place_order(order("after-poison", 500, &[("SKU-3", 1)])).await.unwrap();
-    assert_eq!(wait_terminal(&mut client, "after-poison", Duration::from_secs(30)).await.status, "SHIPPED");
+    client
+        .place_order(order("after-poison", 500, &[("SKU-3", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_terminal(&mut client, "after-poison", Duration::from_secs(30))
+            .await
+            .status,
+        "SHIPPED"
+    );
     node.shutdown().await.unwrap();
 }
 
@@ -277,7 +449,11 @@ async fn place_mix(client: &OrderServiceClient<Channel>, prefix: &str, n: usize)
                 } else if i % 15 == 7 {
                     order(&id, 3_000, &[("SKU-2", 1), ("SKU-OUT", 2)])
                 } else {
-                    order(&id, 1_000 + i as i64, &[("SKU-1", 1 + (i % 3) as u32), ("SKU-5", 1)])
+                    order(
+                        &id,
+                        1_000 + i as i64,
+                        &[("SKU-1", 1 + (i % 3) as u32), ("SKU-5", 1)],
+                    )
                 };
                 within(TIMEOUT, "PlaceOrder", c.place_order(req)).await
             }
@@ -291,15 +467,30 @@ async fn place_mix(client: &OrderServiceClient<Channel>, prefix: &str, n: usize)
     ids
 }
 
-async fn wait_all_terminal(client: &OrderServiceClient<Channel>, ids: &[String], timeout: Duration) -> Vec<v1::Order> {
+async fn wait_all_terminal(
+    client: &OrderServiceClient<Channel>,
+    ids: &[String],
+    timeout: Duration,
+) -> Vec<v1::Order> {
     let deadline = Instant::now() + timeout;
     let mut done: BTreeMap<String, v1::Order> = BTreeMap::new();
     while done.len() < ids.len() {
-        let pending: Vec<String> = ids.iter().filter(|id| !done.contains_key(*id)).cloned().collect();
+        let pending: Vec<String> = ids
+            .iter()
+            .filter(|id| !done.contains_key(*id))
+            .cloned()
+            .collect();
         let orders: Vec<_> = futures::stream::iter(pending)
             .map(|id| {
                 let mut c = client.clone();
-                async move { within(TIMEOUT, "GetOrder", c.get_order(GetOrderRequest { order_id: id })).await }
+                async move {
+                    within(
+                        TIMEOUT,
+                        "GetOrder",
+                        c.get_order(GetOrderRequest { order_id: id }),
+                    )
+                    .await
+                }
             })
             .buffer_unordered(32)
             .collect()
@@ -310,7 +501,12 @@ async fn wait_all_terminal(client: &OrderServiceClient<Channel>, ids: &[String],
                 done.insert(o.order_id.clone(), o);
             }
         }
-        assert!(Instant::now() < deadline, "{} of {} orders still not terminal after {timeout:?}", ids.len() - done.len(), ids.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} orders still not terminal after {timeout:?}",
+            ids.len() - done.len(),
+            ids.len()
+        );
         if done.len() < ids.len() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -331,24 +527,45 @@ async fn a_thousand_concurrent_orders_all_finish_with_consistent_ledgers() {
     let cancelled = orders.iter().filter(|o| o.status == "CANCELLED").count();
     println!("1000 orders: placed in {placed:?}, all terminal after {drained:?}: {shipped} shipped, {cancelled} cancelled");
     assert_eq!(shipped + cancelled, 1000);
-    assert_eq!(cancelled, 100 + (0..1000).filter(|i| i % 15 == 7 && i % 10 != 3).count());
+    assert_eq!(
+        cancelled,
+        100 + (0..1000).filter(|i| i % 15 == 7 && i % 10 != 3).count()
+    );
     check_ledgers(&orders, &ledgers(&nats).await);
 
     // The analytics consumer group saw every completed order, with matching totals.
-    let revenue: i64 = orders.iter().filter(|o| o.status == "SHIPPED").map(|o| o.amount_cents).sum();
-    let mut analytics = connect_analytics(&node.grpc_addr.to_string()).await.unwrap();
+    let revenue: i64 = orders
+        .iter()
+        .filter(|o| o.status == "SHIPPED")
+        .map(|o| o.amount_cents)
+        .sum();
+    let mut analytics = connect_analytics(&node.grpc_addr.to_string())
+        .await
+        .unwrap();
     wait_until(Duration::from_secs(30), "analytics totals", || {
         let mut a = analytics.clone();
         async move {
-            a.get_sales(v1::GetSalesRequest {}).await.map(|r| r.into_inner().completed_orders == shipped as u64).unwrap_or(false)
+            a.get_sales(v1::GetSalesRequest {})
+                .await
+                .map(|r| r.into_inner().completed_orders == shipped as u64)
+                .unwrap_or(false)
         }
     })
     .await
     .unwrap();
-    let report = analytics.get_sales(v1::GetSalesRequest {}).await.unwrap().into_inner();
+    let report = analytics
+        .get_sales(v1::GetSalesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(report.revenue_cents, revenue as u64);
     let units: u64 = report.skus.iter().map(|s| s.units).sum();
-    let expected_units: u64 = orders.iter().filter(|o| o.status == "SHIPPED").flat_map(|o| o.items.iter()).map(|i| u64::from(i.quantity)).sum();
+    let expected_units: u64 = orders
+        .iter()
+        .filter(|o| o.status == "SHIPPED")
+        .flat_map(|o| o.items.iter())
+        .map(|i| u64::from(i.quantity))
+        .sum();
     assert_eq!(units, expected_units);
     node.shutdown().await.unwrap();
 }
@@ -356,17 +573,28 @@ async fn a_thousand_concurrent_orders_all_finish_with_consistent_ledgers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_service_instance_is_restarted_and_nothing_is_lost() {
     let nats = start_nats().await.unwrap();
-    let (node, client) =
-        start_node(&nats, &[("SAGAFLOW_DEMO__PANIC_RATE", "0.05"), ("SAGAFLOW_CONSUMERS__COMMAND_ACK_WAIT", "3")]).await;
+    let (node, client) = start_node(
+        &nats,
+        &[
+            ("SAGAFLOW_DEMO__PANIC_RATE", "0.05"),
+            ("SAGAFLOW_CONSUMERS__COMMAND_ACK_WAIT", "3"),
+        ],
+    )
+    .await;
     let ids = place_mix(&client, "panic", 150).await;
     let orders = wait_all_terminal(&client, &ids, Duration::from_secs(180)).await;
     check_ledgers(&orders, &ledgers(&nats).await);
     let demo = node.demo().unwrap();
     let mut restarts = 0;
     for (_, pool) in demo.pools() {
-        restarts += ractor::call_t!(pool, sagaflow_actors::service::ServicePoolMsg::Stats, 5_000).unwrap().restarts;
+        restarts += ractor::call_t!(pool, sagaflow_actors::service::ServicePoolMsg::Stats, 5_000)
+            .unwrap()
+            .restarts;
     }
-    assert!(restarts > 0, "with a 5% panic rate over ~600 commands some instance must have panicked");
+    assert!(
+        restarts > 0,
+        "with a 5% panic rate over ~600 commands some instance must have panicked"
+    );
     println!("150 orders with injected panics: {restarts} instance restarts, all terminal, ledgers exact");
     node.shutdown().await.unwrap();
 }
@@ -384,7 +612,11 @@ async fn the_node_rides_out_a_nats_restart() {
         wait_until(Duration::from_secs(30), "place after restart", || {
             let mut c = client.clone();
             let id = id.clone();
-            async move { c.place_order(order(&id, 700, &[("SKU-6", 1)])).await.is_ok() }
+            async move {
+                c.place_order(order(&id, 700, &[("SKU-6", 1)]))
+                    .await
+                    .is_ok()
+            }
         })
         .await
         .unwrap();
@@ -401,7 +633,8 @@ async fn the_node_waits_for_nats_at_start() {
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let env: BTreeMap<String, String> = [("SAGAFLOW_PARTITIONS".to_string(), "2".to_string())].into();
+    let env: BTreeMap<String, String> =
+        [("SAGAFLOW_PARTITIONS".to_string(), "2".to_string())].into();
     let overrides = Overrides {
         nats: vec![url],
         grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
@@ -413,15 +646,40 @@ async fn the_node_waits_for_nats_at_start() {
     let cfg = NodeConfig::load(None, &env, &overrides).unwrap();
     let starting = tokio::spawn(node::start(cfg));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!starting.is_finished(), "the node must keep retrying while NATS is down");
-    let nats = tokio::task::spawn_blocking(move || NatsServer::builder().port(port).store_dir(dir.path().to_path_buf()).start().map(|s| (s, dir)))
-        .await
-        .unwrap()
-        .unwrap();
-    let node = within(Duration::from_secs(60), "node start after nats came up", starting).await.unwrap().unwrap().unwrap();
+    assert!(
+        !starting.is_finished(),
+        "the node must keep retrying while NATS is down"
+    );
+    let nats = tokio::task::spawn_blocking(move || {
+        NatsServer::builder()
+            .port(port)
+            .store_dir(dir.path().to_path_buf())
+            .start()
+            .map(|s| (s, dir))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let node = within(
+        Duration::from_secs(60),
+        "node start after nats came up",
+        starting,
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
     let mut client = connect_orders(&node.grpc_addr.to_string()).await.unwrap();
-    client.place_order(order("late-1", 900, &[("SKU-1", 1)])).await.unwrap();
-    assert_eq!(wait_terminal(&mut client, "late-1", Duration::from_secs(30)).await.status, "SHIPPED");
+    client
+        .place_order(order("late-1", 900, &[("SKU-1", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_terminal(&mut client, "late-1", Duration::from_secs(30))
+            .await
+            .status,
+        "SHIPPED"
+    );
     node.shutdown().await.unwrap();
     drop(nats);
 }
@@ -430,7 +688,9 @@ async fn the_node_waits_for_nats_at_start() {
 async fn a_node_killed_mid_run_resumes_every_saga_exactly_once() {
     let nats = start_nats().await.unwrap();
     let mut proc = NodeProcess::start_with(
-        NodeOptions::new("victim", &[nats.url()]).env("SAGAFLOW_DEMO__LATENCY_MS", "20").env("SAGAFLOW_PARTITIONS", "4"),
+        NodeOptions::new("victim", &[nats.url()])
+            .env("SAGAFLOW_DEMO__LATENCY_MS", "20")
+            .env("SAGAFLOW_PARTITIONS", "4"),
     )
     .unwrap();
     let client = proc.connect_orders().await.unwrap();
@@ -442,5 +702,7 @@ async fn a_node_killed_mid_run_resumes_every_saga_exactly_once() {
     let orders = wait_all_terminal(&client, &ids, Duration::from_secs(240)).await;
     let unfinished_at_kill = orders.len();
     check_ledgers(&orders, &ledgers(&nats).await);
-    println!("kill -9 mid-run: {unfinished_at_kill} orders all terminal after restart, ledgers exact");
+    println!(
+        "kill -9 mid-run: {unfinished_at_kill} orders all terminal after restart, ledgers exact"
+    );
 }

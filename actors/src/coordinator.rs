@@ -76,7 +76,9 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("definitions", &self.definitions.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Context")
+            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -119,13 +121,31 @@ impl Actor for Coordinator {
     type State = CoordinatorState;
     type Arguments = Arc<Context>;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, ctx: Arc<Context>) -> Result<Self::State, ActorProcessingErr> {
-        Ok(CoordinatorState { ctx, actors: HashMap::new(), ids: HashMap::new(), failures: HashMap::new() })
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        ctx: Arc<Context>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(CoordinatorState {
+            ctx,
+            actors: HashMap::new(),
+            ids: HashMap::new(),
+            failures: HashMap::new(),
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
-            CoordinatorMsg::Deliver { saga_id, input, delivery } => {
+            CoordinatorMsg::Deliver {
+                saga_id,
+                input,
+                delivery,
+            } => {
                 let actor = match state.actor_for(&myself, &saga_id).await {
                     Ok(a) => a,
                     Err(e) => {
@@ -185,11 +205,18 @@ impl Actor for Coordinator {
 }
 
 impl CoordinatorState {
-    async fn actor_for(&mut self, myself: &ActorRef<CoordinatorMsg>, saga_id: &str) -> Result<ActorRef<SagaMsg>, ActorProcessingErr> {
+    async fn actor_for(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        saga_id: &str,
+    ) -> Result<ActorRef<SagaMsg>, ActorProcessingErr> {
         if let Some(a) = self.actors.get(saga_id) {
             return Ok(a.clone());
         }
-        let args = SagaArgs { id: saga_id.to_string(), ctx: self.ctx.clone() };
+        let args = SagaArgs {
+            id: saga_id.to_string(),
+            ctx: self.ctx.clone(),
+        };
         let (actor, _) = Actor::spawn_linked(None, SagaActor, args, myself.get_cell()).await?;
         self.actors.insert(saga_id.to_string(), actor.clone());
         self.ids.insert(actor.get_id(), saga_id.to_string());
@@ -246,20 +273,38 @@ impl Actor for SagaActor {
     type State = SagaState;
     type Arguments = SagaArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: SagaArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: SagaArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         // Loading happens on the first message, so spawning costs the coordinator no I/O.
-        Ok(SagaState { id: args.id, ctx: args.ctx, loaded: None, timer: None })
+        Ok(SagaState {
+            id: args.id,
+            ctx: args.ctx,
+            loaded: None,
+            timer: None,
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SagaMsg::Deliver(input, delivery) => state.on_delivery(input, delivery).await,
             SagaMsg::Recover => {
                 state.loaded = None;
                 match state.load().await {
                     Ok(true) => state.resend_in_flight().await,
-                    Ok(false) => tracing::warn!(saga_id = %state.id, "asked to recover a saga that does not exist"),
-                    Err(Failure::Permanent(reason)) => tracing::error!(saga_id = %state.id, reason, "cannot recover saga"),
+                    Ok(false) => {
+                        tracing::warn!(saga_id = %state.id, "asked to recover a saga that does not exist")
+                    }
+                    Err(Failure::Permanent(reason)) => {
+                        tracing::error!(saga_id = %state.id, reason, "cannot recover saga")
+                    }
                     Err(_) => {
                         // Try again shortly; the coordinator's map keeps us alive meanwhile.
                         myself.send_after(Duration::from_secs(1), || SagaMsg::Recover);
@@ -268,7 +313,8 @@ impl Actor for SagaActor {
                 }
             }
             SagaMsg::Tick => {
-                state.timer = None;
+                // The timer that sent this tick has finished; a newer one (if re-armed since)
+                // is aborted and replaced by `arm_timer` below.
                 if let Err(f) = state.process(Event::Tick, None).await {
                     let delay = match f {
                         Failure::Conflict => {
@@ -279,7 +325,9 @@ impl Actor for SagaActor {
                         }
                         _ => Duration::from_secs(1),
                     };
-                    state.timer = Some(schedule_tick(&myself, delay));
+                    if let Some(old) = state.timer.replace(schedule_tick(&myself, delay)) {
+                        old.abort();
+                    }
                     return Ok(());
                 }
             }
@@ -291,7 +339,11 @@ impl Actor for SagaActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state.timer.take() {
             t.abort();
         }
@@ -320,12 +372,19 @@ impl SagaState {
         match self.ctx.store.load(&self.id).await {
             Ok(Some((saga, revision))) => {
                 let Some(def) = self.ctx.definitions.get(&saga.definition).cloned() else {
-                    return Err(Failure::Permanent(format!("saga definition `{}` is not loaded on this node", saga.definition)));
+                    return Err(Failure::Permanent(format!(
+                        "saga definition `{}` is not loaded on this node",
+                        saga.definition
+                    )));
                 };
                 if saga.fingerprint != def.fingerprint {
                     tracing::warn!(saga_id = %self.id, definition = %def.name, "saga started under a different version of its definition");
                 }
-                self.loaded = Some(Loaded { saga, revision, def });
+                self.loaded = Some(Loaded {
+                    saga,
+                    revision,
+                    def,
+                });
                 Ok(true)
             }
             Ok(None) => Ok(false),
@@ -338,7 +397,9 @@ impl SagaState {
         match self.load().await {
             Ok(true) => {}
             Ok(false) => {
-                delivery.dead_letter(format!("event for unknown saga `{}`", self.id)).await;
+                delivery
+                    .dead_letter(format!("event for unknown saga `{}`", self.id))
+                    .await;
                 return;
             }
             Err(Failure::Permanent(reason)) => {
@@ -362,13 +423,25 @@ impl SagaState {
                 return;
             }
             Input::Cancel { reason } => Event::Cancel { reason },
-            Input::Reply { step, attempt, compensation, outcome } => {
+            Input::Reply {
+                step,
+                attempt,
+                compensation,
+                outcome,
+            } => {
                 let index = self.loaded.as_ref().and_then(|l| step_index(&l.def, &step));
                 let Some(step) = index else {
-                    delivery.dead_letter(format!("reply names unknown step `{step}`")).await;
+                    delivery
+                        .dead_letter(format!("reply names unknown step `{step}`"))
+                        .await;
                     return;
                 };
-                Event::Reply { step, attempt, compensation, outcome }
+                Event::Reply {
+                    step,
+                    attempt,
+                    compensation,
+                    outcome,
+                }
             }
         };
         // A lost compare-and-set means our copy is stale: reload and apply again (the machine
@@ -402,14 +475,22 @@ impl SagaState {
     }
 
     /// Applies `event`, persists, then carries out the effects.
-    async fn process(&mut self, event: Event, delivery: Option<&dyn Delivery>) -> Result<(), Failure> {
+    async fn process(
+        &mut self,
+        event: Event,
+        delivery: Option<&dyn Delivery>,
+    ) -> Result<(), Failure> {
         if !self.load().await? {
             return Ok(());
         }
         let now = self.now();
-        let Some(l) = self.loaded.as_ref() else { return Ok(()) };
+        let Some(l) = self.loaded.as_ref() else {
+            return Ok(());
+        };
         let mut next = l.saga.clone();
-        let t: Transition = next.apply(&l.def, event, now).map_err(|e| Failure::Permanent(e.to_string()))?;
+        let t: Transition = next
+            .apply(&l.def, event, now)
+            .map_err(|e| Failure::Permanent(e.to_string()))?;
         if !t.changed {
             return Ok(());
         }
@@ -419,7 +500,11 @@ impl SagaState {
             Err(e) => return Err(Failure::Transient(e.to_string())),
         };
         let def = l.def.clone();
-        self.loaded = Some(Loaded { saga: next, revision, def });
+        self.loaded = Some(Loaded {
+            saga: next,
+            revision,
+            def,
+        });
         self.carry_out(t.effects, delivery).await;
         Ok(())
     }
@@ -427,27 +512,55 @@ impl SagaState {
     /// Publishes commands and status changes, retrying until NATS takes them: the snapshot
     /// already says they happened, so they must not be skipped.
     async fn carry_out(&self, effects: Vec<Effect>, delivery: Option<&dyn Delivery>) {
-        let Some(l) = self.loaded.as_ref() else { return };
-        let sends: Vec<CommandSpec> = effects.iter().filter_map(|e| if let Effect::Send(c) = e { Some(*c) } else { None }).collect();
+        let Some(l) = self.loaded.as_ref() else {
+            return;
+        };
+        let sends: Vec<CommandSpec> = effects
+            .iter()
+            .filter_map(|e| {
+                if let Effect::Send(c) = e {
+                    Some(*c)
+                } else {
+                    None
+                }
+            })
+            .collect();
         if !sends.is_empty() {
-            retry_forever(&self.id, "publish commands", delivery, || self.ctx.bus.send(&l.def, &l.saga, &sends)).await;
+            retry_forever(&self.id, "publish commands", delivery, || {
+                self.ctx.bus.send(&l.def, &l.saga, &sends)
+            })
+            .await;
         }
         let changes: Vec<(&str, &str)> = effects
             .iter()
-            .filter_map(|e| if let Effect::StatusChanged { from, to } = e { Some((from.as_str(), to.as_str())) } else { None })
+            .filter_map(|e| {
+                if let Effect::StatusChanged { from, to } = e {
+                    Some((from.as_str(), to.as_str()))
+                } else {
+                    None
+                }
+            })
             .collect();
         let first_seq = l.saga.status_seq + 1 - changes.len() as u64;
         for (k, (from, to)) in changes.into_iter().enumerate() {
             let seq = first_seq + k as u64;
-            retry_forever(&self.id, "announce status", delivery, || self.ctx.bus.announce(&l.saga, from, to, seq)).await;
+            retry_forever(&self.id, "announce status", delivery, || {
+                self.ctx.bus.announce(&l.saga, from, to, seq)
+            })
+            .await;
         }
     }
 
     async fn resend_in_flight(&self) {
-        let Some(l) = self.loaded.as_ref() else { return };
+        let Some(l) = self.loaded.as_ref() else {
+            return;
+        };
         let in_flight = l.saga.in_flight();
         if !in_flight.is_empty() {
-            retry_forever(&self.id, "republish in-flight commands", None, || self.ctx.bus.send(&l.def, &l.saga, &in_flight)).await;
+            retry_forever(&self.id, "republish in-flight commands", None, || {
+                self.ctx.bus.send(&l.def, &l.saga, &in_flight)
+            })
+            .await;
         }
     }
 
@@ -455,7 +568,9 @@ impl SagaState {
         if let Some(t) = self.timer.take() {
             t.abort();
         }
-        let Some(at) = self.loaded.as_ref().and_then(|l| l.saga.next_wakeup()) else { return };
+        let Some(at) = self.loaded.as_ref().and_then(|l| l.saga.next_wakeup()) else {
+            return;
+        };
         let delay = u64::try_from(at.saturating_sub(self.now())).unwrap_or(0);
         self.timer = Some(schedule_tick(myself, Duration::from_millis(delay)));
     }
@@ -463,7 +578,10 @@ impl SagaState {
 
 fn step_index(def: &SagaDefinition, name: &str) -> Option<usize> {
     def.steps.iter().position(|s| s.name == name).or_else(|| {
-        def.after_compensation.as_ref().filter(|s| s.name == name).map(|_| def.steps.len())
+        def.after_compensation
+            .as_ref()
+            .filter(|s| s.name == name)
+            .map(|_| def.steps.len())
     })
 }
 

@@ -184,9 +184,21 @@ pub struct Error {
 
 impl Error {
     /// An error at a byte offset of `source`.
-    pub fn at(file: &Path, source: &str, offset: usize, field: Option<String>, message: String) -> Self {
+    pub fn at(
+        file: &Path,
+        source: &str,
+        offset: usize,
+        field: Option<String>,
+        message: String,
+    ) -> Self {
         let (line, column) = line_col(source, offset);
-        Error { file: file.to_path_buf(), line, column, field, message }
+        Error {
+            file: file.to_path_buf(),
+            line,
+            column,
+            field,
+            message,
+        }
     }
 }
 

@@ -13,9 +13,13 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.chars().take_while(char::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("invalid duration {text:?}: expected a number, e.g. \"250ms\", \"10s\", \"5m\""));
+            return Err(format!(
+                "invalid duration {text:?}: expected a number, e.g. \"250ms\", \"10s\", \"5m\""
+            ));
         }
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.chars().take_while(char::is_ascii_alphabetic).count();
         let unit = &rest[..unit_len];
@@ -26,8 +30,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86_400)),
-            "" => return Err(format!("invalid duration {text:?}: missing unit (ms, s, m, h, d)")),
-            other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)")),
+            "" => {
+                return Err(format!(
+                    "invalid duration {text:?}: missing unit (ms, s, m, h, d)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)"
+                ))
+            }
         };
         total = total.saturating_add(part);
     }

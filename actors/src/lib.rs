@@ -12,10 +12,10 @@
 //!   bus, state store), implemented over NATS JetStream by the `sagaflow` crate.
 //! - [`hash`], [`duration`]: stable hashing, human durations.
 
+pub mod coordinator;
 pub mod definition;
 pub mod duration;
 pub mod hash;
-pub mod coordinator;
 pub mod machine;
 pub mod ports;
 pub mod service;

@@ -246,15 +246,32 @@ impl std::fmt::Display for Happening {
             Happening::Started => write!(f, "saga started"),
             Happening::Sent { attempt } => write!(f, "attempt {attempt} sent"),
             Happening::Succeeded { attempt } => write!(f, "succeeded on attempt {attempt}"),
-            Happening::AttemptFailed { attempt, kind, message } => write!(f, "attempt {attempt} failed: {kind}: {message}"),
-            Happening::RetryScheduled { attempt, at } => write!(f, "attempt {attempt} scheduled at {at}"),
+            Happening::AttemptFailed {
+                attempt,
+                kind,
+                message,
+            } => write!(f, "attempt {attempt} failed: {kind}: {message}"),
+            Happening::RetryScheduled { attempt, at } => {
+                write!(f, "attempt {attempt} scheduled at {at}")
+            }
             Happening::StepFailed => write!(f, "step failed for good"),
             Happening::Status { status } => write!(f, "status {status}"),
-            Happening::CompensationStarted { reason } => write!(f, "compensation started: {reason}"),
-            Happening::CompensationSent { attempt } => write!(f, "compensation attempt {attempt} sent"),
+            Happening::CompensationStarted { reason } => {
+                write!(f, "compensation started: {reason}")
+            }
+            Happening::CompensationSent { attempt } => {
+                write!(f, "compensation attempt {attempt} sent")
+            }
             Happening::Compensated => write!(f, "compensated"),
-            Happening::CompensationAttemptFailed { attempt, kind, message } => {
-                write!(f, "compensation attempt {attempt} failed: {kind}: {message}")
+            Happening::CompensationAttemptFailed {
+                attempt,
+                kind,
+                message,
+            } => {
+                write!(
+                    f,
+                    "compensation attempt {attempt} failed: {kind}: {message}"
+                )
             }
             Happening::Skipped => write!(f, "skipped"),
             Happening::Finished { phase } => write!(f, "saga finished: {}", phase.as_str()),
@@ -375,7 +392,12 @@ pub enum Error {
 
 impl Saga {
     /// Creates a saga and starts its first stage.
-    pub fn start(def: &SagaDefinition, id: String, input: Vec<u8>, now: Millis) -> (Saga, Transition) {
+    pub fn start(
+        def: &SagaDefinition,
+        id: String,
+        input: Vec<u8>,
+        now: Millis,
+    ) -> (Saga, Transition) {
         let deadline = i64::try_from(def.deadline.as_millis()).unwrap_or(i64::MAX);
         let mut saga = Saga {
             id,
@@ -396,14 +418,25 @@ impl Saga {
             status_seq: 1,
         };
         saga.log(now, None, Happening::Started);
-        let mut t = Transition { changed: true, effects: Vec::new() };
-        t.effects.push(Effect::StatusChanged { from: String::new(), to: saga.status.clone() });
+        let mut t = Transition {
+            changed: true,
+            effects: Vec::new(),
+        };
+        t.effects.push(Effect::StatusChanged {
+            from: String::new(),
+            to: saga.status.clone(),
+        });
         saga.start_stage(def, now, &mut t);
         (saga, t)
     }
 
     /// Applies one event at time `now`.
-    pub fn apply(&mut self, def: &SagaDefinition, event: Event, now: Millis) -> Result<Transition, Error> {
+    pub fn apply(
+        &mut self,
+        def: &SagaDefinition,
+        event: Event,
+        now: Millis,
+    ) -> Result<Transition, Error> {
         if self.steps.len() != def.step_slots() {
             return Err(Error::DefinitionMismatch {
                 saga: self.id.clone(),
@@ -417,9 +450,12 @@ impl Saga {
             return Ok(t);
         }
         match event {
-            Event::Reply { step, attempt, compensation, outcome } => {
-                self.on_reply(def, step, attempt, compensation, outcome, now, &mut t)
-            }
+            Event::Reply {
+                step,
+                attempt,
+                compensation,
+                outcome,
+            } => self.on_reply(def, step, attempt, compensation, outcome, now, &mut t),
             Event::Tick => self.on_tick(def, now, &mut t),
             Event::Cancel { reason } => {
                 if self.phase == Phase::Running {
@@ -452,8 +488,16 @@ impl Saga {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| match s.phase {
-                StepPhase::Running => Some(CommandSpec { step: i, compensation: false, attempt: s.attempt }),
-                StepPhase::Compensating => Some(CommandSpec { step: i, compensation: true, attempt: s.comp_attempt }),
+                StepPhase::Running => Some(CommandSpec {
+                    step: i,
+                    compensation: false,
+                    attempt: s.attempt,
+                }),
+                StepPhase::Compensating => Some(CommandSpec {
+                    step: i,
+                    compensation: true,
+                    attempt: s.comp_attempt,
+                }),
                 _ => None,
             })
             .collect()
@@ -473,13 +517,24 @@ impl Saga {
         if self.status != status {
             let from = std::mem::replace(&mut self.status, status.to_string());
             self.status_seq += 1;
-            self.log(now, None, Happening::Status { status: status.to_string() });
-            t.effects.push(Effect::StatusChanged { from, to: status.to_string() });
+            self.log(
+                now,
+                None,
+                Happening::Status {
+                    status: status.to_string(),
+                },
+            );
+            t.effects.push(Effect::StatusChanged {
+                from,
+                to: status.to_string(),
+            });
         }
     }
 
     fn stage_steps<'d>(&self, def: &'d SagaDefinition) -> &'d [StepIndex] {
-        def.stages.get(self.stage as usize).map_or(&[], |s| s.steps.as_slice())
+        def.stages
+            .get(self.stage as usize)
+            .map_or(&[], |s| s.steps.as_slice())
     }
 
     fn start_stage(&mut self, def: &SagaDefinition, now: Millis, t: &mut Transition) {
@@ -488,7 +543,13 @@ impl Saga {
         }
     }
 
-    fn send_forward(&mut self, def: &SagaDefinition, i: StepIndex, now: Millis, t: &mut Transition) {
+    fn send_forward(
+        &mut self,
+        def: &SagaDefinition,
+        i: StepIndex,
+        now: Millis,
+        t: &mut Transition,
+    ) {
         let Some(step) = def.step(i) else { return };
         let timeout = millis(step.timeout);
         let s = &mut self.steps[i];
@@ -499,10 +560,20 @@ impl Saga {
         let attempt = s.attempt;
         self.log(now, Some(i), Happening::Sent { attempt });
         t.changed = true;
-        t.effects.push(Effect::Send(CommandSpec { step: i, compensation: false, attempt }));
+        t.effects.push(Effect::Send(CommandSpec {
+            step: i,
+            compensation: false,
+            attempt,
+        }));
     }
 
-    fn send_compensation(&mut self, def: &SagaDefinition, i: StepIndex, now: Millis, t: &mut Transition) {
+    fn send_compensation(
+        &mut self,
+        def: &SagaDefinition,
+        i: StepIndex,
+        now: Millis,
+        t: &mut Transition,
+    ) {
         let Some(step) = def.step(i) else { return };
         let timeout = millis(step.timeout);
         let s = &mut self.steps[i];
@@ -512,7 +583,11 @@ impl Saga {
         let attempt = s.comp_attempt;
         self.log(now, Some(i), Happening::CompensationSent { attempt });
         t.changed = true;
-        t.effects.push(Effect::Send(CommandSpec { step: i, compensation: true, attempt }));
+        t.effects.push(Effect::Send(CommandSpec {
+            step: i,
+            compensation: true,
+            attempt,
+        }));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -571,7 +646,15 @@ impl Saga {
                 // (participants answer duplicates with their first answer).
                 s.maybe_applied |= timed_out;
                 s.last_error = Some(err.clone());
-                self.log(now, Some(i), Happening::AttemptFailed { attempt, kind: err.kind.clone(), message: err.message.clone() });
+                self.log(
+                    now,
+                    Some(i),
+                    Happening::AttemptFailed {
+                        attempt,
+                        kind: err.kind.clone(),
+                        message: err.message.clone(),
+                    },
+                );
                 let may_retry = step.retry.is_retryable(&err.kind)
                     && attempt < step.retry.max_attempts
                     && (self.phase == Phase::Running || self.is_after_compensation(def, i))
@@ -581,7 +664,14 @@ impl Saga {
                     let s = &mut self.steps[i];
                     s.phase = StepPhase::RetryWait;
                     s.due_at = Some(at);
-                    self.log(now, Some(i), Happening::RetryScheduled { attempt: attempt + 1, at });
+                    self.log(
+                        now,
+                        Some(i),
+                        Happening::RetryScheduled {
+                            attempt: attempt + 1,
+                            at,
+                        },
+                    );
                 } else {
                     let s = &mut self.steps[i];
                     s.phase = StepPhase::Failed;
@@ -591,7 +681,10 @@ impl Saga {
                     if self.is_after_compensation(def, i) {
                         self.finish(def, Phase::Compensated, now, t);
                     } else if self.phase == Phase::Running {
-                        let reason = format!("step `{}` ({}) failed: {}: {}", step.name, step.action, err.kind, err.message);
+                        let reason = format!(
+                            "step `{}` ({}) failed: {}: {}",
+                            step.name, step.action, err.kind, err.message
+                        );
                         self.begin_compensation(def, reason, now, t);
                     } else {
                         self.after_forward_settled(def, now, t);
@@ -609,11 +702,18 @@ impl Saga {
     fn after_forward_settled(&mut self, def: &SagaDefinition, now: Millis, t: &mut Transition) {
         match self.phase {
             Phase::Running => {
-                let all_done = self.stage_steps(def).iter().all(|&i| self.steps[i].phase == StepPhase::Succeeded);
+                let all_done = self
+                    .stage_steps(def)
+                    .iter()
+                    .all(|&i| self.steps[i].phase == StepPhase::Succeeded);
                 if !all_done {
                     return;
                 }
-                if let Some(status) = def.stages.get(self.stage as usize).and_then(|s| s.status.clone()) {
+                if let Some(status) = def
+                    .stages
+                    .get(self.stage as usize)
+                    .and_then(|s| s.status.clone())
+                {
                     self.set_status(&status, now, t);
                 }
                 self.stage += 1;
@@ -631,7 +731,13 @@ impl Saga {
         }
     }
 
-    fn begin_compensation(&mut self, def: &SagaDefinition, reason: String, now: Millis, t: &mut Transition) {
+    fn begin_compensation(
+        &mut self,
+        def: &SagaDefinition,
+        reason: String,
+        now: Millis,
+        t: &mut Transition,
+    ) {
         t.changed = true;
         self.phase = Phase::Compensating;
         self.reason = Some(reason.clone());
@@ -659,7 +765,13 @@ impl Saga {
 
     /// Runs the next compensation once no forward step is in flight.
     fn advance_compensation(&mut self, def: &SagaDefinition, now: Millis, t: &mut Transition) {
-        if self.steps.iter().take(def.steps.len()).any(StepState::in_flight) && self.compensation_plan.is_none() {
+        if self
+            .steps
+            .iter()
+            .take(def.steps.len())
+            .any(StepState::in_flight)
+            && self.compensation_plan.is_none()
+        {
             return; // wait for in-flight forward attempts to settle (reply or timeout)
         }
         if self.compensation_plan.is_none() {
@@ -673,13 +785,26 @@ impl Saga {
                     self.log(now, Some(i), Happening::StepFailed);
                 }
             }
-            let needs = |s: &StepState| s.phase == StepPhase::Succeeded || (s.phase == StepPhase::Failed && s.maybe_applied);
-            // A pivot that succeeded cannot be undone: the saga needs a human.
-            if let Some(p) = def.steps.iter().enumerate().find(|(i, st)| st.pivot && self.steps[*i].phase == StepPhase::Succeeded) {
+            let needs = |s: &StepState| {
+                s.phase == StepPhase::Succeeded || (s.phase == StepPhase::Failed && s.maybe_applied)
+            };
+            // A pivot that succeeded — or may have: it timed out — cannot be undone: the saga
+            // needs a human rather than a compensation that pretends nothing happened.
+            if let Some((i, p)) = def
+                .steps
+                .iter()
+                .enumerate()
+                .find(|(i, st)| st.pivot && needs(&self.steps[*i]))
+            {
+                let how = if self.steps[i].phase == StepPhase::Succeeded {
+                    "had already succeeded"
+                } else {
+                    "may have succeeded (it timed out)"
+                };
                 let reason = format!(
-                    "{}; pivot step `{}` had already succeeded and cannot be compensated",
+                    "{}; pivot step `{}` {how} and cannot be compensated",
                     self.reason.clone().unwrap_or_default(),
-                    p.1.name
+                    p.name
                 );
                 self.reason = Some(reason);
                 self.finish(def, Phase::Failed, now, t);
@@ -749,7 +874,11 @@ impl Saga {
                 self.log(
                     now,
                     Some(i),
-                    Happening::CompensationAttemptFailed { attempt, kind: err.kind.clone(), message: err.message.clone() },
+                    Happening::CompensationAttemptFailed {
+                        attempt,
+                        kind: err.kind.clone(),
+                        message: err.message.clone(),
+                    },
                 );
                 let policy = &step.compensation_retry;
                 if policy.is_retryable(&err.kind) && attempt < policy.max_attempts {
@@ -757,13 +886,24 @@ impl Saga {
                     let s = &mut self.steps[i];
                     s.phase = StepPhase::CompensationRetryWait;
                     s.due_at = Some(at);
-                    self.log(now, Some(i), Happening::RetryScheduled { attempt: attempt + 1, at });
+                    self.log(
+                        now,
+                        Some(i),
+                        Happening::RetryScheduled {
+                            attempt: attempt + 1,
+                            at,
+                        },
+                    );
                 } else {
                     let s = &mut self.steps[i];
                     s.phase = StepPhase::CompensationFailed;
                     s.due_at = None;
                     s.finished_at = Some(now);
-                    let comp = step.compensation.as_ref().map(ToString::to_string).unwrap_or_default();
+                    let comp = step
+                        .compensation
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
                     let reason = format!(
                         "{}; compensation `{comp}` of step `{}` failed after {attempt} attempt(s): {}: {}",
                         self.reason.clone().unwrap_or_default(),
@@ -794,19 +934,19 @@ impl Saga {
             }
             match s.phase {
                 StepPhase::Running => {
-                    let timeout = TimeoutError::new(def, i);
+                    let timeout = timeout_error(def, i);
                     let attempt = s.attempt;
                     self.on_reply(def, i, attempt, false, Err(timeout), now, t);
                 }
                 StepPhase::Compensating => {
-                    let timeout = TimeoutError::new(def, i);
+                    let timeout = timeout_error(def, i);
                     let attempt = s.comp_attempt;
                     self.on_reply(def, i, attempt, true, Err(timeout), now, t);
                 }
-                StepPhase::RetryWait => {
-                    if self.phase == Phase::Running || self.is_after_compensation(def, i) {
-                        self.send_forward(def, i, now, t);
-                    }
+                StepPhase::RetryWait
+                    if self.phase == Phase::Running || self.is_after_compensation(def, i) =>
+                {
+                    self.send_forward(def, i, now, t);
                 }
                 StepPhase::CompensationRetryWait => self.send_compensation(def, i, now, t),
                 _ => {}
@@ -833,12 +973,14 @@ impl Saga {
 /// Error kind the machine uses for an attempt that did not answer in time.
 pub const TIMEOUT_KIND: &str = "timeout";
 
-struct TimeoutError;
-
-impl TimeoutError {
-    fn new(def: &SagaDefinition, i: StepIndex) -> StepError {
-        let what = def.step(i).map_or_else(String::new, |s: &Step| format!(" after {:?}", s.timeout));
-        StepError { kind: TIMEOUT_KIND.to_string(), message: format!("no reply{what}") }
+/// The error recorded for an attempt of step `i` that did not answer in time.
+fn timeout_error(def: &SagaDefinition, i: StepIndex) -> StepError {
+    let what = def
+        .step(i)
+        .map_or_else(String::new, |s: &Step| format!(" after {:?}", s.timeout));
+    StepError {
+        kind: TIMEOUT_KIND.to_string(),
+        message: format!("no reply{what}"),
     }
 }
 
@@ -849,11 +991,21 @@ fn millis(d: std::time::Duration) -> i64 {
 /// Full-jitter backoff after `attempt` failed: uniform in `[0, ceiling]`, drawn from a hash of
 /// (saga, step, attempt, forward/compensation) so the machine stays deterministic while sagas
 /// spread out.
-fn backoff(policy: &RetryPolicy, saga: &str, step: StepIndex, attempt: u32, compensation: bool) -> i64 {
+fn backoff(
+    policy: &RetryPolicy,
+    saga: &str,
+    step: StepIndex,
+    attempt: u32,
+    compensation: bool,
+) -> i64 {
     let ceiling = millis(policy.backoff_ceiling(attempt)).max(1);
     // Compensation attempts draw from other keys than forward ones (the offset only salts the
     // hash: the ceiling above uses the real attempt number).
-    let salted = if compensation { attempt.wrapping_add(1000) } else { attempt };
+    let salted = if compensation {
+        attempt.wrapping_add(1000)
+    } else {
+        attempt
+    };
     let mut key = Vec::with_capacity(saga.len() + 16);
     key.extend_from_slice(saga.as_bytes());
     key.extend_from_slice(&(step as u64).to_le_bytes());

@@ -15,7 +15,9 @@ use crate::machine::{CommandSpec, Saga};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A compare-and-set lost: someone else wrote the snapshot since we read it.
-    #[error("snapshot of saga `{saga}` was changed by someone else (expected revision {expected:?})")]
+    #[error(
+        "snapshot of saga `{saga}` was changed by someone else (expected revision {expected:?})"
+    )]
     Conflict {
         /// Saga id.
         saga: String,
@@ -55,10 +57,16 @@ pub trait StateStore: Send + Sync + 'static {
 pub trait CommandBus: Send + Sync + 'static {
     /// Publishes the commands (de-duplicated by command id), and returns once the server has
     /// stored every one of them.
-    async fn send(&self, def: &SagaDefinition, saga: &Saga, commands: &[CommandSpec]) -> Result<(), Error>;
+    async fn send(
+        &self,
+        def: &SagaDefinition,
+        saga: &Saga,
+        commands: &[CommandSpec],
+    ) -> Result<(), Error>;
     /// Publishes a lifecycle event for a status change (`from` empty for the first status);
     /// `sequence` numbers the saga's status changes (1 for the first) for de-duplication.
-    async fn announce(&self, saga: &Saga, from: &str, to: &str, sequence: u64) -> Result<(), Error>;
+    async fn announce(&self, saga: &Saga, from: &str, to: &str, sequence: u64)
+        -> Result<(), Error>;
 }
 
 /// The acknowledgement of one delivered message: ack once its effects are durable.

@@ -95,7 +95,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Backoff before respawning an instance that failed `failures` times in a row.
 pub fn restart_backoff(failures: u32) -> Duration {
-    let factor = 1u32.checked_shl(failures.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1).min(16))
+        .unwrap_or(u32::MAX);
     BASE_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
@@ -104,7 +106,11 @@ impl Actor for ServicePool {
     type State = ServicePoolState;
     type Arguments = ServicePoolArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let mut state = ServicePoolState {
             service: args.service,
             slots: Vec::with_capacity(args.instances),
@@ -113,13 +119,22 @@ impl Actor for ServicePool {
         };
         for slot in 0..args.instances.max(1) {
             let actor = spawn_instance(&myself, slot).await?;
-            state.slots.push(Slot { actor: Some(actor), held: HashMap::new(), failures: 0 });
+            state.slots.push(Slot {
+                actor: Some(actor),
+                held: HashMap::new(),
+                failures: 0,
+            });
         }
         state.stats.live = state.slots.len();
         Ok(state)
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ServicePoolMsg::Dispatch(job, fallback) => {
                 let target = state
@@ -194,7 +209,11 @@ impl Actor for ServicePool {
             _ => return Ok(()),
         };
         let id = cell.get_id();
-        let Some(slot) = state.slots.iter().position(|s| s.actor.as_ref().is_some_and(|a| a.get_id() == id)) else {
+        let Some(slot) = state
+            .slots
+            .iter()
+            .position(|s| s.actor.as_ref().is_some_and(|a| a.get_id() == id))
+        else {
             return Ok(());
         };
         let s = &mut state.slots[slot];
@@ -217,7 +236,11 @@ impl Actor for ServicePool {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         // Best effort on a graceful stop: return whatever is still held. (On a crash the
         // messages come back after the consumer's ack_wait anyway.)
         for s in &mut state.slots {
@@ -229,8 +252,20 @@ impl Actor for ServicePool {
     }
 }
 
-async fn spawn_instance(pool: &ActorRef<ServicePoolMsg>, slot: usize) -> Result<ActorRef<InstanceMsg>, ActorProcessingErr> {
-    let (actor, _) = Actor::spawn_linked(None, ServiceInstance, InstanceArgs { pool: pool.clone(), slot }, pool.get_cell()).await?;
+async fn spawn_instance(
+    pool: &ActorRef<ServicePoolMsg>,
+    slot: usize,
+) -> Result<ActorRef<InstanceMsg>, ActorProcessingErr> {
+    let (actor, _) = Actor::spawn_linked(
+        None,
+        ServiceInstance,
+        InstanceArgs {
+            pool: pool.clone(),
+            slot,
+        },
+        pool.get_cell(),
+    )
+    .await?;
     Ok(actor)
 }
 
@@ -260,14 +295,26 @@ impl Actor for ServiceInstance {
     type State = InstanceArgs;
     type Arguments = InstanceArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let InstanceMsg::Run { id, job } = msg;
         job.run().await;
-        state.pool.cast(ServicePoolMsg::Done { slot: state.slot, job: id })?;
+        state.pool.cast(ServicePoolMsg::Done {
+            slot: state.slot,
+            job: id,
+        })?;
         Ok(())
     }
 }
@@ -333,17 +380,36 @@ mod tests {
     async fn a_panicking_job_is_returned_and_the_instance_restarts() {
         let log = Arc::new(Log::default());
         let runs = Arc::new(AtomicU64::new(0));
-        let (pool, handle) =
-            Actor::spawn(None, ServicePool, ServicePoolArgs { service: "t".into(), instances: 2 }).await.unwrap();
+        let (pool, handle) = Actor::spawn(
+            None,
+            ServicePool,
+            ServicePoolArgs {
+                service: "t".into(),
+                instances: 2,
+            },
+        )
+        .await
+        .unwrap();
         for n in 0..20u64 {
-            let job = TestJob { n, panic: n == 7, log: log.clone(), runs: runs.clone() };
-            pool.cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(TestDelivery(n, log.clone())))).unwrap();
+            let job = TestJob {
+                n,
+                panic: n == 7,
+                log: log.clone(),
+                runs: runs.clone(),
+            };
+            pool.cast(ServicePoolMsg::Dispatch(
+                Box::new(job),
+                Box::new(TestDelivery(n, log.clone())),
+            ))
+            .unwrap();
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let stats = ractor::call!(pool, ServicePoolMsg::Stats).unwrap();
-            let acked: std::collections::BTreeSet<u64> = log.acked.lock().await.iter().copied().collect();
-            let naked: std::collections::BTreeSet<u64> = log.naked.lock().await.iter().copied().collect();
+            let acked: std::collections::BTreeSet<u64> =
+                log.acked.lock().await.iter().copied().collect();
+            let naked: std::collections::BTreeSet<u64> =
+                log.naked.lock().await.iter().copied().collect();
             // Every job is either done (acked) or returned (nak'ed). A nak can also reach a job
             // the dead instance had finished just before (its Done still queued): JetStream
             // ignores a nak after an ack, so that is harmless.
@@ -353,7 +419,10 @@ mod tests {
                 assert!(!acked.contains(&7), "the job that panicked was never done");
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "pool did not recover: {stats:?}, acked {acked:?}, naked {naked:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pool did not recover: {stats:?}, acked {acked:?}, naked {naked:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         pool.stop(None);

@@ -54,24 +54,36 @@ pub struct Error {
 
 /// Encodes a snapshot.
 pub fn encode_snapshot(saga: &Saga) -> Result<Vec<u8>, Error> {
-    postcard::to_stdvec(&SnapshotEnvelopeRef::V1(saga)).map_err(|source| Error { what: "snapshot", source })
+    postcard::to_stdvec(&SnapshotEnvelopeRef::V1(saga)).map_err(|source| Error {
+        what: "snapshot",
+        source,
+    })
 }
 
 /// Decodes a snapshot of any known version.
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Saga, Error> {
-    match postcard::from_bytes(bytes).map_err(|source| Error { what: "snapshot", source })? {
+    match postcard::from_bytes(bytes).map_err(|source| Error {
+        what: "snapshot",
+        source,
+    })? {
         SnapshotEnvelope::V1(saga) => Ok(saga),
     }
 }
 
 /// Encodes a control event.
 pub fn encode_control(control: &Control) -> Result<Vec<u8>, Error> {
-    postcard::to_stdvec(&ControlEnvelopeRef::V1(control)).map_err(|source| Error { what: "control event", source })
+    postcard::to_stdvec(&ControlEnvelopeRef::V1(control)).map_err(|source| Error {
+        what: "control event",
+        source,
+    })
 }
 
 /// Decodes a control event of any known version.
 pub fn decode_control(bytes: &[u8]) -> Result<Control, Error> {
-    match postcard::from_bytes(bytes).map_err(|source| Error { what: "control event", source })? {
+    match postcard::from_bytes(bytes).map_err(|source| Error {
+        what: "control event",
+        source,
+    })? {
         ControlEnvelope::V1(c) => Ok(c),
     }
 }
@@ -92,7 +104,7 @@ enum ControlEnvelopeRef<'a> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::machine::{HistoryEntry, Happening, Phase, StepError, StepPhase, StepState};
+    use crate::machine::{Happening, HistoryEntry, Phase, StepError, StepPhase, StepState};
 
     fn sample() -> Saga {
         Saga {
@@ -110,7 +122,10 @@ mod tests {
                 comp_attempt: 1,
                 due_at: Some(1_000),
                 maybe_applied: true,
-                last_error: Some(StepError { kind: "timeout".into(), message: "m".into() }),
+                last_error: Some(StepError {
+                    kind: "timeout".into(),
+                    message: "m".into(),
+                }),
                 started_at: Some(10),
                 finished_at: None,
                 output: Some(vec![7]),
@@ -120,7 +135,11 @@ mod tests {
             started_at: 10,
             updated_at: 20,
             deadline_at: 30,
-            history: vec![HistoryEntry { at: 10, step: Some(0), what: Happening::Sent { attempt: 1 } }],
+            history: vec![HistoryEntry {
+                at: 10,
+                step: Some(0),
+                what: Happening::Sent { attempt: 1 },
+            }],
             status_seq: 3,
         }
     }
@@ -132,7 +151,10 @@ mod tests {
     fn snapshot_v1_golden_bytes() {
         let bytes = encode_snapshot(&sample()).unwrap();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, SNAPSHOT_V1, "the V1 snapshot encoding changed: stored sagas would not decode");
+        assert_eq!(
+            hex, SNAPSHOT_V1,
+            "the V1 snapshot encoding changed: stored sagas would not decode"
+        );
         let owned = postcard::to_stdvec(&SnapshotEnvelope::V1(sample())).unwrap();
         assert_eq!(owned, bytes);
         assert_eq!(decode_snapshot(&bytes).unwrap(), sample());
@@ -140,11 +162,17 @@ mod tests {
 
     #[test]
     fn control_v1_golden_bytes() {
-        let c = Control::Cancel { reason: "x".into(), at: 5 };
+        let c = Control::Cancel {
+            reason: "x".into(),
+            at: 5,
+        };
         let bytes = encode_control(&c).unwrap();
         assert_eq!(bytes, vec![0, 1, 1, b'x', 10]);
         assert_eq!(decode_control(&bytes).unwrap(), c);
-        assert_eq!(encode_control(&Control::Started { at: 1 }).unwrap(), vec![0, 0, 2]);
+        assert_eq!(
+            encode_control(&Control::Started { at: 1 }).unwrap(),
+            vec![0, 0, 2]
+        );
     }
 
     #[test]

@@ -180,10 +180,14 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
                     page_size: PAGE_SIZE,
                     page_token,
                 };
+                let request_token = request.page_token.clone();
                 let page = call(client.list_orders(request)).await?;
                 orders.extend(page.orders);
                 if page.next_page_token.is_empty() {
                     break;
+                }
+                if page.next_page_token == request_token {
+                    bail!("the node returned the same page token twice ({request_token:?})");
                 }
                 page_token = page.next_page_token;
             }

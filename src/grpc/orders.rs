@@ -1,9 +1,12 @@
 //! `OrderService`: the order saga behind a domain-shaped API.
 
-use sagaflow_proto::v1::order_service_server::OrderService;
-use sagaflow_proto::v1::{self, GetOrderRequest, ListOrdersRequest, ListOrdersResponse, PlaceOrderRequest, PlaceOrderResponse};
-use tonic::{Request, Response, Status};
 use futures::StreamExt;
+use sagaflow_proto::v1::order_service_server::OrderService;
+use sagaflow_proto::v1::{
+    self, GetOrderRequest, ListOrdersRequest, ListOrdersResponse, PlaceOrderRequest,
+    PlaceOrderResponse,
+};
+use tonic::{Request, Response, Status};
 
 use super::render::{self, order_saga_id, OrderInput, OrderItem};
 use super::{invalid, valid_id, BoxStream, SagaApi};
@@ -30,42 +33,76 @@ impl Orders {
 fn valid_sku(sku: &str) -> bool {
     let mut chars = sku.chars();
     sku.len() <= 64
-        && chars.next().is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
         && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 /// Validates a `PlaceOrder` request into the saga input, naming the first bad field.
 pub fn validate(req: &PlaceOrderRequest) -> Result<OrderInput, Status> {
     if !valid_id(&req.order_id, 100) {
-        return Err(invalid("order_id", "must be 1 to 100 characters of A-Z, a-z, 0-9, `_` or `-`"));
+        return Err(invalid(
+            "order_id",
+            "must be 1 to 100 characters of A-Z, a-z, 0-9, `_` or `-`",
+        ));
     }
     let customer = req.customer.trim();
-    if customer.is_empty() || customer.chars().count() > 200 || customer.chars().any(char::is_control) {
+    if customer.is_empty()
+        || customer.chars().count() > 200
+        || customer.chars().any(char::is_control)
+    {
         return Err(invalid("customer", "must be 1 to 200 printable characters"));
     }
     if req.amount_cents <= 0 {
-        return Err(invalid("amount_cents", format!("must be positive, got {}", req.amount_cents)));
+        return Err(invalid(
+            "amount_cents",
+            format!("must be positive, got {}", req.amount_cents),
+        ));
     }
     if req.amount_cents > MAX_AMOUNT {
-        return Err(invalid("amount_cents", format!("must be at most {MAX_AMOUNT}")));
+        return Err(invalid(
+            "amount_cents",
+            format!("must be at most {MAX_AMOUNT}"),
+        ));
     }
     if req.items.is_empty() {
         return Err(invalid("items", "an order needs at least one item"));
     }
     if req.items.len() > MAX_ITEMS {
-        return Err(invalid("items", format!("at most {MAX_ITEMS} items, got {}", req.items.len())));
+        return Err(invalid(
+            "items",
+            format!("at most {MAX_ITEMS} items, got {}", req.items.len()),
+        ));
     }
     let mut items = Vec::with_capacity(req.items.len());
     for (i, item) in req.items.iter().enumerate() {
         if !valid_sku(&item.sku) {
-            return Err(invalid(&format!("items[{i}].sku"), format!("{:?} is not a SKU (A-Z, 0-9, `_`, `-`, at most 64)", truncate(&item.sku))));
+            return Err(invalid(
+                &format!("items[{i}].sku"),
+                format!(
+                    "{:?} is not a SKU (A-Z, 0-9, `_`, `-`, at most 64)",
+                    truncate(&item.sku)
+                ),
+            ));
         }
         if item.quantity == 0 || item.quantity > MAX_QUANTITY {
-            return Err(invalid(&format!("items[{i}].quantity"), format!("must be 1 to {MAX_QUANTITY}, got {}", item.quantity)));
+            return Err(invalid(
+                &format!("items[{i}].quantity"),
+                format!("must be 1 to {MAX_QUANTITY}, got {}", item.quantity),
+            ));
         }
-        items.push(OrderItem { sku: item.sku.clone(), quantity: item.quantity });
+        items.push(OrderItem {
+            sku: item.sku.clone(),
+            quantity: item.quantity,
+        });
     }
-    Ok(OrderInput { order_id: req.order_id.clone(), customer: customer.to_string(), amount_cents: req.amount_cents, items })
+    Ok(OrderInput {
+        order_id: req.order_id.clone(),
+        customer: customer.to_string(),
+        amount_cents: req.amount_cents,
+        items,
+    })
 }
 
 fn truncate(s: &str) -> String {
@@ -74,36 +111,73 @@ fn truncate(s: &str) -> String {
 
 fn validate_order_id(id: &str) -> Result<String, Status> {
     if !valid_id(id, 100) {
-        return Err(invalid("order_id", "must be 1 to 100 characters of A-Z, a-z, 0-9, `_` or `-`"));
+        return Err(invalid(
+            "order_id",
+            "must be 1 to 100 characters of A-Z, a-z, 0-9, `_` or `-`",
+        ));
     }
     Ok(order_saga_id(id))
 }
 
 #[tonic::async_trait]
 impl OrderService for Orders {
-    async fn place_order(&self, request: Request<PlaceOrderRequest>) -> Result<Response<PlaceOrderResponse>, Status> {
+    async fn place_order(
+        &self,
+        request: Request<PlaceOrderRequest>,
+    ) -> Result<Response<PlaceOrderResponse>, Status> {
         let req = request.into_inner();
         let input = validate(&req)?;
-        let def = self.api.definition(ORDER_SAGA).ok_or_else(|| Status::failed_precondition("the `order` saga is not defined on this node"))?;
+        let def = self.api.definition(ORDER_SAGA).ok_or_else(|| {
+            Status::failed_precondition("the `order` saga is not defined on this node")
+        })?;
         let saga_id = order_saga_id(&input.order_id);
         let bytes = serde_json::to_vec(&input).map_err(|e| Status::internal(e.to_string()))?;
         let (created, saga) = self.api.start(&def, &saga_id, bytes).await?;
-        Ok(Response::new(PlaceOrderResponse { order_id: input.order_id, saga_id, created, status: saga.status }))
+        Ok(Response::new(PlaceOrderResponse {
+            order_id: input.order_id,
+            saga_id,
+            created,
+            status: saga.status,
+        }))
     }
 
-    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<v1::Order>, Status> {
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<v1::Order>, Status> {
         let id = validate_order_id(&request.into_inner().order_id)?;
-        let (saga, rev) = self.api.get(&id).await.map_err(|s| if s.code() == tonic::Code::NotFound { Status::not_found(format!("no order with id `{}`", id.trim_start_matches("order-"))) } else { s })?;
+        let (saga, rev) = self.api.get(&id).await.map_err(|s| {
+            if s.code() == tonic::Code::NotFound {
+                Status::not_found(format!(
+                    "no order with id `{}`",
+                    id.trim_start_matches("order-")
+                ))
+            } else {
+                s
+            }
+        })?;
         let def = self.api.definition(&saga.definition);
         Ok(Response::new(render::order(&saga, rev, def.as_deref())))
     }
 
     type WatchOrderStream = BoxStream<v1::Order>;
 
-    async fn watch_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Self::WatchOrderStream>, Status> {
+    async fn watch_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let id = validate_order_id(&request.into_inner().order_id)?;
         let api = self.api.clone();
-        let stream = self.api.watch(&id).await.map_err(|s| if s.code() == tonic::Code::NotFound { Status::not_found(format!("no order with id `{}`", id.trim_start_matches("order-"))) } else { s })?;
+        let stream = self.api.watch(&id).await.map_err(|s| {
+            if s.code() == tonic::Code::NotFound {
+                Status::not_found(format!(
+                    "no order with id `{}`",
+                    id.trim_start_matches("order-")
+                ))
+            } else {
+                s
+            }
+        })?;
         let stream = stream.map(move |item| {
             item.map(|(saga, rev)| {
                 let def = api.definition(&saga.definition);
@@ -113,7 +187,10 @@ impl OrderService for Orders {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn list_orders(&self, request: Request<ListOrdersRequest>) -> Result<Response<ListOrdersResponse>, Status> {
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
         let req = request.into_inner();
         let page_size = match req.page_size {
             0 => 100,
@@ -123,11 +200,16 @@ impl OrderService for Orders {
         let offset: usize = if req.page_token.is_empty() {
             0
         } else {
-            req.page_token.parse().map_err(|_| invalid("page_token", "not a token from a previous response"))?
+            req.page_token
+                .parse()
+                .map_err(|_| invalid("page_token", "not a token from a previous response"))?
         };
         let status = req.status.trim().to_ascii_uppercase();
         let sagas = self.api.list("order-").await?;
-        let matching: Vec<_> = sagas.into_iter().filter(|s| status.is_empty() || s.status == status).collect();
+        let matching: Vec<_> = sagas
+            .into_iter()
+            .filter(|s| status.is_empty() || s.status == status)
+            .collect();
         let total = matching.len();
         let orders = matching
             .iter()
@@ -144,7 +226,14 @@ impl OrderService for Orders {
             })
             .collect();
         let next = offset + page_size;
-        Ok(Response::new(ListOrdersResponse { orders, next_page_token: if next < total { next.to_string() } else { String::new() } }))
+        Ok(Response::new(ListOrdersResponse {
+            orders,
+            next_page_token: if next < total {
+                next.to_string()
+            } else {
+                String::new()
+            },
+        }))
     }
 }
 
@@ -158,13 +247,17 @@ mod tests {
             order_id: "A-1".into(),
             customer: "ann".into(),
             amount_cents: 1200,
-            items: vec![v1::OrderItem { sku: "SKU-1".into(), quantity: 2 }],
+            items: vec![v1::OrderItem {
+                sku: "SKU-1".into(),
+                quantity: 2,
+            }],
         }
     }
 
     #[test]
     fn bad_fields_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut PlaceOrderRequest)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut PlaceOrderRequest)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|r| r.order_id.clear()), "order_id"),
             (Box::new(|r| r.order_id = "a b".into()), "order_id"),
             (Box::new(|r| r.order_id = "x".repeat(101)), "order_id"),
@@ -172,17 +265,38 @@ mod tests {
             (Box::new(|r| r.amount_cents = 0), "amount_cents"),
             (Box::new(|r| r.amount_cents = -5), "amount_cents"),
             (Box::new(|r| r.items.clear()), "items"),
-            (Box::new(|r| r.items[0].sku = "sku-1".into()), "items[0].sku"),
-            (Box::new(|r| r.items[0].sku = "S".repeat(65)), "items[0].sku"),
+            (
+                Box::new(|r| r.items[0].sku = "sku-1".into()),
+                "items[0].sku",
+            ),
+            (
+                Box::new(|r| r.items[0].sku = "S".repeat(65)),
+                "items[0].sku",
+            ),
             (Box::new(|r| r.items[0].quantity = 0), "items[0].quantity"),
-            (Box::new(|r| r.items = vec![v1::OrderItem { sku: "A".into(), quantity: 1 }; 101]), "items"),
+            (
+                Box::new(|r| {
+                    r.items = vec![
+                        v1::OrderItem {
+                            sku: "A".into(),
+                            quantity: 1
+                        };
+                        101
+                    ]
+                }),
+                "items",
+            ),
         ];
         for (mutate, field) in cases {
             let mut r = ok_request();
             mutate(&mut r);
             let err = validate(&r).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert!(err.message().starts_with(&format!("{field}:")), "{field}: {}", err.message());
+            assert!(
+                err.message().starts_with(&format!("{field}:")),
+                "{field}: {}",
+                err.message()
+            );
         }
         assert_eq!(validate(&ok_request()).unwrap().items[0].quantity, 2);
     }

@@ -2,7 +2,10 @@
 
 use futures::StreamExt;
 use sagaflow_proto::v1::saga_service_server::SagaService;
-use sagaflow_proto::v1::{self, GetSagaRequest, ListDefinitionsRequest, ListDefinitionsResponse, StartSagaRequest, StartSagaResponse};
+use sagaflow_proto::v1::{
+    self, GetSagaRequest, ListDefinitionsRequest, ListDefinitionsResponse, StartSagaRequest,
+    StartSagaResponse,
+};
 use tonic::{Request, Response, Status};
 
 use super::{invalid, render, valid_id, BoxStream, SagaApi};
@@ -24,33 +27,58 @@ impl Sagas {
 
 fn validate_saga_id(id: &str) -> Result<(), Status> {
     if !valid_id(id, 128) {
-        return Err(invalid("saga_id", "must be 1 to 128 characters of A-Z, a-z, 0-9, `_` or `-`"));
+        return Err(invalid(
+            "saga_id",
+            "must be 1 to 128 characters of A-Z, a-z, 0-9, `_` or `-`",
+        ));
     }
     Ok(())
 }
 
 #[tonic::async_trait]
 impl SagaService for Sagas {
-    async fn start_saga(&self, request: Request<StartSagaRequest>) -> Result<Response<StartSagaResponse>, Status> {
+    async fn start_saga(
+        &self,
+        request: Request<StartSagaRequest>,
+    ) -> Result<Response<StartSagaResponse>, Status> {
         let req = request.into_inner();
-        let def = self
-            .api
-            .definition(&req.saga_name)
-            .ok_or_else(|| invalid("saga_name", format!("no saga named {:?} is defined", req.saga_name.chars().take(64).collect::<String>())))?;
+        let def = self.api.definition(&req.saga_name).ok_or_else(|| {
+            invalid(
+                "saga_name",
+                format!(
+                    "no saga named {:?} is defined",
+                    req.saga_name.chars().take(64).collect::<String>()
+                ),
+            )
+        })?;
         if req.input_json.len() > MAX_INPUT {
             return Err(invalid("input_json", format!("at most {MAX_INPUT} bytes")));
         }
-        let value: serde_json::Value = serde_json::from_str(&req.input_json).map_err(|e| invalid("input_json", format!("not JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(&req.input_json)
+            .map_err(|e| invalid("input_json", format!("not JSON: {e}")))?;
         if !value.is_object() {
             return Err(invalid("input_json", "must be a JSON object"));
         }
-        let id = if req.saga_id.is_empty() { format!("{}-{:016x}", def.name, rand::random::<u64>()) } else { req.saga_id };
+        let id = if req.saga_id.is_empty() {
+            format!("{}-{:016x}", def.name, rand::random::<u64>())
+        } else {
+            req.saga_id
+        };
         validate_saga_id(&id)?;
-        let (created, _) = self.api.start(&def, &id, req.input_json.into_bytes()).await?;
-        Ok(Response::new(StartSagaResponse { saga_id: id, created }))
+        let (created, _) = self
+            .api
+            .start(&def, &id, req.input_json.into_bytes())
+            .await?;
+        Ok(Response::new(StartSagaResponse {
+            saga_id: id,
+            created,
+        }))
     }
 
-    async fn get_saga(&self, request: Request<GetSagaRequest>) -> Result<Response<v1::Saga>, Status> {
+    async fn get_saga(
+        &self,
+        request: Request<GetSagaRequest>,
+    ) -> Result<Response<v1::Saga>, Status> {
         let id = request.into_inner().saga_id;
         validate_saga_id(&id)?;
         let (saga, rev) = self.api.get(&id).await?;
@@ -60,7 +88,10 @@ impl SagaService for Sagas {
 
     type WatchSagaStream = BoxStream<v1::Saga>;
 
-    async fn watch_saga(&self, request: Request<GetSagaRequest>) -> Result<Response<Self::WatchSagaStream>, Status> {
+    async fn watch_saga(
+        &self,
+        request: Request<GetSagaRequest>,
+    ) -> Result<Response<Self::WatchSagaStream>, Status> {
         let id = request.into_inner().saga_id;
         validate_saga_id(&id)?;
         let api = self.api.clone();
@@ -73,7 +104,10 @@ impl SagaService for Sagas {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn list_definitions(&self, _request: Request<ListDefinitionsRequest>) -> Result<Response<ListDefinitionsResponse>, Status> {
+    async fn list_definitions(
+        &self,
+        _request: Request<ListDefinitionsRequest>,
+    ) -> Result<Response<ListDefinitionsResponse>, Status> {
         let mut definitions: Vec<v1::Definition> = self
             .api
             .definitions()
@@ -87,11 +121,20 @@ impl SagaService for Sagas {
                     .iter()
                     .map(|s| v1::DefinitionStage {
                         name: s.name.clone(),
-                        steps: s.steps.iter().filter_map(|&i| d.steps.get(i)).map(|st| st.name.clone()).collect(),
+                        steps: s
+                            .steps
+                            .iter()
+                            .filter_map(|&i| d.steps.get(i))
+                            .map(|st| st.name.clone())
+                            .collect(),
                         status: s.status.clone().unwrap_or_default(),
                     })
                     .collect(),
-                after_compensation: d.after_compensation.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                after_compensation: d
+                    .after_compensation
+                    .as_ref()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default(),
                 fingerprint: d.fingerprint,
             })
             .collect();
