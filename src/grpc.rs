@@ -16,6 +16,7 @@ use sagaflow_actors::hash::partition_of;
 use sagaflow_actors::machine::Saga;
 use sagaflow_actors::ports::{CommandBus, Error as PortError, StateStore};
 use sagaflow_actors::wire::{self, Control};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::bus::JetStreamBus;
@@ -39,6 +40,7 @@ pub struct SagaApi {
     bus: JetStreamBus,
     definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
     partitions: u32,
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for SagaApi {
@@ -75,6 +77,7 @@ impl SagaApi {
         sagas: kv::Store,
         definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
         partitions: u32,
+        shutdown: CancellationToken,
     ) -> Self {
         SagaApi {
             store: KvStateStore::new(sagas, partitions),
@@ -82,6 +85,7 @@ impl SagaApi {
             js,
             definitions,
             partitions,
+            shutdown,
         }
     }
 
@@ -202,15 +206,18 @@ impl SagaApi {
                     Err(e) => Some(Err(unavailable(e))),
                 }
             })
-            .scan(false, |done, item| {
-                // Yield up to and including the first terminal snapshot, then end.
-                if *done {
-                    return futures::future::ready(None);
+            // Watchers end when the node shuts down, so they do not hold the server open.
+            .take_until(self.shutdown.clone().cancelled_owned());
+        // Yield up to and including the first terminal snapshot, then end at once (not on the
+        // next update, which never comes).
+        let stream =
+            futures::stream::unfold((Box::pin(stream), false), |(mut s, done)| async move {
+                if done {
+                    return None;
                 }
-                if let Ok((s, _)) = &item {
-                    *done = s.is_terminal();
-                }
-                futures::future::ready(Some(item))
+                let item = s.next().await?;
+                let terminal = matches!(&item, Ok((saga, _)) if saga.is_terminal());
+                Some((item, (s, terminal)))
             });
         Ok(stream)
     }

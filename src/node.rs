@@ -238,7 +238,13 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         None
     };
 
-    let api = SagaApi::new(js.clone(), sagas_kv, definitions, config.partitions);
+    let api = SagaApi::new(
+        js.clone(),
+        sagas_kv,
+        definitions,
+        config.partitions,
+        cancel.child_token(),
+    );
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
         .map_err(|source| Error::Bind {

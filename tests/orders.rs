@@ -199,6 +199,34 @@ async fn happy_path_ships_and_placing_again_is_idempotent() {
     assert!(placed.created);
     assert_eq!(placed.saga_id, "order-happy-1");
     assert_eq!(placed.status, "PENDING");
+    // WatchOrder streams every change until the order is terminal, then ends.
+    let mut watch = client
+        .watch_order(GetOrderRequest {
+            order_id: "happy-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(update) = within(Duration::from_secs(30), "watch update", watch.next())
+        .await
+        .unwrap()
+    {
+        let update = update.unwrap();
+        if seen.last() != Some(&update.status) {
+            seen.push(update.status.clone());
+        }
+    }
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("SHIPPED"),
+        "watch ends on the terminal status: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|s| ["PENDING", "PAID", "SHIPPED"].contains(&s.as_str())),
+        "{seen:?}"
+    );
     let o = wait_terminal(&mut client, "happy-1", Duration::from_secs(30)).await;
     assert_eq!(o.status, "SHIPPED", "{o:?}");
     assert_eq!(o.amount_cents, 1999);
@@ -316,6 +344,20 @@ async fn bad_requests_are_refused_naming_the_field_and_unknown_ids_are_not_found
             err.message()
         );
     }
+    // Health and reflection are served, so grpcurl works without the proto files.
+    let channel = channel(&node.grpc_addr.to_string()).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sagaflow.v1.OrderService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // Oversize message: refused by the server, not a crash.
     let huge = PlaceOrderRequest {
         customer: "c".repeat(2 * 1024 * 1024),
@@ -696,7 +738,16 @@ async fn a_node_killed_mid_run_resumes_every_saga_exactly_once() {
     let client = proc.connect_orders().await.unwrap();
     let ids = place_mix(&client, "crash", 300).await;
     // Kill it while sagas are in flight (20 ms per command keeps them so), then start it again.
+    let last = client
+        .clone()
+        .get_order(GetOrderRequest {
+            order_id: ids[ids.len() - 1].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     proc.kill();
+    assert!(!last.terminal, "the kill must hit sagas in flight");
     proc.restart().unwrap();
     let client = proc.connect_orders().await.unwrap();
     let orders = wait_all_terminal(&client, &ids, Duration::from_secs(240)).await;
