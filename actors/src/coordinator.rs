@@ -250,6 +250,8 @@ pub struct SagaState {
     ctx: Arc<Context>,
     loaded: Option<Loaded>,
     timer: Option<JoinHandle<()>>,
+    /// The saga does not exist or can never be loaded here: the actor stops.
+    unusable: bool,
 }
 
 struct Loaded {
@@ -284,6 +286,7 @@ impl Actor for SagaActor {
             ctx: args.ctx,
             loaded: None,
             timer: None,
+            unusable: false,
         })
     }
 
@@ -333,7 +336,10 @@ impl Actor for SagaActor {
             }
         }
         state.arm_timer(&myself);
-        if state.loaded.as_ref().is_none_or(|l| l.saga.is_terminal()) {
+        // Stop once finished or unusable. After a transient failure the actor stays (with no
+        // snapshot loaded) so events already in its mailbox are not dropped; it reloads on
+        // the next one.
+        if state.unusable || state.loaded.as_ref().is_some_and(|l| l.saga.is_terminal()) {
             myself.stop(None);
         }
         Ok(())
@@ -372,6 +378,7 @@ impl SagaState {
         match self.ctx.store.load(&self.id).await {
             Ok(Some((saga, revision))) => {
                 let Some(def) = self.ctx.definitions.get(&saga.definition).cloned() else {
+                    self.unusable = true;
                     return Err(Failure::Permanent(format!(
                         "saga definition `{}` is not loaded on this node",
                         saga.definition
@@ -387,8 +394,14 @@ impl SagaState {
                 });
                 Ok(true)
             }
-            Ok(None) => Ok(false),
-            Err(PortError::Corrupt { message, .. }) => Err(Failure::Permanent(message)),
+            Ok(None) => {
+                self.unusable = true;
+                Ok(false)
+            }
+            Err(PortError::Corrupt { message, .. }) => {
+                self.unusable = true;
+                Err(Failure::Permanent(message))
+            }
             Err(e) => Err(Failure::Transient(e.to_string())),
         }
     }

@@ -845,6 +845,38 @@ fn a_failure_after_the_pivot_needs_a_human() {
 }
 
 #[test]
+fn a_pivot_that_times_out_for_good_needs_a_human() {
+    // The notification may have gone out although it never answered: undoing the charge and
+    // telling the customer "cancelled" could contradict it, so the saga stops for a human.
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    apply(&mut saga, &def, ok(RESERVE, 1), T0 + 2);
+    apply(&mut saga, &def, ok(PREPARE, 1), T0 + 3);
+    let attempts = def.steps[NOTIFY].retry.max_attempts;
+    for _ in 0..attempts * 2 + 2 {
+        let Some(due) = saga.next_wakeup() else { break };
+        apply(&mut saga, &def, Event::Tick, due);
+        if saga.is_terminal() {
+            break;
+        }
+    }
+    assert_eq!(saga.phase, Phase::Failed);
+    assert_eq!(saga.status, "FAILED");
+    assert_eq!(saga.steps[NOTIFY].attempt, attempts);
+    assert!(saga.steps[NOTIFY].maybe_applied);
+    assert!(
+        saga.reason.clone().unwrap().contains("may have succeeded"),
+        "{:?}",
+        saga.reason
+    );
+    assert!(
+        saga.steps.iter().all(|s| s.comp_attempt == 0),
+        "nothing is undone"
+    );
+}
+
+#[test]
 fn terminal_sagas_ignore_everything() {
     let def = order();
     let completed = {
