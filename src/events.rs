@@ -5,20 +5,17 @@
 //! with the reason and is acked: it never crashes the node and is never dropped silently.
 //! Decoded events are acked by the saga actor once their effects are durable.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
 use prost::Message as _;
 use ractor::ActorRef;
 use sagaflow_actors::coordinator::{CoordinatorMsg, Input};
 use sagaflow_actors::machine::StepError;
-use sagaflow_actors::service::restart_backoff;
 use sagaflow_actors::wire::{self, Control};
 use sagaflow_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
+use crate::consume::{pull_forever, Flow};
 use crate::dlq::{self, JsDelivery};
 use crate::topology::{partition_filter, EVENTS_STREAM};
 
@@ -101,45 +98,21 @@ pub async fn run_partition(
     coordinator: ActorRef<CoordinatorMsg>,
     cancel: CancellationToken,
 ) {
-    let mut failures = 0u32;
-    while !cancel.is_cancelled() {
-        let consumer = match ensure_consumer(&js, partition, &cfg).await {
-            Ok(c) => c,
-            Err(e) => {
-                failures += 1;
-                let delay = restart_backoff(failures);
-                tracing::warn!(partition, error = %e, ?delay, "cannot open partition consumer, retrying");
-                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
-            }
-        };
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(512)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(m) => m,
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(partition, error = %e, "cannot pull events, retrying");
-                tokio::time::sleep(restart_backoff(failures)).await;
-                continue;
-            }
-        };
-        failures = 0;
-        loop {
-            let next = tokio::select! {
-                _ = cancel.cancelled() => return,
-                n = messages.next() => n,
-            };
-            match next {
-                Some(Ok(message)) => match decode(&message.subject, &message.payload) {
+    let what = consumer_name(partition);
+    pull_forever(
+        &what,
+        512,
+        cancel,
+        || ensure_consumer(&js, partition, &cfg),
+        |message| {
+            let js = js.clone();
+            let coordinator = coordinator.clone();
+            async move {
+                match decode(&message.subject, &message.payload) {
                     Ok((saga_id, input)) => {
                         let delivery = Box::new(JsDelivery {
                             message,
-                            js: js.clone(),
+                            js,
                             source: "events",
                         });
                         if coordinator
@@ -154,16 +127,16 @@ pub async fn run_partition(
                                 partition,
                                 "coordinator stopped; leaving events unacked"
                             );
-                            return;
+                            return Flow::Stop;
                         }
                     }
                     Err(reason) => dlq::dead_letter(&js, "events", &message, &reason).await,
-                },
-                Some(Err(e)) => tracing::warn!(partition, error = %e, "event stream error"),
-                None => break,
+                }
+                Flow::Continue
             }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

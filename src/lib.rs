@@ -13,6 +13,7 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod demo;
 pub mod dev;
 pub mod dlq;

@@ -12,7 +12,6 @@ use async_nats::jetstream::{self, consumer};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use futures::StreamExt;
 use prost::Message as _;
 use ractor::ActorRef;
 use sagaflow_actors::ports::Delivery;
@@ -21,6 +20,7 @@ use sagaflow_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
+use crate::consume::{pull_forever, Flow};
 use crate::dlq::{self, JsDelivery};
 use crate::topology::COMMANDS_STREAM;
 
@@ -88,71 +88,38 @@ pub async fn run_consumer(
     pool: ActorRef<ServicePoolMsg>,
     cancel: CancellationToken,
 ) {
-    let mut failures = 0u32;
-    while !cancel.is_cancelled() {
-        let consumer = match ensure_consumer(&js, &service, &cfg).await {
-            Ok(c) => c,
-            Err(e) => {
-                failures += 1;
-                let delay = sagaflow_actors::service::restart_backoff(failures);
-                tracing::warn!(service, error = %e, ?delay, "cannot open service consumer, retrying");
-                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
-            }
-        };
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(256)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(m) => m,
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(service, error = %e, "cannot pull commands, retrying");
-                tokio::time::sleep(sagaflow_actors::service::restart_backoff(failures)).await;
-                continue;
-            }
-        };
-        failures = 0;
-        loop {
-            // `next()` on the pull stream is cancel-safe: a message is only taken when it is returned.
-            let next = tokio::select! {
-                _ = cancel.cancelled() => return,
-                n = messages.next() => n,
+    let what = format!("svc-{service}");
+    pull_forever(
+        &what,
+        256,
+        cancel,
+        || ensure_consumer(&js, &service, &cfg),
+        |message| {
+            let fallback = JsDelivery {
+                message: message.clone(),
+                js: js.clone(),
+                source: "commands",
             };
-            match next {
-                Some(Ok(message)) => {
-                    let fallback = JsDelivery {
-                        message: message.clone(),
-                        js: js.clone(),
-                        source: "commands",
-                    };
-                    let job = CommandJob {
-                        js: js.clone(),
-                        message,
-                        participant: participant.clone(),
-                    };
-                    if pool
-                        .cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(fallback)))
-                        .is_err()
-                    {
-                        tracing::warn!(
-                            service,
-                            "service pool stopped; leaving commands to other instances"
-                        );
-                        return;
-                    }
+            let job = CommandJob {
+                js: js.clone(),
+                message,
+                participant: participant.clone(),
+            };
+            let sent = pool.cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(fallback)));
+            let service = service.as_str();
+            async move {
+                if sent.is_err() {
+                    tracing::warn!(
+                        service,
+                        "service pool stopped; leaving commands to other instances"
+                    );
+                    return Flow::Stop;
                 }
-                Some(Err(e)) => {
-                    // Missed heartbeats and transient errors: the stream recovers by itself.
-                    tracing::warn!(service, error = %e, "command stream error");
-                }
-                None => break,
+                Flow::Continue
             }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 /// One command being handled by an instance.

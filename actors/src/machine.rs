@@ -159,6 +159,13 @@ impl StepState {
     fn in_flight(&self) -> bool {
         matches!(self.phase, StepPhase::Running | StepPhase::Compensating)
     }
+
+    /// Ends the step in `phase` (a settled phase) at `now`: nothing is due for it any more.
+    fn settle(&mut self, phase: StepPhase, now: Millis) {
+        self.phase = phase;
+        self.due_at = None;
+        self.finished_at = Some(now);
+    }
 }
 
 /// One line of a saga's history.
@@ -631,11 +638,8 @@ impl Saga {
         let attempt = self.steps[i].attempt;
         match outcome {
             Ok(output) => {
-                let s = &mut self.steps[i];
-                s.phase = StepPhase::Succeeded;
-                s.due_at = None;
-                s.finished_at = Some(now);
-                s.output = (!output.is_empty()).then_some(output);
+                self.steps[i].settle(StepPhase::Succeeded, now);
+                self.steps[i].output = (!output.is_empty()).then_some(output);
                 self.log(now, Some(i), Happening::Succeeded { attempt });
                 self.after_forward_settled(def, now, t);
             }
@@ -673,10 +677,7 @@ impl Saga {
                         },
                     );
                 } else {
-                    let s = &mut self.steps[i];
-                    s.phase = StepPhase::Failed;
-                    s.due_at = None;
-                    s.finished_at = Some(now);
+                    self.steps[i].settle(StepPhase::Failed, now);
                     self.log(now, Some(i), Happening::StepFailed);
                     if self.is_after_compensation(def, i) {
                         self.finish(def, Phase::Compensated, now, t);
@@ -748,9 +749,7 @@ impl Saga {
             let s = &mut self.steps[i];
             match s.phase {
                 StepPhase::RetryWait => {
-                    s.phase = StepPhase::Failed;
-                    s.due_at = None;
-                    s.finished_at = Some(now);
+                    s.settle(StepPhase::Failed, now);
                     self.log(now, Some(i), Happening::StepFailed);
                 }
                 StepPhase::Pending => {
@@ -775,16 +774,8 @@ impl Saga {
             return; // wait for in-flight forward attempts to settle (reply or timeout)
         }
         if self.compensation_plan.is_none() {
-            // Any forward step still waiting to retry (it failed while we were draining) is abandoned.
-            for i in 0..def.steps.len() {
-                if self.steps[i].phase == StepPhase::RetryWait {
-                    let s = &mut self.steps[i];
-                    s.phase = StepPhase::Failed;
-                    s.due_at = None;
-                    s.finished_at = Some(now);
-                    self.log(now, Some(i), Happening::StepFailed);
-                }
-            }
+            // (No forward step waits to retry here: begin_compensation abandoned those, and a
+            // step failing while we drain is not retried.)
             let needs = |s: &StepState| {
                 s.phase == StepPhase::Succeeded || (s.phase == StepPhase::Failed && s.maybe_applied)
             };
@@ -861,10 +852,7 @@ impl Saga {
         let attempt = self.steps[i].comp_attempt;
         match outcome {
             Ok(_) => {
-                let s = &mut self.steps[i];
-                s.phase = StepPhase::Compensated;
-                s.due_at = None;
-                s.finished_at = Some(now);
+                self.steps[i].settle(StepPhase::Compensated, now);
                 self.log(now, Some(i), Happening::Compensated);
                 self.comp_cursor += 1;
                 self.advance_compensation(def, now, t);
@@ -895,10 +883,7 @@ impl Saga {
                         },
                     );
                 } else {
-                    let s = &mut self.steps[i];
-                    s.phase = StepPhase::CompensationFailed;
-                    s.due_at = None;
-                    s.finished_at = Some(now);
+                    self.steps[i].settle(StepPhase::CompensationFailed, now);
                     let comp = step
                         .compensation
                         .as_ref()

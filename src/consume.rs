@@ -1,0 +1,85 @@
+//! The loop every durable pull consumer of a node runs: open (or re-open) the consumer with
+//! capped backoff, pull with explicit heartbeats and expiry, hand each message on, and stop
+//! promptly when cancelled.
+//!
+//! Heartbeat and expiry are set explicitly: without them a pull stream sends no idle
+//! heartbeat and a dead connection goes unnoticed. A missed heartbeat surfaces as a stream
+//! error, which is logged and recovered from, never treated as a crash.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::StreamExt;
+use sagaflow_actors::service::restart_backoff;
+use tokio_util::sync::CancellationToken;
+
+/// What the message handler wants next.
+pub enum Flow {
+    /// Keep pulling.
+    Continue,
+    /// Stop this consumer for good (its receiver is gone).
+    Stop,
+}
+
+/// Pulls from the consumer `open` returns, `batch` messages per pull request, passing each to
+/// `handle`, until `cancel` fires or `handle` says [`Flow::Stop`].
+pub async fn pull_forever<O, OF, H, HF>(
+    what: &str,
+    batch: usize,
+    cancel: CancellationToken,
+    mut open: O,
+    mut handle: H,
+) where
+    O: FnMut() -> OF,
+    OF: Future<Output = Result<PullConsumer, String>>,
+    H: FnMut(jetstream::Message) -> HF,
+    HF: Future<Output = Flow>,
+{
+    let mut failures = 0u32;
+    while !cancel.is_cancelled() {
+        let consumer = match open().await {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                let delay = restart_backoff(failures);
+                tracing::warn!(consumer = what, error = %e, ?delay, "cannot open consumer, retrying");
+                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
+            }
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                failures += 1;
+                let delay = restart_backoff(failures);
+                tracing::warn!(consumer = what, error = %e, ?delay, "cannot pull, retrying");
+                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
+            }
+        };
+        failures = 0;
+        loop {
+            // `next()` on the pull stream is cancel-safe: a message is only taken when returned.
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = messages.next() => n,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    if let Flow::Stop = handle(message).await {
+                        return;
+                    }
+                }
+                // Missed heartbeats and transient errors: the stream recovers by itself.
+                Some(Err(e)) => tracing::warn!(consumer = what, error = %e, "pull stream error"),
+                None => break,
+            }
+        }
+    }
+}
