@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sagaflow/v1/sagas.proto",
         "sagaflow/v1/orders.proto",
         "sagaflow/v1/analytics.proto",
+        "sagaflow/v1/admin.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

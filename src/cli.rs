@@ -2,12 +2,14 @@
 //! locally, everything else is a gRPC client of a running node.
 //!
 //! ```text
-//! sagaflow dev [--grpc-addr 127.0.0.1:50051] [--demo-orders N] [--saga-dir sagas]
+//! sagaflow dev [--grpc-addr 127.0.0.1:50051] [--nodes N] [--nats-cluster] [--demo-orders N]
+//!              [--saga-dir sagas]
 //! sagaflow node [--config node.toml] [--nats URL]... [--grpc-addr ADDR] [--demo-services]
 //!               [--saga-dir DIR] [--node-id ID] [--log-format text|json]
 //! sagaflow order place|get|list|watch --server ADDR ...
 //! sagaflow saga validate FILE... | list | start | get
 //! sagaflow analytics sales --server ADDR [--json]
+//! sagaflow cluster status --server ADDR [--json]
 //! ```
 //!
 //! `main.rs` parses a [`Cli`], turns it into a [`Plan`] (which loads the node configuration,
@@ -60,14 +62,24 @@ pub enum Command {
     /// Reports of the demo analytics service.
     #[command(subcommand)]
     Analytics(AnalyticsCommand),
+    /// Inspect the cluster: nodes, partition leases, consumer lag.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
 }
 
 /// `sagaflow dev`.
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// Where the node's gRPC API listens.
+    /// Where the first node's gRPC API listens; node i listens on the port + i - 1.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_SERVER)]
     pub grpc_addr: SocketAddr,
+    /// Nodes started in this process (`dev-1` … `dev-N`), all with the demo services.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub nodes: u16,
+    /// Run a 3-server NATS JetStream cluster (streams and buckets replicated 3 times) instead
+    /// of one server.
+    #[arg(long)]
+    pub nats_cluster: bool,
     /// Orders placed as a demo once the node is up (0: none).
     #[arg(long, value_name = "N", default_value_t = 6)]
     pub demo_orders: usize,
@@ -264,6 +276,20 @@ pub enum AnalyticsCommand {
     },
 }
 
+/// `sagaflow cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Nodes and their partitions, partition leases with their event backlog, consumer lag.
+    Status {
+        /// Node (any node answers).
+        #[command(flatten)]
+        server: ServerArg,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
 /// One `--item SKU:QTY`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
@@ -369,6 +395,8 @@ impl Cli {
             }
             Command::Dev(args) => Plan::Dev(DevOptions {
                 grpc_addr: args.grpc_addr,
+                nodes: usize::from(args.nodes),
+                nats_cluster: args.nats_cluster,
                 demo_orders: args.demo_orders,
                 saga_dir: args.saga_dir,
             }),
@@ -540,6 +568,8 @@ mod tests {
         };
         assert_eq!(a.grpc_addr, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(a.demo_orders, 6);
+        assert_eq!(a.nodes, 1);
+        assert!(!a.nats_cluster);
         assert_eq!(a.saga_dir, PathBuf::from("sagas"));
         let Command::Dev(a) = parse(&[
             "dev",
@@ -558,6 +588,35 @@ mod tests {
         assert_eq!(a.grpc_addr.port(), 6000);
         assert_eq!(a.demo_orders, 0);
         assert_eq!(a.saga_dir, PathBuf::from("x"));
+    }
+
+    #[test]
+    fn cli_parses_dev_cluster_flags() {
+        let plan = parse(&["dev", "--nodes", "3", "--nats-cluster"])
+            .unwrap()
+            .plan()
+            .unwrap();
+        let Plan::Dev(opts) = plan else {
+            panic!("not a dev plan")
+        };
+        assert_eq!(opts.nodes, 3);
+        assert!(opts.nats_cluster);
+        assert!(parse(&["dev", "--nodes", "0"]).is_err());
+        assert!(parse(&["dev", "--nodes", "17"]).is_err());
+    }
+
+    #[test]
+    fn cli_parses_cluster_status() {
+        let Command::Cluster(ClusterCommand::Status { server, json }) =
+            parse(&["cluster", "status", "--server", "h:7", "--json"])
+                .unwrap()
+                .command
+        else {
+            panic!("not cluster status")
+        };
+        assert_eq!(server.server.url, "http://h:7");
+        assert!(json.json);
+        assert!(parse(&["cluster", "status", "--server", "h"]).is_err());
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct NodeConfig {
     pub streams: StreamsConfig,
     /// Consumer settings.
     pub consumers: ConsumerConfig,
+    /// Membership and partition leases.
+    pub cluster: ClusterConfig,
     /// `text` or `json`.
     pub log_format: String,
 }
@@ -133,6 +135,7 @@ impl Default for NodeConfig {
             demo: DemoConfig::default(),
             streams: StreamsConfig::default(),
             consumers: ConsumerConfig::default(),
+            cluster: ClusterConfig::default(),
             log_format: "text".to_string(),
         }
     }
@@ -173,6 +176,32 @@ impl Default for ConsumerConfig {
             command_ack_wait: Duration::from_secs(30),
             command_max_deliver: 20,
             max_ack_pending: 20_000,
+        }
+    }
+}
+
+/// Membership heartbeats and partition leases.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How often a node heartbeats and reconciles its partition leases.
+    #[serde(with = "humantime_secs")]
+    pub heartbeat_interval: Duration,
+    /// A node whose last heartbeat is older than this is considered gone, and its partitions
+    /// are taken over. Keep it several heartbeats long.
+    #[serde(with = "humantime_secs")]
+    pub node_ttl: Duration,
+    /// How long a node handing a partition over waits for its in-flight events to finish.
+    #[serde(with = "humantime_secs")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -321,6 +350,14 @@ impl NodeConfig {
             || self.consumers.command_ack_wait < Duration::from_secs(1)
         {
             return bad("`consumers.*_ack_wait` must be at least 1s".into());
+        }
+        if self.cluster.heartbeat_interval < Duration::from_millis(100)
+            || self.cluster.node_ttl < self.cluster.heartbeat_interval.saturating_mul(3)
+        {
+            return bad(format!(
+                "`cluster.node_ttl` ({:?}) must be at least 3 × `cluster.heartbeat_interval` ({:?}), which must be ≥ 100ms",
+                self.cluster.node_ttl, self.cluster.heartbeat_interval
+            ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(format!(

@@ -1,8 +1,11 @@
-//! `sagaflow dev`: a NATS JetStream server on a free loopback port with a temporary store, a
-//! node with the demo services on `--grpc-addr`, and a short demo: a few orders placed, both
-//! outcomes shown. Ctrl-C stops everything (the node drains, then the server is killed and its
-//! temporary store removed).
+//! `sagaflow dev`: a NATS JetStream server on a free loopback port with a temporary store (or,
+//! with `--nats-cluster`, a 3-server JetStream cluster with streams and buckets replicated 3
+//! times), `--nodes N` nodes in this process (`dev-1` … `dev-N`, gRPC on consecutive ports from
+//! `--grpc-addr`, all with the demo services), and a short demo against the first node: a few
+//! orders placed, both outcomes shown. Ctrl-C stops everything (every node drains, then the
+//! servers are killed and their temporary stores removed).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,14 +16,21 @@ use sagaflow_proto::v1::{GetOrderRequest, OrderItem, PlaceOrderRequest};
 
 use crate::config::{NodeConfig, Overrides};
 use crate::nats_server::NatsServer;
-use crate::node;
+use crate::node::{self, NodeHandle};
+
+/// Servers of the `--nats-cluster` NATS cluster.
+pub const NATS_CLUSTER_SIZE: usize = 3;
 
 /// Options of `sagaflow dev`.
 #[derive(Debug, Clone)]
 pub struct DevOptions {
-    /// gRPC address of the node.
+    /// gRPC address of the first node; node i listens on its port + i - 1 (port 0: free ports).
     pub grpc_addr: SocketAddr,
-    /// Orders placed as a demo once the node is up (0: none).
+    /// Nodes started in this process (≥ 1).
+    pub nodes: usize,
+    /// Run a 3-server NATS cluster and replicate streams and buckets 3 times.
+    pub nats_cluster: bool,
+    /// Orders placed as a demo once the nodes are up (0: none).
     pub demo_orders: usize,
     /// Folder of saga definitions.
     pub saga_dir: PathBuf,
@@ -32,51 +42,147 @@ pub enum Error {
     /// nats-server could not be found or started.
     #[error(transparent)]
     NatsServer(#[from] crate::nats_server::Error),
-    /// The node failed.
+    /// A node failed.
     #[error(transparent)]
     Node(#[from] node::Error),
     /// Configuration.
     #[error(transparent)]
     Config(#[from] crate::config::Error),
+    /// `--grpc-addr` port + `--nodes` runs past 65535.
+    #[error("--grpc-addr {0}: no room for {1} consecutive ports")]
+    Ports(SocketAddr, usize),
+}
+
+/// The gRPC address of node `i` (0-based): the base port + i, or port 0 (a free port) if the
+/// base port is 0.
+pub fn node_addr(base: SocketAddr, i: usize) -> Option<SocketAddr> {
+    if base.port() == 0 {
+        return Some(base);
+    }
+    let port = u16::try_from(usize::from(base.port()).checked_add(i)?).ok()?;
+    Some(SocketAddr::new(base.ip(), port))
+}
+
+/// The configuration of dev node `i` (0-based): `dev-<i+1>` on [`node_addr`], demo services on,
+/// every stream and bucket replicated `replicas` times.
+pub fn node_config(
+    opts: &DevOptions,
+    i: usize,
+    nats: &[String],
+    replicas: usize,
+) -> Result<NodeConfig, Error> {
+    let grpc_addr = node_addr(opts.grpc_addr, i).ok_or(Error::Ports(opts.grpc_addr, opts.nodes))?;
+    let overrides = Overrides {
+        nats: nats.to_vec(),
+        grpc_addr: Some(grpc_addr),
+        demo_services: Some(true),
+        saga_dir: Some(opts.saga_dir.clone()),
+        node_id: Some(format!("dev-{}", i + 1)),
+        log_format: None,
+    };
+    // The dev cluster ignores the caller's SAGAFLOW_* settings, as it always did; only the
+    // replication factor is set here.
+    let env: BTreeMap<String, String> = [(
+        "SAGAFLOW_STREAMS__REPLICAS".to_string(),
+        replicas.to_string(),
+    )]
+    .into();
+    Ok(NodeConfig::load(None, &env, &overrides)?)
+}
+
+fn join_error(e: tokio::task::JoinError) -> crate::nats_server::Error {
+    crate::nats_server::Error::Io {
+        what: "starting nats-server".into(),
+        source: std::io::Error::other(e),
+    }
+}
+
+/// Stops every node (concurrently: each hands its partitions back and drains), then the
+/// NATS servers (killed, their temporary stores removed) off the async threads.
+async fn stop_all(nodes: Vec<NodeHandle>, servers: Vec<NatsServer>) -> Result<(), Error> {
+    let results = futures::future::join_all(nodes.into_iter().map(NodeHandle::shutdown)).await;
+    if tokio::task::spawn_blocking(move || drop(servers))
+        .await
+        .is_err()
+    {
+        tracing::warn!("stopping nats-server panicked");
+    }
+    for r in results {
+        r?;
+    }
+    Ok(())
 }
 
 /// Runs the dev cluster until `shutdown` resolves.
 pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
-    let server = tokio::task::spawn_blocking(NatsServer::start)
-        .await
-        .map_err(|e| crate::nats_server::Error::Io {
-            what: "starting nats-server".into(),
-            source: std::io::Error::other(e),
-        })??;
-    println!("nats-server (JetStream) listening on {}", server.url());
-    let overrides = Overrides {
-        nats: vec![server.url()],
-        grpc_addr: Some(opts.grpc_addr),
-        demo_services: Some(true),
-        saga_dir: Some(opts.saga_dir.clone()),
-        node_id: Some("dev-1".to_string()),
-        log_format: None,
+    let nodes_wanted = opts.nodes.max(1);
+    let (servers, replicas) = if opts.nats_cluster {
+        let servers =
+            tokio::task::spawn_blocking(|| crate::nats_server::start_cluster(NATS_CLUSTER_SIZE))
+                .await
+                .map_err(join_error)??;
+        let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+        println!(
+            "nats-server cluster ({NATS_CLUSTER_SIZE} servers, JetStream, R{NATS_CLUSTER_SIZE}) listening on {}",
+            urls.join(", ")
+        );
+        (servers, NATS_CLUSTER_SIZE)
+    } else {
+        let server = tokio::task::spawn_blocking(NatsServer::start)
+            .await
+            .map_err(join_error)??;
+        println!("nats-server (JetStream) listening on {}", server.url());
+        (vec![server], 1)
     };
-    let config = NodeConfig::load(None, &Default::default(), &overrides)?;
-    let node = node::start(config).await?;
-    let addr = node.grpc_addr;
-    println!("sagaflow node dev-1 serving gRPC on {addr} with the demo services");
+    let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
     tokio::pin!(shutdown);
+    let mut nodes: Vec<NodeHandle> = Vec::with_capacity(nodes_wanted);
+    for i in 0..nodes_wanted {
+        let started = match node_config(&opts, i, &urls, replicas) {
+            Ok(config) => tokio::select! {
+                r = node::start(config) => r.map_err(Error::from),
+                _ = &mut shutdown => return stop_all(nodes, servers).await,
+            },
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(node) => {
+                println!(
+                    "sagaflow node {} serving gRPC on {} with the demo services",
+                    node.node_id, node.grpc_addr
+                );
+                nodes.push(node);
+            }
+            Err(e) => {
+                // Leave nothing running behind the error.
+                if let Err(stop) = stop_all(nodes, servers).await {
+                    tracing::warn!(error = %stop, "stopping the nodes already started");
+                }
+                return Err(e);
+            }
+        }
+    }
+    let Some(addr) = nodes.first().map(|n| n.grpc_addr) else {
+        return stop_all(nodes, servers).await;
+    };
     if opts.demo_orders > 0 {
         tokio::select! {
             r = demo(addr, opts.demo_orders) => if let Err(e) = r { eprintln!("demo: {e}") },
-            _ = &mut shutdown => { node.shutdown().await?; return Ok(()); }
+            _ = &mut shutdown => return stop_all(nodes, servers).await,
         }
     }
     println!();
     println!("try:  sagaflow order place --server {addr} --order-id my-1 --customer ann --amount 1999 --item SKU-1:2");
     println!("      sagaflow order get --server {addr} my-1");
     println!("      sagaflow order list --server {addr}");
-    println!("Ctrl-C stops the node and nats-server.");
+    if nodes.len() > 1 {
+        println!("      sagaflow cluster status --server {addr}");
+        println!("Ctrl-C stops the nodes and nats-server.");
+    } else {
+        println!("Ctrl-C stops the node and nats-server.");
+    }
     shutdown.await;
-    node.shutdown().await?;
-    drop(server);
-    Ok(())
+    stop_all(nodes, servers).await
 }
 
 /// Places `n` orders (a mix of outcomes) and prints how each ended.
@@ -133,4 +239,40 @@ async fn demo(addr: SocketAddr, n: usize) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn opts(addr: &str, nodes: usize) -> DevOptions {
+        DevOptions {
+            grpc_addr: addr.parse().unwrap(),
+            nodes,
+            nats_cluster: false,
+            demo_orders: 0,
+            saga_dir: PathBuf::from("sagas"),
+        }
+    }
+
+    #[test]
+    fn dev_nodes_get_consecutive_ports_and_ids() {
+        let o = opts("127.0.0.1:50051", 3);
+        let urls = vec!["nats://127.0.0.1:1".to_string()];
+        let ports: Vec<u16> = (0..3)
+            .map(|i| node_config(&o, i, &urls, 3).unwrap().grpc_addr.port())
+            .collect();
+        assert_eq!(ports, [50051, 50052, 50053]);
+        let c = node_config(&o, 2, &urls, 3).unwrap();
+        assert_eq!(c.node_id, "dev-3");
+        assert_eq!(c.streams.replicas, 3);
+        assert!(c.demo_services);
+        assert_eq!(node_config(&o, 0, &urls, 1).unwrap().streams.replicas, 1);
+        assert_eq!(
+            node_addr("127.0.0.1:0".parse().unwrap(), 5).unwrap().port(),
+            0
+        );
+        assert!(node_addr("127.0.0.1:65535".parse().unwrap(), 1).is_none());
+    }
 }

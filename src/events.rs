@@ -1,5 +1,6 @@
-//! Saga events in: one durable pull consumer per partition of `SAGA_EVENTS`, decoding each
-//! message and routing it to the [`Coordinator`], which hands it to the saga's actor.
+//! Saga events in: the durable pull consumer of each partition of `SAGA_EVENTS` and the
+//! decoding of its messages into coordinator inputs. The partitions a node consumes are
+//! decided by [`crate::cluster`].
 //!
 //! A message that cannot be decoded (bad subject, bad protobuf, bad postcard) goes to the DLQ
 //! with the reason and is acked: it never crashes the node and is never dropped silently.
@@ -7,16 +8,12 @@
 
 use async_nats::jetstream::{self, consumer};
 use prost::Message as _;
-use ractor::ActorRef;
-use sagaflow_actors::coordinator::{CoordinatorMsg, Input};
+use sagaflow_actors::coordinator::Input;
 use sagaflow_actors::machine::StepError;
 use sagaflow_actors::wire::{self, Control};
 use sagaflow_proto::v1;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
-use crate::consume::{pull_forever, Flow};
-use crate::dlq::{self, JsDelivery};
 use crate::topology::{partition_filter, EVENTS_STREAM};
 
 /// Name of the durable consumer of one partition.
@@ -88,55 +85,6 @@ pub async fn ensure_consumer(
         })
         .await
         .map_err(|e| e.to_string())
-}
-
-/// Consumes one partition's events into `coordinator` until `cancel` fires.
-pub async fn run_partition(
-    js: jetstream::Context,
-    partition: u32,
-    cfg: ConsumerConfig,
-    coordinator: ActorRef<CoordinatorMsg>,
-    cancel: CancellationToken,
-) {
-    let what = consumer_name(partition);
-    pull_forever(
-        &what,
-        512,
-        cancel,
-        || ensure_consumer(&js, partition, &cfg),
-        |message| {
-            let js = js.clone();
-            let coordinator = coordinator.clone();
-            async move {
-                match decode(&message.subject, &message.payload) {
-                    Ok((saga_id, input)) => {
-                        let delivery = Box::new(JsDelivery {
-                            message,
-                            js,
-                            source: "events",
-                        });
-                        if coordinator
-                            .cast(CoordinatorMsg::Deliver {
-                                saga_id,
-                                input,
-                                delivery,
-                            })
-                            .is_err()
-                        {
-                            tracing::warn!(
-                                partition,
-                                "coordinator stopped; leaving events unacked"
-                            );
-                            return Flow::Stop;
-                        }
-                    }
-                    Err(reason) => dlq::dead_letter(&js, "events", &message, &reason).await,
-                }
-                Flow::Continue
-            }
-        },
-    )
-    .await;
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use crate::dlq::now_ms;
 use crate::store::KvStateStore;
 use crate::topology::event_subject;
 
+pub mod admin;
 pub mod analytics;
 pub mod orders;
 pub mod render;

@@ -12,6 +12,7 @@
 
 pub mod bus;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod consume;
 pub mod demo;

@@ -23,23 +23,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::StreamExt;
 use ractor::{Actor, ActorRef};
 use sagaflow_actors::coordinator::{Context, Coordinator, CoordinatorMsg};
 use sagaflow_actors::definition::{self, SagaDefinition};
-use sagaflow_actors::hash::partition_of;
 use sagaflow_actors::service::restart_backoff;
 use sagaflow_proto::v1;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::JetStreamBus;
+use crate::cluster::{self, ClusterView, SharedView};
 use crate::config::NodeConfig;
 use crate::demo::{self, Demo};
 use crate::dlq::now_ms;
 use crate::grpc::{analytics::Analytics, orders::Orders, sagas::Sagas, SagaApi};
 use crate::store::KvStateStore;
-use crate::{events, topology};
+use crate::topology;
 
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +75,9 @@ pub struct NodeHandle {
     /// This node's id.
     pub node_id: String,
     cancel: CancellationToken,
+    membership_stop: CancellationToken,
+    membership_task: tokio::task::JoinHandle<()>,
+    view: SharedView,
     tasks: TaskTracker,
     coordinator: ActorRef<CoordinatorMsg>,
     demo: Option<Demo>,
@@ -98,6 +100,11 @@ impl NodeHandle {
         self.demo.as_ref()
     }
 
+    /// The cluster as this node last saw it.
+    pub async fn cluster_view(&self) -> ClusterView {
+        self.view.read().await.clone()
+    }
+
     /// Number of live saga actors on this node.
     pub async fn live_sagas(&self) -> usize {
         ractor::call_t!(self.coordinator, CoordinatorMsg::Live, 5_000).unwrap_or(0)
@@ -109,6 +116,16 @@ impl NodeHandle {
         self.health
             .set_not_serving::<v1::order_service_server::OrderServiceServer<Orders>>()
             .await;
+        // Hand our partitions back first, drained, while everything else still runs.
+        self.membership_stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(60), self.membership_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "partitions not handed back within 60s; other nodes take them over after the ttl"
+            );
+        }
         self.cancel.cancel();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
@@ -205,28 +222,11 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         store: Arc::new(KvStateStore::new(sagas_kv.clone(), config.partitions)),
         bus: Arc::new(JetStreamBus::new(js.clone(), config.partitions)),
         clock: Arc::new(now_ms),
+        partitions: config.partitions,
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)
         .await
         .map_err(|e| Error::Actor(e.to_string()))?;
-
-    // This node owns every partition (single-node deployment).
-    let owned: Vec<u32> = (0..config.partitions).collect();
-    for &p in &owned {
-        tasks.spawn(events::run_partition(
-            js.clone(),
-            p,
-            config.consumers.clone(),
-            coordinator.clone(),
-            cancel.child_token(),
-        ));
-    }
-    tasks.spawn(recover(
-        sagas_kv.clone(),
-        owned,
-        config.partitions,
-        coordinator.clone(),
-    ));
 
     let demo = if config.demo_services {
         Some(
@@ -255,6 +255,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         addr: config.grpc_addr,
         source,
     })?;
+    // The cluster view the membership task keeps up to date; the admin service reads it.
+    let view = SharedView::default();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<v1::order_service_server::OrderServiceServer<Orders>>()
@@ -264,6 +266,9 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         .await;
     health
         .set_serving::<v1::analytics_service_server::AnalyticsServiceServer<Analytics>>()
+        .await;
+    health
+        .set_serving::<v1::admin_service_server::AdminServiceServer<crate::grpc::admin::Admin>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sagaflow_proto::FILE_DESCRIPTOR_SET)
@@ -284,6 +289,14 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         )
         .add_service(v1::analytics_service_server::AnalyticsServiceServer::new(
             Analytics::new(js.clone()),
+        ))
+        .add_service(v1::admin_service_server::AdminServiceServer::new(
+            crate::grpc::admin::Admin::new(
+                js.clone(),
+                view.clone(),
+                config.node_id.clone(),
+                config.partitions,
+            ),
         ));
     let stop = cancel.child_token();
     tasks.spawn(async move {
@@ -295,52 +308,40 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             tracing::error!(error = %e, "grpc server failed");
         }
     });
+    // Membership and partition leases: this node consumes the partitions it is assigned.
+    let buckets = loop {
+        match cluster::ensure_buckets(&js, &config).await {
+            Ok(b) => break b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster buckets not ready, retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let membership = cluster::Membership::new(
+        js.clone(),
+        buckets,
+        config.clone(),
+        grpc_addr.to_string(),
+        coordinator.clone(),
+        view.clone(),
+    );
+    let membership_stop = CancellationToken::new();
+    let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
     tracing::info!(node_id = %config.node_id, %grpc_addr, partitions = config.partitions, demo = config.demo_services, "node ready");
     Ok(NodeHandle {
         grpc_addr,
         node_id: config.node_id.clone(),
         cancel,
+        membership_stop,
+        membership_task,
+        view,
         tasks,
         coordinator,
         demo,
         client,
         health,
     })
-}
-
-/// Brings back every unfinished saga of the owned partitions: their actors reload the
-/// snapshot, republish in-flight commands and re-arm their timers. Finished sagas stop at once.
-async fn recover(
-    kv: jetstream::kv::Store,
-    owned: Vec<u32>,
-    partitions: u32,
-    coordinator: ActorRef<CoordinatorMsg>,
-) {
-    let keys = match kv.keys().await {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list sagas to recover");
-            return;
-        }
-    };
-    let ids: Vec<String> = keys
-        .filter_map(|k| async move { k.ok() })
-        .filter_map(|k| async move { k.split_once('.').map(|(_, id)| id.to_string()) })
-        .collect()
-        .await;
-    let mut n = 0usize;
-    for id in ids {
-        if owned.contains(&partition_of(&id, partitions)) {
-            n += 1;
-            if coordinator
-                .cast(CoordinatorMsg::Recover { saga_id: id })
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-    tracing::info!(sagas = n, "recovery scan done");
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.

@@ -72,6 +72,8 @@ pub struct Context {
     pub bus: Arc<dyn CommandBus>,
     /// Current time, unix milliseconds.
     pub clock: Arc<dyn Fn() -> Millis + Send + Sync>,
+    /// Number of event partitions (to tell which partition a saga belongs to).
+    pub partitions: u32,
 }
 
 impl std::fmt::Debug for Context {
@@ -104,6 +106,14 @@ pub enum CoordinatorMsg {
     },
     /// Respawn a failed saga actor.
     Respawn(String),
+    /// Stop every saga actor of `partition` (it is handed to another node); replies with how
+    /// many were stopped.
+    DropPartition {
+        /// The partition.
+        partition: u32,
+        /// How many actors were stopped.
+        reply: RpcReplyPort<usize>,
+    },
     /// Number of live saga actors.
     Live(RpcReplyPort<usize>),
 }
@@ -167,6 +177,23 @@ impl Actor for Coordinator {
                     }
                     Err(e) => tracing::error!(saga_id, error = %e, "cannot spawn saga actor"),
                 }
+            }
+            CoordinatorMsg::DropPartition { partition, reply } => {
+                let parts = state.ctx.partitions;
+                let doomed: Vec<String> = state
+                    .actors
+                    .keys()
+                    .filter(|id| crate::hash::partition_of(id, parts) == partition)
+                    .cloned()
+                    .collect();
+                for id in &doomed {
+                    if let Some(actor) = state.actors.remove(id) {
+                        state.ids.remove(&actor.get_id());
+                        state.failures.remove(id);
+                        actor.stop(Some("partition handed over".into()));
+                    }
+                }
+                let _ = reply.send(doomed.len());
             }
             CoordinatorMsg::Live(reply) => {
                 let _ = reply.send(state.actors.len());

@@ -12,6 +12,7 @@
 //!   bus, state store), implemented over NATS JetStream by the `sagaflow` crate.
 //! - [`hash`], [`duration`]: stable hashing, human durations.
 
+pub mod cluster;
 pub mod coordinator;
 pub mod definition;
 pub mod duration;

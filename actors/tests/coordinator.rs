@@ -567,6 +567,7 @@ async fn spawn_coordinator(
         store: store.clone(),
         bus: bus.clone(),
         clock: Arc::new(now_millis),
+        partitions: 4,
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
         .await

@@ -8,15 +8,18 @@ use anyhow::bail;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
+use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
 use sagaflow_proto::v1::analytics_service_client::AnalyticsServiceClient;
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::saga_service_client::SagaServiceClient;
 use sagaflow_proto::v1::{
-    GetOrderRequest, GetSagaRequest, GetSalesRequest, ListDefinitionsRequest, ListOrdersRequest,
-    OrderItem, PlaceOrderRequest, StartSagaRequest,
+    ClusterStatusRequest, GetOrderRequest, GetSagaRequest, GetSalesRequest, ListDefinitionsRequest,
+    ListOrdersRequest, OrderItem, PlaceOrderRequest, StartSagaRequest,
 };
 
-use super::{emit, render, AnalyticsCommand, Command, OrderCommand, SagaCommand, Server};
+use super::{
+    emit, render, AnalyticsCommand, ClusterCommand, Command, OrderCommand, SagaCommand, Server,
+};
 
 /// Bound on connecting to a node.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,6 +114,16 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 print_json(&render::sales_json(&report))?;
             } else {
                 emit(&render::sales_text(&report))?;
+            }
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Status { server, json }) => {
+            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let status = call(client.cluster_status(ClusterStatusRequest {})).await?;
+            if json.json {
+                print_json(&render::cluster_json(&status))?;
+            } else {
+                emit(&render::cluster_text(&status))?;
             }
             Ok(())
         }

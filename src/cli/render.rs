@@ -7,7 +7,8 @@
 use serde_json::{json, Value};
 
 use sagaflow_proto::v1::{
-    CompensationRecord, Definition, HistoryEntry, Order, OrderItem, Saga, SalesReport, StepStatus,
+    ClusterStatusResponse, CompensationRecord, Definition, HistoryEntry, Order, OrderItem, Saga,
+    SalesReport, StepStatus,
 };
 
 /// An embedded JSON document: parsed when it is valid JSON, else kept as a string, `null` when empty.
@@ -445,10 +446,192 @@ pub fn sales_text(r: &SalesReport) -> String {
     out
 }
 
+/// `cluster status --json`: `answered_by`, `nodes`, `partitions`, `consumers`.
+pub fn cluster_json(c: &ClusterStatusResponse) -> Value {
+    json!({
+        "answered_by": c.answered_by,
+        "nodes": c.nodes.iter().map(|n| json!({
+            "node_id": n.node_id,
+            "grpc_addr": n.grpc_addr,
+            "started_at_unix_ms": n.started_at_unix_ms,
+            "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms,
+            "partitions": n.partitions,
+        })).collect::<Vec<_>>(),
+        "partitions": c.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "owner": p.owner,
+            "epoch": p.epoch,
+            "pending_events": p.pending_events,
+        })).collect::<Vec<_>>(),
+        "consumers": c.consumers.iter().map(|k| json!({
+            "name": k.name,
+            "stream": k.stream,
+            "pending": k.pending,
+            "ack_pending": k.ack_pending,
+            "redelivered": k.redelivered,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Ascending partition numbers as ranges: `0-3,5,7-8`; `-` when empty.
+pub fn ranges(parts: &[u32]) -> String {
+    let mut sorted = parts.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    if out.is_empty() {
+        "-".to_string()
+    } else {
+        out.join(",")
+    }
+}
+
+/// `cluster status`, for people: nodes, partitions, consumers.
+pub fn cluster_text(c: &ClusterStatusResponse) -> String {
+    let mut out = format!(
+        "answered by {}: {} node(s), {} of {} partition(s) owned\n\n",
+        c.answered_by,
+        c.nodes.len(),
+        c.partitions.iter().filter(|p| !p.owner.is_empty()).count(),
+        c.partitions.len()
+    );
+    let mut rows = vec![[
+        "NODE",
+        "GRPC",
+        "STARTED",
+        "LAST HEARTBEAT",
+        "#",
+        "PARTITIONS",
+    ]
+    .map(String::from)
+    .to_vec()];
+    rows.extend(c.nodes.iter().map(|n| {
+        vec![
+            n.node_id.clone(),
+            n.grpc_addr.clone(),
+            time(n.started_at_unix_ms),
+            time(n.last_heartbeat_unix_ms),
+            n.partitions.len().to_string(),
+            ranges(&n.partitions),
+        ]
+    }));
+    out.push_str(&table(&rows));
+    out.push('\n');
+    let mut rows = vec![["PARTITION", "OWNER", "EPOCH", "PENDING EVENTS"]
+        .map(String::from)
+        .to_vec()];
+    rows.extend(c.partitions.iter().map(|p| {
+        vec![
+            p.partition.to_string(),
+            if p.owner.is_empty() {
+                "(free)".to_string()
+            } else {
+                p.owner.clone()
+            },
+            p.epoch.to_string(),
+            p.pending_events.to_string(),
+        ]
+    }));
+    out.push_str(&table(&rows));
+    out.push('\n');
+    let mut rows = vec![[
+        "STREAM",
+        "CONSUMER",
+        "PENDING",
+        "ACK PENDING",
+        "LAG",
+        "REDELIVERED",
+    ]
+    .map(String::from)
+    .to_vec()];
+    rows.extend(c.consumers.iter().map(|k| {
+        vec![
+            k.stream.clone(),
+            k.name.clone(),
+            k.pending.to_string(),
+            k.ack_pending.to_string(),
+            k.pending.saturating_add(k.ack_pending).to_string(),
+            k.redelivered.to_string(),
+        ]
+    }));
+    out.push_str(&table(&rows));
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cli_partition_ranges_are_compact() {
+        assert_eq!(ranges(&[]), "-");
+        assert_eq!(ranges(&[4]), "4");
+        assert_eq!(ranges(&[3, 0, 1, 2, 5, 7, 8]), "0-3,5,7-8");
+    }
+
+    #[test]
+    fn cli_cluster_status_renders() {
+        use sagaflow_proto::v1::{ClusterNode, ConsumerStatus, PartitionStatus};
+        let c = ClusterStatusResponse {
+            answered_by: "n1".into(),
+            nodes: vec![ClusterNode {
+                node_id: "n1".into(),
+                grpc_addr: "127.0.0.1:1".into(),
+                started_at_unix_ms: 1,
+                last_heartbeat_unix_ms: 2,
+                partitions: vec![0],
+            }],
+            partitions: vec![
+                PartitionStatus {
+                    partition: 0,
+                    owner: "n1".into(),
+                    epoch: 3,
+                    pending_events: 4,
+                },
+                PartitionStatus {
+                    partition: 1,
+                    owner: String::new(),
+                    epoch: 0,
+                    pending_events: 0,
+                },
+            ],
+            consumers: vec![ConsumerStatus {
+                name: "evt-p0".into(),
+                stream: "SAGA_EVENTS".into(),
+                pending: 3,
+                ack_pending: 1,
+                redelivered: 0,
+            }],
+        };
+        let v = cluster_json(&c);
+        assert_eq!(v["answered_by"], "n1");
+        assert_eq!(v["nodes"][0]["partitions"], json!([0]));
+        assert_eq!(v["partitions"][1]["owner"], "");
+        assert_eq!(v["consumers"][0]["ack_pending"], 1);
+        let text = cluster_text(&c);
+        assert!(
+            text.starts_with("answered by n1: 1 node(s), 1 of 2 partition(s) owned"),
+            "{text}"
+        );
+        assert!(text.contains("(free)"), "{text}");
+        assert!(text.contains("evt-p0"), "{text}");
+    }
 
     fn order() -> Order {
         Order {

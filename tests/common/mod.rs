@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 
 pub use sagaflow::nats_server::{start_cluster, NatsServer};
 
+pub mod checks;
+
 /// Default bound for one await in a test.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 

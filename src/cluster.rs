@@ -1,0 +1,575 @@
+//! Cluster membership and partition ownership, over two KV buckets.
+//!
+//! Each node heartbeats into `sagaflow_nodes` (entries expire after `cluster.node_ttl`), and
+//! every `cluster.heartbeat_interval` reconciles each partition's lease in
+//! `sagaflow_partitions` with the rendezvous assignment over the live nodes
+//! ([`sagaflow_actors::cluster`]). The protocol, with a sequence diagram, is in
+//! `docs/cluster.md`.
+//!
+//! A partition is consumed only between a successful lease acquisition and its release.
+//! Releasing drains first: stop pulling (the batch already pulled is still handed over),
+//! wait for its in-flight events to be acked, stop its saga actors, then write the lease free.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use futures::StreamExt;
+use ractor::ActorRef;
+use sagaflow_actors::cluster::{next_step, owner, Lease, LeaseStep};
+use sagaflow_actors::coordinator::CoordinatorMsg;
+use sagaflow_actors::ports::Delivery;
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+use crate::dlq::{self, now_ms, JsDelivery};
+use crate::events::{decode, ensure_consumer};
+use crate::topology::{self, SAGAS_BUCKET};
+
+/// Membership heartbeats.
+pub const NODES_BUCKET: &str = "sagaflow_nodes";
+/// Partition leases.
+pub const PARTITIONS_BUCKET: &str = "sagaflow_partitions";
+
+/// What a node says about itself in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub node_id: String,
+    /// Its gRPC address.
+    pub grpc_addr: String,
+    /// When it started (unix ms).
+    pub started_at: i64,
+    /// When it wrote this heartbeat (unix ms).
+    pub heartbeat_at: i64,
+    /// Partitions it consumes.
+    pub partitions: Vec<u32>,
+}
+
+/// The cluster as one node sees it, for the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Live nodes by id.
+    pub nodes: BTreeMap<String, NodeInfo>,
+    /// Stored lease per partition, with the event consumer's pending count when known.
+    pub leases: BTreeMap<u32, Lease>,
+}
+
+/// A shared, updatable [`ClusterView`].
+pub type SharedView = Arc<RwLock<ClusterView>>;
+
+/// Opens (creating if needed) the membership and lease buckets.
+pub async fn ensure_buckets(
+    js: &jetstream::Context,
+    cfg: &NodeConfig,
+) -> Result<(kv::Store, kv::Store), topology::Error> {
+    let nodes = topology::ensure_bucket(
+        js,
+        kv::Config {
+            bucket: NODES_BUCKET.to_string(),
+            description: "node membership heartbeats (entries expire after the node ttl)"
+                .to_string(),
+            history: 1,
+            max_age: cfg.cluster.node_ttl,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: cfg.streams.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let leases = topology::ensure_bucket(
+        js,
+        kv::Config {
+            bucket: PARTITIONS_BUCKET.to_string(),
+            description: "partition leases: owner and epoch, compare-and-set".to_string(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: cfg.streams.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((nodes, leases))
+}
+
+fn lease_key(p: u32) -> String {
+    format!("p{p}")
+}
+
+/// One partition this node consumes.
+struct Held {
+    epoch: u64,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The membership and lease reconciler of one node.
+pub struct Membership {
+    js: jetstream::Context,
+    nodes: kv::Store,
+    leases: kv::Store,
+    cfg: NodeConfig,
+    grpc_addr: String,
+    started_at: i64,
+    coordinator: ActorRef<CoordinatorMsg>,
+    held: HashMap<u32, Held>,
+    view: SharedView,
+}
+
+impl Membership {
+    /// A reconciler for this node.
+    pub fn new(
+        js: jetstream::Context,
+        (nodes, leases): (kv::Store, kv::Store),
+        cfg: NodeConfig,
+        grpc_addr: String,
+        coordinator: ActorRef<CoordinatorMsg>,
+        view: SharedView,
+    ) -> Self {
+        Membership {
+            js,
+            nodes,
+            leases,
+            cfg,
+            grpc_addr,
+            started_at: now_ms(),
+            coordinator,
+            held: HashMap::new(),
+            view,
+        }
+    }
+
+    /// Heartbeats and reconciles until `cancel`, then hands every partition back and leaves.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.cfg.cluster.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.round().await {
+                tracing::warn!(node_id = %self.cfg.node_id, error = %e, "cluster round failed; retrying next heartbeat");
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn heartbeat(&self) -> Result<(), String> {
+        let mut partitions: Vec<u32> = self.held.keys().copied().collect();
+        partitions.sort_unstable();
+        let info = NodeInfo {
+            node_id: self.cfg.node_id.clone(),
+            grpc_addr: self.grpc_addr.clone(),
+            started_at: self.started_at,
+            heartbeat_at: now_ms(),
+            partitions,
+        };
+        let bytes = serde_json::to_vec(&info).map_err(|e| e.to_string())?;
+        self.nodes
+            .put(&self.cfg.node_id, bytes.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Live members: entries not yet expired and heartbeating within the ttl.
+    async fn members(&self) -> Result<BTreeMap<String, NodeInfo>, String> {
+        let keys: Vec<String> = self
+            .nodes
+            .keys()
+            .await
+            .map_err(|e| e.to_string())?
+            .filter_map(|k| async move { k.ok() })
+            .collect()
+            .await;
+        let ttl = i64::try_from(self.cfg.cluster.node_ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = now_ms();
+        let mut out = BTreeMap::new();
+        for k in keys {
+            if let Ok(Some(bytes)) = self.nodes.get(&k).await {
+                if let Ok(info) = serde_json::from_slice::<NodeInfo>(&bytes) {
+                    if now.saturating_sub(info.heartbeat_at) <= ttl {
+                        out.insert(info.node_id.clone(), info);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_lease(&self, p: u32) -> Result<(Option<Lease>, Option<u64>), String> {
+        match self
+            .leases
+            .entry(lease_key(p))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let lease = serde_json::from_slice::<Lease>(&e.value)
+                    .map_err(|err| format!("lease p{p} unreadable: {err}"))?;
+                Ok((Some(lease), Some(e.revision)))
+            }
+            Some(e) => Ok((None, Some(e.revision))),
+            None => Ok((None, None)),
+        }
+    }
+
+    async fn write_lease(
+        &self,
+        p: u32,
+        lease: &Lease,
+        revision: Option<u64>,
+    ) -> Result<bool, String> {
+        let bytes: bytes::Bytes = serde_json::to_vec(lease).map_err(|e| e.to_string())?.into();
+        let result = match revision {
+            Some(r) => self
+                .leases
+                .update(lease_key(p), bytes, r)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+            None => self
+                .leases
+                .create(lease_key(p), bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err((true, _)) => Ok(false), // lost the race: decide again next round
+            Err((false, e)) => Err(e),
+        }
+    }
+
+    /// One heartbeat and one reconciliation of every partition.
+    async fn round(&mut self) -> Result<(), String> {
+        self.heartbeat().await?;
+        let members = self.members().await?;
+        let mut live: BTreeSet<String> = members.keys().cloned().collect();
+        live.insert(self.cfg.node_id.clone());
+        let me = self.cfg.node_id.clone();
+        let mut leases = BTreeMap::new();
+        for p in 0..self.cfg.partitions {
+            let (lease, revision) = self.read_lease(p).await?;
+            // Fencing: if the stored lease is not the one we acquired, someone took over.
+            if let Some(h) = self.held.get(&p) {
+                let ours = lease
+                    .as_ref()
+                    .is_some_and(|l| l.owner.as_deref() == Some(me.as_str()) && l.epoch == h.epoch);
+                if !ours {
+                    tracing::warn!(
+                        partition = p,
+                        ?lease,
+                        "partition lease taken over: dropping the partition"
+                    );
+                    self.stop_partition(p).await;
+                }
+            }
+            let assigned = owner(p, &live) == Some(me.as_str());
+            match next_step(&me, assigned, lease.as_ref(), &live) {
+                LeaseStep::Acquire(new) => {
+                    if self.write_lease(p, &new, revision).await? {
+                        tracing::info!(partition = p, epoch = new.epoch, previous = ?lease.as_ref().and_then(|l| l.owner.clone()), "partition acquired");
+                        self.start_partition(p, new.epoch);
+                        leases.insert(p, new);
+                    } else if let Some(l) = lease {
+                        leases.insert(p, l);
+                    }
+                }
+                LeaseStep::Release(free) => {
+                    self.stop_partition(p).await;
+                    if self.write_lease(p, &free, revision).await? {
+                        tracing::info!(partition = p, "partition released");
+                    }
+                    leases.insert(p, free);
+                }
+                LeaseStep::Hold => {
+                    if self.held.get(&p).is_none_or(|h| h.task.is_finished()) {
+                        // We hold the lease but do not consume: we restarted, or the task died.
+                        let epoch = lease.as_ref().map_or(0, |l| l.epoch);
+                        self.stop_partition(p).await;
+                        self.start_partition(p, epoch);
+                    }
+                    if let Some(l) = lease {
+                        leases.insert(p, l);
+                    }
+                }
+                LeaseStep::Wait => {
+                    if let Some(l) = lease {
+                        leases.insert(p, l);
+                    }
+                }
+            }
+        }
+        let mut view = self.view.write().await;
+        view.nodes = members;
+        view.leases = leases;
+        Ok(())
+    }
+
+    fn start_partition(&mut self, p: u32, epoch: u64) {
+        let stop = CancellationToken::new();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(consume_partition(
+            self.js.clone(),
+            p,
+            self.cfg.clone(),
+            self.coordinator.clone(),
+            stop.clone(),
+            in_flight.clone(),
+        ));
+        self.held.insert(
+            p,
+            Held {
+                epoch,
+                stop,
+                task,
+                in_flight,
+            },
+        );
+    }
+
+    /// Stops consuming `p`: lets the pulled batch through, waits (bounded) for its in-flight
+    /// events, then stops its saga actors.
+    async fn stop_partition(&mut self, p: u32) {
+        let Some(h) = self.held.remove(&p) else {
+            return;
+        };
+        h.stop.cancel();
+        let drain = self.cfg.cluster.drain_timeout;
+        if tokio::time::timeout(drain, h.task).await.is_err() {
+            tracing::warn!(partition = p, "partition consumer did not stop in time");
+        }
+        let deadline = tokio::time::Instant::now() + drain;
+        while h.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = h.in_flight.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(
+                partition = p,
+                left,
+                "events still in flight at hand-over; they will be redelivered"
+            );
+        }
+        match ractor::call_t!(
+            self.coordinator,
+            |reply| CoordinatorMsg::DropPartition {
+                partition: p,
+                reply
+            },
+            5_000
+        ) {
+            Ok(n) => tracing::debug!(partition = p, actors = n, "partition actors stopped"),
+            Err(e) => tracing::warn!(partition = p, error = %e, "cannot stop partition actors"),
+        }
+    }
+
+    /// Graceful leave: hand every partition back and remove our membership entry.
+    async fn leave(&mut self) {
+        let parts: Vec<u32> = self.held.keys().copied().collect();
+        for p in parts {
+            self.stop_partition(p).await;
+            if let Ok((Some(lease), revision)) = self.read_lease(p).await {
+                if lease.owner.as_deref() == Some(self.cfg.node_id.as_str()) {
+                    let free = Lease {
+                        owner: None,
+                        epoch: lease.epoch,
+                    };
+                    let _ = self.write_lease(p, &free, revision).await;
+                }
+            }
+        }
+        if let Err(e) = self.nodes.delete(&self.cfg.node_id).await {
+            tracing::warn!(error = %e, "cannot remove membership entry; it expires after the ttl");
+        }
+        tracing::info!(node_id = %self.cfg.node_id, "left the cluster");
+    }
+}
+
+/// A delivery counted in its partition's in-flight total until it is acked, nak'ed,
+/// dead-lettered or dropped.
+struct Tracked {
+    inner: Option<Box<JsDelivery>>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Tracked {
+    fn new(inner: JsDelivery, count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Tracked {
+            inner: Some(Box::new(inner)),
+            count,
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Delivery for Tracked {
+    async fn ack(mut self: Box<Self>) {
+        if let Some(d) = self.inner.take() {
+            d.ack().await;
+        }
+    }
+    async fn nak(mut self: Box<Self>, delay: Duration) {
+        if let Some(d) = self.inner.take() {
+            d.nak(delay).await;
+        }
+    }
+    async fn in_progress(&self) {
+        if let Some(d) = &self.inner {
+            d.in_progress().await;
+        }
+    }
+    async fn dead_letter(mut self: Box<Self>, reason: String) {
+        if let Some(d) = self.inner.take() {
+            d.dead_letter(reason).await;
+        }
+    }
+}
+
+/// Consumes partition `p` in fetched batches until `stop`; a batch already fetched is always
+/// handed over in full, so stopping never strands pulled messages until their ack_wait.
+async fn consume_partition(
+    js: jetstream::Context,
+    p: u32,
+    cfg: NodeConfig,
+    coordinator: ActorRef<CoordinatorMsg>,
+    stop: CancellationToken,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let mut failures = 0u32;
+    let mut consumer = None;
+    let mut recovered = false;
+    while !stop.is_cancelled() {
+        let c = match &consumer {
+            Some(c) => c,
+            None => match ensure_consumer(&js, p, &cfg.consumers).await {
+                Ok(c) => consumer.insert(c),
+                Err(e) => {
+                    failures += 1;
+                    let delay = sagaflow_actors::service::restart_backoff(failures);
+                    tracing::warn!(partition = p, error = %e, ?delay, "cannot open partition consumer, retrying");
+                    tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
+                }
+            },
+        };
+        if !recovered {
+            // Sagas of this partition waiting only on timers have no event coming: bring them back.
+            match recover_partition(&js, p, &coordinator).await {
+                Ok(n) => tracing::info!(partition = p, sagas = n, "partition recovered"),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot list partition sagas, retrying");
+                    tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => continue }
+                }
+            }
+            recovered = true;
+        }
+        let batch = c
+            .batch()
+            .max_messages(256)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(partition = p, error = %e, "cannot fetch events, retrying");
+                consumer = None;
+                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(sagaflow_actors::service::restart_backoff(failures)) => continue }
+            }
+        };
+        failures = 0;
+        while let Some(next) = batch.next().await {
+            match next {
+                Ok(message) => match decode(&message.subject, &message.payload) {
+                    Ok((saga_id, input)) => {
+                        let delivery = Box::new(Tracked::new(
+                            JsDelivery {
+                                message,
+                                js: js.clone(),
+                                source: "events",
+                            },
+                            in_flight.clone(),
+                        ));
+                        if coordinator
+                            .cast(CoordinatorMsg::Deliver {
+                                saga_id,
+                                input,
+                                delivery,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(reason) => dlq::dead_letter(&js, "events", &message, &reason).await,
+                },
+                Err(e) => {
+                    tracing::debug!(partition = p, error = %e, "fetch ended");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Brings back every saga stored under partition `p`; returns how many.
+async fn recover_partition(
+    js: &jetstream::Context,
+    p: u32,
+    coordinator: &ActorRef<CoordinatorMsg>,
+) -> Result<usize, String> {
+    let stream = js
+        .get_stream(format!("KV_{SAGAS_BUCKET}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let prefix = format!("$KV.{SAGAS_BUCKET}.{p}.");
+    let subjects = stream
+        .info_with_subjects(format!("{prefix}*"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let ids: Vec<String> = subjects
+        .filter_map(|s| {
+            let prefix = prefix.clone();
+            async move {
+                s.ok()
+                    .and_then(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_string))
+            }
+        })
+        .collect()
+        .await;
+    let n = ids.len();
+    for saga_id in ids {
+        coordinator
+            .cast(CoordinatorMsg::Recover { saga_id })
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(n)
+}

@@ -1,0 +1,253 @@
+//! A cluster of Sagaflow nodes over one NATS server: partitions spread over the live nodes,
+//! move on join, graceful leave and crash, and nothing is lost or doubled on the way.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::checks::*;
+use common::*;
+use futures::StreamExt;
+use sagaflow::config::{NodeConfig, Overrides};
+use sagaflow::node::{self, NodeHandle};
+use sagaflow_actors::cluster::{owner, Lease};
+use sagaflow_proto::v1::GetOrderRequest;
+
+const FAST: &[(&str, &str)] = &[
+    ("SAGAFLOW_CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
+    ("SAGAFLOW_CLUSTER__NODE_TTL", "1s"),
+    ("SAGAFLOW_CLUSTER__DRAIN_TIMEOUT", "3s"),
+];
+
+fn config(nats: &NatsServer, id: &str, partitions: u32) -> NodeConfig {
+    let mut env: BTreeMap<String, String> = FAST
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.insert("SAGAFLOW_PARTITIONS".into(), partitions.to_string());
+    let overrides = Overrides {
+        nats: vec![nats.url()],
+        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
+        demo_services: Some(true),
+        saga_dir: Some(repo_dir().join("sagas")),
+        node_id: Some(id.into()),
+        log_format: None,
+    };
+    NodeConfig::load(None, &env, &overrides).unwrap()
+}
+
+async fn start(nats: &NatsServer, id: &str, partitions: u32) -> NodeHandle {
+    within(
+        TIMEOUT,
+        "start node",
+        node::start(config(nats, id, partitions)),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// The stored leases, read straight from the bucket.
+async fn leases(js: &jetstream::Context) -> BTreeMap<u32, Lease> {
+    // The bucket appears once the first node has started.
+    let Ok(kv) = js.get_key_value("sagaflow_partitions").await else {
+        return BTreeMap::new();
+    };
+    let Ok(keys) = kv.keys().await else {
+        return BTreeMap::new();
+    };
+    let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
+    let mut out = BTreeMap::new();
+    for k in keys {
+        if let (Some(p), Ok(Some(v))) = (
+            k.strip_prefix('p').and_then(|p| p.parse().ok()),
+            kv.get(&k).await,
+        ) {
+            out.insert(p, serde_json::from_slice(&v).unwrap());
+        }
+    }
+    out
+}
+
+/// Waits until every partition's lease is held by exactly the node the rendezvous assignment
+/// over `owners` gives it to; returns the owner per partition.
+async fn wait_owned_by(
+    js: &jetstream::Context,
+    partitions: u32,
+    owners: &[&str],
+) -> BTreeMap<u32, String> {
+    let want: BTreeSet<String> = owners.iter().map(|s| s.to_string()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = within(TIMEOUT, "read leases", leases(js)).await.unwrap();
+        let holders: BTreeMap<u32, String> = l
+            .iter()
+            .filter_map(|(p, l)| l.owner.clone().map(|o| (*p, o)))
+            .collect();
+        let expected: BTreeMap<u32, String> = (0..partitions)
+            .filter_map(|p| owner(p, &want).map(|o| (p, o.to_string())))
+            .collect();
+        if holders == expected {
+            return holders;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partitions not owned by {want:?} after 30s: {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_move_on_join_and_graceful_leave_and_nothing_is_lost() {
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let a = start(&nats, "node-a", 8).await;
+    wait_owned_by(&js, 8, &["node-a"]).await;
+    let client_a = connect_orders(&a.grpc_addr.to_string()).await.unwrap();
+    let mut ids = place_mix(&client_a, "join", 150).await;
+
+    // Join: partitions flow to the new node while orders are in flight.
+    let b = start(&nats, "node-b", 8).await;
+    let split = wait_owned_by(&js, 8, &["node-a", "node-b"]).await;
+    let on_b = split.values().filter(|o| *o == "node-b").count();
+    println!("after join: node-b owns {on_b} of 8 partitions");
+    let client_b = connect_orders(&b.grpc_addr.to_string()).await.unwrap();
+    ids.extend(place_mix(&client_b, "joined", 150).await);
+
+    // Any node answers, with the same answer.
+    let from_a = client_a
+        .clone()
+        .get_order(GetOrderRequest {
+            order_id: ids[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let from_b = client_b
+        .clone()
+        .get_order(GetOrderRequest {
+            order_id: ids[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(from_a.order_id, from_b.order_id);
+
+    // Graceful leave: node-a hands everything to node-b.
+    ids.extend(place_mix(&client_a, "leave", 100).await);
+    within(Duration::from_secs(90), "graceful shutdown", a.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_owned_by(&js, 8, &["node-b"]).await;
+
+    let orders = wait_all_terminal(&client_b, &ids, Duration::from_secs(180)).await;
+    check_ledgers(&orders, &ledgers(&nats).await);
+    let epochs = leases(&js).await;
+    assert!(epochs.values().all(|l| l.epoch >= 1));
+    println!(
+        "join + graceful leave: {} orders all terminal, ledgers exact",
+        orders.len()
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_nodes_partitions_are_taken_over_after_the_ttl() {
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let env: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .chain([
+            ("SAGAFLOW_PARTITIONS", "8"),
+            ("SAGAFLOW_DEMO__LATENCY_MS", "10"),
+        ])
+        .collect();
+    let mut opts_a = NodeOptions::new("crash-a", &[nats.url()]);
+    let mut opts_b = NodeOptions::new("crash-b", &[nats.url()]);
+    for (k, v) in &env {
+        opts_a = opts_a.env(k, v);
+        opts_b = opts_b.env(k, v);
+    }
+    let mut a = NodeProcess::start_with(opts_a).unwrap();
+    let b = NodeProcess::start_with(opts_b).unwrap();
+    wait_owned_by(&js, 8, &["crash-a", "crash-b"]).await;
+    let client_b = b.connect_orders().await.unwrap();
+    let client_a = a.connect_orders().await.unwrap();
+    let mut ids = place_mix(&client_a, "crash-a", 150).await;
+    ids.extend(place_mix(&client_b, "crash-b", 150).await);
+    // kill -9: no hand-over; node-b takes node-a's partitions once its heartbeat expires.
+    a.kill();
+    let started = std::time::Instant::now();
+    wait_owned_by(&js, 8, &["crash-b"]).await;
+    println!(
+        "crash: partitions taken over {:?} after kill -9",
+        started.elapsed()
+    );
+    let orders = wait_all_terminal(&client_b, &ids, Duration::from_secs(180)).await;
+    check_ledgers(&orders, &ledgers(&nats).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_nodes_stand_by_and_take_over_on_failure() {
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let nodes = [
+        start(&nats, "s-1", 2).await,
+        start(&nats, "s-2", 2).await,
+        start(&nats, "s-3", 2).await,
+    ];
+    // Two partitions, three nodes: exactly one node holds nothing.
+    let owners = wait_until(Duration::from_secs(30), "two partitions held", || async {
+        let l = leases(&js).await;
+        l.len() == 2 && l.values().all(|l| l.owner.is_some())
+    })
+    .await;
+    owners.unwrap();
+    let held: BTreeSet<String> = leases(&js)
+        .await
+        .values()
+        .filter_map(|l| l.owner.clone())
+        .collect();
+    assert!(held.len() <= 2);
+    let [n1, n2, n3] = nodes;
+    let mut remaining = Vec::new();
+    let mut stopped = None;
+    for n in [n1, n2, n3] {
+        if stopped.is_none() && held.contains(&n.node_id) {
+            stopped = Some(n.node_id.clone());
+            within(Duration::from_secs(90), "shutdown", n.shutdown())
+                .await
+                .unwrap()
+                .unwrap();
+        } else {
+            remaining.push(n);
+        }
+    }
+    let live: Vec<&str> = remaining.iter().map(|n| n.node_id.as_str()).collect();
+    wait_until(
+        Duration::from_secs(30),
+        "the stand-by took over",
+        || async {
+            let l = leases(&js).await;
+            l.values()
+                .all(|l| l.owner.as_deref().is_some_and(|o| live.contains(&o)))
+        },
+    )
+    .await
+    .unwrap();
+    let client = connect_orders(&remaining[0].grpc_addr.to_string())
+        .await
+        .unwrap();
+    let ids = place_mix(&client, "standby", 40).await;
+    let orders = wait_all_terminal(&client, &ids, Duration::from_secs(120)).await;
+    check_ledgers(&orders, &ledgers(&nats).await);
+    for n in remaining {
+        n.shutdown().await.unwrap();
+    }
+}
