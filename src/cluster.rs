@@ -303,14 +303,31 @@ impl Membership {
                     leases.insert(p, free);
                 }
                 LeaseStep::Hold => {
-                    if self.held.get(&p).is_none_or(|h| h.task.is_finished()) {
-                        // We hold the lease but do not consume: we restarted, or the task died.
-                        let epoch = lease.as_ref().map_or(0, |l| l.epoch);
+                    let consuming = self.held.get(&p).is_some_and(|h| !h.task.is_finished());
+                    if consuming {
+                        if let Some(l) = lease {
+                            leases.insert(p, l);
+                        }
+                    } else {
+                        // The lease names us but we do not consume: we restarted (or the task
+                        // died). Re-acquire with a higher epoch rather than trusting the old
+                        // one, so a previous process with our id, if still alive, is fenced.
                         self.stop_partition(p).await;
-                        self.start_partition(p, epoch);
-                    }
-                    if let Some(l) = lease {
-                        leases.insert(p, l);
+                        let renewed = Lease {
+                            owner: Some(me.clone()),
+                            epoch: lease.as_ref().map_or(0, |l| l.epoch) + 1,
+                        };
+                        if self.write_lease(p, &renewed, revision).await? {
+                            tracing::info!(
+                                partition = p,
+                                epoch = renewed.epoch,
+                                "partition re-acquired"
+                            );
+                            self.start_partition(p, renewed.epoch);
+                            leases.insert(p, renewed);
+                        } else if let Some(l) = lease {
+                            leases.insert(p, l);
+                        }
                     }
                 }
                 LeaseStep::Wait => {

@@ -60,9 +60,6 @@ pub enum Error {
     /// An actor could not be spawned.
     #[error("cannot start actor: {0}")]
     Actor(String),
-    /// The demo services could not start.
-    #[error("cannot start demo services: {0}")]
-    Demo(String),
     /// Shut down before it finished starting.
     #[error("shut down while starting")]
     Interrupted,
@@ -181,7 +178,7 @@ pub async fn connect(config: &NodeConfig) -> async_nats::Client {
                     other => tracing::debug!(event = %other, "nats event"),
                 }
             });
-        match options.connect(config.nats.join(",")).await {
+        match options.connect(config.nats.as_slice()).await {
             Ok(client) => return client,
             Err(e) => {
                 failures += 1;
@@ -229,11 +226,20 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         .map_err(|e| Error::Actor(e.to_string()))?;
 
     let demo = if config.demo_services {
-        Some(
-            demo::start(js.clone(), &config, cancel.child_token())
-                .await
-                .map_err(|e| Error::Demo(e.to_string()))?,
-        )
+        // Buckets just created in a NATS cluster can answer "no responders" for a moment:
+        // retry rather than fail the node.
+        let mut failures = 0u32;
+        loop {
+            match demo::start(js.clone(), &config, cancel.child_token()).await {
+                Ok(d) => break Some(d),
+                Err(e) => {
+                    failures += 1;
+                    let delay = restart_backoff(failures).max(Duration::from_millis(500));
+                    tracing::warn!(error = %e, retry_in = ?delay, "demo services not ready, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
     } else {
         None
     };

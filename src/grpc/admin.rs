@@ -65,7 +65,7 @@ impl Admin {
         }
     }
 
-    /// Every consumer of `stream` (at most [`MAX_CONSUMERS_PER_STREAM`]), sorted by name.
+    /// Every consumer of `stream` (at most [`MAX_CONSUMERS_PER_STREAM`]), `evt-p2` before `evt-p10`.
     async fn consumers_of(&self, stream: &str) -> Result<Vec<ConsumerStatus>, Status> {
         let what = format!("cannot list the consumers of {stream}");
         let list = async {
@@ -91,7 +91,7 @@ impl Admin {
         let mut out = tokio::time::timeout(LIST_TIMEOUT, list)
             .await
             .map_err(|_| unavailable(&what, format!("no answer within {LIST_TIMEOUT:?}")))??;
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
         Ok(out)
     }
 
@@ -147,6 +147,13 @@ impl Admin {
     }
 }
 
+/// Sorts `evt-p2` before `evt-p10`: the name without its trailing digits, then their value.
+fn natural_key(name: &str) -> (&str, u64, &str) {
+    let stem = name.trim_end_matches(|c: char| c.is_ascii_digit());
+    let number = name[stem.len()..].parse().unwrap_or(0);
+    (stem, number, name)
+}
+
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn cluster_status(
@@ -154,5 +161,17 @@ impl AdminService for Admin {
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         self.status().await.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_key;
+
+    #[test]
+    fn consumers_sort_naturally() {
+        let mut names = vec!["evt-p10", "evt-p2", "analytics", "evt-p1", "svc-x"];
+        names.sort_by_key(|n| natural_key(n));
+        assert_eq!(names, ["analytics", "evt-p1", "evt-p2", "evt-p10", "svc-x"]);
     }
 }
