@@ -120,6 +120,8 @@ pub struct Membership {
     started_at: i64,
     coordinator: ActorRef<CoordinatorMsg>,
     held: HashMap<u32, Held>,
+    /// The partitions consumed, as the heartbeat task reports them.
+    held_list: Arc<std::sync::Mutex<Vec<u32>>>,
     view: SharedView,
 }
 
@@ -142,12 +144,24 @@ impl Membership {
             started_at: now_ms(),
             coordinator,
             held: HashMap::new(),
+            held_list: Arc::default(),
             view,
         }
     }
 
     /// Heartbeats and reconciles until `cancel`, then hands every partition back and leaves.
     pub async fn run(mut self, cancel: CancellationToken) {
+        // Heartbeats run on their own task, so a slow reconciliation round (a loaded machine,
+        // a NATS leader election) never makes this node look dead to the others.
+        let beating = CancellationToken::new();
+        let heartbeats = tokio::spawn(heartbeat_loop(
+            self.nodes.clone(),
+            self.cfg.clone(),
+            self.grpc_addr.clone(),
+            self.started_at,
+            self.held_list.clone(),
+            beating.clone(),
+        ));
         let mut tick = tokio::time::interval(self.cfg.cluster.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -158,26 +172,23 @@ impl Membership {
             if let Err(e) = self.round().await {
                 tracing::warn!(node_id = %self.cfg.node_id, error = %e, "cluster round failed; retrying next heartbeat");
             }
+            self.publish_held();
         }
         self.leave().await;
+        beating.cancel();
+        let _ = heartbeats.await;
+        if let Err(e) = self.nodes.delete(&self.cfg.node_id).await {
+            tracing::warn!(error = %e, "cannot remove membership entry; it expires after the ttl");
+        }
+        tracing::info!(node_id = %self.cfg.node_id, "left the cluster");
     }
 
-    async fn heartbeat(&self) -> Result<(), String> {
+    fn publish_held(&self) {
         let mut partitions: Vec<u32> = self.held.keys().copied().collect();
         partitions.sort_unstable();
-        let info = NodeInfo {
-            node_id: self.cfg.node_id.clone(),
-            grpc_addr: self.grpc_addr.clone(),
-            started_at: self.started_at,
-            heartbeat_at: now_ms(),
-            partitions,
-        };
-        let bytes = serde_json::to_vec(&info).map_err(|e| e.to_string())?;
-        self.nodes
-            .put(&self.cfg.node_id, bytes.into())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
+        if let Ok(mut list) = self.held_list.lock() {
+            *list = partitions;
+        }
     }
 
     /// Live members: entries not yet expired and heartbeating within the ttl.
@@ -235,23 +246,13 @@ impl Membership {
                 .update(lease_key(p), bytes, r)
                 .await
                 .map(|_| ())
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        e.to_string(),
-                    )
-                }),
+                .map_err(|e| (topology::update_conflict(&e), e.to_string())),
             None => self
                 .leases
                 .create(lease_key(p), bytes)
                 .await
                 .map(|_| ())
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists,
-                        e.to_string(),
-                    )
-                }),
+                .map_err(|e| (topology::create_conflict(&e), e.to_string())),
         };
         match result {
             Ok(()) => Ok(true),
@@ -262,7 +263,6 @@ impl Membership {
 
     /// One heartbeat and one reconciliation of every partition.
     async fn round(&mut self) -> Result<(), String> {
-        self.heartbeat().await?;
         let members = self.members().await?;
         let mut live: BTreeSet<String> = members.keys().cloned().collect();
         live.insert(self.cfg.node_id.clone());
@@ -416,10 +416,6 @@ impl Membership {
                 }
             }
         }
-        if let Err(e) = self.nodes.delete(&self.cfg.node_id).await {
-            tracing::warn!(error = %e, "cannot remove membership entry; it expires after the ttl");
-        }
-        tracing::info!(node_id = %self.cfg.node_id, "left the cluster");
     }
 }
 
@@ -589,4 +585,42 @@ async fn recover_partition(
             .map_err(|e| e.to_string())?;
     }
     Ok(n)
+}
+
+/// Writes this node's heartbeat every `heartbeat_interval` until `stop`.
+async fn heartbeat_loop(
+    nodes: kv::Store,
+    cfg: NodeConfig,
+    grpc_addr: String,
+    started_at: i64,
+    held: Arc<std::sync::Mutex<Vec<u32>>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(cfg.cluster.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let partitions = held.lock().map(|l| l.clone()).unwrap_or_default();
+        let info = NodeInfo {
+            node_id: cfg.node_id.clone(),
+            grpc_addr: grpc_addr.clone(),
+            started_at,
+            heartbeat_at: now_ms(),
+            partitions,
+        };
+        let put = match serde_json::to_vec(&info) {
+            Ok(bytes) => nodes
+                .put(&cfg.node_id, bytes.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = put {
+            tracing::warn!(node_id = %cfg.node_id, error = %e, "heartbeat failed");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! Heartbeat and expiry are set explicitly: without them a pull stream sends no idle
 //! heartbeat and a dead connection goes unnoticed. A missed heartbeat surfaces as a stream
-//! error, which is logged and recovered from, never treated as a crash.
+//! error: it is logged and the pull subscription reopened, never treated as a crash.
 
 use std::future::Future;
 use std::time::Duration;
@@ -76,8 +76,13 @@ pub async fn pull_forever<O, OF, H, HF>(
                         return;
                     }
                 }
-                // Missed heartbeats and transient errors: the stream recovers by itself.
-                Some(Err(e)) => tracing::warn!(consumer = what, error = %e, "pull stream error"),
+                // A missed heartbeat or another stream error: the pull subscription may be
+                // dead (its server went away, the consumer leader moved). Open a fresh one
+                // rather than wait on it.
+                Some(Err(e)) => {
+                    tracing::warn!(consumer = what, error = %e, "pull stream error, reopening");
+                    break;
+                }
                 None => break,
             }
         }

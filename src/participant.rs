@@ -155,6 +155,13 @@ impl CommandJob {
                     .await
             }
         };
+        // Load shedding: the saga stopped waiting for this attempt (it timed out, and a newer
+        // attempt with the same idempotency key is or will be out). Doing it now would only
+        // delay the commands that still matter.
+        if cmd.deadline_unix_ms > 0 && crate::dlq::now_ms() > cmd.deadline_unix_ms {
+            tracing::debug!(command_id = %cmd.command_id, "command expired before it was handled, skipped");
+            return delivery.ack().await;
+        }
         tracing::debug!(saga_id = %cmd.saga_id, step = %cmd.step, service = %cmd.service, action = %cmd.action, attempt = cmd.attempt, "handling command");
         let outcome = match self.participant.handle(&cmd).await {
             Ok(o) => o,

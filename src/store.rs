@@ -7,7 +7,7 @@ use sagaflow_actors::machine::Saga;
 use sagaflow_actors::ports::{Error, StateStore};
 use sagaflow_actors::wire;
 
-use crate::topology::saga_key;
+use crate::topology::{create_conflict, saga_key, update_conflict};
 
 /// [`StateStore`] over a JetStream KV bucket.
 #[derive(Clone, Debug)]
@@ -63,34 +63,32 @@ impl StateStore for KvStateStore {
         })?;
         let key = self.key(&saga.id);
         match expected {
-            None => self
-                .kv
-                .create(key, bytes.into())
-                .await
-                .map_err(|e| match e.kind() {
-                    kv::CreateErrorKind::AlreadyExists => Error::Conflict {
+            None => self.kv.create(key, bytes.into()).await.map_err(|e| {
+                if create_conflict(&e) {
+                    Error::Conflict {
                         saga: saga.id.clone(),
                         expected,
-                    },
-                    _ => Error::Transport {
+                    }
+                } else {
+                    Error::Transport {
                         operation: "create snapshot",
                         message: e.to_string(),
-                    },
-                }),
-            Some(rev) => self
-                .kv
-                .update(key, bytes.into(), rev)
-                .await
-                .map_err(|e| match e.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => Error::Conflict {
+                    }
+                }
+            }),
+            Some(rev) => self.kv.update(key, bytes.into(), rev).await.map_err(|e| {
+                if update_conflict(&e) {
+                    Error::Conflict {
                         saga: saga.id.clone(),
                         expected,
-                    },
-                    _ => Error::Transport {
+                    }
+                } else {
+                    Error::Transport {
                         operation: "update snapshot",
                         message: e.to_string(),
-                    },
-                }),
+                    }
+                }
+            }),
         }
     }
 }

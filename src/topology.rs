@@ -179,3 +179,34 @@ pub async fn ensure_bucket(
 
 /// How long to wait for JetStream API answers before treating the server as unavailable.
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a failed KV `create` means the key already exists (a lost race, not an outage).
+///
+/// In a clustered JetStream, NATS ≥ 2.12 reports a lost compare-and-set with error code 10164
+/// (`wrong last sequence`, constant message), which async-nats 0.51 does not map to
+/// `AlreadyExists`/`WrongLastRevision`; the source chain is checked too.
+pub fn create_conflict(e: &kv::CreateError) -> bool {
+    e.kind() == kv::CreateErrorKind::AlreadyExists || wrong_last_sequence(e)
+}
+
+/// Whether a failed KV `update` means the revision moved on (a lost compare-and-set).
+pub fn update_conflict(e: &kv::UpdateError) -> bool {
+    e.kind() == kv::UpdateErrorKind::WrongLastRevision || wrong_last_sequence(e)
+}
+
+fn wrong_last_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            let code = js.error_code();
+            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            {
+                return true;
+            }
+        }
+        current = err.source();
+    }
+    false
+}

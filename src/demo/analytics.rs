@@ -238,12 +238,12 @@ impl Totals {
         match revision {
             None => match self.kv.create(TOTALS_KEY, bytes.into()).await {
                 Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) if crate::topology::create_conflict(&e) => Ok(false),
                 Err(e) => Err(storage(&e)),
             },
             Some(rev) => match self.kv.update(TOTALS_KEY, bytes.into(), rev).await {
                 Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) if crate::topology::update_conflict(&e) => Ok(false),
                 Err(e) => Err(storage(&e)),
             },
         }

@@ -84,7 +84,7 @@ impl Stock {
         for (sku, units) in initial {
             match self.kv.create(sku, units.to_string().into()).await {
                 Ok(_) => tracing::debug!(sku, units, "stock initialised"),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) if crate::topology::create_conflict(&e) => {}
                 Err(e) => {
                     return Err(Error::Storage {
                         operation: "initialise stock",
@@ -134,7 +134,7 @@ impl Stock {
             };
             match self.kv.update(sku, left.to_string().into(), revision).await {
                 Ok(_) => return Ok(Take::Taken),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) if crate::topology::update_conflict(&e) => continue,
                 Err(e) => return Err(unavailable("update stock")(&e)),
             }
         }
@@ -151,14 +151,14 @@ impl Stock {
                     .await
                 {
                     Ok(_) => true,
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                    Err(e) if crate::topology::create_conflict(&e) => false,
                     Err(e) => return Err(unavailable("return stock")(&e)),
                 },
                 Some((units, revision)) => {
                     let new = units.saturating_add(u64::from(quantity));
                     match self.kv.update(sku, new.to_string().into(), revision).await {
                         Ok(_) => true,
-                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                        Err(e) if crate::topology::update_conflict(&e) => false,
                         Err(e) => return Err(unavailable("return stock")(&e)),
                     }
                 }

@@ -208,7 +208,7 @@ impl Ledger {
         let key = ledger_key(&entry.service, &entry.idempotency_key);
         match self.kv.create(key, bytes.into()).await {
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            Err(e) if crate::topology::create_conflict(&e) => {
                 match self.get(&entry.service, &entry.idempotency_key).await? {
                     Some(existing) => Ok(Some(existing)),
                     None => Err(Unavailable(
