@@ -119,23 +119,22 @@ async fn partitions_move_on_join_and_graceful_leave_and_nothing_is_lost() {
     ids.extend(place_mix(&client_b, "joined", 150).await);
 
     // Any node answers, with the same answer.
-    let from_a = client_a
-        .clone()
-        .get_order(GetOrderRequest {
-            order_id: ids[0].clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let from_b = client_b
-        .clone()
-        .get_order(GetOrderRequest {
-            order_id: ids[0].clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(from_a.order_id, from_b.order_id);
+    let first = wait_all_terminal(&client_a, &ids[..150], Duration::from_secs(120)).await;
+    for o in first.iter().take(30) {
+        let from_b = client_b
+            .clone()
+            .get_order(GetOrderRequest {
+                order_id: o.order_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            &from_b, o,
+            "node-b answers for {} exactly as node-a",
+            o.order_id
+        );
+    }
 
     // Graceful leave: node-a hands everything to node-b.
     ids.extend(place_mix(&client_a, "leave", 100).await);

@@ -279,12 +279,23 @@ pub struct SagaState {
     timer: Option<JoinHandle<()>>,
     /// The saga does not exist or can never be loaded here: the actor stops.
     unusable: bool,
+    /// Whether `loaded` comes from memory (kept since an earlier message) rather than a read
+    /// of the store for this message.
+    loaded_from_cache: bool,
 }
 
 struct Loaded {
     saga: Saga,
     revision: u64,
     def: Arc<SagaDefinition>,
+}
+
+/// What applying an event did.
+enum Applied {
+    /// The snapshot changed and was persisted.
+    Changed,
+    /// Nothing to do (a duplicate, a late reply, a finished saga).
+    Unchanged,
 }
 
 /// Why an event could not be handled now.
@@ -314,6 +325,7 @@ impl Actor for SagaActor {
             loaded: None,
             timer: None,
             unusable: false,
+            loaded_from_cache: false,
         })
     }
 
@@ -402,6 +414,7 @@ impl SagaState {
         if self.loaded.is_some() {
             return Ok(true);
         }
+        self.loaded_from_cache = false;
         match self.ctx.store.load(&self.id).await {
             Ok(Some((saga, revision))) => {
                 let Some(def) = self.ctx.definitions.get(&saga.definition).cloned() else {
@@ -434,6 +447,8 @@ impl SagaState {
     }
 
     async fn on_delivery(&mut self, input: Input, delivery: Box<dyn Delivery>) {
+        // A copy kept from an earlier message may be stale if another node advanced the saga.
+        self.loaded_from_cache = self.loaded.is_some();
         match self.load().await {
             Ok(true) => {}
             Ok(false) => {
@@ -486,9 +501,21 @@ impl SagaState {
         };
         // A lost compare-and-set means our copy is stale: reload and apply again (the machine
         // ignores what was already applied), a bounded number of times.
-        for _ in 0..3 {
+        let mut verified = false;
+        for _ in 0..4 {
             match self.process(event.clone(), Some(&*delivery)).await {
-                Ok(()) => {
+                Ok(Applied::Changed) => {
+                    delivery.ack().await;
+                    return;
+                }
+                Ok(Applied::Unchanged) if !verified && self.loaded_from_cache => {
+                    // The event looks like a duplicate, but our copy may be stale (another
+                    // node advanced the saga during a partition hand-over): acking it on a
+                    // stale copy would lose it. Check against the stored snapshot once.
+                    verified = true;
+                    self.loaded = None;
+                }
+                Ok(Applied::Unchanged) => {
                     delivery.ack().await;
                     return;
                 }
@@ -519,20 +546,20 @@ impl SagaState {
         &mut self,
         event: Event,
         delivery: Option<&dyn Delivery>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Applied, Failure> {
         if !self.load().await? {
-            return Ok(());
+            return Ok(Applied::Unchanged);
         }
         let now = self.now();
         let Some(l) = self.loaded.as_ref() else {
-            return Ok(());
+            return Ok(Applied::Unchanged);
         };
         let mut next = l.saga.clone();
         let t: Transition = next
             .apply(&l.def, event, now)
             .map_err(|e| Failure::Permanent(e.to_string()))?;
         if !t.changed {
-            return Ok(());
+            return Ok(Applied::Unchanged);
         }
         let revision = match self.ctx.store.save(&next, Some(l.revision)).await {
             Ok(r) => r,
@@ -546,7 +573,7 @@ impl SagaState {
             def,
         });
         self.carry_out(t.effects, delivery).await;
-        Ok(())
+        Ok(Applied::Changed)
     }
 
     /// Publishes commands and status changes, retrying until NATS takes them: the snapshot

@@ -1029,3 +1029,54 @@ async fn a_cancel_event_compensates_a_running_saga() {
     );
     h.stop().await;
 }
+
+/// Two nodes briefly consume the same partition during a hand-over. Node A still holds an old
+/// copy of the saga in memory when node B has already advanced it; a reply that only makes
+/// sense for the newer state reaches A. A must not ack it as a duplicate on its stale copy:
+/// that would lose the reply and stall the saga.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store() {
+    let never: Behaviour = Arc::new(|_| None);
+    let h = Harness::start(order(), never).await;
+    let id = "order-handover";
+    h.start_saga(id).await;
+    // Node A has loaded the saga (charge in flight) and keeps it in memory.
+    eventually("node A to publish the charge", || h.bus.sent(id).len() == 1).await;
+
+    // Node B advances the saga: the charge succeeded, reserve and prepare_shipment are out.
+    let b = spawn_coordinator(&h.def, &h.store, &h.bus).await;
+    let stream_b = Arc::new(Stream::default());
+    stream_b.attach(b.clone());
+    stream_b.deliver(
+        id,
+        Input::Reply {
+            step: "charge".into(),
+            attempt: 1,
+            compensation: false,
+            outcome: Ok(b"{}".to_vec()),
+        },
+    );
+    eventually("node B to start the fulfilment stage", || {
+        h.bus.sent(id).len() == 3
+    })
+    .await;
+
+    // The reserve reply reaches node A, whose copy still has reserve pending.
+    h.stream.deliver(
+        id,
+        Input::Reply {
+            step: "reserve".into(),
+            attempt: 1,
+            compensation: false,
+            outcome: Ok(b"{}".to_vec()),
+        },
+    );
+    eventually("the reserve reply to be applied", || {
+        h.store
+            .get(id)
+            .is_some_and(|s| s.steps[1].phase == sagaflow_actors::machine::StepPhase::Succeeded)
+    })
+    .await;
+    b.stop_and_wait(None, Some(PATIENCE)).await.unwrap();
+    h.stop().await;
+}
