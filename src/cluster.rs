@@ -268,6 +268,12 @@ impl Membership {
         live.insert(self.cfg.node_id.clone());
         let me = self.cfg.node_id.clone();
         let mut leases = BTreeMap::new();
+        // Partitions we hold but are no longer assigned stop pulling at once (see `leave`).
+        for (p, h) in &self.held {
+            if owner(*p, &live) != Some(me.as_str()) {
+                h.stop.cancel();
+            }
+        }
         for p in 0..self.cfg.partitions {
             let (lease, revision) = self.read_lease(p).await?;
             // Fencing: if the stored lease is not the one we acquired, someone took over.
@@ -403,6 +409,11 @@ impl Membership {
 
     /// Graceful leave: hand every partition back and remove our membership entry.
     async fn leave(&mut self) {
+        // Stop pulling on every partition at once, so their drains overlap instead of adding
+        // up: the next owners wait for each release.
+        for h in self.held.values() {
+            h.stop.cancel();
+        }
         let parts: Vec<u32> = self.held.keys().copied().collect();
         for p in parts {
             self.stop_partition(p).await;
