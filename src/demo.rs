@@ -344,6 +344,18 @@ impl OrderInput {
 }
 
 /// A failure outcome.
+/// What every demo service checks before its own logic: injected faults first (the knobs),
+/// then that the command has an idempotency key to record its effect under.
+pub(crate) async fn precheck(knobs: &Knobs, cmd: &v1::Command) -> Option<Outcome> {
+    if let Some(injected) = knobs.apply(cmd).await {
+        return Some(injected);
+    }
+    if cmd.idempotency_key.is_empty() {
+        return Some(failure("invalid", "missing idempotency key"));
+    }
+    None
+}
+
 pub(crate) fn failure(kind: &str, message: impl Into<String>) -> Outcome {
     Outcome::Failure {
         kind: kind.to_string(),

@@ -336,11 +336,8 @@ impl Inventory {
 #[async_trait]
 impl Participant for Inventory {
     async fn handle(&self, cmd: &v1::Command) -> Result<Outcome, Unavailable> {
-        if let Some(injected) = self.knobs.apply(cmd).await {
-            return Ok(injected);
-        }
-        if cmd.idempotency_key.is_empty() {
-            return Ok(failure("invalid", "missing idempotency key"));
+        if let Some(early) = crate::demo::precheck(&self.knobs, cmd).await {
+            return Ok(early);
         }
         match cmd.action.as_str() {
             "reserve" => self.reserve(cmd).await,

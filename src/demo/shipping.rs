@@ -78,11 +78,8 @@ impl Shipping {
 #[async_trait]
 impl Participant for Shipping {
     async fn handle(&self, cmd: &v1::Command) -> Result<Outcome, Unavailable> {
-        if let Some(injected) = self.knobs.apply(cmd).await {
-            return Ok(injected);
-        }
-        if cmd.idempotency_key.is_empty() {
-            return Ok(failure("invalid", "missing idempotency key"));
+        if let Some(early) = crate::demo::precheck(&self.knobs, cmd).await {
+            return Ok(early);
         }
         match cmd.action.as_str() {
             "prepare" => self.prepare(cmd).await,
