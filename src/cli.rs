@@ -10,6 +10,7 @@
 //! sagaflow saga validate FILE... | list | start | get
 //! sagaflow analytics sales --server ADDR [--json]
 //! sagaflow cluster status --server ADDR [--json]
+//! sagaflow dlq list|show|replay|discard --server ADDR ...
 //! ```
 //!
 //! `main.rs` parses a [`Cli`], turns it into a [`Plan`] (which loads the node configuration,
@@ -65,6 +66,9 @@ pub enum Command {
     /// Inspect the cluster: nodes, partition leases, consumer lag.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Dead letters: list, show, replay and discard them.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
 }
 
 /// `sagaflow dev`.
@@ -100,6 +104,9 @@ pub struct NodeArgs {
     /// Where the gRPC API listens.
     #[arg(long, value_name = "ADDR")]
     pub grpc_addr: Option<SocketAddr>,
+    /// Where /metrics, /healthz and /readyz listen (default 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// Run the demo participant services in this node.
     #[arg(long)]
     pub demo_services: bool,
@@ -290,6 +297,66 @@ pub enum ClusterCommand {
     },
 }
 
+/// `sagaflow dlq ...`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (all pages), oldest first.
+    List {
+        /// Node (any node answers).
+        #[command(flatten)]
+        server: ServerArg,
+        /// Only dead letters from this source (`events`, `commands`, `analytics`…).
+        #[arg(long, value_name = "S")]
+        source: Option<String>,
+        /// Also list the journal of replays and discards.
+        #[arg(long)]
+        journal: bool,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Show one dead letter: reason, origin, headers and payload (hex and a UTF-8 preview).
+    Show {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Dead letter sequence (from `dlq list`).
+        #[arg(value_name = "SEQ")]
+        seq: u64,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Publish a dead letter's original message again to its original subject, then remove
+    /// it from the DLQ (journaled).
+    Replay {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Dead letter sequence.
+        #[arg(value_name = "SEQ")]
+        seq: u64,
+        /// Who replays it (recorded in the journal).
+        #[arg(long, value_name = "NAME")]
+        operator: String,
+    },
+    /// Remove a dead letter from the DLQ for good (journaled with the reason).
+    Discard {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Dead letter sequence.
+        #[arg(value_name = "SEQ")]
+        seq: u64,
+        /// Who discards it (recorded in the journal).
+        #[arg(long, value_name = "NAME")]
+        operator: String,
+        /// Why (recorded in the journal).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+}
+
 /// One `--item SKU:QTY`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
@@ -390,7 +457,8 @@ impl Cli {
                     node_id: args.node_id,
                     log_format: args.log_format.map(|f| f.as_str().to_string()),
                 };
-                let config = NodeConfig::load(args.config.as_deref(), &node_env(), &overrides)?;
+                let config = NodeConfig::load(args.config.as_deref(), &node_env(), &overrides)?
+                    .with_http_addr(args.http_addr);
                 Plan::Node(Box::new(config))
             }
             Command::Dev(args) => Plan::Dev(DevOptions {
@@ -880,6 +948,65 @@ mod tests {
         };
         assert_eq!(server.server.url, "http://a:2");
         assert!(json.json);
+    }
+
+    #[test]
+    fn cli_parses_dlq_commands() {
+        let Command::Dlq(DlqCommand::List {
+            server,
+            source,
+            journal,
+            json,
+        }) = parse(&[
+            "dlq", "list", "--server", "h:1", "--source", "events", "--json",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not dlq list")
+        };
+        assert_eq!(server.server.url, "http://h:1");
+        assert_eq!(source.as_deref(), Some("events"));
+        assert!(json.json && !journal);
+        let Command::Dlq(DlqCommand::Show { seq, .. }) =
+            parse(&["dlq", "show", "--server", "h:1", "7"])
+                .unwrap()
+                .command
+        else {
+            panic!("not dlq show")
+        };
+        assert_eq!(seq, 7);
+        let Command::Dlq(DlqCommand::Replay { seq, operator, .. }) =
+            parse(&["dlq", "replay", "3", "--operator", "ops"])
+                .unwrap()
+                .command
+        else {
+            panic!("not dlq replay")
+        };
+        assert_eq!((seq, operator.as_str()), (3, "ops"));
+        let Command::Dlq(DlqCommand::Discard { reason, .. }) = parse(&[
+            "dlq",
+            "discard",
+            "3",
+            "--operator",
+            "ops",
+            "--reason",
+            "junk",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not dlq discard")
+        };
+        assert_eq!(reason, "junk");
+        for bad in [
+            &["dlq", "discard", "3", "--operator", "ops"][..],
+            &["dlq", "replay", "3"],
+            &["dlq", "show", "x"],
+            &["dlq", "show"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -149,6 +149,11 @@ impl Membership {
         }
     }
 
+    /// The partitions this node consumes, updated after every reconciliation round.
+    pub fn held_partitions(&self) -> Arc<std::sync::Mutex<Vec<u32>>> {
+        self.held_list.clone()
+    }
+
     /// Heartbeats and reconciles until `cancel`, then hands every partition back and leaves.
     pub async fn run(mut self, cancel: CancellationToken) {
         // Heartbeats run on their own task, so a slow reconciliation round (a loaded machine,

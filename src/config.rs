@@ -41,6 +41,10 @@ fn invalid(origin: Option<String>, message: impl Into<String>) -> Error {
     }
 }
 
+/// Default HTTP address of `/metrics`, `/healthz` and `/readyz`.
+pub const DEFAULT_HTTP_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
 /// Everything a node needs to run. Every field has a default, so a node runs without a file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,6 +55,10 @@ pub struct NodeConfig {
     pub nats: Vec<String>,
     /// Where the gRPC API listens.
     pub grpc_addr: SocketAddr,
+    /// Where the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`) listens. When it is the
+    /// default ([`DEFAULT_HTTP_ADDR`]) and that port is taken (several nodes on one machine),
+    /// the node listens on a free port instead and logs it.
+    pub http_addr: SocketAddr,
     /// Folder of saga definitions (`*.toml`).
     pub saga_dir: PathBuf,
     /// Number of saga event partitions. Fixed for the life of a deployment: changing it moves sagas.
@@ -129,6 +137,7 @@ impl Default for NodeConfig {
             node_id: format!("node-{:08x}", rand::random::<u32>()),
             nats: vec!["nats://127.0.0.1:4222".to_string()],
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: DEFAULT_HTTP_ADDR,
             saga_dir: PathBuf::from("sagas"),
             partitions: 32,
             demo_services: false,
@@ -224,6 +233,14 @@ pub struct Overrides {
 }
 
 impl NodeConfig {
+    /// Applies `--http-addr` (the command line beats the file and the environment).
+    pub fn with_http_addr(mut self, addr: Option<SocketAddr>) -> Self {
+        if let Some(a) = addr {
+            self.http_addr = a;
+        }
+        self
+    }
+
     /// Layers defaults, the file (if any), `SAGAFLOW_*` variables from `env` and `overrides`,
     /// then validates.
     pub fn load(
@@ -468,6 +485,26 @@ mod tests {
         assert_eq!(c.demo.payment_limit_cents, 500);
         assert_eq!(c.nats, vec!["nats://a:1", "nats://b:2"]);
         assert_eq!(c.grpc_addr.port(), 7001, "cli beats env and file");
+    }
+
+    #[test]
+    fn http_addr_from_file_env_and_flag() {
+        let c = NodeConfig::load(None, &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.http_addr, DEFAULT_HTTP_ADDR);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "http_addr = \"0.0.0.0:9000\"\n").unwrap();
+        let c = NodeConfig::load(Some(&file), &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.http_addr.port(), 9000);
+        let env: BTreeMap<String, String> = [(
+            "SAGAFLOW_HTTP_ADDR".to_string(),
+            "127.0.0.1:9100".to_string(),
+        )]
+        .into();
+        let c = NodeConfig::load(Some(&file), &env, &Overrides::default()).unwrap();
+        assert_eq!(c.http_addr.port(), 9100, "env beats file");
+        let c = c.with_http_addr(Some("127.0.0.1:9200".parse().unwrap()));
+        assert_eq!(c.http_addr.port(), 9200, "flag beats env");
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! where it came from and when; only once the server has stored the dead letter is the
 //! original acked. If the DLQ publish fails, the original is nak'ed instead: nothing is
 //! dropped silently.
+//!
+//! Headers of the original message other than `Nats-*` ones travel with it into the dead
+//! letter (so a replay carries them again, `Sagaflow-Replayed-From` included). Operators list,
+//! show, replay and discard dead letters through `AdminService` (`src/grpc/admin.rs`); what
+//! they did is journaled as JSON [`JournalRecord`]s on [`JOURNAL_SUBJECT`], inside `SAGA_DLQ`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +31,89 @@ pub const AT: &str = "Sagaflow-Dlq-At";
 /// Header: which consumer gave up on it (`events`, `payment`…).
 pub const SOURCE: &str = "Sagaflow-Dlq-Source";
 
+/// Header of a replayed message: the dead letter it came from (`SAGA_DLQ:7`).
+pub const REPLAYED_FROM: &str = "Sagaflow-Replayed-From";
+
+/// Subject (inside `SAGA_DLQ`) of the journal of replays and discards.
+pub const JOURNAL_SUBJECT: &str = "sagaflow.dlq.journal";
+
+/// Whether `name` is one of the headers [`dead_letter`] adds (`Sagaflow-Dlq-*`).
+pub fn is_dlq_header(name: &str) -> bool {
+    name.len() >= "Sagaflow-Dlq-".len()
+        && name[.."Sagaflow-Dlq-".len()].eq_ignore_ascii_case("Sagaflow-Dlq-")
+}
+
+/// Whether `name` is a NATS-reserved header (`Nats-Msg-Id`, `Nats-Expected-*`…): never copied
+/// into a dead letter nor into a replay (an old `Nats-Msg-Id` would make the server drop the
+/// replay as a duplicate).
+pub fn is_nats_header(name: &str) -> bool {
+    name.len() >= 5 && name[..5].eq_ignore_ascii_case("Nats-")
+}
+
+/// Copies the headers of `from` into `to`, except NATS-reserved and `Sagaflow-Dlq-*` ones.
+pub fn copy_user_headers(from: Option<&HeaderMap>, to: &mut HeaderMap) {
+    let Some(from) = from else { return };
+    for (name, values) in from.iter() {
+        let text = name.to_string();
+        if is_nats_header(&text) || is_dlq_header(&text) {
+            continue;
+        }
+        for value in values {
+            to.append(text.as_str(), value.as_str());
+        }
+    }
+}
+
+/// The headers a replay of a dead letter is published with: the dead letter's own headers
+/// minus the `Sagaflow-Dlq-*` and `Nats-*` ones, plus `Sagaflow-Replayed-From: SAGA_DLQ:<seq>`
+/// and a `Nats-Msg-Id` of `replay/SAGA_DLQ:<seq>` (so a retried replay is stored once).
+pub fn replay_headers(dead_letter: &HeaderMap, seq: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    copy_user_headers(Some(dead_letter), &mut headers);
+    let from = format!("{}:{seq}", crate::topology::DLQ_STREAM);
+    headers.insert(REPLAYED_FROM, from.as_str());
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("replay/{from}").as_str(),
+    );
+    headers
+}
+
+/// One entry of the journal on [`JOURNAL_SUBJECT`]: what an operator did to a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JournalRecord {
+    /// The dead letter's sequence in `SAGA_DLQ`.
+    pub seq: u64,
+    /// `replay` or `discard`.
+    pub action: String,
+    /// Who did it.
+    pub operator: String,
+    /// Why (discards only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// When, unix ms.
+    pub at: i64,
+    /// The dead letter's source (`events`, `commands`…), for the reader's convenience.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// The dead letter's original subject.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
+}
+
+/// Journal action of a replay.
+pub const ACTION_REPLAY: &str = "replay";
+/// Journal action of a discard.
+pub const ACTION_DISCARD: &str = "discard";
+
+/// A header's value as text (empty when absent).
+pub fn header_text(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default()
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -41,6 +129,7 @@ pub async fn dead_letter(
     reason: &str,
 ) {
     let mut headers = HeaderMap::new();
+    copy_user_headers(message.headers.as_ref(), &mut headers);
     // Header values cannot hold newlines.
     let clean: String = reason
         .chars()
@@ -116,5 +205,46 @@ impl Delivery for JsDelivery {
 
     async fn dead_letter(self: Box<Self>, reason: String) {
         dead_letter(&self.js, self.source, &self.message, &reason).await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_headers_drop_dlq_and_nats_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(REASON, "bad");
+        h.insert(SUBJECT, "sagaflow.evt.1.x.reply");
+        h.insert(async_nats::header::NATS_MESSAGE_ID, "dlq/SAGA_EVENTS:3");
+        h.insert("traceparent", "00-abc");
+        let r = replay_headers(&h, 7);
+        assert_eq!(header_text(&r, REPLAYED_FROM), "SAGA_DLQ:7");
+        assert_eq!(header_text(&r, "Nats-Msg-Id"), "replay/SAGA_DLQ:7");
+        assert_eq!(header_text(&r, "traceparent"), "00-abc");
+        assert!(r.get(REASON).is_none() && r.get(SUBJECT).is_none());
+        assert!(is_dlq_header("sagaflow-dlq-at") && !is_dlq_header("Sagaflow"));
+        assert!(is_nats_header("NATS-Expected-Stream") && !is_nats_header("Nat"));
+    }
+
+    #[test]
+    fn journal_records_are_small_json() {
+        let r = JournalRecord {
+            seq: 4,
+            action: ACTION_DISCARD.into(),
+            operator: "ops".into(),
+            reason: "test data".into(),
+            at: 1,
+            source: String::new(),
+            subject: String::new(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"seq":4,"action":"discard","operator":"ops","reason":"test data","at":1}"#
+        );
+        assert_eq!(serde_json::from_str::<JournalRecord>(&text).unwrap(), r);
     }
 }

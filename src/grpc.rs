@@ -147,6 +147,7 @@ impl SagaApi {
             if let Err(e) = self.bus.announce(&saga, "", &saga.status, 1).await {
                 tracing::warn!(saga_id = %id, error = %e, "cannot announce initial status");
             }
+            crate::metrics::saga_started(&def.name);
             tracing::info!(saga_id = %id, saga = %def.name, "saga started");
         }
         Ok((created, saga))

@@ -20,6 +20,8 @@ pub mod dev;
 pub mod dlq;
 pub mod events;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod nats_server;
 pub mod node;
 pub mod participant;

@@ -9,9 +9,10 @@
 //!    ├─ Coordinator actor ◀── partition consumers (one task per partition)
 //!    ├─ recover unfinished sagas from the snapshot bucket
 //!    ├─ demo services (optional): one ServicePool + consumer task per service, analytics
-//!    └─ gRPC server (orders, sagas, analytics, health, reflection)
+//!    ├─ gRPC server (orders, sagas, analytics, health, reflection)
+//!    └─ HTTP server (/metrics, /healthz, /readyz) and the metrics poller
 //!  shutdown()
-//!    stop taking work (health NOT_SERVING, consumers and gRPC stop) → stop actors →
+//!    stop taking work (health NOT_SERVING, /readyz 503, consumers and gRPC stop) → stop actors →
 //!    join every task → drain the NATS connection
 //! ```
 //! Every spawned task is tracked and joined at shutdown; none is detached.
@@ -37,6 +38,7 @@ use crate::config::NodeConfig;
 use crate::demo::{self, Demo};
 use crate::dlq::now_ms;
 use crate::grpc::{analytics::Analytics, orders::Orders, sagas::Sagas, SagaApi};
+use crate::metrics::{Metrics, Readiness};
 use crate::store::KvStateStore;
 use crate::topology;
 
@@ -69,6 +71,8 @@ pub enum Error {
 pub struct NodeHandle {
     /// Where the gRPC API actually listens (resolves port 0).
     pub grpc_addr: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` actually listen (resolves port 0).
+    pub http_addr: SocketAddr,
     /// This node's id.
     pub node_id: String,
     cancel: CancellationToken,
@@ -80,12 +84,15 @@ pub struct NodeHandle {
     demo: Option<Demo>,
     client: async_nats::Client,
     health: tonic_health::server::HealthReporter,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 }
 
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeHandle")
             .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
             .field("node_id", &self.node_id)
             .finish()
     }
@@ -102,6 +109,16 @@ impl NodeHandle {
         self.view.read().await.clone()
     }
 
+    /// This node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether the node is ready (serving, NATS connected).
+    pub fn ready(&self) -> bool {
+        self.readiness.ready()
+    }
+
     /// Number of live saga actors on this node.
     pub async fn live_sagas(&self) -> usize {
         ractor::call_t!(self.coordinator, CoordinatorMsg::Live, 5_000).unwrap_or(0)
@@ -110,9 +127,8 @@ impl NodeHandle {
     /// Stops taking work, stops the actors, joins every task and drains the NATS connection.
     pub async fn shutdown(self) -> Result<(), Error> {
         tracing::info!(node_id = %self.node_id, "shutting down");
-        self.health
-            .set_not_serving::<v1::order_service_server::OrderServiceServer<Orders>>()
-            .await;
+        self.readiness.set_serving(false);
+        set_health(&self.health, false).await;
         // Hand our partitions back first, drained, while everything else still runs.
         self.membership_stop.cancel();
         if tokio::time::timeout(Duration::from_secs(60), self.membership_task)
@@ -163,23 +179,41 @@ pub fn load_definitions(
 
 /// Connects to NATS, retrying with capped backoff while no server is reachable.
 pub async fn connect(config: &NodeConfig) -> async_nats::Client {
+    connect_with(config, Arc::new(Readiness::default())).await
+}
+
+/// [`connect`], keeping `readiness` informed of the connection state.
+pub async fn connect_with(config: &NodeConfig, readiness: Arc<Readiness>) -> async_nats::Client {
     let mut failures = 0u32;
     loop {
+        let events = readiness.clone();
         let options = async_nats::ConnectOptions::new()
             .name(format!("sagaflow-{}", config.node_id))
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(topology::API_TIMEOUT))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from nats, reconnecting")
+            .event_callback(move |event| {
+                let readiness = events.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            readiness.set_connected(false);
+                            tracing::warn!("disconnected from nats, reconnecting")
+                        }
+                        async_nats::Event::Connected => {
+                            readiness.set_connected(true);
+                            tracing::info!("connected to nats")
+                        }
+                        other => tracing::debug!(event = %other, "nats event"),
                     }
-                    async_nats::Event::Connected => tracing::info!("connected to nats"),
-                    other => tracing::debug!(event = %other, "nats event"),
                 }
             });
         match options.connect(config.nats.as_slice()).await {
-            Ok(client) => return client,
+            Ok(client) => {
+                if client.connection_state() == async_nats::connection::State::Connected {
+                    readiness.set_connected(true);
+                }
+                return client;
+            }
             Err(e) => {
                 failures += 1;
                 let delay = restart_backoff(failures).max(Duration::from_millis(500));
@@ -194,7 +228,9 @@ pub async fn connect(config: &NodeConfig) -> async_nats::Client {
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     let definitions = Arc::new(load_definitions(&config.saga_dir)?);
     tracing::info!(node_id = %config.node_id, sagas = ?definitions.keys().collect::<Vec<_>>(), "definitions loaded");
-    let client = connect(&config).await;
+    let readiness = Arc::new(Readiness::default());
+    let metrics = Arc::new(Metrics::new());
+    let client = connect_with(&config, readiness.clone()).await;
     let js = jetstream::new(client.clone());
     let mut failures = 0u32;
     let sagas_kv = loop {
@@ -220,6 +256,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         bus: Arc::new(JetStreamBus::new(js.clone(), config.partitions)),
         clock: Arc::new(now_ms),
         partitions: config.partitions,
+        observer: metrics.clone(),
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)
         .await
@@ -264,18 +301,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     // The cluster view the membership task keeps up to date; the admin service reads it.
     let view = SharedView::default();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<v1::order_service_server::OrderServiceServer<Orders>>()
-        .await;
-    health
-        .set_serving::<v1::saga_service_server::SagaServiceServer<Sagas>>()
-        .await;
-    health
-        .set_serving::<v1::analytics_service_server::AnalyticsServiceServer<Analytics>>()
-        .await;
-    health
-        .set_serving::<v1::admin_service_server::AdminServiceServer<crate::grpc::admin::Admin>>()
-        .await;
+    set_health(&health, readiness.connected()).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sagaflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -332,9 +358,35 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         coordinator.clone(),
         view.clone(),
     );
+    let owned = membership.held_partitions();
     let membership_stop = CancellationToken::new();
     let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
-    tracing::info!(node_id = %config.node_id, %grpc_addr, partitions = config.partitions, demo = config.demo_services, "node ready");
+    // HTTP: metrics and probes.
+    let http_listener = bind_http(config.http_addr).await?;
+    let http_addr = http_listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.http_addr,
+        source,
+    })?;
+    tasks.spawn(crate::http::serve(
+        http_listener,
+        crate::http::router(metrics.clone(), readiness.clone(), client.clone()),
+        cancel.child_token(),
+    ));
+    tasks.spawn(crate::metrics::poll(
+        js.clone(),
+        metrics.clone(),
+        readiness.clone(),
+        owned,
+        cancel.child_token(),
+    ));
+    readiness.set_serving(true);
+    tasks.spawn(follow_readiness(
+        readiness.clone(),
+        health.clone(),
+        metrics.clone(),
+        cancel.child_token(),
+    ));
+    tracing::info!(node_id = %config.node_id, %grpc_addr, %http_addr, partitions = config.partitions, demo = config.demo_services, "node ready");
     Ok(NodeHandle {
         grpc_addr,
         node_id: config.node_id.clone(),
@@ -347,7 +399,93 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         demo,
         client,
         health,
+        metrics,
+        readiness,
+        http_addr,
     })
+}
+
+/// Binds the HTTP endpoint; the default address falls back to a free port when taken.
+async fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if addr == crate::config::DEFAULT_HTTP_ADDR => {
+            let fallback = SocketAddr::new(addr.ip(), 0);
+            tracing::warn!(%addr, error = %e, "default http address taken, using a free port");
+            tokio::net::TcpListener::bind(fallback)
+                .await
+                .map_err(|source| Error::Bind {
+                    addr: fallback,
+                    source,
+                })
+        }
+        Err(source) => Err(Error::Bind { addr, source }),
+    }
+}
+
+/// Sets every gRPC service (and the server as a whole) SERVING or NOT_SERVING.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health
+        .set_service_status(
+            <v1::order_service_server::OrderServiceServer<Orders> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <v1::saga_service_server::SagaServiceServer<Sagas> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <v1::analytics_service_server::AnalyticsServiceServer<Analytics> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <v1::admin_service_server::AdminServiceServer<crate::grpc::admin::Admin> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health.set_service_status("", status).await;
+}
+
+/// Keeps the gRPC health status and the readiness gauges in step with [`Readiness`]
+/// (NOT_SERVING while NATS is disconnected) until `cancel`.
+async fn follow_readiness(
+    readiness: Arc<Readiness>,
+    health: tonic_health::server::HealthReporter,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let ready = readiness.ready();
+        if last != Some(ready) {
+            if !ready {
+                tracing::warn!("not ready: gRPC health NOT_SERVING");
+            } else if last.is_some() {
+                tracing::info!("ready again: gRPC health SERVING");
+            }
+            set_health(&health, ready).await;
+            metrics.set_readiness(&readiness);
+            last = Some(ready);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = readiness.changed() => {}
+            // Notifications only reach a waiting task: re-check now and then.
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.

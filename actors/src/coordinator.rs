@@ -35,8 +35,10 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio::task::JoinHandle;
 
 use crate::definition::SagaDefinition;
-use crate::machine::{CommandSpec, Effect, Event, Millis, Saga, StepError, Transition};
-use crate::ports::{CommandBus, Delivery, Error as PortError, StateStore};
+use crate::machine::{
+    CommandSpec, Effect, Event, Happening, Millis, Saga, StepError, StepPhase, Transition,
+};
+use crate::ports::{CommandBus, Delivery, Error as PortError, Observer, StateStore};
 use crate::service::restart_backoff;
 
 /// What a delivered saga event says.
@@ -74,6 +76,8 @@ pub struct Context {
     pub clock: Arc<dyn Fn() -> Millis + Send + Sync>,
     /// Number of event partitions (to tell which partition a saga belongs to).
     pub partitions: u32,
+    /// Told about persisted changes (metrics); [`crate::ports::NoopObserver`] to ignore them.
+    pub observer: Arc<dyn Observer>,
 }
 
 impl std::fmt::Debug for Context {
@@ -199,6 +203,7 @@ impl Actor for Coordinator {
                 let _ = reply.send(state.actors.len());
             }
         }
+        state.ctx.observer.live_sagas(state.actors.len());
         Ok(())
     }
 
@@ -227,6 +232,7 @@ impl Actor for Coordinator {
             }
             _ => {}
         }
+        state.ctx.observer.live_sagas(state.actors.len());
         Ok(())
     }
 }
@@ -566,6 +572,7 @@ impl SagaState {
             Err(PortError::Conflict { .. }) => return Err(Failure::Conflict),
             Err(e) => return Err(Failure::Transient(e.to_string())),
         };
+        observe(&*self.ctx.observer, &l.def, &l.saga, &next);
         let def = l.def.clone();
         self.loaded = Some(Loaded {
             saga: next,
@@ -640,6 +647,86 @@ impl SagaState {
         };
         let delay = u64::try_from(at.saturating_sub(self.now())).unwrap_or(0);
         self.timer = Some(schedule_tick(myself, Duration::from_millis(delay)));
+    }
+}
+
+/// Reports to `observer` what changed between two persisted snapshots of a saga.
+fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Saga, new: &Saga) {
+    let saga = def.name.as_str();
+    let ms = |from: Option<Millis>, to: Option<Millis>| match (from, to) {
+        (Some(a), Some(b)) => Duration::from_millis(u64::try_from(b - a).unwrap_or(0)),
+        _ => Duration::ZERO,
+    };
+    for (i, (before, after)) in old.steps.iter().zip(new.steps.iter()).enumerate() {
+        let Some(step) = def.step(i) else {
+            continue;
+        };
+        let name = step.name.as_str();
+        if before.phase == after.phase {
+            continue;
+        }
+        let kind = after.last_error.as_ref().map(|e| e.kind.as_str());
+        match after.phase {
+            StepPhase::Succeeded => observer.step_settled(
+                saga,
+                name,
+                false,
+                ms(after.started_at, after.finished_at),
+                None,
+            ),
+            StepPhase::Failed => observer.step_settled(
+                saga,
+                name,
+                false,
+                ms(after.started_at, after.finished_at),
+                kind,
+            ),
+            StepPhase::Compensated | StepPhase::CompensationFailed => {
+                // From the first compensation attempt to the end.
+                let began = new
+                    .history
+                    .iter()
+                    .find(|h| {
+                        h.step == Some(i as u32)
+                            && matches!(h.what, Happening::CompensationSent { .. })
+                    })
+                    .map(|h| h.at);
+                let kind = if after.phase == StepPhase::Compensated {
+                    None
+                } else {
+                    kind
+                };
+                observer.step_settled(saga, name, true, ms(began, after.finished_at), kind);
+            }
+            _ => {}
+        }
+    }
+    // Attempts that ended (answered or timed out) with this change, and the failed ones.
+    for h in new.history.iter().skip(old.history.len()) {
+        let (compensation, kind) = match &h.what {
+            Happening::Succeeded { .. } => (false, None),
+            Happening::AttemptFailed { kind, .. } => (false, Some(kind.as_str())),
+            Happening::Compensated => (true, None),
+            Happening::CompensationAttemptFailed { kind, .. } => (true, Some(kind.as_str())),
+            _ => continue,
+        };
+        let Some(step) = h.step.and_then(|i| def.step(i as usize)) else {
+            continue;
+        };
+        let service = if compensation {
+            step.compensation
+                .as_ref()
+                .map_or(&step.action.service, |c| &c.service)
+        } else {
+            &step.action.service
+        };
+        observer.step_attempt(saga, &step.name, service, compensation);
+        if let Some(kind) = kind {
+            observer.step_error(saga, &step.name, service, kind);
+        }
+    }
+    if !old.phase.is_terminal() && new.phase.is_terminal() {
+        observer.saga_finished(saga, new.phase);
     }
 }
 

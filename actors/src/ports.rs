@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::definition::SagaDefinition;
-use crate::machine::{CommandSpec, Saga};
+use crate::machine::{CommandSpec, Phase, Saga};
 
 /// Why a port call failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,3 +82,37 @@ pub trait Delivery: Send + Sync + 'static {
     /// (with its original bytes), then ack it.
     async fn dead_letter(self: Box<Self>, reason: String);
 }
+
+/// Hears what the saga actors did, after each change is persisted (for metrics).
+///
+/// Every method has a no-op default; calls must be cheap and must not block (they run inside
+/// the saga actor). Events are derived from the persisted snapshots, so a redelivered event
+/// that changes nothing is not reported twice.
+pub trait Observer: Send + Sync + 'static {
+    /// A saga reached a terminal phase (`Completed`, `Compensated` or `Failed`).
+    fn saga_finished(&self, _saga: &str, _phase: Phase) {}
+    /// A step settled: forward (`Succeeded`/`Failed`) or compensation
+    /// (`Compensated`/`CompensationFailed`); `outcome_kind` is the error kind of a failure.
+    fn step_settled(
+        &self,
+        _saga: &str,
+        _step: &str,
+        _compensation: bool,
+        _latency: Duration,
+        _outcome_kind: Option<&str>,
+    ) {
+    }
+    /// An attempt (forward or compensation) of a step handled by `service` ended: answered
+    /// (success or failure) or timed out.
+    fn step_attempt(&self, _saga: &str, _step: &str, _service: &str, _compensation: bool) {}
+    /// An attempt of a step sent to `service` failed with `kind` (`timeout` included).
+    fn step_error(&self, _saga: &str, _step: &str, _service: &str, _kind: &str) {}
+    /// The number of live saga actors on this node changed to `live`.
+    fn live_sagas(&self, _live: usize) {}
+}
+
+/// An [`Observer`] that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopObserver;
+
+impl Observer for NoopObserver {}

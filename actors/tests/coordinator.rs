@@ -568,6 +568,7 @@ async fn spawn_coordinator(
         bus: bus.clone(),
         clock: Arc::new(now_millis),
         partitions: 4,
+        observer: Arc::new(sagaflow_actors::ports::NoopObserver),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
         .await

@@ -13,12 +13,14 @@ use sagaflow_proto::v1::analytics_service_client::AnalyticsServiceClient;
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::saga_service_client::SagaServiceClient;
 use sagaflow_proto::v1::{
-    ClusterStatusRequest, GetOrderRequest, GetSagaRequest, GetSalesRequest, ListDefinitionsRequest,
-    ListOrdersRequest, OrderItem, PlaceOrderRequest, StartSagaRequest,
+    ClusterStatusRequest, DiscardDeadLetterRequest, GetDeadLetterRequest, GetOrderRequest,
+    GetSagaRequest, GetSalesRequest, ListDeadLettersRequest, ListDefinitionsRequest,
+    ListOrdersRequest, OrderItem, PlaceOrderRequest, ReplayDeadLetterRequest, StartSagaRequest,
 };
 
 use super::{
-    emit, render, AnalyticsCommand, ClusterCommand, Command, OrderCommand, SagaCommand, Server,
+    emit, render, AnalyticsCommand, ClusterCommand, Command, DlqCommand, OrderCommand, SagaCommand,
+    Server,
 };
 
 /// Bound on connecting to a node.
@@ -127,7 +129,93 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Dlq(c) => dlq(c).await,
         Command::Node(_) | Command::Dev(_) => bail!("not a client command"),
+    }
+}
+
+/// Dead letters asked for per `ListDeadLetters` page.
+const DLQ_PAGE_SIZE: u32 = 1000;
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List {
+            server,
+            source,
+            journal,
+            json,
+        } => {
+            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let mut entries = Vec::new();
+            let mut start_seq = 0;
+            loop {
+                let page = call(client.list_dead_letters(ListDeadLettersRequest {
+                    source: source.clone().unwrap_or_default(),
+                    start_seq,
+                    limit: DLQ_PAGE_SIZE,
+                    include_journal: journal,
+                }))
+                .await?;
+                entries.extend(page.entries);
+                if page.next_seq == 0 {
+                    break;
+                }
+                if page.next_seq <= start_seq {
+                    bail!(
+                        "the node returned a page that does not advance (next_seq {})",
+                        page.next_seq
+                    );
+                }
+                start_seq = page.next_seq;
+            }
+            if json.json {
+                print_json(&render::dead_letters_json(&entries))?;
+            } else {
+                emit(&render::dead_letters_text(&entries))?;
+            }
+            Ok(())
+        }
+        DlqCommand::Show { server, seq, json } => {
+            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let d = call(client.get_dead_letter(GetDeadLetterRequest { seq })).await?;
+            if json.json {
+                print_json(&render::dead_letter_json(&d))?;
+            } else {
+                emit(&render::dead_letter_text(&d))?;
+            }
+            Ok(())
+        }
+        DlqCommand::Replay {
+            server,
+            seq,
+            operator,
+        } => {
+            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let r =
+                call(client.replay_dead_letter(ReplayDeadLetterRequest { seq, operator })).await?;
+            emit(&format!(
+                "replayed dead letter {seq} to {} ({} sequence {}), journal record {}\n",
+                r.subject, r.stream, r.stream_seq, r.journal_seq
+            ))
+        }
+        DlqCommand::Discard {
+            server,
+            seq,
+            operator,
+            reason,
+        } => {
+            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let r = call(client.discard_dead_letter(DiscardDeadLetterRequest {
+                seq,
+                operator,
+                reason,
+            }))
+            .await?;
+            emit(&format!(
+                "discarded dead letter {seq}, journal record {}\n",
+                r.journal_seq
+            ))
+        }
     }
 }
 

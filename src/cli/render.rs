@@ -7,8 +7,8 @@
 use serde_json::{json, Value};
 
 use sagaflow_proto::v1::{
-    ClusterStatusResponse, CompensationRecord, Definition, HistoryEntry, Order, OrderItem, Saga,
-    SalesReport, StepStatus,
+    ClusterStatusResponse, CompensationRecord, DeadLetter, DeadLetterEntry, Definition,
+    HistoryEntry, Order, OrderItem, Saga, SalesReport, StepStatus,
 };
 
 /// An embedded JSON document: parsed when it is valid JSON, else kept as a string, `null` when empty.
@@ -573,10 +573,171 @@ pub fn cluster_text(c: &ClusterStatusResponse) -> String {
     out
 }
 
+/// A dead letter (or journal record) as listed: proto field names, `journal` null unless set.
+pub fn dead_letter_entry_json(e: &DeadLetterEntry) -> Value {
+    json!({
+        "seq": e.seq,
+        "source": e.source,
+        "subject": e.subject,
+        "origin": e.origin,
+        "reason": e.reason,
+        "at_unix_ms": e.at_unix_ms,
+        "payload_size": e.payload_size,
+        "discarded": e.discarded,
+        "journal": e.journal.as_ref().map(|j| json!({
+            "dead_letter_seq": j.dead_letter_seq,
+            "action": j.action,
+            "operator": j.operator,
+            "reason": j.reason,
+            "at_unix_ms": j.at_unix_ms,
+        })),
+    })
+}
+
+/// `{"dead_letters": [...]}`.
+pub fn dead_letters_json(entries: &[DeadLetterEntry]) -> Value {
+    json!({ "dead_letters": entries.iter().map(dead_letter_entry_json).collect::<Vec<_>>() })
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+/// The payload as text for people: UTF-8 (invalid bytes as U+FFFD), control characters but
+/// newlines and tabs as `.`.
+pub fn preview(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '.'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// One dead letter with `payload_hex`, `payload_utf8` (lossy) and its headers.
+pub fn dead_letter_json(d: &DeadLetter) -> Value {
+    let mut v = d
+        .entry
+        .as_ref()
+        .map(dead_letter_entry_json)
+        .unwrap_or_else(|| json!({}));
+    let headers: std::collections::BTreeMap<&String, &String> = d.headers.iter().collect();
+    if let Value::Object(map) = &mut v {
+        map.insert("payload_hex".into(), Value::String(hex(&d.payload)));
+        map.insert(
+            "payload_utf8".into(),
+            Value::String(String::from_utf8_lossy(&d.payload).into_owned()),
+        );
+        map.insert("headers".into(), json!(headers));
+    }
+    v
+}
+
+/// The dead-letter table (`dlq list`).
+pub fn dead_letters_text(entries: &[DeadLetterEntry]) -> String {
+    if entries.is_empty() {
+        return "no dead letters\n".to_string();
+    }
+    let mut rows = vec![["SEQ", "SOURCE", "AT", "SUBJECT", "BYTES", "REASON"]
+        .map(String::from)
+        .to_vec()];
+    rows.extend(entries.iter().map(|e| match &e.journal {
+        Some(j) => vec![
+            e.seq.to_string(),
+            "journal".to_string(),
+            time(j.at_unix_ms),
+            format!("{} of #{} by {}", j.action, j.dead_letter_seq, j.operator),
+            e.payload_size.to_string(),
+            or_dash(&j.reason),
+        ],
+        None => vec![
+            e.seq.to_string(),
+            or_dash(&e.source),
+            time(e.at_unix_ms),
+            or_dash(&e.subject),
+            e.payload_size.to_string(),
+            or_dash(&e.reason),
+        ],
+    }));
+    table(&rows)
+}
+
+/// One dead letter for people (`dlq show`): fields, headers, hex dump and a UTF-8 preview.
+pub fn dead_letter_text(d: &DeadLetter) -> String {
+    let e = d.entry.clone().unwrap_or_default();
+    let mut rows: Vec<Vec<String>> = vec![
+        vec!["seq:".into(), e.seq.to_string()],
+        vec!["source:".into(), or_dash(&e.source)],
+        vec!["subject:".into(), or_dash(&e.subject)],
+        vec!["origin:".into(), or_dash(&e.origin)],
+        vec!["at:".into(), time(e.at_unix_ms)],
+        vec!["reason:".into(), or_dash(&e.reason)],
+        vec!["payload:".into(), format!("{} bytes", d.payload.len())],
+    ];
+    let headers: std::collections::BTreeMap<&String, &String> = d.headers.iter().collect();
+    let mut out = String::new();
+    rows.push(vec!["headers:".into(), String::new()]);
+    out.push_str(&table(&rows));
+    for (k, v) in headers {
+        out.push_str(&format!("  {k}: {v}\n"));
+    }
+    out.push_str("payload (hex):\n");
+    for chunk in d.payload.chunks(32) {
+        out.push_str(&format!("  {}\n", hex(chunk)));
+    }
+    out.push_str("payload (utf-8, lossy):\n");
+    out.push_str(&indent(&preview(&d.payload)));
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cli_dead_letters_render() {
+        let d = DeadLetter {
+            entry: Some(DeadLetterEntry {
+                seq: 3,
+                source: "events".into(),
+                subject: "sagaflow.evt.1.x.reply".into(),
+                reason: "undecodable reply".into(),
+                payload_size: 3,
+                ..Default::default()
+            }),
+            payload: vec![0xff, b'a', b'\n'],
+            headers: [("Sagaflow-Dlq-Source".to_string(), "events".to_string())].into(),
+        };
+        assert_eq!(hex(&d.payload), "ff610a");
+        let j = dead_letter_json(&d);
+        assert_eq!(j["payload_hex"], "ff610a");
+        assert_eq!(j["payload_utf8"], "\u{fffd}a\n");
+        assert_eq!(j["seq"], 3);
+        assert_eq!(j["headers"]["Sagaflow-Dlq-Source"], "events");
+        let t = dead_letter_text(&d);
+        assert!(
+            t.contains("ff610a") && t.contains("undecodable reply"),
+            "{t}"
+        );
+        let list = dead_letters_text(std::slice::from_ref(d.entry.as_ref().unwrap()));
+        assert!(list.starts_with("SEQ"), "{list}");
+        assert_eq!(dead_letters_text(&[]), "no dead letters\n");
+    }
 
     #[test]
     fn cli_partition_ranges_are_compact() {

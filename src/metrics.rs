@@ -1,0 +1,474 @@
+//! Prometheus metrics (OpenMetrics text on `GET /metrics`, see [`crate::http`]) and the
+//! node's readiness flags.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `sagaflow_sagas_started_total` | counter | `saga` |
+//! | `sagaflow_sagas_completed_total` | counter | `saga` |
+//! | `sagaflow_sagas_compensated_total` | counter | `saga` |
+//! | `sagaflow_sagas_failed_total` | counter | `saga` |
+//! | `sagaflow_sagas_in_flight` | gauge | (live saga actors on this node) |
+//! | `sagaflow_step_duration_seconds` | histogram | `saga`, `step`, `outcome` (forward steps) |
+//! | `sagaflow_compensation_duration_seconds` | histogram | `saga`, `step`, `outcome` |
+//! | `sagaflow_step_attempts_total` | counter | `service`, `compensation` (attempts that ended) |
+//! | `sagaflow_step_errors_total` | counter | `service`, `kind` |
+//! | `sagaflow_dlq_depth` | gauge | (messages in `SAGA_DLQ`) |
+//! | `sagaflow_consumer_pending` | gauge | `stream`, `consumer` |
+//! | `sagaflow_consumer_ack_pending` | gauge | `stream`, `consumer` |
+//! | `sagaflow_partitions_owned` | gauge | |
+//! | `sagaflow_nats_connected` | gauge | |
+//! | `sagaflow_ready` | gauge | |
+//!
+//! Saga starts are counted where the gRPC front creates the saga ([`saga_started`]), in a
+//! process-wide family shared by every node of the process; everything else is per node.
+//! JetStream-derived gauges are polled every [`POLL_EVERY`] (see [`poll`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use sagaflow_actors::machine::Phase;
+use sagaflow_actors::ports::Observer;
+use tokio_util::sync::CancellationToken;
+
+use crate::topology::{COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM, STATUS_STREAM};
+
+/// How often JetStream stream and consumer info is polled.
+pub const POLL_EVERY: Duration = Duration::from_secs(5);
+/// At most this many `svc-*` consumers are reported (bounded cardinality).
+pub const MAX_SERVICE_CONSUMERS: usize = 64;
+
+/// Labels of per-saga counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaLabels {
+    /// Saga definition name.
+    pub saga: String,
+}
+
+/// Labels of the step latency histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// Saga definition name.
+    pub saga: String,
+    /// Step name.
+    pub step: String,
+    /// `ok` or the error kind of a failure.
+    pub outcome: String,
+}
+
+/// Labels of step attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// Participant service.
+    pub service: String,
+    /// `true` for compensation attempts.
+    pub compensation: String,
+}
+
+/// Labels of step errors.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Participant service.
+    pub service: String,
+    /// Error kind (`declined`, `timeout`, `unavailable`…).
+    pub kind: String,
+}
+
+/// Labels of consumer gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// Stream.
+    pub stream: String,
+    /// Durable consumer name.
+    pub consumer: String,
+}
+
+static SAGAS_STARTED: LazyLock<Family<SagaLabels, Counter>> = LazyLock::new(Family::default);
+
+/// Counts a saga created by this process (called by the gRPC front, once per creation).
+pub fn saga_started(saga: &str) {
+    SAGAS_STARTED
+        .get_or_create(&SagaLabels {
+            saga: saga.to_string(),
+        })
+        .inc();
+}
+
+fn step_histogram() -> Histogram {
+    // 5 ms … ~82 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// Whether the node can take work: NATS connected, and started (not yet shutting down).
+#[derive(Debug, Default)]
+pub struct Readiness {
+    connected: AtomicBool,
+    serving: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Readiness {
+    /// Records the NATS connection state (from the client's event callback).
+    pub fn set_connected(&self, up: bool) {
+        if self.connected.swap(up, Ordering::SeqCst) != up {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Records whether the node serves (after start, before shutdown).
+    pub fn set_serving(&self, up: bool) {
+        if self.serving.swap(up, Ordering::SeqCst) != up {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether NATS is connected.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Whether the node is ready: serving and connected.
+    pub fn ready(&self) -> bool {
+        self.serving.load(Ordering::SeqCst) && self.connected()
+    }
+
+    /// Resolves at the next change of either flag.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+/// One node's metrics.
+pub struct Metrics {
+    registry: Registry,
+    completed: Family<SagaLabels, Counter>,
+    compensated: Family<SagaLabels, Counter>,
+    failed: Family<SagaLabels, Counter>,
+    in_flight: Gauge,
+    step_duration: Family<StepLabels, Histogram, fn() -> Histogram>,
+    compensation_duration: Family<StepLabels, Histogram, fn() -> Histogram>,
+    attempts: Family<AttemptLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    /// Messages in the dead-letter stream.
+    pub dlq_depth: Gauge,
+    /// Per consumer: messages not yet delivered.
+    pub consumer_pending: Family<ConsumerLabels, Gauge>,
+    /// Per consumer: messages delivered, not yet acked.
+    pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
+    /// Partitions this node consumes.
+    pub partitions_owned: Gauge,
+    nats_connected: Gauge,
+    ready: Gauge,
+    /// Partition consumers with series, to drop those of partitions handed over.
+    reported_events: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered (names prefixed `sagaflow_`).
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sagaflow");
+        let m = Metrics {
+            completed: Family::default(),
+            compensated: Family::default(),
+            failed: Family::default(),
+            in_flight: Gauge::default(),
+            step_duration: Family::new_with_constructor(step_histogram),
+            compensation_duration: Family::new_with_constructor(step_histogram),
+            attempts: Family::default(),
+            errors: Family::default(),
+            dlq_depth: Gauge::default(),
+            consumer_pending: Family::default(),
+            consumer_ack_pending: Family::default(),
+            partitions_owned: Gauge::default(),
+            nats_connected: Gauge::default(),
+            ready: Gauge::default(),
+            reported_events: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sagas_started",
+            "Sagas created through this process's API",
+            SAGAS_STARTED.clone(),
+        );
+        registry.register(
+            "sagas_completed",
+            "Sagas that completed (every step succeeded)",
+            m.completed.clone(),
+        );
+        registry.register(
+            "sagas_compensated",
+            "Sagas whose completed steps were all undone",
+            m.compensated.clone(),
+        );
+        registry.register(
+            "sagas_failed",
+            "Sagas parked FAILED: compensation could not complete",
+            m.failed.clone(),
+        );
+        registry.register(
+            "sagas_in_flight",
+            "Live saga actors on this node",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "step_duration_seconds",
+            "Forward step latency, first attempt sent to settled",
+            m.step_duration.clone(),
+        );
+        registry.register(
+            "compensation_duration_seconds",
+            "Compensation latency, first compensation attempt sent to settled",
+            m.compensation_duration.clone(),
+        );
+        registry.register(
+            "step_attempts",
+            "Step attempts that ended (answered or timed out), by participant service",
+            m.attempts.clone(),
+        );
+        registry.register(
+            "step_errors",
+            "Failed step attempts, by participant service and error kind",
+            m.errors.clone(),
+        );
+        registry.register(
+            "dlq_depth",
+            "Messages in the SAGA_DLQ dead-letter stream",
+            m.dlq_depth.clone(),
+        );
+        registry.register(
+            "consumer_pending",
+            "Messages not yet delivered to a consumer",
+            m.consumer_pending.clone(),
+        );
+        registry.register(
+            "consumer_ack_pending",
+            "Messages delivered to a consumer and not yet acked",
+            m.consumer_ack_pending.clone(),
+        );
+        registry.register(
+            "partitions_owned",
+            "Saga event partitions this node consumes",
+            m.partitions_owned.clone(),
+        );
+        registry.register(
+            "nats_connected",
+            "1 while the NATS connection is up",
+            m.nats_connected.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 while the node is ready to take work",
+            m.ready.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// Mirrors the readiness flags into gauges.
+    pub fn set_readiness(&self, r: &Readiness) {
+        self.nats_connected.set(i64::from(r.connected()));
+        self.ready.set(i64::from(r.ready()));
+    }
+}
+
+impl Observer for Metrics {
+    fn saga_finished(&self, saga: &str, phase: Phase) {
+        let family = match phase {
+            Phase::Completed => &self.completed,
+            Phase::Compensated => &self.compensated,
+            Phase::Failed => &self.failed,
+            Phase::Running | Phase::Compensating => return,
+        };
+        family
+            .get_or_create(&SagaLabels {
+                saga: saga.to_string(),
+            })
+            .inc();
+    }
+
+    fn step_settled(
+        &self,
+        saga: &str,
+        step: &str,
+        compensation: bool,
+        latency: Duration,
+        outcome_kind: Option<&str>,
+    ) {
+        let family = if compensation {
+            &self.compensation_duration
+        } else {
+            &self.step_duration
+        };
+        family
+            .get_or_create(&StepLabels {
+                saga: saga.to_string(),
+                step: step.to_string(),
+                outcome: outcome_kind.unwrap_or("ok").to_string(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    fn step_attempt(&self, _saga: &str, _step: &str, service: &str, compensation: bool) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                service: service.to_string(),
+                compensation: compensation.to_string(),
+            })
+            .inc();
+    }
+
+    fn step_error(&self, _saga: &str, _step: &str, service: &str, kind: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                service: service.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    fn live_sagas(&self, live: usize) {
+        self.in_flight.set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+}
+
+/// Keeps the polled gauges up to date until `cancel`: partitions owned and readiness every
+/// second, DLQ depth and consumer lag every [`POLL_EVERY`].
+pub async fn poll(
+    js: jetstream::Context,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    owned: Arc<Mutex<Vec<u32>>>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = POLL_EVERY.as_secs().max(1);
+    let mut n = 0u64;
+    let mut last_held = Vec::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let held: Vec<u32> = owned.lock().map(|l| l.clone()).unwrap_or_default();
+        metrics
+            .partitions_owned
+            .set(i64::try_from(held.len()).unwrap_or(i64::MAX));
+        metrics.set_readiness(&readiness);
+        // Also at once when partitions moved, so their consumers show up without delay.
+        let moved = held != last_held;
+        if (n.is_multiple_of(every) || moved) && readiness.connected() {
+            last_held.clone_from(&held);
+            let polled = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = tokio::time::timeout(POLL_EVERY, poll_jetstream(&js, &metrics, &held)) => r,
+            };
+            if polled.is_err() {
+                tracing::debug!("jetstream metrics poll timed out");
+            }
+        }
+        n += 1;
+    }
+}
+
+async fn poll_jetstream(js: &jetstream::Context, metrics: &Metrics, held: &[u32]) {
+    match js.get_stream(DLQ_STREAM).await {
+        Ok(mut s) => match s.info().await {
+            Ok(info) => {
+                metrics
+                    .dlq_depth
+                    .set(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
+            }
+            Err(e) => tracing::debug!(error = %e, "dlq stream info"),
+        },
+        Err(e) => tracing::debug!(error = %e, "dlq stream"),
+    }
+    // Partition consumers this node owns: drop the series of partitions handed over.
+    let mut events: Vec<String> = held
+        .iter()
+        .map(|p| crate::events::consumer_name(*p))
+        .collect();
+    events.sort();
+    if let Ok(mut reported) = metrics.reported_events.lock() {
+        for gone in reported.iter().filter(|c| events.binary_search(c).is_err()) {
+            let labels = ConsumerLabels {
+                stream: EVENTS_STREAM.to_string(),
+                consumer: gone.clone(),
+            };
+            metrics.consumer_pending.remove(&labels);
+            metrics.consumer_ack_pending.remove(&labels);
+        }
+        reported.clone_from(&events);
+    }
+    consumers(js, metrics, EVENTS_STREAM, &events).await;
+    // Service consumer groups (`svc-*`), bounded.
+    if let Ok(stream) = js.get_stream(COMMANDS_STREAM).await {
+        let names: Vec<String> = stream
+            .consumer_names()
+            .filter_map(|n| async move { n.ok() })
+            .filter(|n| futures::future::ready(n.starts_with("svc-")))
+            .take(MAX_SERVICE_CONSUMERS)
+            .collect()
+            .await;
+        consumers(js, metrics, COMMANDS_STREAM, &names).await;
+    }
+    consumers(
+        js,
+        metrics,
+        STATUS_STREAM,
+        &[crate::demo::analytics::CONSUMER.to_string()],
+    )
+    .await;
+}
+
+async fn consumers(js: &jetstream::Context, metrics: &Metrics, stream: &str, names: &[String]) {
+    let Ok(s) = js.get_stream(stream).await else {
+        return;
+    };
+    for name in names {
+        let info = match s.consumer_info(name).await {
+            Ok(i) => i,
+            Err(_) => continue, // not created (yet): no series
+        };
+        let labels = ConsumerLabels {
+            stream: stream.to_string(),
+            consumer: name.clone(),
+        };
+        metrics
+            .consumer_pending
+            .get_or_create(&labels)
+            .set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+        metrics
+            .consumer_ack_pending
+            .get_or_create(&labels)
+            .set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
+    }
+}
