@@ -10,6 +10,7 @@
 //! - [`nats_server`]: finding, starting and stopping `nats-server` processes (dev and tests).
 //! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
 
+pub mod advisories;
 pub mod bus;
 pub mod cli;
 pub mod cluster;

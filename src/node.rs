@@ -234,7 +234,13 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     let js = jetstream::new(client.clone());
     let mut failures = 0u32;
     let sagas_kv = loop {
-        match topology::ensure(&js, &config.streams).await {
+        let ensured = match topology::ensure(&js, &config.streams).await {
+            Ok(kv) => crate::advisories::ensure(&js, &config.streams)
+                .await
+                .map(|()| kv),
+            Err(e) => Err(e),
+        };
+        match ensured {
             Ok(kv) => break kv,
             Err(e) => {
                 failures += 1;
@@ -246,6 +252,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     };
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // Commands that exhausted their deliveries become dead letters.
+    tasks.spawn(crate::advisories::run(js.clone(), cancel.child_token()));
 
     let ctx = Arc::new(Context {
         definitions: definitions
