@@ -1,5 +1,5 @@
 //! Hosting participant services: a service's durable consumer (its consumer group) feeding a
-//! supervised [`ServicePool`] of instances, each handling one command at a time.
+//! supervised [`ServicePool`](sagaflow_actors::service::ServicePool) of instances, each handling one command at a time.
 //!
 //! A participant in another language does the same with any NATS client: pull from the
 //! service's consumer, do the work idempotently (keyed by `idempotency_key`), publish a
