@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
 use crate::consume::{pull_forever, Flow};
-use crate::dlq::{self, JsDelivery};
+use crate::dlq::JsDelivery;
 use crate::topology::COMMANDS_STREAM;
 
 /// What a participant's handler decided.
@@ -208,9 +208,4 @@ impl CommandJob {
             }
         }
     }
-}
-
-/// Dead-letters `message` from the command stream (used by participants outside a pool).
-pub async fn dead_letter(js: &jetstream::Context, message: &jetstream::Message, reason: &str) {
-    dlq::dead_letter(js, "commands", message, reason).await;
 }
