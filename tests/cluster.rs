@@ -11,7 +11,7 @@ use async_nats::jetstream;
 use common::checks::*;
 use common::*;
 use futures::StreamExt;
-use sagaflow::config::{NodeConfig, Overrides};
+use sagaflow::config::NodeConfig;
 use sagaflow::node::{self, NodeHandle};
 use sagaflow_actors::cluster::{owner, Lease};
 use sagaflow_proto::v1::GetOrderRequest;
@@ -23,20 +23,10 @@ const FAST: &[(&str, &str)] = &[
 ];
 
 fn config(nats: &NatsServer, id: &str, partitions: u32) -> NodeConfig {
-    let mut env: BTreeMap<String, String> = FAST
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    env.insert("SAGAFLOW_PARTITIONS".into(), partitions.to_string());
-    let overrides = Overrides {
-        nats: vec![nats.url()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some(id.into()),
-        log_format: None,
-    };
-    NodeConfig::load(None, &env, &overrides).unwrap()
+    let partitions = partitions.to_string();
+    let mut env = FAST.to_vec();
+    env.push(("SAGAFLOW_PARTITIONS", partitions.as_str()));
+    node_config(&[nats.url()], id, &env)
 }
 
 async fn start(nats: &NatsServer, id: &str, partitions: u32) -> NodeHandle {

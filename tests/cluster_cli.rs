@@ -11,7 +11,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use sagaflow::config::{NodeConfig, Overrides};
 use sagaflow::node::{self, NodeHandle};
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
 use sagaflow_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
@@ -32,15 +31,8 @@ async fn start_node(node_id: &str, nats_url: &str) -> NodeHandle {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let overrides = Overrides {
-        nats: vec![nats_url.to_string()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some(node_id.to_string()),
-        log_format: None,
-    };
-    let config = NodeConfig::load(None, &env, &overrides).unwrap();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let config = node_config(&[nats_url.to_string()], node_id, &env);
     assert_eq!(config.partitions, PARTITIONS);
     within(Duration::from_secs(60), "start node", node::start(config))
         .await

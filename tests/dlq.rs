@@ -7,13 +7,12 @@ mod common;
 
 use common::checks::*;
 
-use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
-use sagaflow::config::{NodeConfig, Overrides};
+use sagaflow::config::NodeConfig;
 use sagaflow::node::{self, NodeHandle};
 use sagaflow_actors::hash::partition_of;
 use sagaflow_actors::wire::{self, Control};
@@ -29,20 +28,10 @@ use tonic::Code;
 const PARTITIONS: u32 = 4;
 
 fn config(nats: &NatsServer, env: &[(&str, &str)]) -> NodeConfig {
-    let mut env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    env.insert("SAGAFLOW_PARTITIONS".into(), PARTITIONS.to_string());
-    let overrides = Overrides {
-        nats: vec![nats.url()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some("dlq-1".into()),
-        log_format: None,
-    };
-    NodeConfig::load(None, &env, &overrides).unwrap()
+    let partitions = PARTITIONS.to_string();
+    let mut env = env.to_vec();
+    env.push(("SAGAFLOW_PARTITIONS", partitions.as_str()));
+    node_config(&[nats.url()], "dlq-1", &env)
 }
 
 async fn start_node(

@@ -5,37 +5,26 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use common::checks::order;
 use common::*;
-use sagaflow::config::{NodeConfig, Overrides};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_exhausts_its_deliveries_is_dead_lettered() {
     let nats = start_nats().await.unwrap();
-    let env: BTreeMap<String, String> = [
-        ("SAGAFLOW_PARTITIONS", "2"),
-        ("SAGAFLOW_DEMO__PANIC_RATE", "1.0"),
-        ("SAGAFLOW_CONSUMERS__COMMAND_MAX_DELIVER", "2"),
-        ("SAGAFLOW_CONSUMERS__COMMAND_ACK_WAIT", "1"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let overrides = Overrides {
-        nats: vec![nats.url()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some("md-1".into()),
-        log_format: None,
-    };
-    let config = NodeConfig::load(None, &env, &overrides)
-        .unwrap()
-        .with_http_addr(Some("127.0.0.1:0".parse().unwrap()));
+    let config = node_config(
+        &[nats.url()],
+        "md-1",
+        &[
+            ("SAGAFLOW_PARTITIONS", "2"),
+            ("SAGAFLOW_DEMO__PANIC_RATE", "1.0"),
+            ("SAGAFLOW_CONSUMERS__COMMAND_MAX_DELIVER", "2"),
+            ("SAGAFLOW_CONSUMERS__COMMAND_ACK_WAIT", "1"),
+        ],
+    )
+    .with_http_addr(Some("127.0.0.1:0".parse().unwrap()));
     let node = within(TIMEOUT, "start node", sagaflow::node::start(config))
         .await
         .unwrap()

@@ -7,12 +7,12 @@ mod common;
 
 use common::checks::*;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use sagaflow::config::{NodeConfig, Overrides};
+use sagaflow::config::NodeConfig;
 use sagaflow::metrics::{ConsumerLabels, Metrics};
 use sagaflow::node;
 use sagaflow_actors::machine::Phase;
@@ -25,20 +25,15 @@ use tonic_health::pb::HealthCheckRequest;
 const PARTITIONS: u32 = 4;
 
 fn config(nats: &NatsServer) -> NodeConfig {
-    let env: BTreeMap<String, String> = [
-        ("SAGAFLOW_PARTITIONS".to_string(), PARTITIONS.to_string()),
-        ("SAGAFLOW_HTTP_ADDR".to_string(), "127.0.0.1:0".to_string()),
-    ]
-    .into();
-    let overrides = Overrides {
-        nats: vec![nats.url()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some("metrics-1".into()),
-        log_format: None,
-    };
-    NodeConfig::load(None, &env, &overrides).unwrap()
+    let partitions = PARTITIONS.to_string();
+    node_config(
+        &[nats.url()],
+        "metrics-1",
+        &[
+            ("SAGAFLOW_PARTITIONS", partitions.as_str()),
+            ("SAGAFLOW_HTTP_ADDR", "127.0.0.1:0"),
+        ],
+    )
 }
 
 /// A plain HTTP/1.1 GET: (status, body).

@@ -22,22 +22,11 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 fn config(nats: &NatsServer, env: &[(&str, &str)]) -> NodeConfig {
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let overrides = Overrides {
-        nats: vec![nats.url()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some("test-1".into()),
-        log_format: None,
-    };
-    let mut env = env;
-    env.entry("SAGAFLOW_PARTITIONS".into())
-        .or_insert_with(|| "4".into());
-    NodeConfig::load(None, &env, &overrides).unwrap()
+    let mut env = env.to_vec();
+    if !env.iter().any(|(k, _)| *k == "SAGAFLOW_PARTITIONS") {
+        env.push(("SAGAFLOW_PARTITIONS", "4"));
+    }
+    node_config(&[nats.url()], "test-1", &env)
 }
 
 async fn start_node(

@@ -425,3 +425,27 @@ pub async fn connect_analytics(addr: &str) -> anyhow::Result<AnalyticsServiceCli
 pub async fn nats_client(url: &str) -> anyhow::Result<async_nats::Client> {
     Ok(within(TIMEOUT, "connect to nats", async_nats::connect(url)).await??)
 }
+
+/// The configuration of an in-process test node: demo services on, gRPC on a free loopback
+/// port, the repository's sagas, and `env` given as `SAGAFLOW_*` variables.
+pub fn node_config(
+    nats_urls: &[String],
+    node_id: &str,
+    env: &[(&str, &str)],
+) -> sagaflow::config::NodeConfig {
+    let env: std::collections::BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let overrides = sagaflow::config::Overrides {
+        nats: nats_urls.to_vec(),
+        grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        demo_services: Some(true),
+        saga_dir: Some(repo_dir().join("sagas")),
+        node_id: Some(node_id.to_string()),
+        log_format: None,
+    };
+    #[allow(clippy::expect_used)]
+    sagaflow::config::NodeConfig::load(None, &env, &overrides)
+        .expect("valid test node configuration")
+}
