@@ -36,7 +36,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use sagaflow_actors::machine::Phase;
-use sagaflow_actors::ports::Observer;
+use sagaflow_actors::ports::{AttentionCount, Observer};
 use tokio_util::sync::CancellationToken;
 
 use crate::topology::{COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM, STATUS_STREAM};
@@ -152,6 +152,9 @@ pub struct Metrics {
     completed: Family<SagaLabels, Counter>,
     compensated: Family<SagaLabels, Counter>,
     failed: Family<SagaLabels, Counter>,
+    parked: Family<SagaLabels, Counter>,
+    needs_attention: Family<SagaLabels, Gauge>,
+    stuck: Family<SagaLabels, Gauge>,
     in_flight: Gauge,
     step_duration: Family<StepLabels, Histogram, fn() -> Histogram>,
     compensation_duration: Family<StepLabels, Histogram, fn() -> Histogram>,
@@ -191,6 +194,9 @@ impl Metrics {
             completed: Family::default(),
             compensated: Family::default(),
             failed: Family::default(),
+            parked: Family::default(),
+            needs_attention: Family::default(),
+            stuck: Family::default(),
             in_flight: Gauge::default(),
             step_duration: Family::new_with_constructor(step_histogram),
             compensation_duration: Family::new_with_constructor(step_histogram),
@@ -224,6 +230,21 @@ impl Metrics {
             "sagas_failed",
             "Sagas parked FAILED: compensation could not complete",
             m.failed.clone(),
+        );
+        registry.register(
+            "sagas_parked",
+            "Sagas parked NEEDS_ATTENTION (a compensation exhausted its retries, or a pivot cannot be undone)",
+            m.parked.clone(),
+        );
+        registry.register(
+            "sagas_needs_attention",
+            "Live sagas on this node parked NEEDS_ATTENTION, waiting for an operator",
+            m.needs_attention.clone(),
+        );
+        registry.register(
+            "sagas_stuck",
+            "Live sagas on this node with no progress for longer than the stuck multiple of their step timeout",
+            m.stuck.clone(),
         );
         registry.register(
             "sagas_in_flight",
@@ -356,6 +377,31 @@ impl Observer for Metrics {
 
     fn live_sagas(&self, live: usize) {
         self.in_flight.set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+
+    fn saga_parked(&self, saga: &str) {
+        self.parked
+            .get_or_create(&SagaLabels {
+                saga: saga.to_string(),
+            })
+            .inc();
+    }
+
+    fn attention(&self, census: &[AttentionCount]) {
+        // The census lists every loaded definition, zeros included, so a resolved alert clears.
+        self.needs_attention.clear();
+        self.stuck.clear();
+        for c in census {
+            let labels = SagaLabels {
+                saga: c.saga.clone(),
+            };
+            self.needs_attention
+                .get_or_create(&labels)
+                .set(i64::try_from(c.needs_attention).unwrap_or(i64::MAX));
+            self.stuck
+                .get_or_create(&labels)
+                .set(i64::try_from(c.stuck).unwrap_or(i64::MAX));
+        }
     }
 }
 

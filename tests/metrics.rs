@@ -16,7 +16,7 @@ use sagaflow::config::NodeConfig;
 use sagaflow::metrics::{ConsumerLabels, Metrics};
 use sagaflow::node;
 use sagaflow_actors::machine::Phase;
-use sagaflow_actors::ports::Observer;
+use sagaflow_actors::ports::{AttentionCount, Observer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -266,6 +266,12 @@ fn exported_names() -> BTreeSet<String> {
     m.step_settled("alert-check", "s", true, Duration::from_millis(5), None);
     m.step_attempt("alert-check", "s", "svc", false);
     m.step_error("alert-check", "s", "svc", "declined");
+    m.saga_parked("alert-check");
+    m.attention(&[AttentionCount {
+        saga: "alert-check".into(),
+        needs_attention: 1,
+        stuck: 1,
+    }]);
     let labels = ConsumerLabels {
         stream: "S".into(),
         consumer: "c".into(),

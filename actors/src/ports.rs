@@ -109,6 +109,24 @@ pub trait Observer: Send + Sync + 'static {
     fn step_error(&self, _saga: &str, _step: &str, _service: &str, _kind: &str) {}
     /// The number of live saga actors on this node changed to `live`.
     fn live_sagas(&self, _live: usize) {}
+    /// A saga was parked `NEEDS_ATTENTION` (a compensation exhausted its retries, or a pivot
+    /// cannot be undone).
+    fn saga_parked(&self, _saga: &str) {}
+    /// Periodic census of this node's live sagas by definition: how many are parked
+    /// `NEEDS_ATTENTION` and how many are stuck (no progress for longer than the stuck
+    /// multiple of their step timeout). Every loaded definition is listed, zeros included.
+    fn attention(&self, _census: &[AttentionCount]) {}
+}
+
+/// One line of [`Observer::attention`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttentionCount {
+    /// Saga definition name.
+    pub saga: String,
+    /// Sagas parked `NEEDS_ATTENTION`.
+    pub needs_attention: usize,
+    /// Sagas flagged stuck.
+    pub stuck: usize,
 }
 
 /// An [`Observer`] that ignores everything.
