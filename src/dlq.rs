@@ -84,7 +84,7 @@ pub fn replay_headers(dead_letter: &HeaderMap, seq: u64) -> HeaderMap {
 pub struct JournalRecord {
     /// The dead letter's sequence in `SAGA_DLQ`.
     pub seq: u64,
-    /// `replay` or `discard`.
+    /// `replay`, `discard` or `resolved` (see [`ACTION_RESOLVED`]).
     pub action: String,
     /// Who did it.
     pub operator: String,
@@ -105,6 +105,9 @@ pub struct JournalRecord {
 pub const ACTION_REPLAY: &str = "replay";
 /// Journal action of a discard.
 pub const ACTION_DISCARD: &str = "discard";
+/// Journal action of a parked saga's dead letter settled because an operator resumed the saga
+/// by other means.
+pub const ACTION_RESOLVED: &str = "resolved";
 
 /// A header's value as text (empty when absent).
 pub fn header_text(headers: &HeaderMap, name: &str) -> String {
@@ -171,6 +174,166 @@ pub async fn dead_letter(
                 .await;
         }
     }
+}
+
+/// Source of the dead letters of parked sagas.
+pub const SOURCE_PARKED: &str = "saga";
+
+/// Reports parked sagas as dead letters on `sagaflow.dlq.saga`: the payload is a control event
+/// that retries the compensation that parked the saga, published (on replay) on the saga's
+/// `intervene` event subject. Ids are per (saga, parking), so a dead letter written again after
+/// a crash is stored once (within the duplicate window) and a replay applied twice counts once.
+pub struct DlqParker {
+    js: jetstream::Context,
+    partitions: u32,
+}
+
+impl DlqParker {
+    /// A parker publishing into `SAGA_DLQ`.
+    pub fn new(js: jetstream::Context, partitions: u32) -> Self {
+        DlqParker { js, partitions }
+    }
+}
+
+#[async_trait]
+impl sagaflow_actors::ports::Parker for DlqParker {
+    async fn park(
+        &self,
+        saga: &sagaflow_actors::machine::Saga,
+        reason: &str,
+        count: u32,
+    ) -> Result<(), sagaflow_actors::ports::Error> {
+        use sagaflow_actors::machine::{Intervention, OperatorAction};
+        use sagaflow_actors::wire::{self, Control};
+        let unavailable = |e: &dyn std::fmt::Display| sagaflow_actors::ports::Error::Transport {
+            operation: "dead-letter parked saga",
+            message: e.to_string(),
+        };
+        let control = Control::Intervene {
+            intervention: Intervention {
+                id: format!(
+                    "{}park/{}/{count}",
+                    sagaflow_actors::machine::REPLAY_REQUEST_PREFIX,
+                    saga.id
+                ),
+                action: OperatorAction::Retry { step: None },
+                operator: "dlq-replay".to_string(),
+                reason: format!("replay of the dead letter of parking {count}"),
+            },
+            at: now_ms(),
+        };
+        let payload = wire::encode_control(&control).map_err(|e| unavailable(&e))?;
+        let partition = sagaflow_actors::hash::partition_of(&saga.id, self.partitions);
+        let subject = crate::topology::event_subject(partition, &saga.id, "intervene");
+        let clean: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(1024)
+            .collect();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            REASON,
+            format!("saga parked NEEDS_ATTENTION: {clean}").as_str(),
+        );
+        headers.insert(SUBJECT, subject.as_str());
+        headers.insert(SOURCE, SOURCE_PARKED);
+        headers.insert(AT, now_ms().to_string().as_str());
+        headers.insert(
+            ORIGIN,
+            format!(
+                "{}:{}",
+                crate::topology::SAGAS_BUCKET,
+                crate::topology::saga_key(partition, &saga.id)
+            )
+            .as_str(),
+        );
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("park/{}/{count}", saga.id).as_str(),
+        );
+        self.js
+            .publish_with_headers(
+                crate::topology::parked_dlq_subject(&saga.id),
+                headers,
+                payload.into(),
+            )
+            .await
+            .map_err(|e| unavailable(&e))?
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
+    }
+
+    async fn unpark(
+        &self,
+        saga: &sagaflow_actors::machine::Saga,
+        operator: &str,
+        action: &str,
+    ) -> Result<(), sagaflow_actors::ports::Error> {
+        let unavailable = |e: &dyn std::fmt::Display| sagaflow_actors::ports::Error::Transport {
+            operation: "settle parked saga's dead letters",
+            message: e.to_string(),
+        };
+        let stream = self
+            .js
+            .get_stream(crate::topology::DLQ_STREAM)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let subject = crate::topology::parked_dlq_subject(&saga.id);
+        // A saga is parked a few times at most: this loop is short.
+        loop {
+            let m = match stream.get_first_raw_message_by_subject(&subject, 1).await {
+                Ok(m) => m,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
+                    ) =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(unavailable(&e)),
+            };
+            journal(
+                &self.js,
+                &JournalRecord {
+                    seq: m.sequence,
+                    action: ACTION_RESOLVED.to_string(),
+                    operator: operator.to_string(),
+                    reason: format!("saga resumed by `{action}`"),
+                    at: now_ms(),
+                    source: SOURCE_PARKED.to_string(),
+                    subject: header_text(&m.headers, SUBJECT),
+                },
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+            match stream.delete_message(m.sequence).await {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(ref j) if j.error_code() == async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
+                    {}
+                Err(e) => return Err(unavailable(&e)),
+            }
+        }
+    }
+}
+
+/// Writes `record` to the journal (de-duplicated per dead letter and action); returns its
+/// sequence in `SAGA_DLQ`.
+pub async fn journal(js: &jetstream::Context, record: &JournalRecord) -> Result<u64, String> {
+    let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("journal/{}/{}", record.action, record.seq).as_str(),
+    );
+    let ack = js
+        .publish_with_headers(JOURNAL_SUBJECT, headers, payload.into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ack.sequence)
 }
 
 /// A delivered JetStream message as a [`Delivery`].

@@ -52,10 +52,13 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
                 outcome,
             }
         }
-        "start" | "cancel" => match wire::decode_control(payload).map_err(|e| e.to_string())? {
-            Control::Started { .. } => Input::Started,
-            Control::Cancel { reason, .. } => Input::Cancel { reason },
-        },
+        "start" | "cancel" | "intervene" => {
+            match wire::decode_control(payload).map_err(|e| e.to_string())? {
+                Control::Started { .. } => Input::Started,
+                Control::Cancel { reason, .. } => Input::Cancel { reason },
+                Control::Intervene { intervention, .. } => Input::Intervene(intervention),
+            }
+        }
         other => return Err(format!("unknown event kind `{other}`")),
     };
     Ok((saga_id.to_string(), input))

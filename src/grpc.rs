@@ -153,7 +153,7 @@ impl SagaApi {
         Ok((created, saga))
     }
 
-    async fn publish_control(
+    pub(crate) async fn publish_control(
         &self,
         id: &str,
         kind: &str,

@@ -228,7 +228,7 @@ impl Metrics {
         );
         registry.register(
             "sagas_failed",
-            "Sagas parked FAILED: compensation could not complete",
+            "Sagas an operator abandoned (FAILED) after they were parked NEEDS_ATTENTION",
             m.failed.clone(),
         );
         registry.register(
@@ -326,7 +326,8 @@ impl Observer for Metrics {
             Phase::Completed => &self.completed,
             Phase::Compensated => &self.compensated,
             Phase::Failed => &self.failed,
-            Phase::Running | Phase::Compensating => return,
+            // Parking is counted by `saga_parked`: a parked saga is not finished.
+            Phase::Running | Phase::Compensating | Phase::NeedsAttention => return,
         };
         family
             .get_or_create(&SagaLabels {

@@ -36,9 +36,12 @@ use tokio::task::JoinHandle;
 
 use crate::definition::SagaDefinition;
 use crate::machine::{
-    CommandSpec, Effect, Event, Happening, Millis, Saga, StepError, StepPhase, Transition,
+    CommandSpec, Effect, Event, Happening, Intervention, Millis, Phase, Saga, StepError, StepPhase,
+    Transition,
 };
-use crate::ports::{CommandBus, Delivery, Error as PortError, Observer, StateStore};
+use crate::ports::{
+    AttentionCount, CommandBus, Delivery, Error as PortError, Observer, Parker, StateStore,
+};
 use crate::service::restart_backoff;
 
 /// What a delivered saga event says.
@@ -62,6 +65,8 @@ pub enum Input {
         /// Why.
         reason: String,
     },
+    /// An operator's action.
+    Intervene(Intervention),
 }
 
 /// What the actors share: definitions, ports, clock.
@@ -78,6 +83,26 @@ pub struct Context {
     pub partitions: u32,
     /// Told about persisted changes (metrics); [`crate::ports::NoopObserver`] to ignore them.
     pub observer: Arc<dyn Observer>,
+    /// Where parked sagas are reported.
+    pub parker: Arc<dyn Parker>,
+    /// A saga with no progress for longer than this many times its step timeout (counted from
+    /// its next due time) is flagged stuck.
+    pub stuck_multiple: u32,
+    /// How often the coordinator counts parked and stuck sagas.
+    pub census_every: Duration,
+    /// What each live saga actor last persisted, for the census (kept by the actors).
+    pub census: std::sync::Mutex<HashMap<String, Summary>>,
+}
+
+/// What the census knows of one live saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Definition name.
+    pub definition: String,
+    /// Parked `NEEDS_ATTENTION`.
+    pub parked: bool,
+    /// When the saga counts as stuck if nothing changes ([`Saga::stuck_at`]).
+    pub stuck_at: Option<Millis>,
 }
 
 impl std::fmt::Debug for Context {
@@ -120,11 +145,15 @@ pub enum CoordinatorMsg {
     },
     /// Number of live saga actors.
     Live(RpcReplyPort<usize>),
+    /// Count parked and stuck sagas (periodic).
+    Census,
 }
 
 /// State of [`Coordinator`].
 pub struct CoordinatorState {
     ctx: Arc<Context>,
+    /// Sagas flagged stuck at the last census (to log each once).
+    stuck: std::collections::HashSet<String>,
     actors: HashMap<String, ActorRef<SagaMsg>>,
     ids: HashMap<ActorId, String>,
     failures: HashMap<String, u32>,
@@ -137,11 +166,16 @@ impl Actor for Coordinator {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
+        if !ctx.census_every.is_zero() {
+            // Stops with the actor (the send fails once it is gone).
+            myself.send_interval(ctx.census_every, || CoordinatorMsg::Census);
+        }
         Ok(CoordinatorState {
             ctx,
+            stuck: std::collections::HashSet::new(),
             actors: HashMap::new(),
             ids: HashMap::new(),
             failures: HashMap::new(),
@@ -202,6 +236,7 @@ impl Actor for Coordinator {
             CoordinatorMsg::Live(reply) => {
                 let _ = reply.send(state.actors.len());
             }
+            CoordinatorMsg::Census => state.census(),
         }
         state.ctx.observer.live_sagas(state.actors.len());
         Ok(())
@@ -238,6 +273,57 @@ impl Actor for Coordinator {
 }
 
 impl CoordinatorState {
+    /// Counts parked and stuck sagas per definition, tells the observer, and logs each saga
+    /// that became stuck (once).
+    fn census(&mut self) {
+        let now = (self.ctx.clock)();
+        let mut counts: HashMap<&str, AttentionCount> = self
+            .ctx
+            .definitions
+            .keys()
+            .map(|name| {
+                (
+                    name.as_str(),
+                    AttentionCount {
+                        saga: name.clone(),
+                        ..AttentionCount::default()
+                    },
+                )
+            })
+            .collect();
+        let mut stuck_now = std::collections::HashSet::new();
+        {
+            let census = match self.ctx.census.lock() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for (id, summary) in census.iter() {
+                let Some(count) = counts.get_mut(summary.definition.as_str()) else {
+                    continue;
+                };
+                if summary.parked {
+                    count.needs_attention += 1;
+                }
+                if summary.stuck_at.is_some_and(|at| now >= at) {
+                    count.stuck += 1;
+                    if !self.stuck.contains(id) {
+                        tracing::warn!(
+                            saga_id = %id,
+                            definition = %summary.definition,
+                            multiple = self.ctx.stuck_multiple,
+                            "saga stuck: no progress for longer than the stuck multiple of its step timeout"
+                        );
+                    }
+                    stuck_now.insert(id.clone());
+                }
+            }
+        }
+        self.stuck = stuck_now;
+        let mut lines: Vec<AttentionCount> = counts.into_values().collect();
+        lines.sort_by(|a, b| a.saga.cmp(&b.saga));
+        self.ctx.observer.attention(&lines);
+    }
+
     async fn actor_for(
         &mut self,
         myself: &ActorRef<CoordinatorMsg>,
@@ -381,6 +467,7 @@ impl Actor for SagaActor {
             }
         }
         state.arm_timer(&myself);
+        state.report();
         // Stop once finished or unusable. After a transient failure the actor stays (with no
         // snapshot loaded) so events already in its mailbox are not dropped; it reloads on
         // the next one.
@@ -398,6 +485,7 @@ impl Actor for SagaActor {
         if let Some(t) = state.timer.take() {
             t.abort();
         }
+        state.forget();
         Ok(())
     }
 }
@@ -413,6 +501,39 @@ fn schedule_tick(myself: &ActorRef<SagaMsg>, delay: Duration) -> JoinHandle<()> 
 impl SagaState {
     fn now(&self) -> Millis {
         (self.ctx.clock)()
+    }
+
+    /// Keeps this saga's line of the census up to date (none once finished).
+    fn report(&self) {
+        let summary = self.loaded.as_ref().and_then(|l| {
+            (!l.saga.is_terminal()).then(|| Summary {
+                definition: l.def.name.clone(),
+                parked: l.saga.phase == Phase::NeedsAttention,
+                stuck_at: l.saga.stuck_at(&l.def, self.ctx.stuck_multiple),
+            })
+        });
+        let mut census = match self.ctx.census.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match summary {
+            Some(s) => {
+                if census.get(&self.id) != Some(&s) {
+                    census.insert(self.id.clone(), s);
+                }
+            }
+            None => {
+                census.remove(&self.id);
+            }
+        }
+    }
+
+    fn forget(&self) {
+        let mut census = match self.ctx.census.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        census.remove(&self.id);
     }
 
     /// Loads the snapshot if not loaded; `Ok(false)` if the saga does not exist.
@@ -484,6 +605,16 @@ impl SagaState {
                 return;
             }
             Input::Cancel { reason } => Event::Cancel { reason },
+            Input::Intervene(intervention) => {
+                tracing::info!(
+                    saga_id = %self.id,
+                    action = intervention.action.name(),
+                    operator = %intervention.operator,
+                    reason = %intervention.reason,
+                    "operator intervention"
+                );
+                Event::Intervene(intervention)
+            }
             Input::Reply {
                 step,
                 attempt,
@@ -615,6 +746,37 @@ impl SagaState {
                 }
             })
             .collect();
+        for effect in &effects {
+            match effect {
+                Effect::Parked { reason, count } => {
+                    tracing::error!(saga_id = %self.id, definition = %l.def.name, reason, "saga parked NEEDS_ATTENTION");
+                    self.ctx.observer.saga_parked(&l.def.name);
+                    retry_forever(&self.id, "dead-letter parked saga", delivery, || {
+                        self.ctx.parker.park(&l.saga, reason, *count)
+                    })
+                    .await;
+                }
+                Effect::Unparked {
+                    operator,
+                    action,
+                    request,
+                } => {
+                    tracing::info!(saga_id = %self.id, operator, action, "parked saga resumed by an operator");
+                    if request.starts_with(crate::machine::REPLAY_REQUEST_PREFIX) {
+                        // Resumed by replaying its dead letter: the replay settles that one.
+                        continue;
+                    }
+                    retry_forever(
+                        &self.id,
+                        "settle the parked saga's dead letters",
+                        delivery,
+                        || self.ctx.parker.unpark(&l.saga, operator, action),
+                    )
+                    .await;
+                }
+                _ => {}
+            }
+        }
         let first_seq = l.saga.status_seq + 1 - changes.len() as u64;
         for (k, (from, to)) in changes.into_iter().enumerate() {
             let seq = first_seq + k as u64;
@@ -629,6 +791,23 @@ impl SagaState {
         let Some(l) = self.loaded.as_ref() else {
             return;
         };
+        if l.saga.phase == Phase::NeedsAttention {
+            // The dead letter may not have been written before a crash; it is idempotent on
+            // (saga, parking), so writing it again is harmless.
+            let count = l
+                .saga
+                .history
+                .iter()
+                .filter(|h| matches!(h.what, Happening::Parked { .. }))
+                .count();
+            let reason = l.saga.reason.clone().unwrap_or_default();
+            retry_forever(&self.id, "dead-letter parked saga", None, || {
+                self.ctx
+                    .parker
+                    .park(&l.saga, &reason, u32::try_from(count).unwrap_or(u32::MAX))
+            })
+            .await;
+        }
         let in_flight = l.saga.in_flight();
         if !in_flight.is_empty() {
             retry_forever(&self.id, "republish in-flight commands", None, || {

@@ -53,9 +53,15 @@ pub struct Statuses {
     pub completed: String,
     /// Status when a step failed for good and every completed step was compensated.
     pub compensated: String,
-    /// Status when compensation itself could not complete: the saga needs a human.
+    /// Status of a saga an operator abandoned after it was parked.
     pub failed: String,
+    /// Status of a saga parked because a compensation exhausted its retries or a pivot cannot
+    /// be undone (`NEEDS_ATTENTION` unless the file says otherwise).
+    pub needs_attention: String,
 }
+
+/// The `statuses.needs_attention` label when a file does not set one.
+pub const DEFAULT_NEEDS_ATTENTION: &str = "NEEDS_ATTENTION";
 
 /// A group of steps that run in parallel.
 #[derive(Debug, Clone, PartialEq, Eq)]

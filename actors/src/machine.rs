@@ -11,8 +11,18 @@
 //!                      ├───────────────────────────────────────────────────▶ COMPENSATED
 //!                      │  a compensation exhausted its retries (or a pivot had succeeded)
 //!                      ▼
-//!                    FAILED  (needs a human; nothing is dropped)
+//!               NEEDS_ATTENTION  parked: no timer runs, nothing is dropped; an operator
+//!                      │         retries, skips (with a result) or force-compensates
+//!                      ├──────────▶ back to COMPENSATING
+//!                      │  abandon
+//!                      ▼
+//!                    FAILED
 //! ```
+//!
+//! Operators act through [`Event::Intervene`]: retry the current step now, skip a step with a
+//! supplied result, force compensation, cancel, or abandon a parked saga. Each action is
+//! journaled in the history, applied or refused; [`Saga::check`] tells beforehand whether an
+//! action applies (the API answers with it) and the machine re-checks when the action arrives.
 //!
 //! [`Saga::start`] and [`Saga::apply`] take the current time as an argument and return the
 //! [`Effect`]s the host must carry out **after** persisting the new snapshot: commands to send
@@ -43,8 +53,12 @@ pub enum Phase {
     Completed,
     /// Every completed step was undone.
     Compensated,
-    /// Compensation could not complete: needs attention.
+    /// Abandoned by an operator after being parked (or parked by a version before
+    /// `NeedsAttention` existed).
     Failed,
+    /// Parked: a compensation exhausted its retries, or a pivot cannot be undone. No timer
+    /// runs; an operator decides ([`Intervention`]). Not terminal.
+    NeedsAttention,
 }
 
 impl Phase {
@@ -61,6 +75,7 @@ impl Phase {
             Phase::Completed => "COMPLETED",
             Phase::Compensated => "COMPENSATED",
             Phase::Failed => "FAILED",
+            Phase::NeedsAttention => "NEEDS_ATTENTION",
         }
     }
 }
@@ -245,6 +260,33 @@ pub enum Happening {
         /// Final phase.
         phase: Phase,
     },
+    /// The saga was parked `NEEDS_ATTENTION`.
+    Parked {
+        /// Why.
+        reason: String,
+    },
+    /// An operator acted on the saga.
+    Intervened {
+        /// The request's id.
+        id: String,
+        /// `retry`, `skip`, `compensate`, `cancel` or `abandon`.
+        action: String,
+        /// Who.
+        operator: String,
+        /// Why (as given).
+        reason: String,
+        /// Empty when applied, else why it was refused.
+        refused: String,
+    },
+    /// The next compensation attempt is scheduled.
+    CompensationRetryScheduled {
+        /// Attempt that will be sent.
+        attempt: u32,
+        /// When.
+        at: Millis,
+    },
+    /// An operator's action took the saga out of `NEEDS_ATTENTION`.
+    Unparked,
 }
 
 impl std::fmt::Display for Happening {
@@ -282,6 +324,27 @@ impl std::fmt::Display for Happening {
             }
             Happening::Skipped => write!(f, "skipped"),
             Happening::Finished { phase } => write!(f, "saga finished: {}", phase.as_str()),
+            Happening::Parked { reason } => write!(f, "parked NEEDS_ATTENTION: {reason}"),
+            Happening::CompensationRetryScheduled { attempt, at } => {
+                write!(f, "compensation attempt {attempt} scheduled at {at}")
+            }
+            Happening::Unparked => write!(f, "resumed by an operator"),
+            Happening::Intervened {
+                action,
+                operator,
+                reason,
+                refused,
+                ..
+            } => {
+                write!(f, "operator `{operator}`: {action}")?;
+                if !reason.is_empty() {
+                    write!(f, " ({reason})")?;
+                }
+                if !refused.is_empty() {
+                    write!(f, " refused: {refused}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -344,6 +407,62 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// An operator acts on the saga.
+    Intervene(Intervention),
+}
+
+/// An operator's action on a saga, journaled in its history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intervention {
+    /// Unique id of the request: an intervention redelivered after a crash is applied once.
+    pub id: String,
+    /// What to do.
+    pub action: OperatorAction,
+    /// Who (free text: a user name, `dlq-replay`…).
+    pub operator: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What an operator can do to a saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorAction {
+    /// Send the next attempt of the current step (or of `step`) now, with a fresh retry
+    /// budget: a step waiting to retry, an attempt still waiting for its reply, or the
+    /// compensation that parked the saga.
+    Retry {
+        /// A step slot; `None` = every step the action applies to.
+        step: Option<StepIndex>,
+    },
+    /// Settle `step` as if its participant had answered: a forward step of the current stage
+    /// succeeds with `output`; a compensation (running, waiting, or the one that parked the
+    /// saga) counts as done; a pivot that parked the saga counts as dealt with.
+    Skip {
+        /// Step slot.
+        step: StepIndex,
+        /// The result to record (JSON; may be empty).
+        output: Vec<u8>,
+    },
+    /// Compensate now: a running saga stops going forward; a saga parked on a pivot
+    /// compensates everything that has a compensation, the pivot included.
+    Compensate,
+    /// Cancel a running saga (it compensates).
+    Cancel,
+    /// Give up on a parked saga: it ends `FAILED` as it stands.
+    Abandon,
+}
+
+impl OperatorAction {
+    /// The action's name in the history and the API.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OperatorAction::Retry { .. } => "retry",
+            OperatorAction::Skip { .. } => "skip",
+            OperatorAction::Compensate => "compensate",
+            OperatorAction::Cancel => "cancel",
+            OperatorAction::Abandon => "abandon",
+        }
+    }
 }
 
 /// A command the host must publish.
@@ -368,6 +487,24 @@ pub enum Effect {
         from: String,
         /// New label.
         to: String,
+    },
+    /// The saga was parked `NEEDS_ATTENTION`: dead-letter a resume request for operators.
+    Parked {
+        /// Why.
+        reason: String,
+        /// How many times this saga was parked so far (1 the first time): makes the dead
+        /// letter's id unique per parking and stable across redelivery.
+        count: u32,
+    },
+    /// An operator took the saga out of `NEEDS_ATTENTION`: its dead letters are settled.
+    Unparked {
+        /// Who.
+        operator: String,
+        /// The action.
+        action: String,
+        /// The intervention's request id (a replayed dead letter's starts with
+        /// [`REPLAY_REQUEST_PREFIX`]: that dead letter is settled by the replay itself).
+        request: String,
     },
 }
 
@@ -469,6 +606,7 @@ impl Saga {
                     self.begin_compensation(def, format!("cancelled: {reason}"), now, &mut t);
                 }
             }
+            Event::Intervene(intervention) => self.intervene(def, intervention, now, &mut t),
         }
         if t.changed {
             self.updated_at = now;
@@ -487,6 +625,30 @@ impl Saga {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// When the saga counts as stuck if nothing changes by then: `multiple` times the longest
+    /// timeout of its active steps after its next due time (or its last change). A live host
+    /// changes a saga at every due time, so passing this means the saga is not being driven
+    /// (no owner, failing store, a bug). `None` for a finished or parked saga.
+    pub fn stuck_at(&self, def: &SagaDefinition, multiple: u32) -> Option<Millis> {
+        if self.phase.is_terminal() || self.phase == Phase::NeedsAttention {
+            return None;
+        }
+        let longest = self
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.due_at.is_some())
+            .filter_map(|(i, _)| def.step(i).map(|st| millis(st.timeout)))
+            .max()
+            .or_else(|| def.steps.iter().map(|st| millis(st.timeout)).max())
+            .unwrap_or(0);
+        let base = self
+            .next_wakeup()
+            .unwrap_or(self.updated_at)
+            .max(self.updated_at);
+        Some(base.saturating_add(longest.saturating_mul(i64::from(multiple.max(1)))))
     }
 
     /// Commands sent and not yet answered: what a recovering host publishes again.
@@ -513,6 +675,244 @@ impl Saga {
     /// Whether the saga has finished.
     pub fn is_terminal(&self) -> bool {
         self.phase.is_terminal()
+    }
+
+    /// Whether `action` applies to the saga as it stands, and to which step slots; the error
+    /// says why not, in words an operator can act on.
+    pub fn check(
+        &self,
+        def: &SagaDefinition,
+        action: &OperatorAction,
+    ) -> Result<Vec<StepIndex>, String> {
+        if self.steps.len() != def.step_slots() {
+            return Err(format!(
+                "saga has {} step slots but definition `{}` has {}",
+                self.steps.len(),
+                def.name,
+                def.step_slots()
+            ));
+        }
+        if self.phase.is_terminal() {
+            return Err(format!("the saga has finished ({})", self.phase.as_str()));
+        }
+        let after = def.steps.len();
+        let name = |i: StepIndex| {
+            def.step(i)
+                .map_or_else(|| format!("#{i}"), |s| s.name.clone())
+        };
+        let stage = self.stage_steps(def);
+        let step_ok = |i: StepIndex| -> Result<(), String> {
+            if i < self.steps.len() {
+                Ok(())
+            } else {
+                Err(format!("no step #{i} in saga `{}`", def.name))
+            }
+        };
+        match (action, self.phase) {
+            (OperatorAction::Retry { step }, phase) => {
+                let eligible: Vec<StepIndex> = (0..self.steps.len())
+                    .filter(|&i| {
+                        let p = self.steps[i].phase;
+                        match phase {
+                            Phase::Running => {
+                                stage.contains(&i)
+                                    && matches!(p, StepPhase::Running | StepPhase::RetryWait)
+                            }
+                            Phase::Compensating => {
+                                matches!(
+                                    p,
+                                    StepPhase::Compensating | StepPhase::CompensationRetryWait
+                                ) || (i == after
+                                    && matches!(p, StepPhase::Running | StepPhase::RetryWait))
+                            }
+                            Phase::NeedsAttention => p == StepPhase::CompensationFailed,
+                            _ => false,
+                        }
+                    })
+                    .collect();
+                match step {
+                    Some(i) => {
+                        step_ok(*i)?;
+                        if eligible.contains(i) {
+                            Ok(vec![*i])
+                        } else {
+                            Err(format!(
+                                "step `{}` is {}: only a step that is running or waiting to retry, or the compensation that parked the saga, can be retried",
+                                name(*i),
+                                self.steps[*i].phase.as_str()
+                            ))
+                        }
+                    }
+                    None if eligible.is_empty() => Err(match phase {
+                        Phase::NeedsAttention => "the saga is parked on a pivot that cannot be compensated: nothing to retry; skip the pivot or force compensation".to_string(),
+                        _ => "no step is running or waiting to retry".to_string(),
+                    }),
+                    None => Ok(eligible),
+                }
+            }
+            (OperatorAction::Skip { step, .. }, phase) => {
+                let i = *step;
+                step_ok(i)?;
+                let p = self.steps[i].phase;
+                let ok = match phase {
+                    Phase::Running => {
+                        stage.contains(&i) && matches!(p, StepPhase::Running | StepPhase::RetryWait)
+                    }
+                    Phase::Compensating => {
+                        matches!(p, StepPhase::Compensating | StepPhase::CompensationRetryWait)
+                            || (i == after
+                                && matches!(p, StepPhase::Running | StepPhase::RetryWait))
+                    }
+                    Phase::NeedsAttention => {
+                        p == StepPhase::CompensationFailed
+                            || (self.compensation_plan.is_none()
+                                && def.steps.get(i).is_some_and(|s| s.pivot)
+                                && needs_compensation(&self.steps[i]))
+                    }
+                    _ => false,
+                };
+                if ok {
+                    Ok(vec![i])
+                } else {
+                    Err(format!(
+                        "step `{}` is {} while the saga is {}: only a step of the current stage that is running or waiting to retry, a running compensation, or what parked the saga can be skipped",
+                        name(i),
+                        p.as_str(),
+                        phase.as_str()
+                    ))
+                }
+            }
+            (OperatorAction::Compensate, Phase::Running) => Ok(Vec::new()),
+            (OperatorAction::Compensate, Phase::NeedsAttention) if self.compensation_plan.is_none() => {
+                Ok(Vec::new())
+            }
+            (OperatorAction::Compensate, phase) => Err(format!(
+                "the saga is {}: compensation is already under way; retry or skip the compensation instead",
+                phase.as_str()
+            )),
+            (OperatorAction::Cancel, Phase::Running) => Ok(Vec::new()),
+            (OperatorAction::Cancel, phase) => Err(format!(
+                "the saga is {}: only a running saga can be cancelled",
+                phase.as_str()
+            )),
+            (OperatorAction::Abandon, Phase::NeedsAttention) => Ok(Vec::new()),
+            (OperatorAction::Abandon, phase) => Err(format!(
+                "the saga is {}: only a saga parked NEEDS_ATTENTION can be abandoned",
+                phase.as_str()
+            )),
+        }
+    }
+
+    fn intervene(
+        &mut self,
+        def: &SagaDefinition,
+        intervention: Intervention,
+        now: Millis,
+        t: &mut Transition,
+    ) {
+        let Intervention {
+            id,
+            action,
+            operator,
+            reason,
+        } = intervention;
+        if !id.is_empty()
+            && self
+                .history
+                .iter()
+                .any(|h| matches!(&h.what, Happening::Intervened { id: seen, .. } if *seen == id))
+        {
+            return; // redelivered: already applied (or refused)
+        }
+        t.changed = true;
+        let checked = self.check(def, &action);
+        let journal = |refused: String| Happening::Intervened {
+            id: id.clone(),
+            action: action.name().to_string(),
+            operator: operator.clone(),
+            reason: reason.clone(),
+            refused,
+        };
+        let steps = match checked {
+            Ok(steps) => steps,
+            Err(why) => {
+                // Journaled all the same: the operator sees what became of the request.
+                let entry = journal(why);
+                self.log(now, None, entry);
+                return;
+            }
+        };
+        let who = if reason.is_empty() {
+            format!("operator `{operator}`")
+        } else {
+            format!("operator `{operator}`: {reason}")
+        };
+        if self.phase == Phase::NeedsAttention {
+            self.unpark(def, &action, &operator, &id, now, t);
+        }
+        match &action {
+            OperatorAction::Retry { .. } => {
+                for i in steps {
+                    let entry = journal(String::new());
+                    self.log(now, Some(i), entry);
+                    match self.steps[i].phase {
+                        StepPhase::Running | StepPhase::RetryWait => {
+                            self.send_forward(def, i, now, t)
+                        }
+                        _ => {
+                            self.phase = Phase::Compensating;
+                            self.send_compensation(def, i, now, t);
+                        }
+                    }
+                }
+            }
+            OperatorAction::Skip { output, .. } => {
+                let Some(&i) = steps.first() else { return };
+                let entry = journal(String::new());
+                self.log(now, Some(i), entry);
+                let s = &mut self.steps[i];
+                match s.phase {
+                    StepPhase::Running | StepPhase::RetryWait => {
+                        s.settle(StepPhase::Succeeded, now);
+                        s.output = (!output.is_empty()).then(|| output.clone());
+                        if self.is_after_compensation(def, i) {
+                            self.finish(def, Phase::Compensated, now, t);
+                        } else {
+                            self.after_forward_settled(def, now, t);
+                        }
+                    }
+                    _ => {
+                        // A compensation (or a parked pivot) the operator settled by hand.
+                        s.settle(StepPhase::Compensated, now);
+                        self.log(now, Some(i), Happening::Compensated);
+                        self.phase = Phase::Compensating;
+                        self.advance_compensation(def, now, t);
+                    }
+                }
+            }
+            OperatorAction::Compensate => {
+                let entry = journal(String::new());
+                self.log(now, None, entry);
+                if self.phase == Phase::Running {
+                    self.begin_compensation(def, format!("compensation forced by {who}"), now, t);
+                } else {
+                    self.phase = Phase::Compensating;
+                    self.plan_compensation(def, true, now, t);
+                }
+            }
+            OperatorAction::Cancel => {
+                let entry = journal(String::new());
+                self.log(now, None, entry);
+                self.begin_compensation(def, format!("cancelled by {who}"), now, t);
+            }
+            OperatorAction::Abandon => {
+                let entry = journal(String::new());
+                self.log(now, None, entry);
+                let base = self.reason.clone().unwrap_or_default();
+                self.reason = Some(format!("{base}; abandoned by {who}"));
+                self.finish(def, Phase::Failed, now, t);
+            }
+        }
     }
 
     fn log(&mut self, at: Millis, step: Option<StepIndex>, what: Happening) {
@@ -660,7 +1060,7 @@ impl Saga {
                     },
                 );
                 let may_retry = step.retry.is_retryable(&err.kind)
-                    && attempt < step.retry.max_attempts
+                    && self.attempts_in_budget(i, false) < step.retry.max_attempts
                     && (self.phase == Phase::Running || self.is_after_compensation(def, i))
                     && (now < self.deadline_at || self.is_after_compensation(def, i));
                 if may_retry {
@@ -774,44 +1174,57 @@ impl Saga {
             return; // wait for in-flight forward attempts to settle (reply or timeout)
         }
         if self.compensation_plan.is_none() {
-            // (No forward step waits to retry here: begin_compensation abandoned those, and a
-            // step failing while we drain is not retried.)
-            let needs = |s: &StepState| {
-                s.phase == StepPhase::Succeeded || (s.phase == StepPhase::Failed && s.maybe_applied)
-            };
-            // A pivot that succeeded — or may have: it timed out — cannot be undone: the saga
-            // needs a human rather than a compensation that pretends nothing happened.
+            self.plan_compensation(def, false, now, t);
+        } else {
+            self.next_compensation(def, now, t);
+        }
+    }
+
+    /// Decides what to compensate (once no forward step is in flight) and starts; unless
+    /// `through_pivot`, a pivot that succeeded — or may have: it timed out — parks the saga,
+    /// because it cannot be undone and a human must decide rather than a compensation that
+    /// pretends nothing happened.
+    fn plan_compensation(
+        &mut self,
+        def: &SagaDefinition,
+        through_pivot: bool,
+        now: Millis,
+        t: &mut Transition,
+    ) {
+        // (No forward step waits to retry here: begin_compensation abandoned those, and a
+        // step failing while we drain is not retried.)
+        if !through_pivot {
             if let Some((i, p)) = def
                 .steps
                 .iter()
                 .enumerate()
-                .find(|(i, st)| st.pivot && needs(&self.steps[*i]))
+                .find(|(i, st)| st.pivot && needs_compensation(&self.steps[*i]))
             {
                 let how = if self.steps[i].phase == StepPhase::Succeeded {
                     "had already succeeded"
                 } else {
                     "may have succeeded (it timed out)"
                 };
-                let reason = format!(
-                    "{}; pivot step `{}` {how} and cannot be compensated",
-                    self.reason.clone().unwrap_or_default(),
-                    p.name
-                );
-                self.reason = Some(reason);
-                self.finish(def, Phase::Failed, now, t);
+                let why = format!("pivot step `{}` {how} and cannot be compensated", p.name);
+                self.park(def, why, now, t);
                 return;
             }
-            // Newest first: later stages before earlier ones, and within a stage the reverse of
-            // the definition order.
-            let plan: Vec<u32> = (0..def.steps.len())
-                .rev()
-                .filter(|&i| needs(&self.steps[i]) && def.steps[i].compensation.is_some())
-                .filter_map(|i| u32::try_from(i).ok())
-                .collect();
-            self.compensation_plan = Some(plan);
-            self.comp_cursor = 0;
-            t.changed = true;
         }
+        // Newest first: later stages before earlier ones, and within a stage the reverse of
+        // the definition order.
+        let plan: Vec<u32> = (0..def.steps.len())
+            .rev()
+            .filter(|&i| needs_compensation(&self.steps[i]) && def.steps[i].compensation.is_some())
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        self.compensation_plan = Some(plan);
+        self.comp_cursor = 0;
+        t.changed = true;
+        self.next_compensation(def, now, t);
+    }
+
+    /// Sends the next compensation of the plan, or finishes once every one is done.
+    fn next_compensation(&mut self, def: &SagaDefinition, now: Millis, t: &mut Transition) {
         let plan = self.compensation_plan.clone().unwrap_or_default();
         while let Some(&next) = plan.get(self.comp_cursor as usize) {
             let i = next as usize;
@@ -869,7 +1282,9 @@ impl Saga {
                     },
                 );
                 let policy = &step.compensation_retry;
-                if policy.is_retryable(&err.kind) && attempt < policy.max_attempts {
+                if policy.is_retryable(&err.kind)
+                    && self.attempts_in_budget(i, true) < policy.max_attempts
+                {
                     let at = now.saturating_add(backoff(policy, &self.id, i, attempt, true));
                     let s = &mut self.steps[i];
                     s.phase = StepPhase::CompensationRetryWait;
@@ -877,7 +1292,7 @@ impl Saga {
                     self.log(
                         now,
                         Some(i),
-                        Happening::RetryScheduled {
+                        Happening::CompensationRetryScheduled {
                             attempt: attempt + 1,
                             at,
                         },
@@ -889,15 +1304,14 @@ impl Saga {
                         .as_ref()
                         .map(ToString::to_string)
                         .unwrap_or_default();
-                    let reason = format!(
-                        "{}; compensation `{comp}` of step `{}` failed after {attempt} attempt(s): {}: {}",
-                        self.reason.clone().unwrap_or_default(),
+                    let why = format!(
+                        "compensation `{comp}` of step `{}` failed after {} attempt(s): {}: {}",
                         step.name,
+                        self.attempts_in_budget(i, true),
                         err.kind,
                         err.message
                     );
-                    self.reason = Some(reason);
-                    self.finish(def, Phase::Failed, now, t);
+                    self.park(def, why, now, t);
                 }
             }
         }
@@ -939,6 +1353,105 @@ impl Saga {
         }
     }
 
+    /// Takes a parked saga out of `NEEDS_ATTENTION` for an operator's `action`: the reason
+    /// goes back to why it compensated, the status to what it was before parking (unless the
+    /// saga is abandoned: it gets its final status at once), and the host settles its dead
+    /// letters.
+    fn unpark(
+        &mut self,
+        def: &SagaDefinition,
+        action: &OperatorAction,
+        operator: &str,
+        request: &str,
+        now: Millis,
+        t: &mut Transition,
+    ) {
+        let parked_at = self
+            .history
+            .iter()
+            .rposition(|h| matches!(h.what, Happening::Parked { .. }))
+            .unwrap_or(self.history.len());
+        let before = self.history[..parked_at]
+            .iter()
+            .rev()
+            .find_map(|h| match &h.what {
+                Happening::Status { status } => Some(status.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| def.statuses.initial.clone());
+        let base = self.compensation_reason();
+        self.reason = (!base.is_empty()).then_some(base);
+        self.phase = Phase::Compensating;
+        self.log(now, None, Happening::Unparked);
+        t.effects.push(Effect::Unparked {
+            operator: operator.to_string(),
+            action: action.name().to_string(),
+            request: request.to_string(),
+        });
+        if *action != OperatorAction::Abandon {
+            self.set_status(&before, now, t);
+        }
+    }
+
+    /// Why the saga began compensating (empty if it did not).
+    fn compensation_reason(&self) -> String {
+        self.history
+            .iter()
+            .rev()
+            .find_map(|h| match &h.what {
+                Happening::CompensationStarted { reason } => Some(reason.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Parks the saga `NEEDS_ATTENTION` because of `why`: no timer runs until an operator acts.
+    fn park(&mut self, def: &SagaDefinition, why: String, now: Millis, t: &mut Transition) {
+        t.changed = true;
+        self.phase = Phase::NeedsAttention;
+        for s in &mut self.steps {
+            s.due_at = None;
+        }
+        // Why the saga compensated in the first place, then why it is parked (repeated parks
+        // do not nest).
+        let base = self.compensation_reason();
+        self.reason = Some(if base.is_empty() {
+            why.clone()
+        } else {
+            format!("{base}; {why}")
+        });
+        self.log(now, None, Happening::Parked { reason: why });
+        let count = self
+            .history
+            .iter()
+            .filter(|h| matches!(h.what, Happening::Parked { .. }))
+            .count();
+        t.effects.push(Effect::Parked {
+            reason: self.reason.clone().unwrap_or_default(),
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+        });
+        let status = def.statuses.needs_attention.clone();
+        self.set_status(&status, now, t);
+    }
+
+    /// Attempts (forward or compensation) of step `i` sent since the last operator retry of
+    /// that step: an operator's retry grants a fresh budget of the step's policy.
+    pub fn attempts_in_budget(&self, i: StepIndex, compensation: bool) -> u32 {
+        let i = u32::try_from(i).ok();
+        let mut n = 0;
+        for h in self.history.iter().rev().filter(|h| h.step == i) {
+            match &h.what {
+                Happening::Sent { .. } if !compensation => n += 1,
+                Happening::CompensationSent { .. } if compensation => n += 1,
+                Happening::Intervened {
+                    action, refused, ..
+                } if action == "retry" && refused.is_empty() => break,
+                _ => {}
+            }
+        }
+        n
+    }
+
     fn finish(&mut self, def: &SagaDefinition, phase: Phase, now: Millis, t: &mut Transition) {
         t.changed = true;
         self.phase = phase;
@@ -954,6 +1467,14 @@ impl Saga {
         self.set_status(&status, now, t);
     }
 }
+
+/// Whether a step must be compensated: it succeeded, or may have (it timed out).
+fn needs_compensation(s: &StepState) -> bool {
+    s.phase == StepPhase::Succeeded || (s.phase == StepPhase::Failed && s.maybe_applied)
+}
+
+/// Prefix of the request id of the intervention a parked saga's dead letter carries.
+pub const REPLAY_REQUEST_PREFIX: &str = "dlq-replay/";
 
 /// Error kind the machine uses for an attempt that did not answer in time.
 pub const TIMEOUT_KIND: &str = "timeout";

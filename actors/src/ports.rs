@@ -69,6 +69,31 @@ pub trait CommandBus: Send + Sync + 'static {
         -> Result<(), Error>;
 }
 
+/// Where a saga parked `NEEDS_ATTENTION` is reported for operators (the dead-letter stream).
+#[async_trait]
+pub trait Parker: Send + Sync + 'static {
+    /// Records that `saga` was parked for the `count`-th time because of `reason`, with a
+    /// payload that resumes it when replayed; idempotent on (saga, count).
+    async fn park(&self, saga: &Saga, reason: &str, count: u32) -> Result<(), Error>;
+    /// An operator (`operator`, by `action`) took `saga` out of `NEEDS_ATTENTION` by other
+    /// means than replaying its dead letter: settle its dead letters (journaled), so none is
+    /// left to replay. Idempotent.
+    async fn unpark(&self, _saga: &Saga, _operator: &str, _action: &str) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// A [`Parker`] that records nothing (tests that do not look at the dead-letter stream).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopParker;
+
+#[async_trait]
+impl Parker for NoopParker {
+    async fn park(&self, _saga: &Saga, _reason: &str, _count: u32) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
 /// The acknowledgement of one delivered message: ack once its effects are durable.
 #[async_trait]
 pub trait Delivery: Send + Sync + 'static {

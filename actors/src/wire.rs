@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{Millis, Saga};
+use crate::machine::{Intervention, Millis, Saga};
 
 /// A saga snapshot as stored in the `sagaflow_sagas` bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +36,14 @@ pub enum Control {
     Cancel {
         /// Why.
         reason: String,
+        /// When it was asked.
+        at: Millis,
+    },
+    /// An operator's action (also the payload of a parked saga's dead letter: replaying it
+    /// retries the compensation that parked the saga).
+    Intervene {
+        /// The action.
+        intervention: Intervention,
         /// When it was asked.
         at: Millis,
     },
@@ -173,6 +181,41 @@ mod tests {
             encode_control(&Control::Started { at: 1 }).unwrap(),
             vec![0, 0, 2]
         );
+    }
+
+    #[test]
+    fn intervene_golden_bytes_and_appended_variants_keep_old_bytes() {
+        use crate::machine::{Intervention, OperatorAction};
+        let c = Control::Intervene {
+            intervention: Intervention {
+                id: "i".into(),
+                action: OperatorAction::Retry { step: Some(2) },
+                operator: "o".into(),
+                reason: String::new(),
+            },
+            at: 1,
+        };
+        let bytes = encode_control(&c).unwrap();
+        assert_eq!(bytes, vec![0, 2, 1, b'i', 0, 1, 2, 1, b'o', 0, 2]);
+        assert_eq!(decode_control(&bytes).unwrap(), c);
+        // Snapshots of a parked saga and its journal entries round-trip; the phases and
+        // happenings added for parking were appended, so older snapshots keep their bytes
+        // (snapshot_v1_golden_bytes above).
+        let mut parked = sample();
+        parked.phase = Phase::NeedsAttention;
+        parked.history.push(HistoryEntry {
+            at: 11,
+            step: None,
+            what: Happening::Intervened {
+                id: "i".into(),
+                action: "retry".into(),
+                operator: "o".into(),
+                reason: "r".into(),
+                refused: String::new(),
+            },
+        });
+        let bytes = encode_snapshot(&parked).unwrap();
+        assert_eq!(decode_snapshot(&bytes).unwrap(), parked);
     }
 
     #[test]

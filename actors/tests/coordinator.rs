@@ -18,9 +18,12 @@ use ractor::{Actor, ActorRef};
 use sagaflow_actors::coordinator::{Context, Coordinator, CoordinatorMsg, Input};
 use sagaflow_actors::definition::{RetryPolicy, SagaDefinition};
 use sagaflow_actors::machine::{
-    CommandSpec, Happening, Millis, Phase, Saga, StepError, TIMEOUT_KIND,
+    CommandSpec, Happening, Intervention, Millis, OperatorAction, Phase, Saga, StepError,
+    TIMEOUT_KIND,
 };
-use sagaflow_actors::ports::{CommandBus, Delivery, Error as PortError, StateStore};
+use sagaflow_actors::ports::{
+    AttentionCount, CommandBus, Delivery, Error as PortError, Observer, Parker, StateStore,
+};
 use sagaflow_actors::wire;
 use tokio::sync::mpsc;
 
@@ -302,6 +305,48 @@ impl CommandBus for MemBus {
     }
 }
 
+/// Records the parked sagas it is told about, as (saga id, count, reason).
+#[derive(Default)]
+struct MemParker {
+    parked: Mutex<Vec<(String, u32, String)>>,
+}
+
+#[async_trait]
+impl Parker for MemParker {
+    async fn park(&self, saga: &Saga, reason: &str, count: u32) -> Result<(), PortError> {
+        let mut parked = self.parked.lock().unwrap();
+        // Idempotent on (saga, count), like the dead-letter stream's de-duplication.
+        if !parked
+            .iter()
+            .any(|(id, n, _)| *id == saga.id && *n == count)
+        {
+            parked.push((saga.id.clone(), count, reason.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the latest census.
+#[derive(Default)]
+struct CensusObserver {
+    last: Mutex<Vec<AttentionCount>>,
+}
+
+impl Observer for CensusObserver {
+    fn attention(&self, census: &[AttentionCount]) {
+        *self.last.lock().unwrap() = census.to_vec();
+    }
+}
+
+impl CensusObserver {
+    fn counts(&self, saga: &str) -> (usize, usize) {
+        let last = self.last.lock().unwrap();
+        last.iter()
+            .find(|c| c.saga == saga)
+            .map_or((usize::MAX, usize::MAX), |c| (c.needs_attention, c.stuck))
+    }
+}
+
 /// How the participants answer a command: `None` means never.
 type Behaviour = Arc<dyn Fn(&Command) -> Option<Result<Vec<u8>, StepError>> + Send + Sync>;
 
@@ -461,6 +506,8 @@ struct Harness {
     def: Arc<SagaDefinition>,
     store: Arc<MemStore>,
     bus: Arc<MemBus>,
+    parker: Arc<MemParker>,
+    census: Arc<CensusObserver>,
     stream: Arc<Stream>,
     coordinator: ActorRef<CoordinatorMsg>,
     participant: tokio::task::JoinHandle<()>,
@@ -472,7 +519,9 @@ impl Harness {
         let store = Arc::new(MemStore::default());
         let (bus, mut commands) = MemBus::new();
         let stream = Arc::new(Stream::default());
-        let coordinator = spawn_coordinator(&def, &store, &bus).await;
+        let parker = Arc::new(MemParker::default());
+        let census = Arc::new(CensusObserver::default());
+        let coordinator = spawn_coordinator(&def, &store, &bus, &parker, &census).await;
         stream.attach(coordinator.clone());
         // The participants: answer each published command as the behaviour says, on the
         // saga's event stream.
@@ -494,6 +543,8 @@ impl Harness {
             def,
             store,
             bus,
+            parker,
+            census,
             stream,
             coordinator,
             participant,
@@ -561,6 +612,8 @@ async fn spawn_coordinator(
     def: &Arc<SagaDefinition>,
     store: &Arc<MemStore>,
     bus: &Arc<MemBus>,
+    parker: &Arc<MemParker>,
+    observer: &Arc<CensusObserver>,
 ) -> ActorRef<CoordinatorMsg> {
     let ctx = Context {
         definitions: HashMap::from([(def.name.clone(), def.clone())]),
@@ -568,7 +621,11 @@ async fn spawn_coordinator(
         bus: bus.clone(),
         clock: Arc::new(now_millis),
         partitions: 4,
-        observer: Arc::new(sagaflow_actors::ports::NoopObserver),
+        observer: observer.clone(),
+        parker: parker.clone(),
+        stuck_multiple: 3,
+        census_every: Duration::from_millis(20),
+        census: Mutex::default(),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
         .await
@@ -871,7 +928,7 @@ async fn recovery_after_a_restart_republishes_in_flight_commands() {
     let published = h.bus.commands("order-5").len();
 
     // A new node over the same store takes the saga over.
-    let coordinator = spawn_coordinator(&h.def, &h.store, &h.bus).await;
+    let coordinator = spawn_coordinator(&h.def, &h.store, &h.bus, &h.parker, &h.census).await;
     h.stream.attach(coordinator.clone());
     coordinator
         .cast(CoordinatorMsg::Recover {
@@ -1045,7 +1102,7 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
     eventually("node A to publish the charge", || h.bus.sent(id).len() == 1).await;
 
     // Node B advances the saga: the charge succeeded, reserve and prepare_shipment are out.
-    let b = spawn_coordinator(&h.def, &h.store, &h.bus).await;
+    let b = spawn_coordinator(&h.def, &h.store, &h.bus, &h.parker, &h.census).await;
     let stream_b = Arc::new(Stream::default());
     stream_b.attach(b.clone());
     stream_b.deliver(
@@ -1079,5 +1136,75 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
     })
     .await;
     b.stop_and_wait(None, Some(PATIENCE)).await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_saga_is_dead_lettered_counted_and_resumed_by_an_operator_once() {
+    // The refund fails until the operator "fixes the payment service".
+    let fixed = Arc::new(AtomicBool::new(false));
+    let flag = fixed.clone();
+    let behaviour: Behaviour = Arc::new(move |c: &Command| match c.action.as_str() {
+        "inventory.reserve" => Some(Err(StepError {
+            kind: "out_of_stock".into(),
+            message: "none left".into(),
+        })),
+        "payment.refund" if !flag.load(Ordering::SeqCst) => Some(Err(StepError {
+            kind: "unavailable".into(),
+            message: "bank down".into(),
+        })),
+        _ => Some(Ok(Vec::new())),
+    });
+    let h = Harness::start(fast_order(), behaviour).await;
+    h.start_saga("order-p").await;
+    eventually("the saga to park", || {
+        h.store.phase("order-p") == Some(Phase::NeedsAttention)
+    })
+    .await;
+    eventually("the dead letter", || {
+        h.parker.parked.lock().unwrap().len() == 1
+    })
+    .await;
+    let (id, count, reason) = h.parker.parked.lock().unwrap()[0].clone();
+    assert_eq!((id.as_str(), count), ("order-p", 1));
+    assert!(
+        reason.contains("payment.refund") && reason.contains("bank down"),
+        "{reason}"
+    );
+    eventually("the census to count it", || {
+        h.census.counts("order") == (1, 0)
+    })
+    .await;
+    let refunds = |h: &Harness| {
+        h.bus
+            .sent("order-p")
+            .iter()
+            .filter(|(a, _)| a == "payment.refund")
+            .count()
+    };
+    assert_eq!(refunds(&h), 3, "the compensation's own budget");
+
+    fixed.store(true, Ordering::SeqCst);
+    let retry = Intervention {
+        id: "op-1".into(),
+        action: OperatorAction::Retry { step: None },
+        operator: "alice".into(),
+        reason: "bank is back".into(),
+    };
+    h.stream.deliver("order-p", Input::Intervene(retry.clone()));
+    let saga = h.finished("order-p").await;
+    assert_eq!(saga.status, "CANCELLED");
+    assert_eq!(refunds(&h), 4, "one more attempt");
+    // Redelivered after a crash: applied once.
+    h.stream.deliver("order-p", Input::Intervene(retry));
+    eventually("the redelivery settled", || h.stream.all_settled()).await;
+    let saga = h.store.get("order-p").unwrap();
+    let journaled = saga
+        .history
+        .iter()
+        .filter(|e| matches!(&e.what, Happening::Intervened { id, .. } if id == "op-1"))
+        .count();
+    assert_eq!(journaled, 1);
+    eventually("the census to clear", || h.census.counts("order") == (0, 0)).await;
     h.stop().await;
 }

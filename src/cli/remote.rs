@@ -14,8 +14,9 @@ use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::saga_service_client::SagaServiceClient;
 use sagaflow_proto::v1::{
     ClusterStatusRequest, DiscardDeadLetterRequest, GetDeadLetterRequest, GetOrderRequest,
-    GetSagaRequest, GetSalesRequest, ListDeadLettersRequest, ListDefinitionsRequest,
-    ListOrdersRequest, OrderItem, PlaceOrderRequest, ReplayDeadLetterRequest, StartSagaRequest,
+    GetSagaRequest, GetSalesRequest, InterveneSagaRequest, ListDeadLettersRequest,
+    ListDefinitionsRequest, ListOrdersRequest, ListSagasNeedingAttentionRequest, OrderItem,
+    PlaceOrderRequest, ReplayDeadLetterRequest, StartSagaRequest,
 };
 
 use super::{
@@ -369,7 +370,88 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        SagaCommand::Attention {
+            server,
+            saga_name,
+            json,
+        } => {
+            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let request = ListSagasNeedingAttentionRequest {
+                saga_name: saga_name.unwrap_or_default(),
+                limit: 0,
+            };
+            let sagas = call(client.list_sagas_needing_attention(request))
+                .await?
+                .sagas;
+            if json.json {
+                let list: Vec<_> = sagas.iter().map(render::saga_json).collect();
+                print_json(&serde_json::json!({ "sagas": list }))?;
+            } else {
+                emit(&render::attention_text(&sagas))?;
+            }
+            Ok(())
+        }
+        SagaCommand::Retry { target, step } => {
+            intervene(target, "retry", step.unwrap_or_default(), String::new()).await
+        }
+        SagaCommand::Skip {
+            target,
+            step,
+            result,
+        } => intervene(target, "skip", step, result.unwrap_or_default()).await,
+        SagaCommand::Compensate { target } => {
+            intervene(target, "compensate", String::new(), String::new()).await
+        }
+        SagaCommand::Cancel { target } => {
+            intervene(target, "cancel", String::new(), String::new()).await
+        }
+        SagaCommand::Abandon { target } => {
+            intervene(target, "abandon", String::new(), String::new()).await
+        }
     }
+}
+
+/// Sends an operator's action and reports what became of it.
+async fn intervene(
+    target: crate::cli::Intervene,
+    action: &str,
+    step: String,
+    output_json: String,
+) -> anyhow::Result<()> {
+    let mut client = SagaServiceClient::new(connect(&target.server.server).await?);
+    let request = InterveneSagaRequest {
+        saga_id: target.saga_id,
+        action: action.to_string(),
+        step,
+        output_json,
+        operator: target.operator,
+        reason: target.reason,
+        request_id: target.request_id.unwrap_or_default(),
+    };
+    let r = call(client.intervene_saga(request)).await?;
+    if target.json.json {
+        print_json(&serde_json::json!({
+            "saga_id": r.saga_id,
+            "request_id": r.request_id,
+            "applied": r.applied,
+            "refused": r.refused,
+            "saga": r.saga.as_ref().map(render::saga_json),
+        }))?;
+    } else if !r.refused.is_empty() {
+        bail!("{action} refused by the saga's owner: {}", r.refused);
+    } else if r.applied {
+        let s = r.saga.unwrap_or_default();
+        emit(&format!(
+            "{action} applied to saga {} (request {}): now {} ({})\n",
+            r.saga_id, r.request_id, s.status, s.phase
+        ))?;
+    } else {
+        emit(&format!(
+            "{action} queued for saga {} (request {}); its owner has not applied it yet\n",
+            r.saga_id, r.request_id
+        ))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

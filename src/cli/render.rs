@@ -73,6 +73,9 @@ pub fn saga_json(s: &Saga) -> Value {
         "updated_at_unix_ms": s.updated_at_unix_ms,
         "deadline_unix_ms": s.deadline_unix_ms,
         "revision": s.revision,
+        "progress": s.progress,
+        "stuck": s.stuck,
+        "stuck_at_unix_ms": s.stuck_at_unix_ms,
         "steps": s.steps.iter().map(step_json).collect::<Vec<_>>(),
         "compensations": s.compensations.iter().map(compensation_json).collect::<Vec<_>>(),
         "history": s.history.iter().map(history_json).collect::<Vec<_>>(),
@@ -96,6 +99,8 @@ pub fn order_json(o: &Order) -> Value {
         "started_at_unix_ms": saga.started_at_unix_ms,
         "updated_at_unix_ms": saga.updated_at_unix_ms,
         "revision": saga.revision,
+        "progress": saga.progress,
+        "stuck": saga.stuck,
         "steps": saga.steps.iter().map(step_json).collect::<Vec<_>>(),
         "compensations": saga.compensations.iter().map(compensation_json).collect::<Vec<_>>(),
         "history": saga.history.iter().map(history_json).collect::<Vec<_>>(),
@@ -313,6 +318,7 @@ pub fn order_text(o: &Order) -> String {
             status_line(&o.status, o.terminal, &saga.phase),
         ],
         vec!["reason".to_string(), or_dash(&o.reason)],
+        vec!["progress".to_string(), or_dash(&saga.progress)],
         vec!["customer".to_string(), or_dash(&o.customer)],
         vec!["amount".to_string(), format!("{} cents", o.amount_cents)],
         vec!["items".to_string(), items_text(&o.items)],
@@ -335,6 +341,7 @@ pub fn saga_text(s: &Saga) -> String {
             status_line(&s.status, s.terminal, &s.phase),
         ],
         vec!["reason".to_string(), or_dash(&s.reason)],
+        vec!["progress".to_string(), or_dash(&s.progress)],
         vec!["input".to_string(), or_dash(&s.input_json)],
         vec!["started".to_string(), time(s.started_at_unix_ms)],
         vec!["updated".to_string(), time(s.updated_at_unix_ms)],
@@ -702,6 +709,34 @@ pub fn dead_letter_text(d: &DeadLetter) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `saga attention`, for people: one line per saga needing an operator.
+pub fn attention_text(sagas: &[Saga]) -> String {
+    if sagas.is_empty() {
+        return "no saga needs attention\n".to_string();
+    }
+    let mut rows = vec![vec![
+        "SAGA".to_string(),
+        "NAME".to_string(),
+        "STATUS".to_string(),
+        "UPDATED".to_string(),
+        "WHY".to_string(),
+    ]];
+    for s in sagas {
+        rows.push(vec![
+            s.saga_id.clone(),
+            s.saga_name.clone(),
+            if s.stuck {
+                format!("{} (stuck)", s.status)
+            } else {
+                s.status.clone()
+            },
+            time(s.updated_at_unix_ms),
+            or_dash(&s.progress),
+        ]);
+    }
+    table(&rows)
 }
 
 #[cfg(test)]

@@ -298,22 +298,11 @@ impl Admin {
     /// Appends `record` to the journal; returns its sequence. Idempotent per dead letter and
     /// action (`Nats-Msg-Id`), so a retried operation is journaled once.
     async fn journal(&self, record: &JournalRecord) -> Result<u64, Status> {
-        let payload = serde_json::to_vec(record).map_err(|e| Status::internal(e.to_string()))?;
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("journal/{}/{}", record.action, record.seq).as_str(),
-        );
         let what = "cannot write the dead-letter journal";
         bounded(what, async {
-            let ack = self
-                .js
-                .publish_with_headers(JOURNAL_SUBJECT, headers, payload.into())
+            dlq::journal(&self.js, record)
                 .await
-                .map_err(|e| unavailable(what, e))?
-                .await
-                .map_err(|e| unavailable(what, e))?;
-            Ok(ack.sequence)
+                .map_err(|e| unavailable(what, e))
         })
         .await
     }
@@ -371,6 +360,9 @@ impl Admin {
         let (first, last) = (state.first_sequence, state.last_sequence);
         let filter = if source.is_empty() {
             "sagaflow.dlq.>".to_string()
+        } else if source == dlq::SOURCE_PARKED {
+            // One subject per parked saga.
+            crate::topology::parked_dlq_subject("*")
         } else {
             crate::topology::dlq_subject(source)
         };
@@ -437,10 +429,16 @@ impl Admin {
             )));
         }
         let headers = dlq::replay_headers(&m.headers, req.seq);
+        let payload = if entry.source == dlq::SOURCE_PARKED {
+            // The resume request of a parked saga: credit the operator who replays it.
+            resume_payload(&m.payload, &operator, req.seq)
+        } else {
+            m.payload.clone()
+        };
         let what = "cannot republish the dead letter";
         let ack = bounded(what, async {
             self.js
-                .publish_with_headers(entry.subject.clone(), headers, m.payload.clone())
+                .publish_with_headers(entry.subject.clone(), headers, payload)
                 .await
                 .map_err(|e| unavailable(what, e))?
                 .await
@@ -492,6 +490,26 @@ impl Admin {
         self.delete_dead_letter(&stream, req.seq).await?;
         tracing::info!(seq = req.seq, operator = %operator, reason = %reason, "dead letter discarded");
         Ok(DiscardDeadLetterResponse { journal_seq })
+    }
+}
+
+/// The payload of a parked saga's dead letter with `operator` as the one who resumes it (the
+/// payload as is when it is not a resume request).
+fn resume_payload(payload: &bytes::Bytes, operator: &str, seq: u64) -> bytes::Bytes {
+    use sagaflow_actors::wire::{self, Control};
+    match wire::decode_control(payload) {
+        Ok(Control::Intervene {
+            mut intervention,
+            at,
+        }) => {
+            intervention.operator = operator.to_string();
+            intervention.reason = format!("replay of dead letter {DLQ_STREAM}:{seq}");
+            match wire::encode_control(&Control::Intervene { intervention, at }) {
+                Ok(bytes) => bytes.into(),
+                Err(_) => payload.clone(),
+            }
+        }
+        _ => payload.clone(),
     }
 }
 

@@ -1,12 +1,16 @@
 //! Snapshots rendered as API messages.
 
 use sagaflow_actors::definition::SagaDefinition;
-use sagaflow_actors::machine::{Saga, StepPhase};
+use sagaflow_actors::machine::{Happening, Millis, Phase, Saga, StepPhase};
+
+use crate::cli::render::time;
 use sagaflow_proto::v1;
 use serde::Deserialize;
 
 /// A saga as the API shows it. `def` names the steps; without it, steps are shown by index.
 pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
+    let now = crate::dlq::now_ms();
+    let stuck_at = def.and_then(|d| s.stuck_at(d, crate::node::STUCK_MULTIPLE));
     let step_name = |i: usize| {
         def.and_then(|d| d.step(i))
             .map_or_else(|| format!("step-{i}"), |st| st.name.clone())
@@ -111,7 +115,111 @@ pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
         compensations,
         history,
         revision,
+        progress: def.map(|d| progress(s, d, now)).unwrap_or_default(),
+        stuck: stuck_at.is_some_and(|at| now >= at),
+        stuck_at_unix_ms: stuck_at.unwrap_or_default(),
     }
+}
+
+/// What the saga is doing or waiting for, in words, at `now`: for an operator reading
+/// `GetOrder`, "retrying, attempt N, next at T".
+pub fn progress(s: &Saga, def: &SagaDefinition, now: Millis) -> String {
+    match s.phase {
+        Phase::Completed | Phase::Compensated | Phase::Failed => {
+            return format!("finished {}: {}", s.phase.as_str(), s.status);
+        }
+        Phase::NeedsAttention => {
+            let why = s
+                .history
+                .iter()
+                .rev()
+                .find_map(|h| match &h.what {
+                    Happening::Parked { reason } => Some(reason.as_str()),
+                    _ => None,
+                })
+                .unwrap_or("");
+            return format!(
+                "needs attention: {why}; an operator can retry, skip or compensate \
+                 (sagaflow saga retry|skip|compensate|abandon {})",
+                s.id
+            );
+        }
+        Phase::Running | Phase::Compensating => {}
+    }
+    let mut parts = Vec::new();
+    if s.stuck_at(def, crate::node::STUCK_MULTIPLE)
+        .is_some_and(|at| now >= at)
+    {
+        parts.push(format!("STUCK: no progress since {}", time(s.updated_at)));
+    }
+    for (i, st) in s.steps.iter().enumerate() {
+        let Some(step) = def.step(i) else { continue };
+        let comp = step
+            .compensation
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let after = |st: &sagaflow_actors::machine::StepState| {
+            st.last_error
+                .as_ref()
+                .map(|e| format!(" after {}: {}", e.kind, e.message))
+                .unwrap_or_default()
+        };
+        let due = time(st.due_at.unwrap_or_default());
+        // Attempts count within the current retry budget (an operator's retry starts a new
+        // one); the overall attempt number is added when they differ.
+        let nth = |compensation: bool, next: bool, overall: u32, max: u32| {
+            let used = s.attempts_in_budget(i, compensation) + u32::from(next);
+            let overall = overall + u32::from(next);
+            if used == overall {
+                format!("attempt {used} of {max}")
+            } else {
+                format!("attempt {used} of {max} (#{overall} overall)")
+            }
+        };
+        let text = match st.phase {
+            StepPhase::RetryWait => format!(
+                "retrying `{}` ({}): {} at {due}{}",
+                step.name,
+                step.action,
+                nth(false, true, st.attempt, step.retry.max_attempts),
+                after(st)
+            ),
+            StepPhase::CompensationRetryWait => format!(
+                "retrying compensation `{comp}` of `{}`: {} at {due}{}",
+                step.name,
+                nth(
+                    true,
+                    true,
+                    st.comp_attempt,
+                    step.compensation_retry.max_attempts
+                ),
+                after(st)
+            ),
+            StepPhase::Running => format!(
+                "waiting for `{}` ({}): {}, times out at {due}",
+                step.name,
+                step.action,
+                nth(false, false, st.attempt, step.retry.max_attempts)
+            ),
+            StepPhase::Compensating => format!(
+                "compensating `{}` ({comp}): {}, times out at {due}",
+                step.name,
+                nth(
+                    true,
+                    false,
+                    st.comp_attempt,
+                    step.compensation_retry.max_attempts
+                )
+            ),
+            _ => continue,
+        };
+        parts.push(text);
+    }
+    if parts.is_empty() {
+        parts.push(format!("{} ({})", s.phase.as_str(), s.status));
+    }
+    parts.join("; ")
 }
 
 /// The order saga's input.
@@ -164,5 +272,112 @@ pub fn order(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Order
         reason: s.reason.clone().unwrap_or_default(),
         terminal: s.is_terminal(),
         saga: Some(saga(s, revision, def)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use sagaflow_actors::machine::{Event, StepError};
+
+    use super::*;
+
+    fn order() -> SagaDefinition {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas/order.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        sagaflow_actors::definition::parse(&text, &path).unwrap()
+    }
+
+    fn fail(kind: &str, step: usize, attempt: u32, compensation: bool) -> Event {
+        Event::Reply {
+            step,
+            attempt,
+            compensation,
+            outcome: Err(StepError {
+                kind: kind.into(),
+                message: "bank down".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn progress_says_what_the_saga_waits_for() {
+        let def = order();
+        let t0 = 1_764_187_200_000; // 2025-11-26T20:00:00Z
+        let (mut saga, _) = Saga::start(&def, "order-1".into(), b"{}".to_vec(), t0);
+        assert_eq!(
+            progress(&saga, &def, t0),
+            "waiting for `charge` (payment.charge): attempt 1 of 5, times out at 2025-11-26T20:00:10.000Z"
+        );
+        saga.apply(&def, fail("unavailable", 0, 1, false), t0 + 1)
+            .unwrap();
+        let text = progress(&saga, &def, t0 + 2);
+        assert!(
+            text.starts_with(
+                "retrying `charge` (payment.charge): attempt 2 of 5 at 2025-11-26T20:00:00."
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("after unavailable: bank down"), "{text}");
+        // Much later with nothing done: flagged stuck.
+        let text = progress(&saga, &def, t0 + 3_600_000);
+        assert!(
+            text.starts_with("STUCK: no progress since 2025-11-26T20:00:00.001Z; retrying"),
+            "{text}"
+        );
+        let rendered = saga_at(&saga, &def, t0 + 3_600_000);
+        assert!(rendered.stuck);
+        assert!(rendered.stuck_at_unix_ms > t0);
+    }
+
+    fn saga_at(s: &Saga, def: &SagaDefinition, now: Millis) -> v1::Saga {
+        let mut v = saga(s, 1, Some(def));
+        v.stuck = s
+            .stuck_at(def, crate::node::STUCK_MULTIPLE)
+            .is_some_and(|at| now >= at);
+        v
+    }
+
+    #[test]
+    fn progress_of_a_parked_saga_names_the_way_out() {
+        let def = order();
+        let mut def1 = def.clone();
+        def1.steps[0].compensation_retry.max_attempts = 1;
+        let (mut saga, _) = Saga::start(&def1, "order-2".into(), b"{}".to_vec(), 1_000);
+        saga.apply(
+            &def1,
+            Event::Reply {
+                step: 0,
+                attempt: 1,
+                compensation: false,
+                outcome: Ok(Vec::new()),
+            },
+            1_001,
+        )
+        .unwrap();
+        saga.apply(
+            &def1,
+            Event::Cancel {
+                reason: "test".into(),
+            },
+            1_002,
+        )
+        .unwrap();
+        // The fulfilment steps are in flight: answer them, then fail the refund for good.
+        saga.apply(&def1, fail("out_of_stock", 1, 1, false), 1_003)
+            .unwrap();
+        saga.apply(&def1, fail("invalid", 2, 1, false), 1_004)
+            .unwrap();
+        saga.apply(&def1, fail("closed_account", 0, 1, true), 1_005)
+            .unwrap();
+        assert_eq!(saga.phase, Phase::NeedsAttention);
+        let text = progress(&saga, &def1, 2_000);
+        assert!(text.starts_with("needs attention: compensation `payment.refund` of step `charge` failed after 1 attempt(s): closed_account: bank down"), "{text}");
+        assert!(
+            text.contains("sagaflow saga retry|skip|compensate|abandon order-2"),
+            "{text}"
+        );
     }
 }

@@ -1,16 +1,28 @@
 //! `SagaService`: any saga defined in `sagas/*.toml`.
 
 use futures::StreamExt;
+use sagaflow_actors::machine::{Happening, Intervention, OperatorAction, Phase};
+use sagaflow_actors::wire::Control;
 use sagaflow_proto::v1::saga_service_server::SagaService;
 use sagaflow_proto::v1::{
-    self, GetSagaRequest, ListDefinitionsRequest, ListDefinitionsResponse, StartSagaRequest,
-    StartSagaResponse,
+    self, GetSagaRequest, InterveneSagaRequest, InterveneSagaResponse, ListDefinitionsRequest,
+    ListDefinitionsResponse, ListSagasNeedingAttentionRequest, ListSagasNeedingAttentionResponse,
+    StartSagaRequest, StartSagaResponse,
 };
 use tonic::{Request, Response, Status};
 
 use super::{invalid, render, valid_id, BoxStream, SagaApi};
 
 const MAX_INPUT: usize = 256 * 1024;
+
+/// Longest `operator`, `reason` or `request_id` of an intervention.
+const MAX_TEXT: usize = 1024;
+
+/// How long `InterveneSaga` waits for the saga's owner to apply the action.
+const INTERVENE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most sagas `ListSagasNeedingAttention` returns.
+const MAX_ATTENTION: u32 = 1000;
 
 /// `SagaService` implementation.
 #[derive(Debug, Clone)]
@@ -35,8 +47,196 @@ fn validate_saga_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+fn text(field: &str, value: String, required: bool) -> Result<String, Status> {
+    if required && value.trim().is_empty() {
+        return Err(invalid(field, "required"));
+    }
+    if value.len() > MAX_TEXT {
+        return Err(invalid(field, format!("at most {MAX_TEXT} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(value)
+}
+
 #[tonic::async_trait]
 impl SagaService for Sagas {
+    async fn intervene_saga(
+        &self,
+        request: Request<InterveneSagaRequest>,
+    ) -> Result<Response<InterveneSagaResponse>, Status> {
+        let req = request.into_inner();
+        validate_saga_id(&req.saga_id)?;
+        let operator = text("operator", req.operator, true)?;
+        let reason = text("reason", req.reason, false)?;
+        let request_id = text("request_id", req.request_id, false)?;
+        let request_id = if request_id.is_empty() {
+            format!("op-{:016x}", rand::random::<u64>())
+        } else {
+            request_id
+        };
+        let (saga, rev) = self.api.get(&req.saga_id).await?;
+        // A repeated request (same id) answers with what became of the first one.
+        let seen = saga.history.iter().rev().find_map(|h| match &h.what {
+            Happening::Intervened { id, refused, .. } if *id == request_id => Some(refused.clone()),
+            _ => None,
+        });
+        if let Some(refused) = seen {
+            let def = self.api.definition(&saga.definition);
+            return Ok(Response::new(InterveneSagaResponse {
+                saga_id: req.saga_id,
+                request_id,
+                applied: refused.is_empty(),
+                refused,
+                saga: Some(render::saga(&saga, rev, def.as_deref())),
+            }));
+        }
+        let def = self.api.definition(&saga.definition).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "saga definition `{}` is not loaded on this node",
+                saga.definition
+            ))
+        })?;
+        let step = |required: bool| -> Result<Option<usize>, Status> {
+            if req.step.is_empty() {
+                return if required {
+                    Err(invalid("step", "required for this action"))
+                } else {
+                    Ok(None)
+                };
+            }
+            let index =
+                (0..def.step_slots()).find(|&i| def.step(i).is_some_and(|st| st.name == req.step));
+            match index {
+                Some(i) => Ok(Some(i)),
+                None => Err(invalid(
+                    "step",
+                    format!(
+                        "saga `{}` has no step {:?}",
+                        def.name,
+                        req.step.chars().take(64).collect::<String>()
+                    ),
+                )),
+            }
+        };
+        let action = match req.action.as_str() {
+            "retry" => OperatorAction::Retry { step: step(false)? },
+            "skip" => {
+                let output = if req.output_json.is_empty() {
+                    Vec::new()
+                } else {
+                    if req.output_json.len() > MAX_INPUT {
+                        return Err(invalid("output_json", format!("at most {MAX_INPUT} bytes")));
+                    }
+                    serde_json::from_str::<serde_json::Value>(&req.output_json)
+                        .map_err(|e| invalid("output_json", format!("not JSON: {e}")))?;
+                    req.output_json.into_bytes()
+                };
+                OperatorAction::Skip {
+                    step: step(true)?.unwrap_or_default(),
+                    output,
+                }
+            }
+            "compensate" => OperatorAction::Compensate,
+            "cancel" => OperatorAction::Cancel,
+            "abandon" => OperatorAction::Abandon,
+            other => {
+                return Err(invalid(
+                    "action",
+                    format!(
+                        "{:?} is not one of retry, skip, compensate, cancel, abandon",
+                        other.chars().take(32).collect::<String>()
+                    ),
+                ))
+            }
+        };
+        saga.check(&def, &action)
+            .map_err(|why| Status::failed_precondition(format!("{}: {why}", action.name())))?;
+        let intervention = Intervention {
+            id: request_id.clone(),
+            action,
+            operator,
+            reason,
+        };
+        self.api
+            .publish_control(
+                &req.saga_id,
+                "intervene",
+                &Control::Intervene {
+                    intervention,
+                    at: crate::dlq::now_ms(),
+                },
+                format!("intervene/{}/{request_id}", req.saga_id),
+            )
+            .await?;
+        // Wait (bounded) for the owner to journal it.
+        let deadline = tokio::time::Instant::now() + INTERVENE_WAIT;
+        loop {
+            let (saga, rev) = self.api.get(&req.saga_id).await?;
+            let outcome = saga.history.iter().rev().find_map(|h| match &h.what {
+                Happening::Intervened { id, refused, .. } if *id == request_id => {
+                    Some(refused.clone())
+                }
+                _ => None,
+            });
+            if let Some(refused) = outcome {
+                return Ok(Response::new(InterveneSagaResponse {
+                    saga_id: req.saga_id,
+                    request_id,
+                    applied: refused.is_empty(),
+                    refused,
+                    saga: Some(render::saga(&saga, rev, Some(&def))),
+                }));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(InterveneSagaResponse {
+                    saga_id: req.saga_id,
+                    request_id,
+                    applied: false,
+                    refused: String::new(),
+                    saga: None,
+                }));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn list_sagas_needing_attention(
+        &self,
+        request: Request<ListSagasNeedingAttentionRequest>,
+    ) -> Result<Response<ListSagasNeedingAttentionResponse>, Status> {
+        let req = request.into_inner();
+        if !req.saga_name.is_empty() && self.api.definition(&req.saga_name).is_none() {
+            return Err(invalid("saga_name", "no saga with this name is defined"));
+        }
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(MAX_ATTENTION),
+        } as usize;
+        let now = crate::dlq::now_ms();
+        let mut out = Vec::new();
+        for saga in self.api.list("").await? {
+            if out.len() >= limit {
+                break;
+            }
+            if !req.saga_name.is_empty() && saga.definition != req.saga_name {
+                continue;
+            }
+            let def = self.api.definition(&saga.definition);
+            let stuck = def
+                .as_deref()
+                .and_then(|d| saga.stuck_at(d, crate::node::STUCK_MULTIPLE))
+                .is_some_and(|at| now >= at);
+            if saga.phase == Phase::NeedsAttention || stuck {
+                out.push(render::saga(&saga, 0, def.as_deref()));
+            }
+        }
+        Ok(Response::new(ListSagasNeedingAttentionResponse {
+            sagas: out,
+        }))
+    }
+
     async fn start_saga(
         &self,
         request: Request<StartSagaRequest>,

@@ -106,6 +106,8 @@ struct RawStatuses {
     completed: Spanned<String>,
     compensated: Spanned<String>,
     failed: Spanned<String>,
+    #[serde(default)]
+    needs_attention: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -585,11 +587,16 @@ impl Validator<'_> {
     }
 
     fn statuses(&mut self, raw: &RawStatuses) -> Option<Statuses> {
+        let default_parked = Spanned::new(0..0, super::DEFAULT_NEEDS_ATTENTION.to_string());
         let fields = [
             ("initial", &raw.initial),
             ("completed", &raw.completed),
             ("compensated", &raw.compensated),
             ("failed", &raw.failed),
+            (
+                "needs_attention",
+                raw.needs_attention.as_ref().unwrap_or(&default_parked),
+            ),
         ];
         let mut ok = true;
         for (i, (key, value)) in fields.iter().enumerate() {
@@ -603,7 +610,7 @@ impl Validator<'_> {
                     value.span(),
                     format!("statuses.{key}"),
                     format!(
-                        "status `{}` is already the `{other}` status; the four outcome statuses must differ",
+                        "status `{}` is already the `{other}` status; the outcome statuses must differ",
                         value.get_ref()
                     ),
                 );
@@ -614,6 +621,7 @@ impl Validator<'_> {
             completed: raw.completed.get_ref().clone(),
             compensated: raw.compensated.get_ref().clone(),
             failed: raw.failed.get_ref().clone(),
+            needs_attention: fields[4].1.get_ref().clone(),
         })
     }
 
@@ -622,9 +630,14 @@ impl Validator<'_> {
         if !self.status_label(status, field) {
             return;
         }
+        let default_parked = Spanned::new(0..0, super::DEFAULT_NEEDS_ATTENTION.to_string());
         for (key, reserved) in [
             ("compensated", &statuses.compensated),
             ("failed", &statuses.failed),
+            (
+                "needs_attention",
+                statuses.needs_attention.as_ref().unwrap_or(&default_parked),
+            ),
         ] {
             if status.get_ref() == reserved.get_ref() {
                 self.error(
@@ -1116,6 +1129,7 @@ mod tests {
                 completed: "SHIPPED".into(),
                 compensated: "CANCELLED".into(),
                 failed: "FAILED".into(),
+                needs_attention: "NEEDS_ATTENTION".into(),
             }
         );
         let stages: Vec<(&str, &[usize], Option<&str>)> = saga

@@ -482,7 +482,7 @@ fn a_step_that_keeps_timing_out_is_compensated_as_maybe_applied() {
 }
 
 #[test]
-fn a_compensation_that_keeps_failing_fails_the_saga() {
+fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() {
     let def = order();
     let policy = def.steps[PREPARE].compensation_retry.clone();
     let timeout = ms(def.steps[PREPARE].timeout);
@@ -510,7 +510,11 @@ fn a_compensation_that_keeps_failing_fails_the_saga() {
             )
         };
         if attempt == policy.max_attempts {
-            assert_eq!(effects, vec![status("PAID", "FAILED")]);
+            let Some(Effect::Parked { reason, count: 1 }) = effects.first() else {
+                panic!("{effects:?}");
+            };
+            assert!(reason.contains("shipping.cancel"), "{reason}");
+            assert_eq!(effects[1..], [status("PAID", "NEEDS_ATTENTION")]);
             break;
         }
         assert_eq!(effects, vec![]);
@@ -533,8 +537,9 @@ fn a_compensation_that_keeps_failing_fails_the_saga() {
             vec![comp(PREPARE, attempt + 1)]
         );
     }
-    assert_eq!(saga.phase, Phase::Failed);
-    assert_eq!(saga.status, "FAILED");
+    assert_eq!(saga.phase, Phase::NeedsAttention);
+    assert!(!saga.is_terminal(), "parked, not finished");
+    assert_eq!(saga.status, "NEEDS_ATTENTION");
     assert_eq!(saga.steps[PREPARE].phase, StepPhase::CompensationFailed);
     assert_eq!(saga.steps[PREPARE].comp_attempt, policy.max_attempts);
     assert_eq!(
@@ -554,12 +559,76 @@ fn a_compensation_that_keeps_failing_fails_the_saga() {
     ] {
         assert!(reason.contains(part), "{reason:?} should mention {part:?}");
     }
-    assert_eq!(saga.next_wakeup(), None);
+    assert_eq!(saga.next_wakeup(), None, "parked: no timer runs");
     assert!(saga.in_flight().is_empty());
+    // Parked: time and replies change nothing.
+    assert_ignored(&mut saga, &def, Event::Tick, now + 3_600_000);
+    assert_ignored(
+        &mut saga,
+        &def,
+        comp_ok(PREPARE, policy.max_attempts),
+        now + 1,
+    );
+
+    // The operator fixed the shipping service and retries: a fresh budget, and the
+    // compensation goes on where it stopped.
+    let fixed = now + 60_000;
+    let retry = intervention(OperatorAction::Retry { step: None });
+    assert_eq!(saga.check(&def, &retry.action), Ok(vec![PREPARE]));
+    assert_eq!(
+        apply(&mut saga, &def, Event::Intervene(retry), fixed),
+        vec![
+            unparked("retry"),
+            status("NEEDS_ATTENTION", "PAID"),
+            comp(PREPARE, policy.max_attempts + 1)
+        ]
+    );
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert_eq!(
+        saga.reason.as_deref(),
+        Some("step `reserve` (inventory.reserve) failed: out_of_stock: out_of_stock (test)"),
+        "back to why it compensates"
+    );
+    assert_eq!(saga.attempts_in_budget(PREPARE, true), 1);
+    assert!(saga
+        .history
+        .iter()
+        .any(|h| h.step == Some(PREPARE as u32)
+            && h.what.to_string() == "operator `ops`: retry (fixed)"));
+    assert_eq!(
+        apply(
+            &mut saga,
+            &def,
+            comp_ok(PREPARE, policy.max_attempts + 1),
+            fixed + 1
+        ),
+        vec![comp(CHARGE, 1)]
+    );
+    apply(&mut saga, &def, comp_ok(CHARGE, 1), fixed + 2);
+    apply(&mut saga, &def, ok(AFTER, 1), fixed + 3);
+    assert_eq!(saga.phase, Phase::Compensated);
+    assert_eq!(saga.status, "CANCELLED");
+}
+
+fn unparked(action: &str) -> Effect {
+    Effect::Unparked {
+        operator: "ops".to_string(),
+        action: action.to_string(),
+        request: String::new(),
+    }
+}
+
+fn intervention(action: OperatorAction) -> Intervention {
+    Intervention {
+        id: String::new(),
+        action,
+        operator: "ops".to_string(),
+        reason: "fixed".to_string(),
+    }
 }
 
 #[test]
-fn a_non_retryable_compensation_error_fails_the_saga_at_once() {
+fn a_non_retryable_compensation_error_parks_the_saga_at_once() {
     let mut def = order();
     def.steps[CHARGE].compensation_retry.non_retryable = vec!["closed_account".to_string()];
     let (mut saga, _) = start(&def);
@@ -583,9 +652,33 @@ fn a_non_retryable_compensation_error_fails_the_saga_at_once() {
         comp_err(CHARGE, 1, "closed_account"),
         T0 + 5,
     );
-    assert_eq!(effects, vec![status("PAID", "FAILED")]);
+    assert_eq!(effects[1..], [status("PAID", "NEEDS_ATTENTION")]);
     assert_eq!(saga.steps[CHARGE].phase, StepPhase::CompensationFailed);
     assert!(saga.reason.clone().unwrap().contains("payment.refund"));
+    // The refund was made by hand: the operator skips it and the saga finishes.
+    let refused = saga.check(
+        &def,
+        &OperatorAction::Skip {
+            step: NOTIFY,
+            output: Vec::new(),
+        },
+    );
+    assert!(refused.unwrap_err().contains("`notify` is SKIPPED"));
+    let skip = intervention(OperatorAction::Skip {
+        step: CHARGE,
+        output: br#"{"refund":"manual"}"#.to_vec(),
+    });
+    assert_eq!(
+        apply(&mut saga, &def, Event::Intervene(skip), T0 + 6),
+        vec![
+            unparked("skip"),
+            status("NEEDS_ATTENTION", "PAID"),
+            fwd(AFTER, 1)
+        ]
+    );
+    assert_eq!(saga.steps[CHARGE].phase, StepPhase::Compensated);
+    apply(&mut saga, &def, ok(AFTER, 1), T0 + 7);
+    assert_eq!(saga.phase, Phase::Compensated);
 }
 
 #[test]
@@ -824,11 +917,10 @@ fn a_failure_after_the_pivot_needs_a_human() {
         apply(&mut saga, &def, ok(1, 1), T0 + 2),
         vec![status("INITIAL", "S1"), fwd(2, 1)]
     );
-    assert_eq!(
-        apply(&mut saga, &def, err(2, 1, "fatal"), T0 + 3),
-        vec![status("S1", "FAILED")]
-    );
-    assert_eq!(saga.phase, Phase::Failed);
+    let effects = apply(&mut saga, &def, err(2, 1, "fatal"), T0 + 3);
+    assert!(matches!(effects[0], Effect::Parked { count: 1, .. }));
+    assert_eq!(effects[1..], [status("S1", "PARKED")]);
+    assert_eq!(saga.phase, Phase::NeedsAttention);
     assert!(
         saga.reason.clone().unwrap().contains("pivot step `s1_0`"),
         "{:?}",
@@ -842,6 +934,22 @@ fn a_failure_after_the_pivot_needs_a_human() {
         saga.steps[3].attempt, 0,
         "the after-compensation step does not run"
     );
+    // Nothing to retry on a pivot; forcing compensation undoes what can be undone (the pivot
+    // has no compensation), then runs the after-compensation step.
+    let retry = saga.check(&def, &OperatorAction::Retry { step: None });
+    assert!(retry.unwrap_err().contains("pivot"));
+    assert_eq!(
+        apply(
+            &mut saga,
+            &def,
+            Event::Intervene(intervention(OperatorAction::Compensate)),
+            T0 + 4
+        ),
+        vec![unparked("compensate"), status("PARKED", "S1"), comp(0, 1)]
+    );
+    apply(&mut saga, &def, comp_ok(0, 1), T0 + 5);
+    apply(&mut saga, &def, ok(3, 1), T0 + 6);
+    assert_eq!(saga.phase, Phase::Compensated);
 }
 
 #[test]
@@ -861,8 +969,8 @@ fn a_pivot_that_times_out_for_good_needs_a_human() {
             break;
         }
     }
-    assert_eq!(saga.phase, Phase::Failed);
-    assert_eq!(saga.status, "FAILED");
+    assert_eq!(saga.phase, Phase::NeedsAttention);
+    assert_eq!(saga.status, "NEEDS_ATTENTION");
     assert_eq!(saga.steps[NOTIFY].attempt, attempts);
     assert!(saga.steps[NOTIFY].maybe_applied);
     assert!(
@@ -874,6 +982,21 @@ fn a_pivot_that_times_out_for_good_needs_a_human() {
         saga.steps.iter().all(|s| s.comp_attempt == 0),
         "nothing is undone"
     );
+    // The operator checked: the notification never went out. Abandoning ends it FAILED as it
+    // stands; here the operator gives up.
+    apply(
+        &mut saga,
+        &def,
+        Event::Intervene(intervention(OperatorAction::Abandon)),
+        T0 + 10_000_000,
+    );
+    assert_eq!(saga.phase, Phase::Failed);
+    assert_eq!(saga.status, "FAILED");
+    assert!(saga
+        .reason
+        .clone()
+        .unwrap()
+        .ends_with("abandoned by operator `ops`: fixed"));
 }
 
 #[test]
@@ -914,6 +1037,13 @@ fn terminal_sagas_ignore_everything() {
             &def,
             comp_err(CHARGE, 1, "unavailable"),
             T0 + 100_001,
+        );
+        assert_eq!(s.phase, Phase::NeedsAttention);
+        apply(
+            &mut s,
+            &def,
+            Event::Intervene(intervention(OperatorAction::Abandon)),
+            T0 + 100_002,
         );
         s
     };
@@ -1130,6 +1260,7 @@ fn build(shape: &Shape) -> SagaDefinition {
             completed: "DONE".to_string(),
             compensated: "UNDONE".to_string(),
             failed: "FAILED".to_string(),
+            needs_attention: "PARKED".to_string(),
         },
         deadline: Duration::from_millis(shape.deadline_ms),
         stages,
@@ -1235,6 +1366,8 @@ enum Move {
     Wakeup,
     /// The host dies; a new one decodes the stored snapshot and republishes `in_flight()`.
     Crash,
+    /// An operator acts: `kind` picks the action, `pick` the step.
+    Operator { kind: u8, pick: usize },
 }
 
 fn outcome_strategy() -> impl Strategy<Value = Outcome> {
@@ -1250,6 +1383,7 @@ fn move_strategy() -> impl Strategy<Value = Move> {
         2 => (0u64..=1_500).prop_map(|ms| Move::Advance { ms }),
         3 => Just(Move::Wakeup),
         1 => Just(Move::Crash),
+        1 => (0u8..7, any::<usize>()).prop_map(|(kind, pick)| Move::Operator { kind, pick }),
     ]
 }
 
@@ -1367,7 +1501,8 @@ impl<'d> Driver<'d> {
                     if c.compensation {
                         // (b)
                         assert!(
-                            c.attempt <= step.compensation_retry.max_attempts,
+                            self.saga.attempts_in_budget(c.step, true)
+                                <= step.compensation_retry.max_attempts,
                             "{c:?} beyond {:?}",
                             step.compensation_retry
                         );
@@ -1396,7 +1531,7 @@ impl<'d> Driver<'d> {
                         }
                     } else {
                         assert!(
-                            c.attempt <= step.retry.max_attempts,
+                            self.saga.attempts_in_budget(c.step, false) <= step.retry.max_attempts,
                             "{c:?} beyond {:?}",
                             step.retry
                         );
@@ -1429,6 +1564,34 @@ impl<'d> Driver<'d> {
                     self.sent.push(*c);
                     self.outstanding.push(*c);
                 }
+                Effect::Parked { reason, count } => {
+                    assert_eq!(self.saga.phase, Phase::NeedsAttention);
+                    assert_eq!(self.saga.reason.as_ref(), Some(reason));
+                    let parks = self
+                        .saga
+                        .history
+                        .iter()
+                        .filter(|h| matches!(h.what, Happening::Parked { .. }))
+                        .count();
+                    assert_eq!(*count as usize, parks, "one dead letter per parking");
+                    assert!(
+                        self.saga.in_flight().is_empty(),
+                        "parked with work in flight"
+                    );
+                }
+                Effect::Unparked {
+                    operator, action, ..
+                } => {
+                    assert_eq!(before.phase, Phase::NeedsAttention);
+                    assert_ne!(
+                        self.saga.phase,
+                        Phase::NeedsAttention,
+                        "{action} by {operator}"
+                    );
+                    // Back to why it compensated: the parking reason is history now.
+                    let reason = self.saga.reason.clone().unwrap_or_default();
+                    assert!(!reason.contains("failed after"), "{reason}");
+                }
                 Effect::StatusChanged { from, to } => {
                     let last = self.statuses.last().map_or("", |(_, to)| to.as_str());
                     assert_eq!(from, last, "status changes chain");
@@ -1459,7 +1622,10 @@ impl<'d> Driver<'d> {
             "more than one final status: {:?}",
             self.statuses
         );
-        if self.saga.is_terminal() && !before.is_terminal() {
+        let parked = |s: &Saga| s.phase == Phase::NeedsAttention;
+        if (self.saga.is_terminal() && !before.is_terminal())
+            || (parked(&self.saga) && !parked(before))
+        {
             self.check_final();
         }
     }
@@ -1469,14 +1635,25 @@ impl<'d> Driver<'d> {
         let new = &self.saga.history[before.history.len()..];
         for pair in new.windows(2) {
             let (failed, scheduled) = (&pair[0], &pair[1]);
-            let Happening::RetryScheduled { attempt, at } = scheduled.what else {
+            let (Happening::RetryScheduled { attempt, at }
+            | Happening::CompensationRetryScheduled { attempt, at }) = scheduled.what
+            else {
                 continue;
             };
             assert_eq!(failed.step, scheduled.step);
             let step = self.def.step(scheduled.step.unwrap() as usize).unwrap();
             let policy = match failed.what {
-                Happening::AttemptFailed { .. } => &step.retry,
-                Happening::CompensationAttemptFailed { .. } => &step.compensation_retry,
+                Happening::AttemptFailed { .. } => {
+                    assert!(matches!(scheduled.what, Happening::RetryScheduled { .. }));
+                    &step.retry
+                }
+                Happening::CompensationAttemptFailed { .. } => {
+                    assert!(matches!(
+                        scheduled.what,
+                        Happening::CompensationRetryScheduled { .. }
+                    ));
+                    &step.compensation_retry
+                }
                 ref other => panic!("retry scheduled after {other:?}"),
             };
             assert!(
@@ -1524,8 +1701,13 @@ impl<'d> Driver<'d> {
             due.into_iter().min()
         };
         assert_eq!(saga.next_wakeup(), expected);
-        // …and a live saga always has something that will wake it: it cannot get stuck.
-        if !saga.is_terminal() {
+        // …and a live saga always has something that will wake it: it cannot get stuck — unless
+        // it is parked for an operator, with nothing in flight.
+        if saga.phase == Phase::NeedsAttention {
+            assert!(in_flight.is_empty());
+            assert_eq!(saga.next_wakeup(), None);
+            assert_eq!(saga.status, self.def.statuses.needs_attention);
+        } else if !saga.is_terminal() {
             assert!(
                 saga.steps.iter().any(|s| s.due_at.is_some()),
                 "live saga with nothing due: {saga:#?}"
@@ -1582,27 +1764,49 @@ impl<'d> Driver<'d> {
                 assert!(saga.reason.is_some());
             }
             Phase::Failed => {
+                // Only an operator abandons a saga, and only a parked one.
                 let reason = saga.reason.clone().unwrap();
-                let comp_failed = saga
-                    .steps
+                assert!(reason.contains("abandoned by operator"), "{reason}");
+                assert!(saga.history.iter().any(|h| matches!(
+                    &h.what,
+                    Happening::Intervened { action, refused, .. } if action == "abandon" && refused.is_empty()
+                )));
+                assert_eq!(last_status, &def.statuses.failed);
+            }
+            Phase::NeedsAttention => {
+                let reason = saga.reason.clone().unwrap();
+                let why = saga
+                    .history
                     .iter()
-                    .any(|s| s.phase == StepPhase::CompensationFailed);
-                let pivot_done = def.steps.iter().enumerate().any(|(i, s)| {
-                    let st = &saga.steps[i];
-                    // A pivot that timed out may have taken effect: the saga stops for a human.
-                    s.pivot
-                        && (st.phase == StepPhase::Succeeded
-                            || (st.phase == StepPhase::Failed && st.maybe_applied))
-                });
-                assert!(comp_failed != pivot_done, "failed for one reason: {reason}");
-                if pivot_done {
-                    assert!(reason.contains("pivot"), "{reason}");
-                    assert!(comps.is_empty());
+                    .rev()
+                    .find_map(|h| match &h.what {
+                        Happening::Parked { reason } => Some(reason),
+                        _ => None,
+                    })
+                    .expect("a Parked entry");
+                assert!(reason.ends_with(why.as_str()), "{reason} / {why}");
+                if why.starts_with("pivot") {
+                    // A pivot that succeeded or timed out (it may have taken effect): the saga
+                    // stops for a human before compensating anything.
+                    assert!(def.steps.iter().enumerate().any(|(i, s)| {
+                        let st = &saga.steps[i];
+                        s.pivot
+                            && (st.phase == StepPhase::Succeeded
+                                || (st.phase == StepPhase::Failed && st.maybe_applied))
+                    }));
+                    assert!(saga.compensation_plan.is_none());
                 } else {
-                    assert!(reason.contains("compensation"), "{reason}");
+                    assert!(why.starts_with("compensation"), "{why}");
+                    assert_eq!(
+                        saga.steps
+                            .iter()
+                            .filter(|s| s.phase == StepPhase::CompensationFailed)
+                            .count(),
+                        1
+                    );
                 }
                 assert!(!after_sent);
-                assert_eq!(last_status, &def.statuses.failed);
+                assert_eq!(last_status, &def.statuses.needs_attention);
             }
             Phase::Running | Phase::Compensating => unreachable!(),
         }
@@ -1693,6 +1897,25 @@ impl<'d> Driver<'d> {
                     assert!(t.changed, "a tick at next_wakeup made no progress");
                 }
             }
+            Move::Operator { kind, pick } => {
+                let step = pick % self.def.step_slots();
+                let action = match kind {
+                    0 => OperatorAction::Retry { step: None },
+                    1 => OperatorAction::Retry { step: Some(step) },
+                    2 => OperatorAction::Skip {
+                        step,
+                        output: b"{\"by\":\"hand\"}".to_vec(),
+                    },
+                    3 => OperatorAction::Compensate,
+                    4 => OperatorAction::Cancel,
+                    5 => OperatorAction::Abandon,
+                    _ => OperatorAction::Skip {
+                        step: pick,
+                        output: Vec::new(),
+                    },
+                };
+                self.intervene(action);
+            }
             Move::Crash => {
                 let bytes = crate::wire::encode_snapshot(&self.saga).unwrap();
                 let decoded = crate::wire::decode_snapshot(&bytes).unwrap();
@@ -1703,6 +1926,73 @@ impl<'d> Driver<'d> {
                 self.outstanding.extend(again);
             }
         }
+    }
+
+    /// Applies an operator's action and checks it did what [`Saga::check`] announced.
+    fn intervene(&mut self, action: OperatorAction) -> Transition {
+        let checked = self.saga.check(self.def, &action);
+        let before = self.saga.clone();
+        let t = self.apply(Event::Intervene(Intervention {
+            id: String::new(),
+            action: action.clone(),
+            operator: "ops".to_string(),
+            reason: "test".to_string(),
+        }));
+        if before.is_terminal() {
+            // Terminal is absorbing (checked by apply); the API refuses with `check`'s reason.
+            assert!(checked.is_err());
+            return t;
+        }
+        assert!(t.changed, "every intervention on a live saga is journaled");
+        let journaled = self.saga.history[before.history.len()..]
+            .iter()
+            .find_map(|h| match &h.what {
+                Happening::Intervened {
+                    action: a, refused, ..
+                } => Some((a.clone(), refused.clone())),
+                _ => None,
+            })
+            .expect("an Intervened entry");
+        assert_eq!(journaled.0, action.name());
+        match checked {
+            Err(why) => {
+                assert_eq!(journaled.1, why);
+                // A refused action changes nothing but the history.
+                let unchanged = Saga {
+                    history: before.history.clone(),
+                    updated_at: before.updated_at,
+                    ..self.saga.clone()
+                };
+                assert_eq!(unchanged, before, "refused {action:?} changed the saga");
+                assert!(t.effects.is_empty());
+            }
+            Ok(steps) => {
+                assert!(journaled.1.is_empty());
+                match action {
+                    OperatorAction::Retry { .. } => {
+                        for i in steps {
+                            assert!(
+                                t.effects
+                                    .iter()
+                                    .any(|e| matches!(e, Effect::Send(c) if c.step == i)),
+                                "retry of step {i} sent nothing"
+                            );
+                        }
+                    }
+                    OperatorAction::Cancel | OperatorAction::Compensate => {
+                        assert_ne!(self.saga.phase, Phase::Running);
+                    }
+                    OperatorAction::Abandon => assert_eq!(self.saga.phase, Phase::Failed),
+                    OperatorAction::Skip { step, .. } => {
+                        assert!(matches!(
+                            self.saga.steps[step].phase,
+                            StepPhase::Succeeded | StepPhase::Compensated
+                        ));
+                    }
+                }
+            }
+        }
+        t
     }
 
     fn cancel(&mut self) {
@@ -1733,7 +2023,16 @@ impl<'d> Driver<'d> {
             if self.saga.is_terminal() {
                 return n;
             }
-            if let Some(&c) = self.saga.in_flight().first() {
+            if self.saga.phase == Phase::NeedsAttention {
+                // The operator fixed the participant and retries; a parked pivot is
+                // compensated through.
+                let retry = OperatorAction::Retry { step: None };
+                if self.saga.check(self.def, &retry).is_ok() {
+                    self.intervene(retry);
+                } else {
+                    self.intervene(OperatorAction::Compensate);
+                }
+            } else if let Some(&c) = self.saga.in_flight().first() {
                 self.outstanding.retain(|o| *o != c);
                 self.answer(c, Ok(Vec::new()));
             } else {
@@ -1822,4 +2121,100 @@ fn random_environments_reach_every_outcome() {
             "too few {phase} outcomes: {seen:?}"
         );
     }
+}
+
+#[test]
+fn operators_retry_now_skip_with_a_result_and_cancel() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    // The charge failed transiently and waits to retry: "retry now" sends attempt 2 at once.
+    apply(&mut saga, &def, err(CHARGE, 1, "unavailable"), T0 + 1);
+    assert_eq!(saga.steps[CHARGE].phase, StepPhase::RetryWait);
+    assert_eq!(
+        apply(
+            &mut saga,
+            &def,
+            Event::Intervene(intervention(OperatorAction::Retry { step: Some(CHARGE) })),
+            T0 + 2
+        ),
+        vec![fwd(CHARGE, 2)]
+    );
+    apply(&mut saga, &def, ok(CHARGE, 2), T0 + 3);
+    // The shipping service hangs: the operator prepared the shipment by hand.
+    let skip = OperatorAction::Skip {
+        step: PREPARE,
+        output: br#"{"tracking":"BY-HAND-1"}"#.to_vec(),
+    };
+    apply(
+        &mut saga,
+        &def,
+        Event::Intervene(intervention(skip)),
+        T0 + 4,
+    );
+    assert_eq!(saga.steps[PREPARE].phase, StepPhase::Succeeded);
+    assert_eq!(
+        saga.steps[PREPARE].output.as_deref(),
+        Some(&br#"{"tracking":"BY-HAND-1"}"#[..])
+    );
+    // The late reply of the skipped attempt changes nothing.
+    assert_ignored(&mut saga, &def, ok(PREPARE, 1), T0 + 5);
+    // A step of another stage cannot be skipped, and a refused action is journaled.
+    let refused = OperatorAction::Skip {
+        step: NOTIFY,
+        output: Vec::new(),
+    };
+    assert!(saga.check(&def, &refused).is_err());
+    assert_eq!(
+        apply(
+            &mut saga,
+            &def,
+            Event::Intervene(intervention(refused)),
+            T0 + 6
+        ),
+        vec![]
+    );
+    let last = saga.history.last().unwrap().what.to_string();
+    assert!(last.contains("skip") && last.contains("refused"), "{last}");
+    // Cancel compensates what was done, newest first.
+    assert_eq!(
+        apply(
+            &mut saga,
+            &def,
+            Event::Intervene(intervention(OperatorAction::Cancel)),
+            T0 + 7
+        ),
+        vec![]
+    );
+    assert_eq!(saga.phase, Phase::Compensating);
+    assert!(saga
+        .reason
+        .clone()
+        .unwrap()
+        .starts_with("cancelled by operator `ops`"));
+    // (the reserve is still in flight: compensation waits for it)
+    assert_eq!(
+        apply(&mut saga, &def, ok(RESERVE, 1), T0 + 8),
+        vec![comp(PREPARE, 1)]
+    );
+}
+
+#[test]
+fn stuck_at_is_a_multiple_of_the_step_timeout_after_the_next_due_time() {
+    let def = order();
+    let timeout = ms(def.steps[CHARGE].timeout);
+    let (mut saga, _) = start(&def);
+    // Waiting for the charge: due at T0 + timeout; stuck 3 timeouts after that.
+    assert_eq!(saga.stuck_at(&def, 3), Some(T0 + timeout + 3 * timeout));
+    apply(&mut saga, &def, err(CHARGE, 1, "unavailable"), T0 + 5);
+    let retry_at = saga.steps[CHARGE].due_at.unwrap();
+    assert_eq!(
+        saga.stuck_at(&def, 3),
+        Some(retry_at.max(T0 + 5) + 3 * timeout)
+    );
+    // Finished or parked sagas are never "stuck": they are done or already flagged.
+    let (mut declined, _) = start(&def);
+    apply(&mut declined, &def, err(CHARGE, 1, "declined"), T0 + 1);
+    apply(&mut declined, &def, ok(AFTER, 1), T0 + 2);
+    assert!(declined.is_terminal());
+    assert_eq!(declined.stuck_at(&def, 3), None);
 }
