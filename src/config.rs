@@ -69,12 +69,17 @@ pub struct NodeConfig {
     pub demo: DemoConfig,
     /// Stream and KV settings.
     pub streams: StreamsConfig,
+    /// How long finished sagas are kept.
+    pub retention: RetentionConfig,
     /// Consumer settings.
     pub consumers: ConsumerConfig,
     /// Membership and partition leases.
     pub cluster: ClusterConfig,
     /// `text` or `json`.
     pub log_format: String,
+    /// OpenTelemetry collector (`http://host:4317`) spans are exported to over OTLP/gRPC, in a
+    /// build with the `otel` feature; unset: no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Knobs of the demo participant services.
@@ -101,18 +106,41 @@ pub struct DemoConfig {
 pub struct StreamsConfig {
     /// Replicas of every stream and bucket: 1 for dev, 3 in production (durability comes from replication).
     pub replicas: usize,
-    /// How long events, commands and status events are kept.
+    /// How long events, commands and status events are kept (0: no age limit).
     #[serde(with = "humantime_secs")]
     pub max_age: Duration,
-    /// Window in which a republished message with the same `Nats-Msg-Id` is dropped by the server.
+    /// Window in which a republished message with the same `Nats-Msg-Id` is dropped by the
+    /// server (de-duplication of commands and control events; not the API's idempotency).
     #[serde(with = "humantime_secs")]
     pub duplicate_window: Duration,
-    /// Size cap per stream, bytes (-1: unlimited).
+    /// Size cap per stream, bytes (-1: unlimited). Not applied to the snapshot bucket.
     pub max_bytes: i64,
-    /// How long dead letters are kept.
+    /// How long dead letters are kept (0: no age limit).
     #[serde(with = "humantime_secs")]
     pub dlq_max_age: Duration,
+    /// Revisions kept per saga in the snapshot bucket `sagaflow_sagas` (1..=64); older ones
+    /// are for inspection with NATS tools only.
+    pub kv_history: i64,
 }
+
+/// Retention of finished sagas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How long the snapshot of a finished saga (COMPLETED, COMPENSATED or FAILED phase) is
+    /// kept after it finished, then removed by the server (per-message TTL, whole seconds,
+    /// rounded up). `PlaceOrder`/`StartSaga` stay idempotent on the id for at least this long.
+    /// At least 1 s and at least `streams.duplicate_window`.
+    #[serde(with = "humantime_secs")]
+    pub finished_sagas: Duration,
+}
+
+/// Shortest allowed [`RetentionConfig::finished_sagas`] (the server's TTL granularity).
+pub const MIN_FINISHED_SAGAS: Duration = Duration::from_secs(1);
+/// Longest allowed [`RetentionConfig::finished_sagas`] (about ten years).
+pub const MAX_FINISHED_SAGAS: Duration = Duration::from_secs(3650 * 24 * 3600);
+/// Most revisions a JetStream KV bucket keeps per key.
+pub const MAX_KV_HISTORY: i64 = 64;
 
 /// Consumer tuning.
 #[derive(Debug, Clone, Deserialize)]
@@ -143,9 +171,11 @@ impl Default for NodeConfig {
             demo_services: false,
             demo: DemoConfig::default(),
             streams: StreamsConfig::default(),
+            retention: RetentionConfig::default(),
             consumers: ConsumerConfig::default(),
             cluster: ClusterConfig::default(),
             log_format: "text".to_string(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -174,6 +204,15 @@ impl Default for StreamsConfig {
             duplicate_window: Duration::from_secs(120),
             max_bytes: -1,
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+            kv_history: 1,
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            finished_sagas: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -343,6 +382,7 @@ impl NodeConfig {
                 self.streams.replicas
             ));
         }
+        self.validate_retention()?;
         if !(1..=256).contains(&self.demo.instances) {
             return bad(format!(
                 "`demo.instances` must be in 1..=256, got {}",
@@ -380,6 +420,61 @@ impl NodeConfig {
             return bad(format!(
                 "`log_format` must be `text` or `json`, got {:?}",
                 self.log_format
+            ));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            crate::telemetry::check_endpoint(endpoint).map_err(|m| invalid(None, m))?;
+        }
+        Ok(())
+    }
+
+    /// Stream limits, the snapshot bucket's history and `retention.*`.
+    fn validate_retention(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(invalid(None, m));
+        let s = &self.streams;
+        if s.max_bytes != -1 && s.max_bytes < 1 {
+            return bad(format!(
+                "`streams.max_bytes` must be -1 (unlimited) or a positive number of bytes, got {}",
+                s.max_bytes
+            ));
+        }
+        if s.duplicate_window < Duration::from_secs(1) {
+            return bad(format!(
+                "`streams.duplicate_window` must be at least 1s, got {:?}",
+                s.duplicate_window
+            ));
+        }
+        // JetStream refuses a duplicate window longer than the stream's max age.
+        for (name, age) in [
+            ("streams.max_age", s.max_age),
+            ("streams.dlq_max_age", s.dlq_max_age),
+        ] {
+            if !age.is_zero() && age < s.duplicate_window {
+                return bad(format!(
+                    "`{name}` ({age:?}) must be 0 (no limit) or at least `streams.duplicate_window` ({:?})",
+                    s.duplicate_window
+                ));
+            }
+        }
+        if !(1..=MAX_KV_HISTORY).contains(&s.kv_history) {
+            return bad(format!(
+                "`streams.kv_history` must be in 1..={MAX_KV_HISTORY}, got {}",
+                s.kv_history
+            ));
+        }
+        let keep = self.retention.finished_sagas;
+        if !(MIN_FINISHED_SAGAS..=MAX_FINISHED_SAGAS).contains(&keep) {
+            return bad(format!(
+                "`retention.finished_sagas` must be between 1s and 3650d, got {keep:?}"
+            ));
+        }
+        // A saga id placed again once its snapshot is gone starts a new saga whose start
+        // event and commands reuse the old `Nats-Msg-Id`s: inside the window the server would
+        // drop them as duplicates and the new saga would never start.
+        if keep < s.duplicate_window {
+            return bad(format!(
+                "`retention.finished_sagas` ({keep:?}) must be at least `streams.duplicate_window` ({:?})",
+                s.duplicate_window
             ));
         }
         Ok(())
@@ -505,6 +600,85 @@ mod tests {
         assert_eq!(c.http_addr.port(), 9100, "env beats file");
         let c = c.with_http_addr(Some("127.0.0.1:9200".parse().unwrap()));
         assert_eq!(c.http_addr.port(), 9200, "flag beats env");
+    }
+
+    #[test]
+    fn retention_settings_default_layer_and_validate() {
+        let c = NodeConfig::load(None, &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.streams.kv_history, 1);
+        assert_eq!(
+            c.retention.finished_sagas,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        assert_eq!(c.streams.duplicate_window, Duration::from_secs(120));
+        assert_eq!(c.streams.max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.streams.max_bytes, -1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "[streams]\nkv_history = 5\nmax_bytes = 1048576\n[retention]\nfinished_sagas = \"36h\"\n",
+        )
+        .unwrap();
+        let c = NodeConfig::load(Some(&file), &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.streams.kv_history, 5);
+        assert_eq!(c.streams.max_bytes, 1_048_576);
+        assert_eq!(c.retention.finished_sagas, Duration::from_secs(36 * 3600));
+        let env: BTreeMap<String, String> = [
+            ("SAGAFLOW_STREAMS__KV_HISTORY", "64"),
+            ("SAGAFLOW_RETENTION__FINISHED_SAGAS", "2s"),
+            ("SAGAFLOW_STREAMS__DUPLICATE_WINDOW", "1s"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = NodeConfig::load(Some(&file), &env, &Overrides::default()).unwrap();
+        assert_eq!(c.streams.kv_history, 64, "env beats file");
+        assert_eq!(c.retention.finished_sagas, Duration::from_secs(2));
+        assert_eq!(c.streams.duplicate_window, Duration::from_secs(1));
+
+        let refused = |key: &str, value: &str, needle: &str| {
+            let env: BTreeMap<String, String> = [(key.to_string(), value.to_string())].into();
+            let err = NodeConfig::load(None, &env, &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{key}={value}: {err}");
+        };
+        refused("SAGAFLOW_STREAMS__KV_HISTORY", "0", "streams.kv_history");
+        refused("SAGAFLOW_STREAMS__KV_HISTORY", "65", "streams.kv_history");
+        refused(
+            "SAGAFLOW_RETENTION__FINISHED_SAGAS",
+            "500ms",
+            "retention.finished_sagas",
+        );
+        // Shorter than the default duplicate window (2m).
+        refused(
+            "SAGAFLOW_RETENTION__FINISHED_SAGAS",
+            "1m",
+            "at least `streams.duplicate_window`",
+        );
+        refused(
+            "SAGAFLOW_RETENTION__FINISHED_SAGAS",
+            "3651d",
+            "retention.finished_sagas",
+        );
+        refused(
+            "SAGAFLOW_RETENTION__FINISHED_SAGAS",
+            "soon",
+            "invalid duration",
+        );
+        refused("SAGAFLOW_RETENTION__KEEP", "1d", "keep");
+        refused("SAGAFLOW_STREAMS__MAX_BYTES", "0", "streams.max_bytes");
+        refused(
+            "SAGAFLOW_STREAMS__DUPLICATE_WINDOW",
+            "0s",
+            "streams.duplicate_window",
+        );
+        refused("SAGAFLOW_STREAMS__MAX_AGE", "1m", "streams.max_age");
+        // 0 is "no age limit" in JetStream, so any duplicate window fits.
+        let env: BTreeMap<String, String> =
+            [("SAGAFLOW_STREAMS__MAX_AGE".to_string(), "0s".to_string())].into();
+        let c = NodeConfig::load(None, &env, &Overrides::default()).unwrap();
+        assert!(c.streams.max_age.is_zero());
     }
 
     #[test]

@@ -42,6 +42,12 @@ use crate::metrics::{Metrics, Readiness};
 use crate::store::KvStateStore;
 use crate::topology;
 
+/// A saga with no progress for this many times its step timeout (after its next due time) is
+/// flagged stuck.
+pub const STUCK_MULTIPLE: u32 = 3;
+/// How often each node counts its parked and stuck sagas (for metrics and logs).
+pub const CENSUS_EVERY: Duration = Duration::from_secs(5);
+
 /// Why a node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -260,11 +266,18 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        store: Arc::new(KvStateStore::new(sagas_kv.clone(), config.partitions)),
+        store: Arc::new(
+            KvStateStore::new(sagas_kv.clone(), config.partitions)
+                .expire_finished(js.clone(), config.retention.finished_sagas),
+        ),
         bus: Arc::new(JetStreamBus::new(js.clone(), config.partitions)),
         clock: Arc::new(now_ms),
         partitions: config.partitions,
         observer: metrics.clone(),
+        parker: Arc::new(crate::dlq::DlqParker::new(js.clone(), config.partitions)),
+        stuck_multiple: STUCK_MULTIPLE,
+        census_every: CENSUS_EVERY,
+        census: std::sync::Mutex::default(),
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)
         .await

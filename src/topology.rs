@@ -6,7 +6,7 @@
 //! | `SAGA_COMMANDS` | stream | `sagaflow.cmd.<service>.<action>` |
 //! | `SAGA_STATUS` | stream | `sagaflow.status.<saga_name>.<saga_id>` (lifecycle events) |
 //! | `SAGA_DLQ` | stream | `sagaflow.dlq.<source>` (original bytes + reason headers) |
-//! | `sagaflow_sagas` | KV | `<partition>.<saga_id>` → snapshot |
+//! | `sagaflow_sagas` | KV | `<partition>.<saga_id>` → snapshot (history `streams.kv_history`; finished ones expire after `retention.finished_sagas`) |
 
 use std::time::Duration;
 
@@ -48,6 +48,12 @@ pub fn status_subject(saga_name: &str, saga_id: &str) -> String {
 /// Subject of a dead letter from `source`.
 pub fn dlq_subject(source: &str) -> String {
     format!("sagaflow.dlq.{source}")
+}
+
+/// Subject of the dead letter of a parked saga (one subject per saga, so resuming the saga
+/// can settle its dead letters).
+pub fn parked_dlq_subject(saga_id: &str) -> String {
+    format!("sagaflow.dlq.saga.{saga_id}")
 }
 
 /// Key of a saga's snapshot.
@@ -110,18 +116,63 @@ pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<kv::
         };
         ensure_stream(js, config).await?;
     }
-    ensure_bucket(
+    ensure_sagas_bucket(js, cfg).await
+}
+
+/// Opens the snapshot bucket, creating it if needed, and brings its stream to the configured
+/// settings: `max_messages_per_subject` = `streams.kv_history`, and `allow_msg_ttl` on (finished
+/// snapshots carry a per-message TTL, see [`crate::store`]). A bucket created by an older
+/// version (history 1, no TTL) is upgraded in place; its keys are kept. Per-message TTL can be
+/// turned on but never off again (NATS ≥ 2.11). Delete markers (`subject_delete_marker_ttl`)
+/// are left as they are (off when created here): an expired snapshot leaves no message.
+pub async fn ensure_sagas_bucket(
+    js: &jetstream::Context,
+    cfg: &StreamsConfig,
+) -> Result<kv::Store, Error> {
+    let store = ensure_bucket(
         js,
         kv::Config {
             bucket: SAGAS_BUCKET.to_string(),
             description: "latest saga snapshot per saga".to_string(),
-            history: 1,
+            history: cfg.kv_history,
             storage: stream::StorageType::File,
             num_replicas: cfg.replicas,
             ..Default::default()
         },
     )
-    .await
+    .await?;
+    let err = |e: &dyn std::fmt::Display| Error {
+        what: "bucket",
+        name: SAGAS_BUCKET.to_string(),
+        message: e.to_string(),
+    };
+    let mut stream = js
+        .get_stream(&store.stream_name)
+        .await
+        .map_err(|e| err(&e))?;
+    let current = stream.info().await.map_err(|e| err(&e))?.config.clone();
+    if current.max_messages_per_subject == cfg.kv_history && current.allow_message_ttl {
+        return Ok(store);
+    }
+    tracing::info!(
+        bucket = SAGAS_BUCKET,
+        history = current.max_messages_per_subject,
+        allow_msg_ttl = current.allow_message_ttl,
+        new_history = cfg.kv_history,
+        "updating the snapshot bucket's settings"
+    );
+    let mut desired = current;
+    desired.max_messages_per_subject = cfg.kv_history;
+    desired.allow_message_ttl = true;
+    let updated = js.update_stream(desired).await.map_err(|e| err(&e))?;
+    if !updated.config.allow_message_ttl {
+        // A server before 2.11 ignores the field: finished sagas would never be removed.
+        return Err(err(
+            &"the server did not enable per-message TTL (allow_msg_ttl): NATS ≥ 2.11 is required",
+        ));
+    }
+    // Reopen, so the handle's cached stream settings are the new ones.
+    js.get_key_value(SAGAS_BUCKET).await.map_err(|e| err(&e))
 }
 
 /// Creates a stream, or updates it when it exists with other settings.
@@ -135,13 +186,11 @@ pub async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> R
     match js.get_stream(&name).await {
         Ok(mut s) => {
             let info = s.info().await.map_err(|e| err(&e))?;
-            let current = &info.config;
-            if current.subjects != config.subjects
-                || current.max_age != config.max_age
-                || current.max_bytes != config.max_bytes
-                || current.duplicate_window != config.duplicate_window
-                || current.num_replicas != config.num_replicas
-            {
+            if stream_differs(&info.config, &config) {
+                tracing::info!(stream = %name, "updating the stream's settings");
+                let mut config = config;
+                // The server refuses to turn per-message TTL off again.
+                config.allow_message_ttl |= info.config.allow_message_ttl;
                 js.update_stream(config).await.map_err(|e| err(&e))?;
             }
             Ok(())
@@ -156,6 +205,22 @@ pub async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> R
             Err(e) => Err(err(&e)),
         },
     }
+}
+
+/// Whether a stream's `current` settings differ from the `desired` ones in what Sagaflow
+/// configures. Values the server fills in (a limit of 0 stored as -1, a duplicate window of 0
+/// stored as the server's default) are not differences; per-message TTL, once on, cannot be
+/// turned off, so only a stream lacking it differs.
+pub fn stream_differs(current: &stream::Config, desired: &stream::Config) -> bool {
+    let limit = |v: i64| if v <= 0 { -1 } else { v };
+    current.subjects != desired.subjects
+        || current.max_age != desired.max_age
+        || limit(current.max_bytes) != limit(desired.max_bytes)
+        || limit(current.max_messages_per_subject) != limit(desired.max_messages_per_subject)
+        || (!desired.duplicate_window.is_zero()
+            && current.duplicate_window != desired.duplicate_window)
+        || current.num_replicas != desired.num_replicas.max(1)
+        || (desired.allow_message_ttl && !current.allow_message_ttl)
 }
 
 /// Opens a bucket, creating it if needed.
