@@ -3,12 +3,17 @@
 //! Every command carries `Nats-Msg-Id = command_id`, so republishing after a crash is
 //! de-duplicated by the server within the stream's duplicate window (and by the participants'
 //! idempotency keys beyond it). Publishes are pipelined: all are sent, then all acks awaited.
+//!
+//! Every command is published inside a `step.attempt` span (one per attempt, forward or
+//! compensation) in the saga's trace, and carries that span's W3C `traceparent` header so the
+//! participant's handling joins the trace (see [`crate::telemetry`]).
 
 use std::future::IntoFuture;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::future::try_join_all;
 use prost::Message as _;
 use sagaflow_actors::definition::SagaDefinition;
@@ -16,7 +21,9 @@ use sagaflow_actors::hash::partition_of;
 use sagaflow_actors::machine::{CommandSpec, Saga};
 use sagaflow_actors::ports::{CommandBus, Error};
 use sagaflow_proto::v1;
+use tracing::Instrument as _;
 
+use crate::telemetry;
 use crate::topology::{command_subject, event_subject, status_subject};
 
 /// The command id of one attempt (`Nats-Msg-Id`).
@@ -73,6 +80,61 @@ pub fn build_command(
     Some((command_subject(&action.service, &action.name), cmd))
 }
 
+/// One command ready to publish, inside the span of its attempt.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// `sagaflow.cmd.<service>.<action>`.
+    pub subject: String,
+    /// `Nats-Msg-Id` (the command id) and `traceparent` (the attempt's span).
+    pub headers: HeaderMap,
+    /// The encoded [`v1::Command`].
+    pub payload: Bytes,
+    /// The `step.attempt` span (producer), ended once the server stored the command.
+    pub span: tracing::Span,
+    /// The trace context in `headers`.
+    pub trace: telemetry::TraceParent,
+}
+
+/// Builds one attempt's command with its headers, in a new `step.attempt` span: a child of the
+/// saga's root span, in the saga's trace.
+pub fn prepare(
+    def: &SagaDefinition,
+    saga: &Saga,
+    spec: CommandSpec,
+    partitions: u32,
+) -> Option<Outgoing> {
+    let (subject, cmd) = build_command(def, saga, spec, partitions)?;
+    let root = telemetry::saga_root(&saga.id);
+    let span = tracing::info_span!(
+        "step.attempt",
+        otel.kind = "producer",
+        otel.status_description = tracing::field::Empty,
+        saga.id = %saga.id,
+        saga.name = %saga.definition,
+        step = %cmd.step,
+        attempt = cmd.attempt,
+        compensation = cmd.compensation,
+        service = %cmd.service,
+        action = %cmd.action,
+        messaging.system = "nats",
+        messaging.destination.name = %subject,
+        messaging.message.id = %cmd.command_id,
+        trace_id = %root.trace_id_hex(),
+        duplicate = tracing::field::Empty,
+    );
+    let trace = telemetry::continue_trace(&span, &root);
+    let mut headers = HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, cmd.command_id.as_str());
+    telemetry::inject(&mut headers, &trace, None);
+    Some(Outgoing {
+        subject,
+        headers,
+        payload: cmd.encode_to_vec().into(),
+        span,
+        trace,
+    })
+}
+
 /// [`CommandBus`] over JetStream.
 #[derive(Clone, Debug)]
 pub struct JetStreamBus {
@@ -84,6 +146,14 @@ impl JetStreamBus {
     /// A bus publishing through `js`.
     pub fn new(js: jetstream::Context, partitions: u32) -> Self {
         JetStreamBus { js, partitions }
+    }
+}
+
+/// Marks the spans of attempts whose command may not have been stored (the saga retries).
+fn failed<'a>(spans: impl Iterator<Item = &'a tracing::Span>, e: &Error) {
+    let message = e.to_string();
+    for span in spans {
+        span.record("otel.status_description", message.as_str());
     }
 }
 
@@ -103,25 +173,45 @@ impl CommandBus for JetStreamBus {
         commands: &[CommandSpec],
     ) -> Result<(), Error> {
         let mut acks = Vec::with_capacity(commands.len());
+        // Each attempt's span lasts until the server stored its command.
+        let mut spans = Vec::with_capacity(commands.len());
         for spec in commands {
-            let Some((subject, cmd)) = build_command(def, saga, *spec, self.partitions) else {
+            let Some(out) = prepare(def, saga, *spec, self.partitions) else {
                 tracing::error!(saga_id = %saga.id, ?spec, "command names a step or compensation the definition lacks");
                 continue;
             };
-            let mut headers = HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, cmd.command_id.as_str());
-            tracing::debug!(saga_id = %saga.id, command_id = %cmd.command_id, %subject, "publishing command");
-            let ack = self
+            tracing::debug!(parent: &out.span, subject = %out.subject, "publishing command");
+            let published = self
                 .js
-                .publish_with_headers(subject, headers, cmd.encode_to_vec().into())
-                .await
-                .map_err(|e| transport("publish command")(&e))?;
+                .publish_with_headers(out.subject, out.headers, out.payload)
+                .instrument(out.span.clone())
+                .await;
+            let ack = match published {
+                Ok(ack) => ack,
+                Err(e) => {
+                    let e = transport("publish command")(&e);
+                    failed(spans.iter().chain([&out.span]), &e);
+                    return Err(e);
+                }
+            };
             acks.push(ack.into_future());
+            spans.push(out.span);
         }
-        try_join_all(acks)
-            .await
-            .map_err(|e| transport("publish command")(&e))?;
-        Ok(())
+        match try_join_all(acks).await {
+            Ok(stored) => {
+                // A republished attempt (recovery, a redelivered event) is dropped by the
+                // server's de-duplication: say so, the trace then shows why two spans exist.
+                for (span, ack) in spans.iter().zip(stored) {
+                    span.record("duplicate", ack.duplicate);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let e = transport("publish command")(&e);
+                failed(spans.iter(), &e);
+                Err(e)
+            }
+        }
     }
 
     async fn announce(
@@ -158,6 +248,64 @@ impl CommandBus for JetStreamBus {
             .map_err(|e| transport("publish status")(&e))?
             .await
             .map_err(|e| transport("publish status")(&e))?;
+        // The saga's last status change: its root span can be exported now that its end is
+        // known (earlier changes of the same transition see the same terminal snapshot).
+        if saga.is_terminal() && sequence == saga.status_seq {
+            telemetry::saga_finished(saga);
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use sagaflow_actors::machine::Effect;
+
+    use super::*;
+    use crate::telemetry::{saga_root_span_id, saga_trace_id, TraceParent, TRACEPARENT};
+
+    #[test]
+    fn commands_carry_the_message_id_and_the_sagas_trace_context() {
+        let def = sagaflow_actors::definition::parse(
+            include_str!("../sagas/order.toml"),
+            Path::new("sagas/order.toml"),
+        )
+        .unwrap();
+        let (saga, t) = Saga::start(&def, "order-T-1".into(), b"{}".to_vec(), 1_000);
+        let specs: Vec<CommandSpec> = t
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(c) => Some(*c),
+                _ => None,
+            })
+            .collect();
+        assert!(!specs.is_empty(), "the saga starts with a command");
+        let mut span_ids = Vec::new();
+        for &spec in &specs {
+            let out = prepare(&def, &saga, spec, 4).unwrap();
+            let cmd = v1::Command::decode(out.payload.as_ref()).unwrap();
+            assert_eq!(
+                out.headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.as_str()),
+                Some(cmd.command_id.as_str())
+            );
+            let raw = out.headers.get(TRACEPARENT).unwrap().as_str();
+            assert_eq!(raw.len(), 55, "{raw}");
+            assert!(raw.starts_with("00-") && raw.ends_with("-01"), "{raw}");
+            let tp = TraceParent::parse(raw).unwrap();
+            assert_eq!(tp, out.trace);
+            assert_eq!(tp.trace_id, saga_trace_id("order-T-1"), "the saga's trace");
+            assert_ne!(tp.parent_id, saga_root_span_id("order-T-1"), "its own span");
+            span_ids.push(tp.parent_id);
+        }
+        // A republished attempt is a new span in the same trace.
+        let again = prepare(&def, &saga, specs[0], 4).unwrap();
+        assert_eq!(again.trace.trace_id, saga_trace_id("order-T-1"));
+        assert!(!span_ids.contains(&again.trace.parent_id));
     }
 }

@@ -116,9 +116,19 @@ pub struct NodeArgs {
     /// This node's id in the cluster.
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
-    /// Log format.
+    /// Log format on stderr: `text`, or `json` (one object per line).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// OpenTelemetry collector to export spans to over OTLP/gRPC (`http://host:4317`); also
+    /// `otlp_endpoint` in the file, `SAGAFLOW_OTLP_ENDPOINT`, or the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`. Needs a build with `--features otel`.
+    #[arg(long, value_name = "URL", value_parser = parse_otlp_endpoint)]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Checks `--otlp-endpoint`.
+fn parse_otlp_endpoint(s: &str) -> Result<String, String> {
+    crate::telemetry::check_endpoint(s.trim()).map(|()| s.trim().to_string())
 }
 
 /// Log output format.
@@ -267,6 +277,88 @@ pub enum SagaCommand {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// List sagas that need an operator: parked NEEDS_ATTENTION, or stuck.
+    Attention {
+        /// Node (any node answers).
+        #[command(flatten)]
+        server: ServerArg,
+        /// Only sagas of this definition.
+        #[arg(long = "saga", value_name = "NAME")]
+        saga_name: Option<String>,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Send the next attempt of the current step now, with a fresh retry budget (a step
+    /// waiting to retry or hanging, or the compensation that parked the saga).
+    Retry {
+        /// Saga and operator.
+        #[command(flatten)]
+        target: Intervene,
+        /// Only this step.
+        #[arg(long, value_name = "STEP")]
+        step: Option<String>,
+    },
+    /// Settle a step by hand as if its participant had answered: a forward step succeeds with
+    /// `--result`; a compensation (or a parked pivot) counts as done.
+    Skip {
+        /// Saga and operator.
+        #[command(flatten)]
+        target: Intervene,
+        /// The step.
+        #[arg(long, value_name = "STEP")]
+        step: String,
+        /// The step's result, JSON.
+        #[arg(long, value_name = "JSON", value_parser = parse_json)]
+        result: Option<String>,
+    },
+    /// Stop going forward and compensate (also: compensate through a parked pivot).
+    Compensate {
+        /// Saga and operator.
+        #[command(flatten)]
+        target: Intervene,
+    },
+    /// Cancel a running saga: it compensates what was done.
+    Cancel {
+        /// Saga and operator.
+        #[command(flatten)]
+        target: Intervene,
+    },
+    /// Give up on a parked saga: it ends FAILED as it stands.
+    Abandon {
+        /// Saga and operator.
+        #[command(flatten)]
+        target: Intervene,
+    },
+}
+
+/// The saga an operator acts on, and who and why (journaled in the saga's history).
+#[derive(Debug, Args)]
+pub struct Intervene {
+    /// Node.
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Saga id.
+    #[arg(value_name = "ID")]
+    pub saga_id: String,
+    /// Who acts (default: $USER).
+    #[arg(long, value_name = "NAME", env = "USER", hide_env_values = true)]
+    pub operator: String,
+    /// Why.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub reason: String,
+    /// Idempotency key: repeating a command with the same id applies it once.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
+    /// Output.
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+fn parse_json(s: &str) -> Result<String, String> {
+    serde_json::from_str::<serde_json::Value>(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("not JSON: {e}"))
 }
 
 /// `sagaflow analytics ...`.
@@ -457,8 +549,11 @@ impl Cli {
                     node_id: args.node_id,
                     log_format: args.log_format.map(|f| f.as_str().to_string()),
                 };
-                let config = NodeConfig::load(args.config.as_deref(), &node_env(), &overrides)?
+                let mut config = NodeConfig::load(args.config.as_deref(), &node_env(), &overrides)?
                     .with_http_addr(args.http_addr);
+                if let Some(endpoint) = args.otlp_endpoint {
+                    config.otlp_endpoint = Some(endpoint);
+                }
                 Plan::Node(Box::new(config))
             }
             Command::Dev(args) => Plan::Dev(DevOptions {
@@ -480,6 +575,36 @@ impl Plan {
         match self {
             Plan::Node(config) if config.log_format == "json" => LogFormat::Json,
             _ => LogFormat::Text,
+        }
+    }
+
+    /// What to initialise tracing with: the log format and, for `node` and `dev`, the OTLP
+    /// endpoint (the node's `otlp_endpoint`, else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). Client commands export nothing.
+    pub fn telemetry(&self) -> crate::telemetry::Settings {
+        let standard = || {
+            [
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ]
+            .into_iter()
+            .filter_map(|k| std::env::var(k).ok())
+            .map(|v| v.trim().to_string())
+            .find(|v| !v.is_empty())
+        };
+        let (otlp_endpoint, service_instance) = match self {
+            Plan::Node(config) => (
+                config.otlp_endpoint.clone().or_else(standard),
+                Some(config.node_id.clone()),
+            ),
+            Plan::Dev(_) => (standard(), None),
+            _ => (None, None),
+        };
+        crate::telemetry::Settings {
+            log_format: self.log_format(),
+            log_filter: None,
+            otlp_endpoint,
+            service_instance,
         }
     }
 
@@ -510,23 +635,11 @@ fn node_env() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Initialises tracing to stderr (stdout is for command output): `RUST_LOG` filter, default
-/// `info`. Does nothing if a subscriber is already set.
-pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a terminal: logs redirected to a file stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    // Already initialised (tests): keep the existing subscriber.
-    drop(result);
+/// Initialises tracing (see [`crate::telemetry::init`]): logs to stderr (stdout is for command
+/// output), `RUST_LOG` filter, default `info`, and the OTLP export when configured. Does
+/// nothing if a subscriber is already set. Shut the guard down before exiting.
+pub fn init_tracing(settings: &crate::telemetry::Settings) -> crate::telemetry::Guard {
+    crate::telemetry::init(settings)
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

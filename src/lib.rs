@@ -27,4 +27,5 @@ pub mod nats_server;
 pub mod node;
 pub mod participant;
 pub mod store;
+pub mod telemetry;
 pub mod topology;

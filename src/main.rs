@@ -14,9 +14,12 @@ async fn main() -> ExitCode {
         Ok(plan) => plan,
         Err(e) => return cli::report(&e),
     };
-    cli::init_tracing(plan.log_format());
-    match plan.run().await {
+    let telemetry = cli::init_tracing(&plan.telemetry());
+    let code = match plan.run().await {
         Ok(code) => code,
         Err(e) => cli::report(&e),
-    }
+    };
+    // Export the last spans (bounded: an unreachable collector does not hold the exit).
+    telemetry.shutdown().await;
+    code
 }

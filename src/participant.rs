@@ -4,6 +4,10 @@
 //! A participant in another language does the same with any NATS client: pull from the
 //! service's consumer, do the work idempotently (keyed by `idempotency_key`), publish a
 //! protobuf `Reply` to `reply_subject`, then ack. See `docs/participants.md`.
+//!
+//! Each command is handled inside a `participant.handle` span (consumer), a child of the
+//! `step.attempt` span named by the command's `traceparent` header (or of the saga's root when
+//! the header is missing or invalid); the reply carries the handling span's `traceparent`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +22,12 @@ use sagaflow_actors::ports::Delivery;
 use sagaflow_actors::service::{Job, ServicePoolMsg};
 use sagaflow_proto::v1;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::config::ConsumerConfig;
 use crate::consume::{pull_forever, Flow};
 use crate::dlq::JsDelivery;
+use crate::telemetry::{self, TraceParent};
 use crate::topology::COMMANDS_STREAM;
 
 /// What a participant's handler decided.
@@ -155,21 +161,74 @@ impl CommandJob {
                     .await
             }
         };
+        let headers = self.message.headers.as_ref();
+        let parent = TraceParent::from_headers(headers)
+            .unwrap_or_else(|| telemetry::saga_root(&cmd.saga_id));
+        let tracestate = telemetry::header(headers, telemetry::TRACESTATE).map(str::to_string);
+        let span = tracing::info_span!(
+            "participant.handle",
+            otel.kind = "consumer",
+            otel.status_description = tracing::field::Empty,
+            saga.id = %cmd.saga_id,
+            saga.name = %cmd.saga_name,
+            step = %cmd.step,
+            attempt = cmd.attempt,
+            compensation = cmd.compensation,
+            service = %cmd.service,
+            action = %cmd.action,
+            messaging.system = "nats",
+            messaging.message.id = %cmd.command_id,
+            trace_id = %parent.trace_id_hex(),
+            outcome = tracing::field::Empty,
+            outcome.kind = tracing::field::Empty,
+        );
+        let trace = telemetry::continue_trace(&span, &parent);
+        self.answer(cmd, delivery, trace, tracestate)
+            .instrument(span)
+            .await;
+    }
+
+    /// Handles a decoded command inside its `participant.handle` span, replies (with `trace` as
+    /// the reply's trace context) and acks.
+    async fn answer(
+        self,
+        cmd: v1::Command,
+        delivery: Box<JsDelivery>,
+        trace: TraceParent,
+        tracestate: Option<String>,
+    ) {
+        let span = tracing::Span::current();
         // Load shedding: the saga stopped waiting for this attempt (it timed out, and a newer
         // attempt with the same idempotency key is or will be out). Doing it now would only
         // delay the commands that still matter.
         if cmd.deadline_unix_ms > 0 && crate::dlq::now_ms() > cmd.deadline_unix_ms {
+            span.record("outcome", "expired");
             tracing::debug!(command_id = %cmd.command_id, "command expired before it was handled, skipped");
             return delivery.ack().await;
         }
-        tracing::debug!(saga_id = %cmd.saga_id, step = %cmd.step, service = %cmd.service, action = %cmd.action, attempt = cmd.attempt, "handling command");
+        tracing::debug!("handling command");
         let outcome = match self.participant.handle(&cmd).await {
             Ok(o) => o,
             Err(Unavailable(e)) => {
+                span.record("outcome", "unavailable");
+                span.record("otel.status_description", e.as_str());
                 tracing::warn!(command_id = %cmd.command_id, error = %e, "participant unavailable, command returned");
                 return delivery.nak(Duration::from_millis(500)).await;
             }
         };
+        match &outcome {
+            Outcome::Success(_) => {
+                span.record("outcome", "success");
+            }
+            Outcome::Failure { kind, message } => {
+                span.record("outcome", "failure");
+                span.record("outcome.kind", kind.as_str());
+                span.record(
+                    "otel.status_description",
+                    format!("{kind}: {message}").as_str(),
+                );
+            }
+        }
         let reply = v1::Reply {
             command_id: cmd.command_id.clone(),
             saga_id: cmd.saga_id.clone(),
@@ -188,6 +247,7 @@ impl CommandJob {
             async_nats::header::NATS_MESSAGE_ID,
             format!("reply/{}", cmd.command_id).as_str(),
         );
+        telemetry::inject(&mut headers, &trace, tracestate.as_deref());
         let published = match self
             .js
             .publish_with_headers(
@@ -203,6 +263,10 @@ impl CommandJob {
         match published {
             Ok(()) => delivery.ack().await,
             Err(e) => {
+                span.record(
+                    "otel.status_description",
+                    format!("reply not published: {e}").as_str(),
+                );
                 tracing::warn!(command_id = %cmd.command_id, error = %e, "cannot publish reply, command returned");
                 delivery.nak(Duration::from_millis(500)).await;
             }

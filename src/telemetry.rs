@@ -1,0 +1,727 @@
+//! Tracing: logs as text or JSON, one trace per saga with W3C trace context carried in NATS
+//! message headers, and (cargo feature `otel`) OpenTelemetry export over OTLP/gRPC.
+//!
+//! ```text
+//!  saga `order-A-100`                      trace id = saga_trace_id("order-A-100"), stored nowhere
+//!  └─ saga (root, id = saga_root_span_id)  exported once, when the saga reaches a terminal status
+//!     ├─ step.attempt  (producer)          bus.rs: one per published command (forward or undo)
+//!     │  │   command headers: traceparent = 00-<trace id>-<step.attempt span id>-01
+//!     │  └─ participant.handle (consumer)  participant.rs: the handling of that command
+//!     │        reply headers: traceparent = 00-<trace id>-<participant.handle span id>-01
+//!     └─ step.attempt …
+//! ```
+//!
+//! **One trace per saga, without storing anything.** The trace id is a hash of the saga id
+//! ([`saga_trace_id`]), so every node, every restart, every takeover and every participant
+//! lands in the same trace. The saga's root span has a span id derived the same way
+//! ([`saga_root_span_id`]); step attempts are its children before it is even exported (it is
+//! exported when the saga finishes, with the saga's start and end times).
+//!
+//! **Propagation works in every build.** [`TraceParent`] formats and parses the W3C
+//! `traceparent` header itself, so commands carry trace context whether or not the `otel`
+//! feature is compiled in, and a participant written in another language can continue the
+//! trace with its own OpenTelemetry SDK. Without the feature, span ids are random and only
+//! appear in headers and in log fields; with it (and an endpoint), they are the exported ids.
+//!
+//! **Initialisation.** [`init`] installs the global `tracing` subscriber once per process and
+//! returns a [`Guard`]; [`Guard::shutdown`] flushes pending spans with a bounded timeout.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use sagaflow_actors::hash::fnv1a;
+use sagaflow_actors::machine::Saga;
+
+use crate::cli::LogFormat;
+
+/// Header carrying the W3C trace context (`00-<trace id>-<parent id>-<flags>`).
+pub const TRACEPARENT: &str = "traceparent";
+/// Header carrying vendor trace state; passed through unchanged when present.
+pub const TRACESTATE: &str = "tracestate";
+
+/// How long [`Guard::shutdown`] and [`Guard::flush`] wait for the exporter.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A parsed W3C `traceparent` header (version `00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    /// 128-bit trace id, never zero.
+    pub trace_id: u128,
+    /// 64-bit id of the span that sent the message (the receiver's parent), never zero.
+    pub parent_id: u64,
+    /// Trace flags; bit 0 is "sampled".
+    pub flags: u8,
+}
+
+/// Why a `traceparent` value was refused (the W3C rules: the receiver then starts afresh).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Too short, or version `00` with extra characters.
+    #[error("traceparent has {0} characters, expected 55")]
+    Length(usize),
+    /// Version `ff`, or not two lowercase hex digits.
+    #[error("traceparent version is invalid")]
+    Version,
+    /// A field is not followed by `-`.
+    #[error("traceparent fields must be separated by `-`")]
+    Separator,
+    /// Not 32 lowercase hex digits, or all zero.
+    #[error("traceparent trace id is invalid")]
+    TraceId,
+    /// Not 16 lowercase hex digits, or all zero.
+    #[error("traceparent parent id is invalid")]
+    ParentId,
+    /// Not two lowercase hex digits.
+    #[error("traceparent flags are invalid")]
+    Flags,
+}
+
+/// Lowercase hex digits only, as the spec requires of senders and receivers.
+fn hex(bytes: &[u8]) -> Option<u128> {
+    if bytes.is_empty() || bytes.len() > 32 {
+        return None;
+    }
+    bytes.iter().try_fold(0u128, |acc, b| {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        Some((acc << 4) | u128::from(digit))
+    })
+}
+
+impl TraceParent {
+    /// The "sampled" flag.
+    pub const SAMPLED: u8 = 0x01;
+
+    /// Parses a header value. Versions above `00` are read as `00` (their extra fields are
+    /// ignored), as the spec asks; `ff` is invalid.
+    pub fn parse(value: &str) -> Result<TraceParent, ParseError> {
+        let b = value.trim_matches([' ', '\t']).as_bytes();
+        if b.len() < 55 {
+            return Err(ParseError::Length(b.len()));
+        }
+        let version = hex(&b[0..2]).ok_or(ParseError::Version)?;
+        if version == 0xff {
+            return Err(ParseError::Version);
+        }
+        if version == 0 && b.len() != 55 {
+            return Err(ParseError::Length(b.len()));
+        }
+        if b[2] != b'-' || b[35] != b'-' || b[52] != b'-' || (b.len() > 55 && b[55] != b'-') {
+            return Err(ParseError::Separator);
+        }
+        let trace_id = hex(&b[3..35])
+            .filter(|t| *t != 0)
+            .ok_or(ParseError::TraceId)?;
+        let parent_id = hex(&b[36..52])
+            .and_then(|p| u64::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or(ParseError::ParentId)?;
+        let flags = hex(&b[53..55])
+            .and_then(|f| u8::try_from(f).ok())
+            .ok_or(ParseError::Flags)?;
+        Ok(TraceParent {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+
+    /// The valid `traceparent` of `headers`, if any (an invalid one is ignored, as the spec
+    /// says). The name is matched exactly first, then case-insensitively.
+    pub fn from_headers(headers: Option<&HeaderMap>) -> Option<TraceParent> {
+        header(headers, TRACEPARENT).and_then(|v| TraceParent::parse(v).ok())
+    }
+
+    /// Whether the sender sampled this trace.
+    pub fn sampled(&self) -> bool {
+        self.flags & Self::SAMPLED != 0
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The same trace, with a fresh random span id as the parent.
+    pub fn child(&self) -> TraceParent {
+        TraceParent {
+            parent_id: random_span_id(),
+            ..*self
+        }
+    }
+}
+
+impl fmt::Display for TraceParent {
+    /// Always version `00`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.parent_id, self.flags
+        )
+    }
+}
+
+impl std::str::FromStr for TraceParent {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TraceParent::parse(s)
+    }
+}
+
+/// The value of header `name` (exact match first, then ASCII case-insensitive).
+pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    let headers = headers?;
+    if let Some(v) = headers.get(name) {
+        return Some(v.as_str());
+    }
+    headers
+        .iter()
+        .find(|(k, _)| AsRef::<str>::as_ref(*k).eq_ignore_ascii_case(name))
+        .and_then(|(_, values)| values.first())
+        .map(|v| v.as_str())
+}
+
+/// Sets `traceparent` (and `tracestate` when given and non-empty) on `headers`.
+pub fn inject(headers: &mut HeaderMap, context: &TraceParent, tracestate: Option<&str>) {
+    headers.insert(TRACEPARENT, context.to_string().as_str());
+    if let Some(state) = tracestate.map(str::trim).filter(|s| !s.is_empty()) {
+        // A value with a line break cannot be a header value; drop it rather than panic.
+        if !state.contains(['\r', '\n']) {
+            headers.insert(TRACESTATE, state);
+        }
+    }
+}
+
+/// The splitmix64 finalizer: FNV-1a mixes its low bits poorly, trace ids should look random.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn keyed(tag: &str, saga_id: &str) -> u64 {
+    mix(fnv1a(format!("{tag}:{saga_id}").as_bytes()))
+}
+
+/// The trace id of a saga: `mix(fnv1a("sagaflow.trace.hi:" + id))` in the high 64 bits,
+/// `mix(fnv1a("sagaflow.trace.lo:" + id))` in the low 64 bits (mix = the splitmix64
+/// finalizer); never zero. The same on every node and in every version.
+pub fn saga_trace_id(saga_id: &str) -> u128 {
+    let id = (u128::from(keyed("sagaflow.trace.hi", saga_id)) << 64)
+        | u128::from(keyed("sagaflow.trace.lo", saga_id));
+    id.max(1)
+}
+
+/// The span id of a saga's root span: `mix(fnv1a("sagaflow.span.root:" + id))`, never zero.
+pub fn saga_root_span_id(saga_id: &str) -> u64 {
+    keyed("sagaflow.span.root", saga_id).max(1)
+}
+
+/// The saga's root span as a parent context (sampled).
+pub fn saga_root(saga_id: &str) -> TraceParent {
+    TraceParent {
+        trace_id: saga_trace_id(saga_id),
+        parent_id: saga_root_span_id(saga_id),
+        flags: TraceParent::SAMPLED,
+    }
+}
+
+/// A random, non-zero span id.
+pub fn random_span_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// Makes `span` (not yet entered) a child of the remote span `parent` and returns the context
+/// to put in the messages it sends: the exported span's own ids when OpenTelemetry export is
+/// on, else `parent`'s trace with a fresh random span id.
+pub fn continue_trace(span: &tracing::Span, parent: &TraceParent) -> TraceParent {
+    #[cfg(feature = "otel")]
+    if let Some(own) = otel::continue_trace(span, parent) {
+        return own;
+    }
+    let _ = span;
+    parent.child()
+}
+
+/// Exports the root span of a saga that just finished (a no-op without OpenTelemetry export).
+/// Call once, with the lifecycle event of its last status change.
+pub fn saga_finished(saga: &Saga) {
+    #[cfg(feature = "otel")]
+    otel::export_root(saga);
+    #[cfg(not(feature = "otel"))]
+    let _ = saga;
+}
+
+/// Checks an OTLP endpoint: a plaintext gRPC URL, `http://host:port`.
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let rest = if let Some(rest) = endpoint.strip_prefix("http://") {
+        rest
+    } else if endpoint.starts_with("https://") {
+        return Err(format!(
+            "otlp endpoint {endpoint:?}: tls is not supported, use http://host:port"
+        ));
+    } else {
+        return Err(format!(
+            "otlp endpoint {endpoint:?}: expected http://host:port"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("otlp endpoint {endpoint:?}: no host"));
+    }
+    Ok(())
+}
+
+/// What [`init`] sets up.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Log lines as text or JSON, on stderr.
+    pub log_format: LogFormat,
+    /// Log filter (`RUST_LOG` syntax); `None`: `RUST_LOG`, else `info`.
+    pub log_filter: Option<String>,
+    /// OTLP/gRPC collector (`http://host:4317`); `None`: no export.
+    pub otlp_endpoint: Option<String>,
+    /// `service.instance.id` of exported spans (the node id).
+    pub service_instance: Option<String>,
+}
+
+/// Keeps the exporter of [`init`]; [`Guard::shutdown`] flushes it. Dropping it without
+/// shutting down may lose the last spans (up to the batch delay, 5 s by default).
+#[must_use = "shut the guard down to flush the last spans"]
+#[derive(Debug, Default)]
+pub struct Guard {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Guard {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        #[cfg(feature = "otel")]
+        return self.provider.is_some();
+        #[cfg(not(feature = "otel"))]
+        false
+    }
+
+    /// Exports the spans ended so far (bounded by [`FLUSH_TIMEOUT`]).
+    pub async fn flush(&self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider.clone() {
+            otel::blocking("flush", move || provider.force_flush()).await;
+        }
+    }
+
+    /// Flushes and stops the exporter (bounded by [`FLUSH_TIMEOUT`]).
+    pub async fn shutdown(self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider {
+            otel::blocking("shutdown", move || {
+                provider.shutdown_with_timeout(FLUSH_TIMEOUT)
+            })
+            .await;
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber: log lines on stderr (text or JSON, filtered by
+/// `RUST_LOG`, default `info`) and, with feature `otel` and an endpoint, an OpenTelemetry
+/// layer exporting spans over OTLP/gRPC. Must run inside a Tokio runtime when exporting (the
+/// gRPC channel lives there). A second call keeps the first subscriber (and exports nothing).
+pub fn init(settings: &Settings) -> Guard {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+
+    let filter = settings
+        .log_filter
+        .as_deref()
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // Colours only for a terminal: logs redirected to a file stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = match settings.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        // One object per line; the fields of the current span (saga.id, trace_id…) included.
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    }
+    .with_filter(filter);
+    let registry = tracing_subscriber::registry().with(logs);
+
+    #[cfg(feature = "otel")]
+    {
+        let (layer, provider, error) = match settings.otlp_endpoint.as_deref() {
+            Some(endpoint) => {
+                match otel::pipeline(endpoint, settings.service_instance.as_deref()) {
+                    Ok((layer, provider)) => (Some(layer), Some(provider), None),
+                    Err(e) => (None, None, Some(e)),
+                }
+            }
+            None => (None, None, None),
+        };
+        if registry.with(layer).try_init().is_err() {
+            // Already initialised (tests): keep the existing subscriber, export nothing.
+            if let Some(p) = provider {
+                let _ = p.shutdown_with_timeout(Duration::from_millis(100));
+            }
+            return Guard::default();
+        }
+        if let Some(e) = error {
+            tracing::warn!(error = %e, "cannot set up opentelemetry export, spans are not exported");
+        }
+        if let (Some(p), Some(endpoint)) = (&provider, settings.otlp_endpoint.as_deref()) {
+            otel::set_root_tracer(p);
+            tracing::info!(endpoint, "exporting spans over otlp/grpc");
+        }
+        Guard { provider }
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        // Already initialised (tests): keep the existing subscriber.
+        if registry.try_init().is_ok() {
+            if let Some(endpoint) = settings.otlp_endpoint.as_deref() {
+                tracing::warn!(
+                    endpoint,
+                    "an otlp endpoint is set but this build has no opentelemetry export \
+                     (build with `--features otel`); spans are not exported"
+                );
+            }
+        }
+        Guard::default()
+    }
+}
+
+/// OpenTelemetry export (feature `otel`).
+#[cfg(feature = "otel")]
+mod otel {
+    use std::cell::Cell;
+    use std::sync::OnceLock;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use opentelemetry::trace::{
+        Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, TraceContextExt as _, TraceFlags,
+        TraceId, TraceState, Tracer as _, TracerProvider as _,
+    };
+    use opentelemetry::KeyValue;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
+    use opentelemetry_sdk::Resource;
+    use sagaflow_actors::machine::Saga;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::Layer;
+
+    use super::{TraceParent, FLUSH_TIMEOUT};
+
+    /// The tracer that exports saga root spans (set by `init`).
+    static ROOT_TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+    thread_local! {
+        /// Ids the next span built on this thread must take (the saga root span's).
+        static FORCED: Cell<Option<(u128, u64)>> = const { Cell::new(None) };
+    }
+
+    /// Random ids, except while [`export_root`] builds a root span with the saga's ids: the
+    /// SDK takes no ids from a `SpanBuilder`, only from its id generator.
+    #[derive(Debug, Default)]
+    struct SagaIds(RandomIdGenerator);
+
+    impl IdGenerator for SagaIds {
+        fn new_trace_id(&self) -> TraceId {
+            match FORCED.with(Cell::get) {
+                Some((trace, _)) => TraceId::from(trace),
+                None => self.0.new_trace_id(),
+            }
+        }
+
+        fn new_span_id(&self) -> SpanId {
+            match FORCED.with(Cell::get) {
+                Some((_, span)) => SpanId::from(span),
+                None => self.0.new_span_id(),
+            }
+        }
+    }
+
+    /// The OpenTelemetry layer and its provider, exporting to `endpoint` in batches.
+    pub(super) fn pipeline<S>(
+        endpoint: &str,
+        instance: Option<&str>,
+    ) -> Result<(impl Layer<S>, SdkTracerProvider), String>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        super::check_endpoint(endpoint)?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut resource = Resource::builder()
+            .with_service_name("sagaflow")
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+        if let Some(instance) = instance {
+            resource =
+                resource.with_attribute(KeyValue::new("service.instance.id", instance.to_string()));
+        }
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_id_generator(SagaIds::default())
+            .with_resource(resource.build())
+            .build();
+        let tracer = provider.tracer("sagaflow");
+        // Our spans (and the events inside them) at info, whatever RUST_LOG says about logs:
+        // a quieter log must not break the traces.
+        let filter = Targets::new()
+            .with_target("sagaflow", LevelFilter::INFO)
+            .with_target("sagaflow_actors", LevelFilter::INFO);
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_threads(false)
+            .with_filter(filter);
+        Ok((layer, provider))
+    }
+
+    pub(super) fn set_root_tracer(provider: &SdkTracerProvider) {
+        let _ = ROOT_TRACER.set(provider.tracer("sagaflow"));
+    }
+
+    fn remote(parent: &TraceParent) -> SpanContext {
+        SpanContext::new(
+            TraceId::from(parent.trace_id),
+            SpanId::from(parent.parent_id),
+            TraceFlags::new(parent.flags),
+            true,
+            TraceState::NONE,
+        )
+    }
+
+    /// Parents `span` on `parent` and returns its exported ids, if the layer records it.
+    pub(super) fn continue_trace(
+        span: &tracing::Span,
+        parent: &TraceParent,
+    ) -> Option<TraceParent> {
+        let cx = opentelemetry::Context::new().with_remote_span_context(remote(parent));
+        span.set_parent(cx).ok()?;
+        let cx = span.context();
+        let own = cx.span().span_context().clone();
+        if !own.is_valid() {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id: u128::from_be_bytes(own.trace_id().to_bytes()),
+            parent_id: u64::from_be_bytes(own.span_id().to_bytes()),
+            flags: own.trace_flags().to_u8(),
+        })
+    }
+
+    /// Exports the saga's root span, with its deterministic ids, start and end.
+    pub(super) fn export_root(saga: &Saga) {
+        let Some(tracer) = ROOT_TRACER.get() else {
+            return;
+        };
+        let at = |ms: i64| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        let root = super::saga_root(&saga.id);
+        let mut attributes = vec![
+            KeyValue::new("saga.id", saga.id.clone()),
+            KeyValue::new("saga.name", saga.definition.clone()),
+            KeyValue::new("saga.status", saga.status.clone()),
+            KeyValue::new("saga.phase", saga.phase.as_str()),
+        ];
+        if let Some(reason) = &saga.reason {
+            attributes.push(KeyValue::new("saga.reason", reason.clone()));
+        }
+        let builder = SpanBuilder::from_name("saga")
+            .with_kind(SpanKind::Internal)
+            .with_start_time(at(saga.started_at))
+            .with_attributes(attributes);
+        FORCED.with(|f| f.set(Some((root.trace_id, root.parent_id))));
+        let mut span = tracer.build_with_context(builder, &opentelemetry::Context::new());
+        FORCED.with(|f| f.set(None));
+        span.end_with_timestamp(at(saga.updated_at.max(saga.started_at)));
+    }
+
+    /// Runs a blocking exporter call off the async threads, waiting at most a little longer
+    /// than [`FLUSH_TIMEOUT`].
+    pub(super) async fn blocking(
+        what: &'static str,
+        f: impl FnOnce() -> opentelemetry_sdk::error::OTelSdkResult + Send + 'static,
+    ) {
+        let task = tokio::task::spawn_blocking(f);
+        match tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, what, "otlp export"),
+            Ok(Err(e)) => tracing::warn!(error = %e, what, "otlp export task failed"),
+            Err(_) => tracing::warn!(what, "otlp export did not finish in time"),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn parses_and_formats_the_spec_example() {
+        let tp = TraceParent::parse(EXAMPLE).unwrap();
+        assert_eq!(tp.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(tp.parent_id, 0x00f067aa0ba902b7);
+        assert_eq!(tp.flags, 1);
+        assert!(tp.sampled());
+        assert_eq!(tp.to_string(), EXAMPLE);
+        assert_eq!(tp.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let unsampled: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+            .parse()
+            .unwrap();
+        assert!(!unsampled.sampled());
+        // Surrounding optional whitespace is allowed.
+        assert_eq!(TraceParent::parse(&format!(" {EXAMPLE}\t")), Ok(tp));
+    }
+
+    #[test]
+    fn refuses_what_the_spec_refuses() {
+        let cases: &[(&str, ParseError)] = &[
+            ("", ParseError::Length(0)),
+            (&EXAMPLE[..54], ParseError::Length(54)),
+            (&format!("{EXAMPLE}-"), ParseError::Length(56)),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ParseError::Version,
+            ),
+            (
+                "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ParseError::Version,
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                ParseError::TraceId,
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                ParseError::TraceId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                ParseError::ParentId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bz-01",
+                ParseError::ParentId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+                ParseError::Flags,
+            ),
+            (
+                "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ParseError::Separator,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+                ParseError::Separator,
+            ),
+            (
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+                ParseError::Separator,
+            ),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(
+                TraceParent::parse(value).as_ref(),
+                Err(expected),
+                "{value:?}"
+            );
+        }
+        // Non-ASCII input is refused, never a panic on a char boundary.
+        assert!(TraceParent::parse(&"é".repeat(30)).is_err());
+    }
+
+    #[test]
+    fn future_versions_are_read_as_version_00() {
+        let tp = TraceParent::parse(
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds",
+        )
+        .unwrap();
+        assert_eq!(tp.to_string(), EXAMPLE);
+        assert_eq!(TraceParent::parse(&EXAMPLE.replacen("00", "01", 1)), Ok(tp));
+    }
+
+    #[test]
+    fn saga_ids_are_deterministic_distinct_and_valid() {
+        let a = saga_root("order-A-100");
+        assert_eq!(a, saga_root("order-A-100"));
+        assert_eq!(a.trace_id, saga_trace_id("order-A-100"));
+        assert_eq!(a.parent_id, saga_root_span_id("order-A-100"));
+        assert!(a.sampled());
+        // Pinned (computed independently from the documented formula): every node, version
+        // and language must derive the same ids.
+        assert_eq!(a.trace_id_hex(), "f00ece52fb9e0efe9b6ca02c56195480");
+        assert_eq!(format!("{:016x}", a.parent_id), "0cdf29891ffe2151");
+        let b = saga_root("order-A-101");
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_ne!(a.parent_id, b.parent_id);
+        // Neighbouring ids differ in both halves (the mixer spreads small differences).
+        assert_ne!(a.trace_id >> 64, b.trace_id >> 64);
+        assert_ne!(a.trace_id as u64, b.trace_id as u64);
+        assert_eq!(TraceParent::parse(&a.to_string()), Ok(a));
+        let child = a.child();
+        assert_eq!(child.trace_id, a.trace_id);
+        assert_ne!(child.parent_id, 0);
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let tp = saga_root("s-1").child();
+        let mut headers = HeaderMap::new();
+        inject(&mut headers, &tp, Some("vendor=1"));
+        assert_eq!(TraceParent::from_headers(Some(&headers)), Some(tp));
+        assert_eq!(header(Some(&headers), TRACESTATE), Some("vendor=1"));
+        let mut other = HeaderMap::new();
+        other.insert("Traceparent", tp.to_string().as_str());
+        assert_eq!(TraceParent::from_headers(Some(&other)), Some(tp));
+        let mut bad = HeaderMap::new();
+        bad.insert(TRACEPARENT, "00-garbage");
+        inject(&mut bad, &tp, Some("a\nb"));
+        assert_eq!(header(Some(&bad), TRACESTATE), None);
+        assert_eq!(TraceParent::from_headers(None), None);
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        assert!(check_endpoint("http://127.0.0.1:4317").is_ok());
+        assert!(check_endpoint("http://collector:4317/").is_ok());
+        assert!(check_endpoint("https://collector:4317").is_err());
+        assert!(check_endpoint("collector:4317").is_err());
+        assert!(check_endpoint("http://").is_err());
+    }
+
+    #[test]
+    fn without_export_spans_get_random_children_of_the_parent() {
+        let parent = saga_root("s-2");
+        let span = tracing::info_span!("step.attempt");
+        let own = continue_trace(&span, &parent);
+        assert_eq!(own.trace_id, parent.trace_id);
+        assert_ne!(own.parent_id, parent.parent_id);
+    }
+}
