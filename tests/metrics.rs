@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "common/promql.rs"]
+mod promql;
 
 use common::checks::*;
 
@@ -12,11 +14,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use promql::{exported_names, metric_refs};
 use sagaflow::config::NodeConfig;
-use sagaflow::metrics::{ConsumerLabels, Metrics};
 use sagaflow::node;
-use sagaflow_actors::machine::Phase;
-use sagaflow_actors::ports::{AttentionCount, Observer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -255,53 +255,6 @@ async fn metrics_and_probes_follow_orders_and_nats() {
     assert_eq!(status_of(http, "/readyz").await, 0);
 }
 
-/// Every metric name a node exports, with the suffixes Prometheus queries use.
-fn exported_names() -> BTreeSet<String> {
-    // Families print only once they have a series: give each one.
-    let m = Metrics::new();
-    m.saga_finished("alert-check", Phase::Completed);
-    m.saga_finished("alert-check", Phase::Compensated);
-    m.saga_finished("alert-check", Phase::Failed);
-    m.step_settled("alert-check", "s", false, Duration::from_millis(5), None);
-    m.step_settled("alert-check", "s", true, Duration::from_millis(5), None);
-    m.step_attempt("alert-check", "s", "svc", false);
-    m.step_error("alert-check", "s", "svc", "declined");
-    m.saga_parked("alert-check");
-    m.attention(&[AttentionCount {
-        saga: "alert-check".into(),
-        needs_attention: 1,
-        stuck: 1,
-    }]);
-    let labels = ConsumerLabels {
-        stream: "S".into(),
-        consumer: "c".into(),
-    };
-    m.consumer_pending.get_or_create(&labels).set(1);
-    m.consumer_ack_pending.get_or_create(&labels).set(1);
-    let mut text = m.encode();
-    // The started counter is process-wide (the other test counts it): name it by hand.
-    text.push_str("# TYPE sagaflow_sagas_started counter\n");
-    let mut names = BTreeSet::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
-        };
-        let mut parts = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let suffixes: &[&str] = match kind {
-            "counter" => &["_total"],
-            "histogram" => &["_bucket", "_sum", "_count"],
-            _ => &[""],
-        };
-        for s in suffixes {
-            names.insert(format!("{name}{s}"));
-        }
-    }
-    names
-}
-
 #[test]
 fn alert_rules_parse_and_use_exported_metrics() {
     let names = exported_names();
@@ -310,6 +263,9 @@ fn alert_rules_parse_and_use_exported_metrics() {
         "sagaflow_sagas_completed_total",
         "sagaflow_sagas_compensated_total",
         "sagaflow_sagas_failed_total",
+        "sagaflow_sagas_parked_total",
+        "sagaflow_sagas_needs_attention",
+        "sagaflow_sagas_stuck",
         "sagaflow_sagas_in_flight",
         "sagaflow_step_duration_seconds_bucket",
         "sagaflow_compensation_duration_seconds_count",
@@ -329,17 +285,21 @@ fn alert_rules_parse_and_use_exported_metrics() {
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let groups = doc["groups"].as_sequence().expect("groups: a list");
     assert!(!groups.is_empty());
-    let mut alerts = BTreeSet::new();
+    let mut severities = std::collections::BTreeMap::new();
     let mut used = BTreeSet::new();
     for g in groups {
         assert!(g["name"].as_str().is_some(), "group without a name: {g:?}");
         for rule in g["rules"].as_sequence().expect("rules: a list") {
             let alert = rule["alert"].as_str().expect("alert name");
-            assert!(alerts.insert(alert.to_string()), "duplicate alert {alert}");
             let expr = rule["expr"].as_str().expect("expr");
+            let severity = rule["labels"]["severity"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{alert}: severity"));
             assert!(
-                rule["labels"]["severity"].as_str().is_some(),
-                "{alert}: severity"
+                severities
+                    .insert(alert.to_string(), severity.to_string())
+                    .is_none(),
+                "duplicate alert {alert}"
             );
             assert!(
                 rule["annotations"]["summary"].as_str().is_some(),
@@ -367,29 +327,19 @@ fn alert_rules_parse_and_use_exported_metrics() {
         "sagaflow_dlq_depth",
         "sagaflow_step_errors_total",
         "sagaflow_sagas_failed_total",
+        "sagaflow_sagas_needs_attention",
+        "sagaflow_sagas_stuck",
     ] {
         assert!(used.contains(family), "no alert on {family}");
     }
-}
-
-/// Identifiers starting `sagaflow_` in a PromQL expression.
-fn metric_refs(expr: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let bytes = expr.as_bytes();
-    let mut i = 0;
-    while let Some(at) = expr[i..].find("sagaflow_") {
-        let start = i + at;
-        let boundary = start == 0 || {
-            let c = bytes[start - 1];
-            !(c.is_ascii_alphanumeric() || c == b'_' || c == b':')
-        };
-        let end = expr[start..]
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-            .map_or(expr.len(), |e| start + e);
-        if boundary {
-            out.insert(expr[start..end].to_string());
-        }
-        i = end;
+    for (alert, severity) in [
+        ("SagaflowSagasNeedAttention", "critical"),
+        ("SagaflowSagasStuck", "warning"),
+    ] {
+        assert_eq!(
+            severities.get(alert).map(String::as_str),
+            Some(severity),
+            "{alert}: severity"
+        );
     }
-    out
 }
