@@ -11,6 +11,8 @@
 //! sagaflow analytics sales --server ADDR [--json]
 //! sagaflow cluster status --server ADDR [--json]
 //! sagaflow dlq list|show|replay|discard --server ADDR ...
+//! sagaflow bench [--orders N | --duration D] [--concurrency C | --rate R | --sweep R1,R2,...]
+//!                [--mix] [--baseline] [--plot FILE.svg] [--json]
 //! ```
 //!
 //! `main.rs` parses a [`Cli`], turns it into a [`Plan`] (which loads the node configuration,
@@ -69,6 +71,9 @@ pub enum Command {
     /// Dead letters: list, show, replay and discard them.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Measure completed sagas per second and end-to-end latency, against the bare JetStream
+    /// pattern with --baseline (starts its own NATS and node unless told otherwise).
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// `sagaflow dev`.
@@ -534,6 +539,8 @@ pub enum Plan {
     Validate(Vec<PathBuf>),
     /// A gRPC client command.
     Remote(Command),
+    /// `sagaflow bench`.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 impl Cli {
@@ -564,6 +571,7 @@ impl Cli {
                 saga_dir: args.saga_dir,
             }),
             Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
+            Command::Bench(args) => Plan::Bench(args),
             other => Plan::Remote(other),
         })
     }
@@ -602,7 +610,9 @@ impl Plan {
         };
         crate::telemetry::Settings {
             log_format: self.log_format(),
-            log_filter: None,
+            // The bench's stderr is its progress: only warnings, unless RUST_LOG says otherwise.
+            log_filter: (matches!(self, Plan::Bench(_)) && std::env::var_os("RUST_LOG").is_none())
+                .then(|| "warn".to_string()),
             otlp_endpoint,
             service_instance,
         }
@@ -622,6 +632,7 @@ impl Plan {
             }
             Plan::Validate(files) => Ok(validate::run(&files)),
             Plan::Remote(command) => remote::run(command).await.map(|()| ExitCode::SUCCESS),
+            Plan::Bench(args) => Ok(crate::bench::run(*args).await?),
         }
     }
 }

@@ -7,10 +7,12 @@
 //! - [`config`]: node configuration, layered defaults → file → env → CLI.
 //! - [`node`]: one node: NATS connection, topology, coordinators, demo services, gRPC.
 //! - [`dev`]: `sagaflow dev`, a local NATS + node + demo in one command.
+//! - [`bench`](mod@bench): `sagaflow bench`, sagas per second and latency against the bare JetStream pattern.
 //! - [`nats_server`]: finding, starting and stopping `nats-server` processes (dev and tests).
 //! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
 
 pub mod advisories;
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod cluster;

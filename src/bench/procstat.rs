@@ -1,0 +1,179 @@
+//! CPU time and memory of a process, from `/proc` (Linux only; elsewhere every reading is
+//! `None` and the report leaves the figures out).
+//!
+//! - CPU: `utime + stime` of `/proc/<pid>/stat` (all threads, in clock ticks), so a run's CPU
+//!   seconds are the difference of two readings.
+//! - Memory: `VmRSS` (now) and `VmHWM` (the peak resident set) of `/proc/<pid>/status`. The
+//!   peak is reset at the start of each measured run by writing `5` to
+//!   `/proc/<pid>/clear_refs`, so it is the peak *of that run*, not of the process's life
+//!   (which would include the warm-up, or the other system's run on a shared nats-server).
+//!   The reset needs the right to write that file (our own children, or root); when it fails
+//!   the peak is the lifetime peak, and the report says so.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, 100 when unknown: the
+/// value on every Linux we run on; no libc call, the workspace forbids `unsafe`).
+fn ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds (user + system, all threads) the process has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat).map(|t| t as f64 / ticks_per_second())
+}
+
+/// `utime + stime` from the text of `/proc/<pid>/stat`. The command name (field 2) may hold
+/// spaces and parentheses, so fields are counted from the last `)`.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Resident set now and its peak (`VmRSS`, `VmHWM`), KiB.
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_memory(&status)
+}
+
+fn parse_memory(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Resets the peak resident set (`VmHWM`) of `pid` to its current size. Returns whether it
+/// could.
+pub fn reset_peak(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// A process being measured over one run.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pid: u32,
+    cpu_at_start: Option<f64>,
+    rss_at_start: Option<u64>,
+    peak_reset: bool,
+    started: Instant,
+}
+
+impl Watch {
+    /// Starts measuring `pid`: reads its CPU time and resets its memory peak.
+    pub fn start(pid: u32) -> Self {
+        let peak_reset = reset_peak(pid);
+        Watch {
+            pid,
+            cpu_at_start: cpu_seconds(pid),
+            rss_at_start: memory_kib(pid).map(|(rss, _)| rss),
+            peak_reset,
+            started: Instant::now(),
+        }
+    }
+
+    /// What the process used since [`Watch::start`]; `None` if it cannot be read (gone, not
+    /// Linux).
+    pub fn finish(&self) -> Option<Usage> {
+        let cpu = cpu_seconds(self.pid)? - self.cpu_at_start?;
+        let (rss, peak) = memory_kib(self.pid)?;
+        let wall = self.started.elapsed().as_secs_f64();
+        Some(Usage {
+            cpu_s: round3(cpu.max(0.0)),
+            cores: if wall > 0.0 {
+                round3(cpu.max(0.0) / wall)
+            } else {
+                0.0
+            },
+            peak_rss_mib: round3(peak as f64 / 1024.0),
+            rss_mib: round3(rss as f64 / 1024.0),
+            rss_start_mib: round3(self.rss_at_start.unwrap_or_default() as f64 / 1024.0),
+            peak_is_lifetime: !self.peak_reset,
+        })
+    }
+}
+
+/// What one process used during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Usage {
+    /// CPU seconds (user + system, all threads) during the run.
+    pub cpu_s: f64,
+    /// `cpu_s` / wall-clock seconds of the run: 1.0 is one core busy all the time.
+    pub cores: f64,
+    /// Peak resident set during the run (of the process's life if `peak_is_lifetime`), MiB.
+    pub peak_rss_mib: f64,
+    /// Resident set at the end of the run, MiB.
+    pub rss_mib: f64,
+    /// Resident set at the start of the run, MiB: `peak_rss_mib - rss_start_mib` is what the
+    /// run's sagas in flight cost at most.
+    pub rss_start_mib: f64,
+    /// The peak could not be reset at the start of the run: it is the lifetime peak.
+    pub peak_is_lifetime: bool,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn procstat_parses_stat_with_odd_command_names() {
+        let stat = "4242 (nats (x) y) S 1 4242 4242 0 -1 4194560 1207 0 0 0 731 269 0 0 20 0 9 0 \
+                    123 456 789";
+        assert_eq!(parse_cpu_ticks(stat), Some(1000));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn procstat_parses_status_memory() {
+        let status =
+            "Name:\tnats-server\nVmPeak:\t 100 kB\nVmHWM:\t   2048 kB\nVmRSS:\t   1024 kB\n";
+        assert_eq!(parse_memory(status), Some((1024, 2048)));
+        assert_eq!(parse_memory("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn procstat_reads_this_process() {
+        if !std::path::Path::new("/proc/self/stat").exists() {
+            return;
+        }
+        let pid = std::process::id();
+        let watch = Watch::start(pid);
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        let usage = watch.finish().unwrap();
+        assert!(usage.cpu_s >= 0.0);
+        assert!(usage.peak_rss_mib >= usage.rss_mib * 0.5);
+        assert!(usage.rss_mib > 0.0);
+    }
+}
