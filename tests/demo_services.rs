@@ -621,3 +621,53 @@ async fn analytics_counts_completed_orders_once_across_a_restart() {
         .await
         .unwrap();
 }
+
+/// Two nodes' inventories (two `Stock` handles, each with its own per-SKU lock and cached
+/// revision) take from one SKU at once: the compare-and-set keeps the count exact and never
+/// sells more than there is, even though each handle's cache goes stale at every write of the
+/// other; stock given back by one is seen by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_inventories_never_oversell_one_sku() {
+    use sagaflow::demo::inventory::{Stock, Take};
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let a = Stock::open(&js, 1).await.unwrap();
+    let b = Stock::open(&js, 1).await.unwrap();
+    let initial = std::collections::BTreeMap::from([("SKU-HOT".to_string(), 150u64)]);
+    a.init(&initial).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, stock) in [a.clone(), b.clone()]
+        .into_iter()
+        .cycle()
+        .take(8)
+        .enumerate()
+    {
+        tasks.spawn(async move {
+            let mut taken = 0u64;
+            for _ in 0..30 {
+                match stock.take("SKU-HOT", 1).await.unwrap() {
+                    Take::Taken => taken += 1,
+                    Take::Short { available } => assert_eq!(available, 0, "task {i}"),
+                    Take::Unknown => panic!("SKU-HOT exists"),
+                }
+            }
+            taken
+        });
+    }
+    let mut taken = 0;
+    while let Some(t) = tasks.join_next().await {
+        taken += t.unwrap();
+    }
+    // 8 × 30 = 240 asked for, 150 there: exactly 150 sold, none left.
+    assert_eq!(taken, 150);
+    assert_eq!(a.units("SKU-HOT").await.unwrap(), Some(0));
+    // B gives 5 back; A (whose cache says 0) sees them before refusing.
+    b.give("SKU-HOT", 5).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(a.take("SKU-HOT", 1).await.unwrap(), Take::Taken);
+    }
+    assert_eq!(
+        a.take("SKU-HOT", 1).await.unwrap(),
+        Take::Short { available: 0 }
+    );
+}

@@ -17,7 +17,8 @@
 //! - A reservation that cannot complete (an item short, an unknown SKU, a storage error half
 //!   way) gives back what it already took before answering.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
@@ -59,7 +60,15 @@ pub enum Take {
 #[derive(Clone, Debug)]
 pub struct Stock {
     kv: kv::Store,
+    /// Per SKU: a lock that serialises this node's updates of that SKU (so its own instances
+    /// never race each other's compare-and-set) and the last (units, revision) it read or
+    /// wrote, so a take needs no read while no other node wrote the SKU. Correctness still
+    /// rests on the compare-and-set: a stale cache only costs a conflict and a re-read.
+    skus: Arc<std::sync::Mutex<HashMap<String, Slot>>>,
 }
+
+/// One SKU's lock and cached (units, revision).
+type Slot = Arc<tokio::sync::Mutex<Option<(u64, u64)>>>;
 
 impl Stock {
     /// Creates or opens the bucket (`replicas` replicas, history 1).
@@ -76,7 +85,18 @@ impl Stock {
             },
         )
         .await?;
-        Ok(Stock { kv })
+        Ok(Stock {
+            kv,
+            skus: Arc::default(),
+        })
+    }
+
+    fn slot(&self, sku: &str) -> Slot {
+        let mut skus = match self.skus.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        skus.entry(sku.to_string()).or_default().clone()
     }
 
     /// Writes the initial stock of every SKU that has no entry yet; existing counts are kept.
@@ -125,17 +145,35 @@ impl Stock {
         if !valid_sku(sku) {
             return Ok(Take::Unknown);
         }
+        let slot = self.slot(sku);
+        let mut cached = slot.lock().await;
         for _ in 0..CAS_ATTEMPTS {
-            let Some((units, revision)) = self.read(sku).await? else {
-                return Ok(Take::Unknown);
+            let (units, revision, fresh) = match *cached {
+                Some((units, revision)) => (units, revision, false),
+                None => match self.read(sku).await? {
+                    Some((units, revision)) => (units, revision, true),
+                    None => return Ok(Take::Unknown),
+                },
             };
             let Some(left) = units.checked_sub(u64::from(quantity)) else {
-                return Ok(Take::Short { available: units });
+                if fresh {
+                    *cached = Some((units, revision));
+                    return Ok(Take::Short { available: units });
+                }
+                // Another node may have given stock back since: look before refusing.
+                *cached = None;
+                continue;
             };
             match self.kv.update(sku, left.to_string().into(), revision).await {
-                Ok(_) => return Ok(Take::Taken),
-                Err(e) if crate::topology::update_conflict(&e) => continue,
-                Err(e) => return Err(unavailable("update stock")(&e)),
+                Ok(written) => {
+                    *cached = Some((left, written));
+                    return Ok(Take::Taken);
+                }
+                Err(e) if crate::topology::update_conflict(&e) => *cached = None,
+                Err(e) => {
+                    *cached = None;
+                    return Err(unavailable("update stock")(&e));
+                }
             }
         }
         Err(Unavailable(format!("stock of `{sku}` too contended")))
@@ -143,27 +181,37 @@ impl Stock {
 
     /// Returns `quantity` units of `sku`.
     pub async fn give(&self, sku: &str, quantity: u32) -> Result<(), Unavailable> {
+        let slot = self.slot(sku);
+        let mut cached = slot.lock().await;
         for _ in 0..CAS_ATTEMPTS {
-            let written = match self.read(sku).await? {
+            let current = match *cached {
+                Some(c) => Some(c),
+                None => self.read(sku).await?,
+            };
+            let written = match current {
                 None => match self
                     .kv
                     .create(sku, u64::from(quantity).to_string().into())
                     .await
                 {
-                    Ok(_) => true,
-                    Err(e) if crate::topology::create_conflict(&e) => false,
+                    Ok(rev) => Some((u64::from(quantity), rev)),
+                    Err(e) if crate::topology::create_conflict(&e) => None,
                     Err(e) => return Err(unavailable("return stock")(&e)),
                 },
                 Some((units, revision)) => {
                     let new = units.saturating_add(u64::from(quantity));
                     match self.kv.update(sku, new.to_string().into(), revision).await {
-                        Ok(_) => true,
-                        Err(e) if crate::topology::update_conflict(&e) => false,
-                        Err(e) => return Err(unavailable("return stock")(&e)),
+                        Ok(rev) => Some((new, rev)),
+                        Err(e) if crate::topology::update_conflict(&e) => None,
+                        Err(e) => {
+                            *cached = None;
+                            return Err(unavailable("return stock")(&e));
+                        }
                     }
                 }
             };
-            if written {
+            *cached = written;
+            if written.is_some() {
                 return Ok(());
             }
         }
@@ -213,13 +261,16 @@ pub async fn stock(js: &jetstream::Context, sku: &str) -> Result<Option<u64>, Er
             operation: "open the stock bucket",
             message: e.to_string(),
         })?;
-    Stock { kv }
-        .units(sku)
-        .await
-        .map_err(|Unavailable(message)| Error::Storage {
-            operation: "read stock",
-            message,
-        })
+    Stock {
+        kv,
+        skus: Arc::default(),
+    }
+    .units(sku)
+    .await
+    .map_err(|Unavailable(message)| Error::Storage {
+        operation: "read stock",
+        message,
+    })
 }
 
 /// The inventory participant.
