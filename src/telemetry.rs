@@ -334,11 +334,16 @@ impl Guard {
     }
 }
 
+/// Spans opened for every command sent or handled: exported as traces, never recorded by the
+/// log layer.
+pub const HOT_SPANS: [&str; 2] = ["step.attempt", "participant.handle"];
+
 /// Installs the global `tracing` subscriber: log lines on stderr (text or JSON, filtered by
 /// `RUST_LOG`, default `info`) and, with feature `otel` and an endpoint, an OpenTelemetry
 /// layer exporting spans over OTLP/gRPC. Must run inside a Tokio runtime when exporting (the
 /// gRPC channel lives there). A second call keeps the first subscriber (and exports nothing).
 pub fn init(settings: &Settings) -> Guard {
+    use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{EnvFilter, Layer as _};
@@ -363,7 +368,12 @@ pub fn init(settings: &Settings) -> Guard {
             .with_writer(std::io::stderr)
             .boxed(),
     }
-    .with_filter(filter);
+    .with_filter(filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        // The per-message spans are for traces, not for log lines: formatting their dozen
+        // fields for the log layer at every command cost ~15 % of a node's CPU under load
+        // (docs/benchmarks.md). Events inside them are still logged, with their own fields.
+        !(meta.is_span() && HOT_SPANS.contains(&meta.name()))
+    })));
     let registry = tracing_subscriber::registry().with(logs);
 
     #[cfg(feature = "otel")]
