@@ -688,28 +688,30 @@ impl SagaState {
             return Ok(Applied::Unchanged);
         }
         let now = self.now();
-        let Some(l) = self.loaded.as_ref() else {
+        let Some(l) = self.loaded.as_mut() else {
             return Ok(Applied::Unchanged);
         };
-        let mut next = l.saga.clone();
-        let t: Transition = next
+        // The machine changes the snapshot in place (no copy of the saga per event); if the
+        // write fails, the copy is dropped and the next message reloads the stored one.
+        let before = Before::of(&l.saga);
+        let t: Transition = l
+            .saga
             .apply(&l.def, event, now)
             .map_err(|e| Failure::Permanent(e.to_string()))?;
         if !t.changed {
             return Ok(Applied::Unchanged);
         }
-        let revision = match self.ctx.store.save(&next, Some(l.revision)).await {
-            Ok(r) => r,
-            Err(PortError::Conflict { .. }) => return Err(Failure::Conflict),
-            Err(e) => return Err(Failure::Transient(e.to_string())),
-        };
-        observe(&*self.ctx.observer, &l.def, &l.saga, &next);
-        let def = l.def.clone();
-        self.loaded = Some(Loaded {
-            saga: next,
-            revision,
-            def,
-        });
+        match self.ctx.store.save(&l.saga, Some(l.revision)).await {
+            Ok(r) => l.revision = r,
+            Err(e) => {
+                self.loaded = None;
+                return Err(match e {
+                    PortError::Conflict { .. } => Failure::Conflict,
+                    e => Failure::Transient(e.to_string()),
+                });
+            }
+        }
+        observe(&*self.ctx.observer, &l.def, &before, &l.saga);
         self.carry_out(t.effects, delivery).await;
         Ok(Applied::Changed)
     }
@@ -829,19 +831,36 @@ impl SagaState {
     }
 }
 
+/// What [`observe`] needs of a snapshot before a change.
+struct Before {
+    phases: Vec<StepPhase>,
+    history_len: usize,
+    phase: Phase,
+}
+
+impl Before {
+    fn of(saga: &Saga) -> Self {
+        Before {
+            phases: saga.steps.iter().map(|s| s.phase).collect(),
+            history_len: saga.history.len(),
+            phase: saga.phase,
+        }
+    }
+}
+
 /// Reports to `observer` what changed between two persisted snapshots of a saga.
-fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Saga, new: &Saga) {
+fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Before, new: &Saga) {
     let saga = def.name.as_str();
     let ms = |from: Option<Millis>, to: Option<Millis>| match (from, to) {
         (Some(a), Some(b)) => Duration::from_millis(u64::try_from(b - a).unwrap_or(0)),
         _ => Duration::ZERO,
     };
-    for (i, (before, after)) in old.steps.iter().zip(new.steps.iter()).enumerate() {
+    for (i, (before, after)) in old.phases.iter().zip(new.steps.iter()).enumerate() {
         let Some(step) = def.step(i) else {
             continue;
         };
         let name = step.name.as_str();
-        if before.phase == after.phase {
+        if *before == after.phase {
             continue;
         }
         let kind = after.last_error.as_ref().map(|e| e.kind.as_str());
@@ -881,7 +900,7 @@ fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Saga, new: &Saga
         }
     }
     // Attempts that ended (answered or timed out) with this change, and the failed ones.
-    for h in new.history.iter().skip(old.history.len()) {
+    for h in new.history.iter().skip(old.history_len) {
         let (compensation, kind) = match &h.what {
             Happening::Succeeded { .. } => (false, None),
             Happening::AttemptFailed { kind, .. } => (false, Some(kind.as_str())),
