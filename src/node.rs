@@ -68,9 +68,6 @@ pub enum Error {
     /// An actor could not be spawned.
     #[error("cannot start actor: {0}")]
     Actor(String),
-    /// Shut down before it finished starting.
-    #[error("shut down while starting")]
-    Interrupted,
 }
 
 /// A running node.
@@ -509,7 +506,11 @@ async fn follow_readiness(
     }
 }
 
-/// Runs a node until `shutdown` resolves, then stops it gracefully.
+/// Runs a node until `shutdown` resolves, then stops it gracefully. A shutdown requested
+/// while the node is still starting (waiting for NATS, say) stops it there: that is what the
+/// operator asked for, so it is not an error. What it may already hold (its membership entry,
+/// a partition lease) is not released gracefully: it expires with `cluster.node_ttl`, as after a
+/// crash, and the events it pulled are redelivered.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -517,7 +518,10 @@ pub async fn run(
     tokio::pin!(shutdown);
     let handle = tokio::select! {
         h = start(config) => h?,
-        _ = &mut shutdown => return Err(Error::Interrupted),
+        _ = &mut shutdown => {
+            tracing::warn!("shutdown requested before the node finished starting; stopping");
+            return Ok(());
+        }
     };
     shutdown.await;
     handle.shutdown().await
