@@ -627,14 +627,18 @@ impl NatsServer {
         let log_err = log
             .try_clone()
             .map_err(io(format!("cannot open {}", log_path.display())))?;
-        let child = Command::new(&self.binary)
-            .arg("-c")
-            .arg(self.config_file())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
-            .spawn()
-            .map_err(io(format!("cannot run {}", self.binary.display())))?;
+        // Its own process group: a Ctrl-C in the terminal reaches only `sagaflow`, which drains
+        // its nodes first and then stops this server. In the terminal's group, the server would
+        // die at once and the nodes could not hand their partitions back.
+        let child = std::os::unix::process::CommandExt::process_group(
+            Command::new(&self.binary).arg("-c").arg(self.config_file()),
+            0,
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .spawn()
+        .map_err(io(format!("cannot run {}", self.binary.display())))?;
         tracing::debug!(server = %self.name, pid = child.id(), url = %self.url(), "nats-server started");
         *self.lock() = Some(child);
         Ok(())
