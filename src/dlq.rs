@@ -117,6 +117,15 @@ pub fn header_text(headers: &HeaderMap, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `text` as a header value: one line (header values cannot hold newlines), at most 1024
+/// characters.
+fn header_value(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1024)
+        .collect()
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -133,12 +142,7 @@ pub async fn dead_letter(
 ) {
     let mut headers = HeaderMap::new();
     copy_user_headers(message.headers.as_ref(), &mut headers);
-    // Header values cannot hold newlines.
-    let clean: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(1024)
-        .collect();
+    let clean = header_value(reason);
     headers.insert(REASON, clean.as_str());
     headers.insert(SUBJECT, message.subject.as_str());
     headers.insert(SOURCE, source);
@@ -225,11 +229,7 @@ impl sagaflow_actors::ports::Parker for DlqParker {
         let payload = wire::encode_control(&control).map_err(|e| unavailable(&e))?;
         let partition = sagaflow_actors::hash::partition_of(&saga.id, self.partitions);
         let subject = crate::topology::event_subject(partition, &saga.id, "intervene");
-        let clean: String = reason
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(1024)
-            .collect();
+        let clean = header_value(reason);
         let mut headers = HeaderMap::new();
         headers.insert(
             REASON,

@@ -105,6 +105,17 @@ pub struct Summary {
     pub stuck_at: Option<Millis>,
 }
 
+impl Context {
+    /// The census, locked (a panic elsewhere while holding it leaves it usable: each line is
+    /// rewritten by its saga's next message).
+    fn census(&self) -> std::sync::MutexGuard<'_, HashMap<String, Summary>> {
+        match self.census.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
@@ -293,10 +304,7 @@ impl CoordinatorState {
             .collect();
         let mut stuck_now = std::collections::HashSet::new();
         {
-            let census = match self.ctx.census.lock() {
-                Ok(c) => c,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let census = self.ctx.census();
             for (id, summary) in census.iter() {
                 let Some(count) = counts.get_mut(summary.definition.as_str()) else {
                     continue;
@@ -505,35 +513,34 @@ impl SagaState {
 
     /// Keeps this saga's line of the census up to date (none once finished).
     fn report(&self) {
-        let summary = self.loaded.as_ref().and_then(|l| {
-            (!l.saga.is_terminal()).then(|| Summary {
-                definition: l.def.name.clone(),
-                parked: l.saga.phase == Phase::NeedsAttention,
-                stuck_at: l.saga.stuck_at(&l.def, self.ctx.stuck_multiple),
-            })
-        });
-        let mut census = match self.ctx.census.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
+        let mut census = self.ctx.census();
+        let Some(l) = self.loaded.as_ref().filter(|l| !l.saga.is_terminal()) else {
+            census.remove(&self.id);
+            return;
         };
-        match summary {
-            Some(s) => {
-                if census.get(&self.id) != Some(&s) {
-                    census.insert(self.id.clone(), s);
-                }
+        let parked = l.saga.phase == Phase::NeedsAttention;
+        let stuck_at = l.saga.stuck_at(&l.def, self.ctx.stuck_multiple);
+        // Runs after every message: update the line in place, allocate only the first time.
+        match census.get_mut(&self.id) {
+            Some(line) => {
+                line.parked = parked;
+                line.stuck_at = stuck_at;
             }
             None => {
-                census.remove(&self.id);
+                census.insert(
+                    self.id.clone(),
+                    Summary {
+                        definition: l.def.name.clone(),
+                        parked,
+                        stuck_at,
+                    },
+                );
             }
         }
     }
 
     fn forget(&self) {
-        let mut census = match self.ctx.census.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        census.remove(&self.id);
+        self.ctx.census().remove(&self.id);
     }
 
     /// Loads the snapshot if not loaded; `Ok(false)` if the saga does not exist.

@@ -60,6 +60,31 @@ fn text(field: &str, value: String, required: bool) -> Result<String, Status> {
     Ok(value)
 }
 
+/// What became of intervention `request_id`: `Some("")` applied, `Some(why)` refused, `None`
+/// not applied yet.
+fn outcome_of(saga: &sagaflow_actors::machine::Saga, request_id: &str) -> Option<String> {
+    saga.history.iter().rev().find_map(|h| match &h.what {
+        Happening::Intervened { id, refused, .. } if id == request_id => Some(refused.clone()),
+        _ => None,
+    })
+}
+
+/// The answer to an intervention its saga's owner applied or refused.
+fn answered(
+    saga_id: String,
+    request_id: String,
+    refused: String,
+    saga: v1::Saga,
+) -> Response<InterveneSagaResponse> {
+    Response::new(InterveneSagaResponse {
+        saga_id,
+        request_id,
+        applied: refused.is_empty(),
+        refused,
+        saga: Some(saga),
+    })
+}
+
 #[tonic::async_trait]
 impl SagaService for Sagas {
     async fn intervene_saga(
@@ -78,19 +103,10 @@ impl SagaService for Sagas {
         };
         let (saga, rev) = self.api.get(&req.saga_id).await?;
         // A repeated request (same id) answers with what became of the first one.
-        let seen = saga.history.iter().rev().find_map(|h| match &h.what {
-            Happening::Intervened { id, refused, .. } if *id == request_id => Some(refused.clone()),
-            _ => None,
-        });
-        if let Some(refused) = seen {
+        if let Some(refused) = outcome_of(&saga, &request_id) {
             let def = self.api.definition(&saga.definition);
-            return Ok(Response::new(InterveneSagaResponse {
-                saga_id: req.saga_id,
-                request_id,
-                applied: refused.is_empty(),
-                refused,
-                saga: Some(render::saga(&saga, rev, def.as_deref())),
-            }));
+            let saga = render::saga(&saga, rev, def.as_deref());
+            return Ok(answered(req.saga_id, request_id, refused, saga));
         }
         let def = self.api.definition(&saga.definition).ok_or_else(|| {
             Status::failed_precondition(format!(
@@ -174,20 +190,9 @@ impl SagaService for Sagas {
         let deadline = tokio::time::Instant::now() + INTERVENE_WAIT;
         loop {
             let (saga, rev) = self.api.get(&req.saga_id).await?;
-            let outcome = saga.history.iter().rev().find_map(|h| match &h.what {
-                Happening::Intervened { id, refused, .. } if *id == request_id => {
-                    Some(refused.clone())
-                }
-                _ => None,
-            });
-            if let Some(refused) = outcome {
-                return Ok(Response::new(InterveneSagaResponse {
-                    saga_id: req.saga_id,
-                    request_id,
-                    applied: refused.is_empty(),
-                    refused,
-                    saga: Some(render::saga(&saga, rev, Some(&def))),
-                }));
+            if let Some(refused) = outcome_of(&saga, &request_id) {
+                let saga = render::saga(&saga, rev, Some(&def));
+                return Ok(answered(req.saga_id, request_id, refused, saga));
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Response::new(InterveneSagaResponse {
