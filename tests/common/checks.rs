@@ -183,18 +183,47 @@ pub async fn wait_all_terminal(
             .buffer_unordered(32)
             .collect()
             .await;
+        let mut waiting = Vec::new();
         for o in orders.into_iter().flatten().flatten() {
             let o = o.into_inner();
             if o.terminal {
                 done.insert(o.order_id.clone(), o);
+            } else {
+                waiting.push(o);
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} orders still not terminal after {timeout:?}",
-            ids.len() - done.len(),
-            ids.len()
-        );
+        if Instant::now() >= deadline {
+            // Say where each straggler is, so a failure can be diagnosed from the log alone.
+            let detail: Vec<String> = waiting
+                .iter()
+                .take(5)
+                .map(|o| {
+                    let saga = o.saga.clone().unwrap_or_default();
+                    let tail: Vec<String> = saga
+                        .history
+                        .iter()
+                        .rev()
+                        .take(12)
+                        .rev()
+                        .map(|h| format!("  {} {} {}", h.at_unix_ms, h.step, h.what))
+                        .collect();
+                    format!(
+                        "order {} status {} phase {} progress {:?}\n{}",
+                        o.order_id,
+                        o.status,
+                        saga.phase,
+                        saga.progress,
+                        tail.join("\n")
+                    )
+                })
+                .collect();
+            panic!(
+                "{} of {} orders still not terminal after {timeout:?}:\n{}",
+                ids.len() - done.len(),
+                ids.len(),
+                detail.join("\n")
+            );
+        }
         if done.len() < ids.len() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
