@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use ractor::ActorRef;
 use sagaflow_actors::cluster::{next_step, owner, Lease, LeaseStep};
-use sagaflow_actors::coordinator::CoordinatorMsg;
+use sagaflow_actors::coordinator::{CoordinatorMsg, Input};
 use sagaflow_actors::ports::Delivery;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
@@ -538,7 +538,13 @@ async fn consume_partition(
         while let Some(next) = batch.next().await {
             match next {
                 Ok(message) => match decode(&message.subject, &message.payload) {
-                    Ok((saga_id, input)) => {
+                    Ok((saga_id, mut input)) => {
+                        if matches!(input, Input::Created { .. })
+                            && message.info().map_or(true, |i| i.delivered > 1)
+                        {
+                            // Redelivered: the saga may have moved on since; read the store.
+                            input = Input::Started;
+                        }
                         let delivery = Box::new(Tracked::new(
                             JsDelivery {
                                 message,

@@ -55,6 +55,17 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
         "start" | "cancel" | "intervene" => {
             match wire::decode_control(payload).map_err(|e| e.to_string())? {
                 Control::Started { .. } => Input::Started,
+                // The embedded snapshot only spares the owner a read: if it does not decode,
+                // the owner reads the stored one instead (nothing is lost).
+                Control::Created {
+                    revision, snapshot, ..
+                } => match wire::decode_snapshot(&snapshot) {
+                    Ok(saga) if saga.id == *saga_id => Input::Created {
+                        saga: Box::new(saga),
+                        revision,
+                    },
+                    _ => Input::Started,
+                },
                 Control::Cancel { reason, .. } => Input::Cancel { reason },
                 Control::Intervene { intervention, .. } => Input::Intervene(intervention),
             }
@@ -125,6 +136,44 @@ mod tests {
         let start = wire::encode_control(&Control::Started { at: 1 }).unwrap();
         assert_eq!(
             decode("sagaflow.evt.3.order-1.start", &start).unwrap().1,
+            Input::Started
+        );
+    }
+
+    #[test]
+    fn a_created_event_carries_its_snapshot_or_falls_back_to_a_read() {
+        let def = sagaflow_actors::definition::parse(
+            include_str!("../sagas/order.toml"),
+            std::path::Path::new("sagas/order.toml"),
+        )
+        .unwrap();
+        let (saga, _) =
+            sagaflow_actors::machine::Saga::start(&def, "order-1".into(), b"{}".to_vec(), 7);
+        let created = |snapshot: Vec<u8>| {
+            wire::encode_control(&Control::Created {
+                at: 7,
+                revision: 4,
+                snapshot,
+            })
+            .unwrap()
+        };
+        let good = created(wire::encode_snapshot(&saga).unwrap());
+        assert_eq!(
+            decode("sagaflow.evt.3.order-1.start", &good).unwrap().1,
+            Input::Created {
+                saga: Box::new(saga.clone()),
+                revision: 4
+            }
+        );
+        // Another saga's snapshot, or bytes that are no snapshot: the owner reads the store.
+        assert_eq!(
+            decode("sagaflow.evt.3.order-2.start", &good).unwrap().1,
+            Input::Started
+        );
+        assert_eq!(
+            decode("sagaflow.evt.3.order-1.start", &created(vec![9, 9]))
+                .unwrap()
+                .1,
             Input::Started
         );
     }

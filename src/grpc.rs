@@ -112,41 +112,53 @@ impl SagaApi {
         id: &str,
         input: Vec<u8>,
     ) -> Result<(bool, Saga), Status> {
-        let existing = self.store.load(id).await.map_err(unavailable)?;
-        let (created, saga) = match existing {
-            Some((saga, _)) => (false, saga),
-            None => {
-                let (saga, _) = Saga::start(def, id.to_string(), input, now_ms());
-                match self.store.save(&saga, None).await {
-                    Ok(_) => (true, saga),
-                    Err(PortError::Conflict { .. }) => {
-                        match self.store.load(id).await.map_err(unavailable)? {
-                            Some((saga, _)) => (false, saga),
-                            None => {
-                                return Err(Status::aborted(
-                                    "saga was created and removed concurrently; retry",
-                                ))
-                            }
-                        }
+        // Create first: a new order (the common case) costs one write and no read; a repeat
+        // finds the existing snapshot through the conflict.
+        let (fresh, _) = Saga::start(def, id.to_string(), input, now_ms());
+        let (created, saga, revision) = match self.store.save(&fresh, None).await {
+            Ok(revision) => (true, fresh, Some(revision)),
+            Err(PortError::Conflict { .. }) => {
+                match self.store.load(id).await.map_err(unavailable)? {
+                    Some((saga, _)) => (false, saga, None),
+                    None => {
+                        return Err(Status::aborted(
+                            "saga was created and removed concurrently; retry",
+                        ))
                     }
-                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let at = now_ms();
+        let start = async {
+            if saga.is_terminal() {
+                return Ok(());
+            }
+            // The creator hands the owner the snapshot it wrote, sparing it a read; a repeat
+            // sends a plain start and the owner reads the current one.
+            let control = match revision.map(|r| wire::encode_snapshot(&saga).map(|s| (r, s))) {
+                Some(Ok((revision, snapshot))) => Control::Created {
+                    at,
+                    revision,
+                    snapshot,
+                },
+                _ => Control::Started { at },
+            };
+            self.publish_control(id, "start", &control, format!("start/{id}"))
+                .await
+        };
+        // The first lifecycle event (status `initial`); later ones come from the owner. Sent
+        // alongside the start event: neither waits for the other.
+        let announce = async {
+            if created {
+                if let Err(e) = self.bus.announce(&saga, "", &saga.status, 1).await {
+                    tracing::warn!(saga_id = %id, error = %e, "cannot announce initial status");
                 }
             }
         };
-        if !saga.is_terminal() {
-            self.publish_control(
-                id,
-                "start",
-                &Control::Started { at: now_ms() },
-                format!("start/{id}"),
-            )
-            .await?;
-        }
+        let (started, ()) = futures::join!(start, announce);
+        started?;
         if created {
-            // The first lifecycle event (status `initial`); later ones come from the owner.
-            if let Err(e) = self.bus.announce(&saga, "", &saga.status, 1).await {
-                tracing::warn!(saga_id = %id, error = %e, "cannot announce initial status");
-            }
             crate::metrics::saga_started(&def.name);
             tracing::info!(saga_id = %id, saga = %def.name, "saga started");
         }

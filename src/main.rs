@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use sagaflow::cli::{self, Cli};
 
+/// mimalloc rather than glibc's malloc: measurably less CPU per saga (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // Usage errors print clap's message and exit 2; `--help` and `--version` exit 0.

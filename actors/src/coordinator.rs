@@ -49,6 +49,15 @@ use crate::service::restart_backoff;
 pub enum Input {
     /// The saga's snapshot was created; publish its first commands.
     Started,
+    /// The same, carrying the snapshot as created and its revision, so the owner need not
+    /// read it back. Used only when the actor holds no copy yet; a stale one costs no more than
+    /// a lost compare-and-set (the next write reloads).
+    Created {
+        /// The snapshot as created.
+        saga: Box<Saga>,
+        /// Its revision.
+        revision: u64,
+    },
     /// A participant's reply.
     Reply {
         /// Step name.
@@ -543,6 +552,19 @@ impl SagaState {
         self.ctx.census().remove(&self.id);
     }
 
+    /// Takes `saga` (at `revision`) as the loaded copy, as if read from the store.
+    fn adopt(&mut self, saga: Saga, revision: u64) {
+        let Some(def) = self.ctx.definitions.get(&saga.definition).cloned() else {
+            // Not loadable here: `load` reads the store and reports it.
+            return;
+        };
+        self.loaded = Some(Loaded {
+            saga,
+            revision,
+            def,
+        });
+    }
+
     /// Loads the snapshot if not loaded; `Ok(false)` if the saga does not exist.
     async fn load(&mut self) -> Result<bool, Failure> {
         if self.loaded.is_some() {
@@ -583,6 +605,15 @@ impl SagaState {
     async fn on_delivery(&mut self, input: Input, delivery: Box<dyn Delivery>) {
         // A copy kept from an earlier message may be stale if another node advanced the saga.
         self.loaded_from_cache = self.loaded.is_some();
+        let input = match input {
+            Input::Created { saga, revision } => {
+                if self.loaded.is_none() && saga.id == self.id {
+                    self.adopt(*saga, revision);
+                }
+                Input::Started
+            }
+            other => other,
+        };
         match self.load().await {
             Ok(true) => {}
             Ok(false) => {
@@ -606,7 +637,7 @@ impl SagaState {
             }
         }
         let event = match input {
-            Input::Started => {
+            Input::Started | Input::Created { .. } => {
                 self.resend_in_flight().await;
                 delivery.ack().await;
                 return;
@@ -739,23 +770,47 @@ impl SagaState {
                 }
             })
             .collect();
-        if !sends.is_empty() {
-            retry_forever(&self.id, "publish commands", delivery, || {
-                self.ctx.bus.send(&l.def, &l.saga, &sends)
-            })
-            .await;
-        }
-        let changes: Vec<(&str, &str)> = effects
-            .iter()
-            .filter_map(|e| {
-                if let Effect::StatusChanged { from, to } = e {
-                    Some((from.as_str(), to.as_str()))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        for effect in &effects {
+        // Commands and status changes go out together: neither waits for the other's acks.
+        let commands = async {
+            if !sends.is_empty() {
+                retry_forever(&self.id, "publish commands", delivery, || {
+                    self.ctx.bus.send(&l.def, &l.saga, &sends)
+                })
+                .await;
+            }
+        };
+        let statuses = async {
+            self.settle_parking(l, &effects, delivery).await;
+            let changes: Vec<(&str, &str)> = effects
+                .iter()
+                .filter_map(|e| {
+                    if let Effect::StatusChanged { from, to } = e {
+                        Some((from.as_str(), to.as_str()))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let first_seq = l.saga.status_seq + 1 - changes.len() as u64;
+            for (k, (from, to)) in changes.into_iter().enumerate() {
+                let seq = first_seq + k as u64;
+                retry_forever(&self.id, "announce status", delivery, || {
+                    self.ctx.bus.announce(&l.saga, from, to, seq)
+                })
+                .await;
+            }
+        };
+        futures::join!(commands, statuses);
+    }
+
+    /// Dead-letters a saga that parked, or settles the dead letters of one an operator resumed.
+    async fn settle_parking(
+        &self,
+        l: &Loaded,
+        effects: &[Effect],
+        delivery: Option<&dyn Delivery>,
+    ) {
+        for effect in effects {
             match effect {
                 Effect::Parked { reason, count } => {
                     tracing::error!(saga_id = %self.id, definition = %l.def.name, reason, "saga parked NEEDS_ATTENTION");
@@ -785,14 +840,6 @@ impl SagaState {
                 }
                 _ => {}
             }
-        }
-        let first_seq = l.saga.status_seq + 1 - changes.len() as u64;
-        for (k, (from, to)) in changes.into_iter().enumerate() {
-            let seq = first_seq + k as u64;
-            retry_forever(&self.id, "announce status", delivery, || {
-                self.ctx.bus.announce(&l.saga, from, to, seq)
-            })
-            .await;
         }
     }
 

@@ -47,6 +47,15 @@ pub enum Control {
         /// When it was asked.
         at: Millis,
     },
+    /// [`Control::Started`] carrying the snapshot as created, so the owner need not read it.
+    Created {
+        /// When it was created.
+        at: Millis,
+        /// Its revision in the bucket.
+        revision: u64,
+        /// The snapshot, as [`encode_snapshot`] wrote it.
+        snapshot: Vec<u8>,
+    },
 }
 
 /// A payload that could not be decoded.
@@ -181,6 +190,24 @@ mod tests {
             encode_control(&Control::Started { at: 1 }).unwrap(),
             vec![0, 0, 2]
         );
+    }
+
+    #[test]
+    fn created_golden_bytes_carry_a_decodable_snapshot() {
+        let snapshot = encode_snapshot(&sample()).unwrap();
+        let c = Control::Created {
+            at: 1,
+            revision: 3,
+            snapshot: snapshot.clone(),
+        };
+        let bytes = encode_control(&c).unwrap();
+        // Appended variant 3: the earlier variants keep their bytes (tests above).
+        assert_eq!(bytes[..4], [0, 3, 2, 3]);
+        let Control::Created { snapshot: back, .. } = decode_control(&bytes).unwrap() else {
+            panic!("not a Created control");
+        };
+        assert_eq!(back, snapshot);
+        assert_eq!(decode_snapshot(&back).unwrap(), sample());
     }
 
     #[test]

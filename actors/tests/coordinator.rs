@@ -97,6 +97,7 @@ struct StoreInner {
     failing_saves: u32,
     concurrent_write: bool,
     saves: u32,
+    loads: u32,
 }
 
 impl MemStore {
@@ -131,12 +132,18 @@ impl MemStore {
     fn successful_saves(&self) -> u32 {
         self.inner.lock().unwrap().saves
     }
+
+    /// Reads of a snapshot, failed ones included.
+    fn loads(&self) -> u32 {
+        self.inner.lock().unwrap().loads
+    }
 }
 
 #[async_trait]
 impl StateStore for MemStore {
     async fn load(&self, saga_id: &str) -> Result<Option<(Saga, u64)>, PortError> {
         let mut inner = self.inner.lock().unwrap();
+        inner.loads += 1;
         if inner.failing_loads > 0 {
             inner.failing_loads -= 1;
             return Err(PortError::Transport {
@@ -852,6 +859,59 @@ async fn transient_store_failures_nak_and_the_redelivery_completes_the_saga() {
     assert_eq!(
         h.stream.count(&Settlement::Ack),
         5,
+        "{:?}",
+        h.stream.settled()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload() {
+    let h = Harness::start(order(), always_succeed()).await;
+    let all_steps = strings(&[
+        ("payment.charge", 1),
+        ("inventory.reserve", 1),
+        ("shipping.prepare", 1),
+        ("notification.send", 1),
+    ]);
+    // The creator hands over the snapshot it wrote: the owner never reads the store.
+    let (saga, _) = Saga::start(&h.def, "order-c1".into(), b"{}".to_vec(), now_millis());
+    let revision = h.store.save(&saga, None).await.unwrap();
+    h.stream.deliver(
+        "order-c1",
+        Input::Created {
+            saga: Box::new(saga),
+            revision,
+        },
+    );
+    assert_eq!(h.finished("order-c1").await.status, "SHIPPED");
+    assert_eq!(h.store.loads(), 0, "the snapshot was read back");
+    assert_eq!(h.bus.sent("order-c1"), all_steps);
+
+    // A handed-over copy that is no longer current (someone wrote since) loses its first
+    // compare-and-set and is reloaded; the saga still finishes, every step sent as attempt 1
+    // (the reload republishes the in-flight charge under the same command id, which the
+    // server de-duplicates).
+    let (saga, _) = Saga::start(&h.def, "order-c2".into(), b"{}".to_vec(), now_millis());
+    let revision = h.store.save(&saga, None).await.unwrap();
+    h.store.write_concurrently_before_next_save();
+    h.stream.deliver(
+        "order-c2",
+        Input::Created {
+            saga: Box::new(saga),
+            revision,
+        },
+    );
+    assert_eq!(h.finished("order-c2").await.status, "SHIPPED");
+    assert!(h.store.loads() >= 1, "the stale copy was not reloaded");
+    let mut with_republished_charge = all_steps.clone();
+    with_republished_charge.insert(0, all_steps[0].clone());
+    assert_eq!(h.bus.sent("order-c2"), with_republished_charge);
+    eventually("every delivery to be settled", || h.stream.all_settled()).await;
+    assert!(h.stream.dead_letters().is_empty());
+    assert_eq!(
+        h.stream.count(&Settlement::Nak),
+        0,
         "{:?}",
         h.stream.settled()
     );

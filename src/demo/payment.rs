@@ -33,9 +33,8 @@ impl Payment {
     }
 
     async fn charge(&self, cmd: &v1::Command) -> Result<Outcome, Unavailable> {
-        if let Some(existing) = self.ledger.get(SERVICE, &cmd.idempotency_key).await? {
-            return Ok(existing.outcome.to_outcome());
-        }
+        // No read first: the outcome depends only on the command, and `record` answers what an
+        // earlier delivery recorded when the key is taken (one write instead of a read and a write).
         let mut entry = LedgerEntry::for_command(SERVICE, "charge", cmd, Recorded::Voided);
         entry.outcome = match OrderInput::parse(&cmd.input) {
             Err(message) => Recorded::Failure {
