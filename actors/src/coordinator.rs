@@ -444,54 +444,60 @@ impl Actor for SagaActor {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            SagaMsg::Deliver(input, delivery) => state.on_delivery(input, delivery).await,
-            SagaMsg::Recover => {
-                state.loaded = None;
-                match state.load().await {
-                    Ok(true) => state.resend_in_flight().await,
-                    Ok(false) => {
-                        tracing::warn!(saga_id = %state.id, "asked to recover a saga that does not exist")
+        // The work runs in a boxed future that exists only while a message is handled: the
+        // actor's task, which lives as long as the saga, then stays small while it waits
+        // (its size would otherwise be that of the largest future below, kilobytes per saga).
+        Box::pin(async move {
+            match msg {
+                SagaMsg::Deliver(input, delivery) => state.on_delivery(input, delivery).await,
+                SagaMsg::Recover => {
+                    state.loaded = None;
+                    match state.load().await {
+                        Ok(true) => state.resend_in_flight().await,
+                        Ok(false) => {
+                            tracing::warn!(saga_id = %state.id, "asked to recover a saga that does not exist")
+                        }
+                        Err(Failure::Permanent(reason)) => {
+                            tracing::error!(saga_id = %state.id, reason, "cannot recover saga")
+                        }
+                        Err(_) => {
+                            // Try again shortly; the coordinator's map keeps us alive meanwhile.
+                            myself.send_after(Duration::from_secs(1), || SagaMsg::Recover);
+                            return Ok(());
+                        }
                     }
-                    Err(Failure::Permanent(reason)) => {
-                        tracing::error!(saga_id = %state.id, reason, "cannot recover saga")
-                    }
-                    Err(_) => {
-                        // Try again shortly; the coordinator's map keeps us alive meanwhile.
-                        myself.send_after(Duration::from_secs(1), || SagaMsg::Recover);
+                }
+                SagaMsg::Tick => {
+                    // The timer that sent this tick has finished; a newer one (if re-armed since)
+                    // is aborted and replaced by `arm_timer` below.
+                    if let Err(f) = state.process(Event::Tick, None).await {
+                        let delay = match f {
+                            Failure::Conflict => {
+                                // Our copy is stale: retrying it would lose every compare-and-set.
+                                // Reload before the next tick.
+                                state.loaded = None;
+                                Duration::ZERO
+                            }
+                            _ => Duration::from_secs(1),
+                        };
+                        if let Some(old) = state.timer.replace(schedule_tick(&myself, delay)) {
+                            old.abort();
+                        }
                         return Ok(());
                     }
                 }
             }
-            SagaMsg::Tick => {
-                // The timer that sent this tick has finished; a newer one (if re-armed since)
-                // is aborted and replaced by `arm_timer` below.
-                if let Err(f) = state.process(Event::Tick, None).await {
-                    let delay = match f {
-                        Failure::Conflict => {
-                            // Our copy is stale: retrying it would lose every compare-and-set.
-                            // Reload before the next tick.
-                            state.loaded = None;
-                            Duration::ZERO
-                        }
-                        _ => Duration::from_secs(1),
-                    };
-                    if let Some(old) = state.timer.replace(schedule_tick(&myself, delay)) {
-                        old.abort();
-                    }
-                    return Ok(());
-                }
+            state.arm_timer(&myself);
+            state.report();
+            // Stop once finished or unusable. After a transient failure the actor stays (with no
+            // snapshot loaded) so events already in its mailbox are not dropped; it reloads on
+            // the next one.
+            if state.unusable || state.loaded.as_ref().is_some_and(|l| l.saga.is_terminal()) {
+                myself.stop(None);
             }
-        }
-        state.arm_timer(&myself);
-        state.report();
-        // Stop once finished or unusable. After a transient failure the actor stays (with no
-        // snapshot loaded) so events already in its mailbox are not dropped; it reloads on
-        // the next one.
-        if state.unusable || state.loaded.as_ref().is_some_and(|l| l.saga.is_terminal()) {
-            myself.stop(None);
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     async fn post_stop(
