@@ -242,6 +242,11 @@ pub struct ClusterConfig {
     /// How long a node handing a partition over waits for its in-flight events to finish.
     #[serde(with = "humantime_secs")]
     pub drain_timeout: Duration,
+    /// A saga actor with nothing to do for this long is stopped and its saga kept *dormant*:
+    /// only its next due time stays in memory, and its next event or due time brings it back
+    /// with one read of its snapshot. `0` keeps every actor until its saga ends.
+    #[serde(with = "humantime_secs")]
+    pub passivate_after: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -250,6 +255,7 @@ impl Default for ClusterConfig {
             heartbeat_interval: Duration::from_secs(1),
             node_ttl: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            passivate_after: Duration::from_secs(2),
         }
     }
 }

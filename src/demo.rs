@@ -54,6 +54,10 @@ use crate::participant::{self, Outcome, Participant, Unavailable};
 pub use analytics::sales;
 pub use ledger::{ledger, LedgerEntry, LedgerSummary};
 
+/// Commands a node's service pool holds per instance (running or queued); the rest wait in
+/// JetStream (see [`participant::run_consumer`]).
+const COMMANDS_IN_HAND_PER_INSTANCE: usize = 64;
+
 /// The demo services, in the order they are started.
 pub const SERVICES: [&str; 4] = ["payment", "inventory", "shipping", "notification"];
 
@@ -187,6 +191,7 @@ pub async fn start(
             cfg.consumers.clone(),
             participant,
             pool,
+            cfg.demo.instances * COMMANDS_IN_HAND_PER_INSTANCE,
             cancel.clone(),
         ));
     }

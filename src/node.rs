@@ -274,6 +274,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         parker: Arc::new(crate::dlq::DlqParker::new(js.clone(), config.partitions)),
         stuck_multiple: STUCK_MULTIPLE,
         census_every: CENSUS_EVERY,
+        passivate_after: config.cluster.passivate_after,
         census: std::sync::Mutex::default(),
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)

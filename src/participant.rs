@@ -86,18 +86,25 @@ pub async fn ensure_consumer(
 }
 
 /// Pulls `service`'s commands and hands them to `pool` until `cancel` fires.
+///
+/// At most `in_hand` commands are held by the pool at once (running or waiting in an
+/// instance's mailbox): beyond that the pull loop waits for one to finish, and the rest stay
+/// in JetStream, where other nodes' instances can take them. Without this bound a slow
+/// service would pull every pending command into memory (`max_ack_pending` of them).
 pub async fn run_consumer(
     js: jetstream::Context,
     service: String,
     cfg: ConsumerConfig,
     participant: Arc<dyn Participant>,
     pool: ActorRef<ServicePoolMsg>,
+    in_hand: usize,
     cancel: CancellationToken,
 ) {
     let what = format!("svc-{service}");
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_hand.max(1)));
     pull_forever(
         &what,
-        256,
+        PULL_BATCH.min(in_hand.max(1)),
         cancel,
         || ensure_consumer(&js, &service, &cfg),
         |message| {
@@ -106,15 +113,26 @@ pub async fn run_consumer(
                 js: js.clone(),
                 source: "commands",
             };
-            let job = CommandJob {
-                js: js.clone(),
-                message,
-                participant: participant.clone(),
-            };
-            let sent = pool.cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(fallback)));
+            let slots = slots.clone();
+            let js = js.clone();
+            let participant = participant.clone();
+            let pool = pool.clone();
             let service = service.as_str();
             async move {
-                if sent.is_err() {
+                // The semaphore is never closed, so this only waits.
+                let Ok(slot) = slots.acquire_owned().await else {
+                    return Flow::Stop;
+                };
+                let job = CommandJob {
+                    js,
+                    message,
+                    participant,
+                    _slot: slot,
+                };
+                if pool
+                    .cast(ServicePoolMsg::Dispatch(Box::new(job), Box::new(fallback)))
+                    .is_err()
+                {
                     tracing::warn!(
                         service,
                         "service pool stopped; leaving commands to other instances"
@@ -128,11 +146,16 @@ pub async fn run_consumer(
     .await;
 }
 
+/// Messages asked for per pull request.
+const PULL_BATCH: usize = 256;
+
 /// One command being handled by an instance.
 struct CommandJob {
     js: jetstream::Context,
     message: jetstream::Message,
     participant: Arc<dyn Participant>,
+    /// Its place among the commands in hand, given back when the job is done or dropped.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Job for CommandJob {

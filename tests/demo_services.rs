@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -443,6 +443,7 @@ async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
         env.cfg.consumers.clone(),
         participant.clone(),
         pool.clone(),
+        64,
         cancel.clone(),
     ));
 
@@ -472,6 +473,131 @@ async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
     .await
     .unwrap();
     assert_eq!(env.summary().await.saga("order-C1").charged, 1);
+
+    cancel.cancel();
+    within(TIMEOUT, "consumer stops", consumer)
+        .await
+        .unwrap()
+        .unwrap();
+    pool.stop(None);
+    within(TIMEOUT, "pool stops", pool_handle)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Takes each command and waits for `release` before answering.
+struct Held {
+    started: AtomicUsize,
+    release: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl Participant for Held {
+    async fn handle(&self, _cmd: &v1::Command) -> Result<Outcome, Unavailable> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let permit = self.release.acquire().await;
+        drop(permit);
+        Ok(Outcome::Success(b"{}".to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_service_holds_only_its_commands_in_hand_and_leaves_the_rest_in_jetstream() {
+    let mut env = env("in-hand").await;
+    let participant = Arc::new(Held {
+        started: AtomicUsize::new(0),
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let args = ServicePoolArgs {
+        service: "payment".into(),
+        instances: 1,
+    };
+    let (pool, pool_handle) = within(
+        TIMEOUT,
+        "spawn pool",
+        ractor::Actor::spawn(None, ServicePool, args),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let in_hand = 2;
+    let consumer = tokio::spawn(participant::run_consumer(
+        env.js.clone(),
+        "payment".into(),
+        env.cfg.consumers.clone(),
+        participant.clone(),
+        pool.clone(),
+        in_hand,
+        cancel.clone(),
+    ));
+    let total = 10;
+    for i in 0..total {
+        let cmd = env.command("payment.charge", &format!("order-H{i}"), "charge", 1, ORDER);
+        let subject = sagaflow::topology::command_subject(&cmd.service, &cmd.action);
+        within(TIMEOUT, "publish command", async {
+            env.js
+                .publish(subject, cmd.encode_to_vec().into())
+                .await?
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    wait_until(TIMEOUT, "the first command to be taken", || {
+        let p = participant.clone();
+        async move { p.started.load(Ordering::SeqCst) == 1 }
+    })
+    .await
+    .unwrap();
+    // Give the pull loop time to take more than it should, if it would.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = within(TIMEOUT, "consumer info", async {
+        let stream = env
+            .js
+            .get_stream(sagaflow::topology::COMMANDS_STREAM)
+            .await?;
+        stream
+            .consumer_info("svc-payment")
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    // In hand (2) plus at most one pull request's worth (2) waiting for a place.
+    assert!(
+        info.num_ack_pending <= 2 * in_hand,
+        "the node took {} commands with {in_hand} in hand",
+        info.num_ack_pending
+    );
+    assert!(
+        info.num_pending as usize >= total - 2 * in_hand,
+        "commands left in JetStream: {}",
+        info.num_pending
+    );
+    assert_eq!(
+        participant.started.load(Ordering::SeqCst),
+        1,
+        "one instance"
+    );
+    // Released, every command is handled, in turn.
+    participant.release.add_permits(total);
+    for _ in 0..total {
+        let msg = within(TIMEOUT, "reply", env.replies.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let reply = v1::Reply::decode(msg.payload.as_ref()).unwrap();
+        assert!(matches!(
+            reply.outcome,
+            Some(v1::reply::Outcome::Success(_))
+        ));
+    }
+    assert_eq!(participant.started.load(Ordering::SeqCst), total);
 
     cancel.cancel();
     within(TIMEOUT, "consumer stops", consumer)

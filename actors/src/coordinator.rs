@@ -99,6 +99,10 @@ pub struct Context {
     pub stuck_multiple: u32,
     /// How often the coordinator counts parked and stuck sagas.
     pub census_every: Duration,
+    /// A saga actor idle for this long is stopped and its saga kept *dormant*: the coordinator
+    /// holds only its next due time, and its next event or due time brings it back (one read of
+    /// the store). Zero: never.
+    pub passivate_after: Duration,
     /// What each live saga actor last persisted, for the census (kept by the actors).
     pub census: std::sync::Mutex<HashMap<String, Summary>>,
 }
@@ -112,6 +116,8 @@ pub struct Summary {
     pub parked: bool,
     /// When the saga counts as stuck if nothing changes ([`Saga::stuck_at`]).
     pub stuck_at: Option<Millis>,
+    /// When its actor last handled a message.
+    pub last_active: Millis,
 }
 
 impl Context {
@@ -167,7 +173,21 @@ pub enum CoordinatorMsg {
     Live(RpcReplyPort<usize>),
     /// Count parked and stuck sagas (periodic).
     Census,
+    /// Passivate idle saga actors (periodic).
+    Sweep,
+    /// A saga actor asked to passivate has stopped; its saga is dormant until `wake_at`.
+    Passivated {
+        /// Saga id.
+        saga_id: String,
+        /// Its next due time, if any.
+        wake_at: Option<Millis>,
+    },
+    /// Bring back dormant sagas whose due time has come.
+    Wake,
 }
+
+/// An event held for a saga whose actor is stopping.
+type Queued = (Input, Box<dyn Delivery>);
 
 /// State of [`Coordinator`].
 pub struct CoordinatorState {
@@ -177,6 +197,15 @@ pub struct CoordinatorState {
     actors: HashMap<String, ActorRef<SagaMsg>>,
     ids: HashMap<ActorId, String>,
     failures: HashMap<String, u32>,
+    /// Sagas whose actor was asked to passivate, with the events that arrived since (delivered
+    /// in order to a new actor if any came).
+    passivating: HashMap<String, Vec<Queued>>,
+    /// Dormant sagas (no actor) and their next due time.
+    dormant: HashMap<String, Option<Millis>>,
+    /// Due times of dormant sagas (entries of sagas woken since are skipped).
+    wakeups: std::collections::BTreeSet<(Millis, String)>,
+    /// The earliest `Wake` already scheduled.
+    wake_scheduled: Option<Millis>,
 }
 
 impl Actor for Coordinator {
@@ -193,12 +222,21 @@ impl Actor for Coordinator {
             // Stops with the actor (the send fails once it is gone).
             myself.send_interval(ctx.census_every, || CoordinatorMsg::Census);
         }
+        if !ctx.passivate_after.is_zero() {
+            // Idle actors are looked for twice per period, so none stays much longer.
+            let every = (ctx.passivate_after / 2).max(Duration::from_millis(10));
+            myself.send_interval(every, || CoordinatorMsg::Sweep);
+        }
         Ok(CoordinatorState {
             ctx,
             stuck: std::collections::HashSet::new(),
             actors: HashMap::new(),
             ids: HashMap::new(),
             failures: HashMap::new(),
+            passivating: HashMap::new(),
+            dormant: HashMap::new(),
+            wakeups: std::collections::BTreeSet::new(),
+            wake_scheduled: None,
         })
     }
 
@@ -214,6 +252,11 @@ impl Actor for Coordinator {
                 input,
                 delivery,
             } => {
+                if let Some(queue) = state.passivating.get_mut(&saga_id) {
+                    // Its actor is stopping: keep the order, hand these to the next one.
+                    queue.push((input, delivery));
+                    return Ok(());
+                }
                 let actor = match state.actor_for(&myself, &saga_id).await {
                     Ok(a) => a,
                     Err(e) => {
@@ -229,6 +272,10 @@ impl Actor for Coordinator {
                 }
             }
             CoordinatorMsg::Recover { saga_id } | CoordinatorMsg::Respawn(saga_id) => {
+                if state.passivating.contains_key(&saga_id) {
+                    // The next actor reloads the saga anyway.
+                    return Ok(());
+                }
                 match state.actor_for(&myself, &saga_id).await {
                     Ok(actor) => {
                         let _ = actor.cast(SagaMsg::Recover);
@@ -250,15 +297,48 @@ impl Actor for Coordinator {
                         state.failures.remove(id);
                         actor.stop(Some("partition handed over".into()));
                     }
+                    // Events queued for it were never acked: the next owner gets them again.
+                    state.passivating.remove(id);
                 }
-                let _ = reply.send(doomed.len());
+                let dormant: Vec<String> = state
+                    .dormant
+                    .keys()
+                    .filter(|id| crate::hash::partition_of(id, parts) == partition)
+                    .cloned()
+                    .collect();
+                {
+                    let mut census = state.ctx.census();
+                    for id in &dormant {
+                        state.dormant.remove(id);
+                        census.remove(id);
+                    }
+                }
+                let _ = reply.send(doomed.len() + dormant.len());
             }
             CoordinatorMsg::Live(reply) => {
-                let _ = reply.send(state.actors.len());
+                let _ = reply.send(state.live());
             }
             CoordinatorMsg::Census => state.census(),
+            CoordinatorMsg::Sweep => state.passivate_idle(),
+            CoordinatorMsg::Passivated { saga_id, wake_at } => {
+                // No entry: its partition was handed over meanwhile, forget it. While the entry
+                // exists no other actor of this saga can have been spawned (events are queued).
+                let Some(queued) = state.passivating.remove(&saga_id) else {
+                    return Ok(());
+                };
+                if let Some(actor) = state.actors.remove(&saga_id) {
+                    state.ids.remove(&actor.get_id());
+                }
+                state.failures.remove(&saga_id);
+                if queued.is_empty() {
+                    state.sleep(&myself, saga_id, wake_at);
+                } else {
+                    state.hand_over(&myself, &saga_id, queued).await;
+                }
+            }
+            CoordinatorMsg::Wake => state.wake(&myself).await,
         }
-        state.ctx.observer.live_sagas(state.actors.len());
+        state.ctx.observer.live_sagas(state.live());
         Ok(())
     }
 
@@ -269,15 +349,28 @@ impl Actor for Coordinator {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(id) = state.ids.remove(&cell.get_id()) {
                     state.actors.remove(&id);
                     state.failures.remove(&id);
+                    // Passivated: its `Passivated` message (which may come after this event)
+                    // settles the queue. Otherwise it stopped (finished) before it could
+                    // passivate, and events that came meanwhile go to a new actor.
+                    if reason.as_deref() != Some(PASSIVATED) {
+                        if let Some(queued) = state.passivating.remove(&id) {
+                            state.hand_over(&myself, &id, queued).await;
+                        }
+                    }
                 }
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(id) = state.ids.remove(&cell.get_id()) {
                     state.actors.remove(&id);
+                    if let Some(queued) = state.passivating.remove(&id) {
+                        // A new actor reloads the saga and takes the queued events (the
+                        // respawn below then finds it).
+                        state.hand_over(&myself, &id, queued).await;
+                    }
                     let n = state.failures.entry(id.clone()).or_insert(0);
                     *n += 1;
                     let delay = restart_backoff(*n);
@@ -287,7 +380,7 @@ impl Actor for Coordinator {
             }
             _ => {}
         }
-        state.ctx.observer.live_sagas(state.actors.len());
+        state.ctx.observer.live_sagas(state.live());
         Ok(())
     }
 }
@@ -341,6 +434,114 @@ impl CoordinatorState {
         self.ctx.observer.attention(&lines);
     }
 
+    /// Sagas this node holds: with an actor, or dormant.
+    fn live(&self) -> usize {
+        self.actors.len() + self.dormant.len()
+    }
+
+    /// Asks every actor idle for [`Context::passivate_after`] to passivate. From now on, events
+    /// for its saga are queued here until it has stopped.
+    fn passivate_idle(&mut self) {
+        let after = self.ctx.passivate_after;
+        if after.is_zero() {
+            return;
+        }
+        let idle_since = (self.ctx.clock)() - i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        let idle: Vec<String> = {
+            let census = self.ctx.census();
+            census
+                .iter()
+                .filter(|(id, line)| {
+                    line.last_active <= idle_since
+                        && self.actors.contains_key(*id)
+                        && !self.passivating.contains_key(*id)
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in idle {
+            if let Some(actor) = self.actors.get(&id) {
+                if actor.cast(SagaMsg::Passivate).is_ok() {
+                    self.passivating.insert(id, Vec::new());
+                }
+            }
+        }
+    }
+
+    /// Keeps a passivated saga dormant until `wake_at`.
+    fn sleep(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        saga_id: String,
+        wake_at: Option<Millis>,
+    ) {
+        if let Some(at) = wake_at {
+            self.wakeups.insert((at, saga_id.clone()));
+            self.schedule_wake(myself, at);
+        }
+        self.dormant.insert(saga_id, wake_at);
+    }
+
+    fn schedule_wake(&mut self, myself: &ActorRef<CoordinatorMsg>, at: Millis) {
+        if self.wake_scheduled.is_some_and(|s| s <= at) {
+            return;
+        }
+        self.wake_scheduled = Some(at);
+        let delay = u64::try_from(at - (self.ctx.clock)()).unwrap_or(0);
+        myself.send_after(Duration::from_millis(delay), || CoordinatorMsg::Wake);
+    }
+
+    /// Brings back the dormant sagas that are due, each with a tick.
+    async fn wake(&mut self, myself: &ActorRef<CoordinatorMsg>) {
+        self.wake_scheduled = None;
+        let now = (self.ctx.clock)();
+        while let Some((at, id)) = self.wakeups.first().cloned() {
+            if at > now {
+                self.schedule_wake(myself, at);
+                break;
+            }
+            self.wakeups.pop_first();
+            if self.dormant.get(&id) != Some(&Some(at)) {
+                continue; // woken since by an event
+            }
+            match self.actor_for(myself, &id).await {
+                Ok(actor) => {
+                    let _ = actor.cast(SagaMsg::Tick);
+                }
+                Err(e) => {
+                    tracing::error!(saga_id = %id, error = %e, "cannot spawn saga actor");
+                    self.sleep(myself, id, Some(now + 1_000));
+                }
+            }
+        }
+    }
+
+    /// Gives the events that arrived while a saga's actor stopped to a new actor, in order.
+    async fn hand_over(
+        &mut self,
+        myself: &ActorRef<CoordinatorMsg>,
+        saga_id: &str,
+        queued: Vec<Queued>,
+    ) {
+        if queued.is_empty() {
+            return;
+        }
+        match self.actor_for(myself, saga_id).await {
+            Ok(actor) => {
+                for (input, delivery) in queued {
+                    // If the send fails the delivery is dropped un-acked: JetStream redelivers.
+                    let _ = actor.cast(SagaMsg::Deliver(input, delivery));
+                }
+            }
+            Err(e) => {
+                tracing::error!(saga_id, error = %e, "cannot spawn saga actor");
+                for (_, delivery) in queued {
+                    delivery.nak(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     async fn actor_for(
         &mut self,
         myself: &ActorRef<CoordinatorMsg>,
@@ -349,9 +550,12 @@ impl CoordinatorState {
         if let Some(a) = self.actors.get(saga_id) {
             return Ok(a.clone());
         }
+        // A dormant saga comes back (its stale wake-up entry is skipped when it falls due).
+        self.dormant.remove(saga_id);
         let args = SagaArgs {
             id: saga_id.to_string(),
             ctx: self.ctx.clone(),
+            coordinator: myself.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, SagaActor, args, myself.get_cell()).await?;
         self.actors.insert(saga_id.to_string(), actor.clone());
@@ -359,6 +563,9 @@ impl CoordinatorState {
         Ok(actor)
     }
 }
+
+/// Stop reason of a passivated saga actor.
+const PASSIVATED: &str = "passivated";
 
 /// Hosts one saga's state machine (no data; see [`SagaState`]).
 #[derive(Debug, Default)]
@@ -368,6 +575,7 @@ pub struct SagaActor;
 pub struct SagaArgs {
     id: String,
     ctx: Arc<Context>,
+    coordinator: ActorRef<CoordinatorMsg>,
 }
 
 /// Messages of [`SagaActor`].
@@ -378,6 +586,8 @@ pub enum SagaMsg {
     Recover,
     /// A due time passed.
     Tick,
+    /// Stop and leave the saga dormant (the coordinator holds its next due time).
+    Passivate,
 }
 
 /// State of [`SagaActor`].
@@ -391,6 +601,10 @@ pub struct SagaState {
     /// Whether `loaded` comes from memory (kept since an earlier message) rather than a read
     /// of the store for this message.
     loaded_from_cache: bool,
+    /// Who to tell when passivated.
+    coordinator: ActorRef<CoordinatorMsg>,
+    /// Stopped by passivation: the saga stays in the census.
+    passivated: bool,
 }
 
 struct Loaded {
@@ -435,6 +649,8 @@ impl Actor for SagaActor {
             timer: None,
             unusable: false,
             loaded_from_cache: false,
+            coordinator: args.coordinator,
+            passivated: false,
         })
     }
 
@@ -466,6 +682,30 @@ impl Actor for SagaActor {
                             return Ok(());
                         }
                     }
+                }
+                SagaMsg::Passivate => {
+                    if state.unusable || state.loaded.as_ref().is_some_and(|l| l.saga.is_terminal())
+                    {
+                        // Nothing worth keeping dormant: stop as usual (the coordinator hands
+                        // any queued event to a new actor).
+                        myself.stop(None);
+                        return Ok(());
+                    }
+                    let wake_at = match state.loaded.as_ref() {
+                        Some(l) => l.saga.next_wakeup(),
+                        // Between a transient failure and its retry: wake soon and reload.
+                        None => Some(state.now() + 1_000),
+                    };
+                    if let Some(t) = state.timer.take() {
+                        t.abort();
+                    }
+                    state.passivated = true;
+                    let _ = state.coordinator.cast(CoordinatorMsg::Passivated {
+                        saga_id: state.id.clone(),
+                        wake_at,
+                    });
+                    myself.stop(Some(PASSIVATED.to_string()));
+                    return Ok(());
                 }
                 SagaMsg::Tick => {
                     // The timer that sent this tick has finished; a newer one (if re-armed since)
@@ -508,7 +748,9 @@ impl Actor for SagaActor {
         if let Some(t) = state.timer.take() {
             t.abort();
         }
-        state.forget();
+        if !state.passivated {
+            state.forget();
+        }
         Ok(())
     }
 }
@@ -535,11 +777,13 @@ impl SagaState {
         };
         let parked = l.saga.phase == Phase::NeedsAttention;
         let stuck_at = l.saga.stuck_at(&l.def, self.ctx.stuck_multiple);
+        let last_active = self.now();
         // Runs after every message: update the line in place, allocate only the first time.
         match census.get_mut(&self.id) {
             Some(line) => {
                 line.parked = parked;
                 line.stuck_at = stuck_at;
+                line.last_active = last_active;
             }
             None => {
                 census.insert(
@@ -548,6 +792,7 @@ impl SagaState {
                         definition: l.def.name.clone(),
                         parked,
                         stuck_at,
+                        last_active,
                     },
                 );
             }

@@ -522,13 +522,23 @@ struct Harness {
 
 impl Harness {
     async fn start(def: SagaDefinition, behaviour: Behaviour) -> Harness {
+        Harness::start_passivating(def, behaviour, Duration::ZERO).await
+    }
+
+    /// …with saga actors passivated after `passivate_after` idle (zero: never).
+    async fn start_passivating(
+        def: SagaDefinition,
+        behaviour: Behaviour,
+        passivate_after: Duration,
+    ) -> Harness {
         let def = Arc::new(def);
         let store = Arc::new(MemStore::default());
         let (bus, mut commands) = MemBus::new();
         let stream = Arc::new(Stream::default());
         let parker = Arc::new(MemParker::default());
         let census = Arc::new(CensusObserver::default());
-        let coordinator = spawn_coordinator(&def, &store, &bus, &parker, &census).await;
+        let coordinator =
+            spawn_coordinator(&def, &store, &bus, &parker, &census, passivate_after).await;
         stream.attach(coordinator.clone());
         // The participants: answer each published command as the behaviour says, on the
         // saga's event stream.
@@ -621,6 +631,7 @@ async fn spawn_coordinator(
     bus: &Arc<MemBus>,
     parker: &Arc<MemParker>,
     observer: &Arc<CensusObserver>,
+    passivate_after: Duration,
 ) -> ActorRef<CoordinatorMsg> {
     let ctx = Context {
         definitions: HashMap::from([(def.name.clone(), def.clone())]),
@@ -632,6 +643,7 @@ async fn spawn_coordinator(
         parker: parker.clone(),
         stuck_multiple: 3,
         census_every: Duration::from_millis(20),
+        passivate_after,
         census: Mutex::default(),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
@@ -919,6 +931,99 @@ async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload(
 }
 
 #[tokio::test]
+async fn an_idle_saga_passivates_and_its_next_event_brings_it_back() {
+    // Nobody answers the charge: the saga waits, its actor goes idle and is passivated.
+    let h = Harness::start_passivating(
+        order(),
+        Arc::new(|c: &Command| {
+            (c.step != "charge" || c.spec.compensation).then(|| Ok(b"{}".to_vec()))
+        }),
+        Duration::from_millis(60),
+    )
+    .await;
+    h.start_saga("order-p1").await;
+    eventually("the charge to be sent", || {
+        !h.bus.sent("order-p1").is_empty()
+    })
+    .await;
+    eventually("the idle actor to passivate", || {
+        h.coordinator.get_children().is_empty()
+    })
+    .await;
+    assert_eq!(h.live_actors().await, 1, "a dormant saga is still held");
+    let loads = h.store.loads();
+    // The charge answer arrives: a new actor reloads the saga and it runs to the end.
+    h.stream.deliver(
+        "order-p1",
+        Input::Reply {
+            step: "charge".into(),
+            attempt: 1,
+            compensation: false,
+            outcome: Ok(b"{}".to_vec()),
+        },
+    );
+    assert_eq!(h.finished("order-p1").await.status, "SHIPPED");
+    assert!(h.store.loads() > loads, "the dormant saga was not reloaded");
+    assert_eq!(
+        h.bus.sent("order-p1"),
+        strings(&[
+            ("payment.charge", 1),
+            ("inventory.reserve", 1),
+            ("shipping.prepare", 1),
+            ("notification.send", 1)
+        ])
+    );
+    eventually("the finished saga to be forgotten", || {
+        h.coordinator.get_children().is_empty()
+    })
+    .await;
+    assert_eq!(h.live_actors().await, 0);
+    assert!(h.stream.dead_letters().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_dormant_saga_wakes_at_its_due_time() {
+    // Nobody ever answers the charge, whose attempts time out after 1 s. The saga passivates
+    // while it waits (after 20 ms idle), and the coordinator wakes it for the timeout: the
+    // second attempt is sent, then the charge is given up and the saga compensates.
+    let mut def = fast_order();
+    def.steps[0].timeout = Duration::from_secs(1);
+    let h = Harness::start_passivating(
+        def,
+        Arc::new(|c: &Command| {
+            (c.step != "charge" || c.spec.compensation).then(|| Ok(b"{}".to_vec()))
+        }),
+        Duration::from_millis(20),
+    )
+    .await;
+    h.start_saga("order-p2").await;
+    eventually("the charge to be sent", || {
+        !h.bus.sent("order-p2").is_empty()
+    })
+    .await;
+    eventually("the idle actor to passivate", || {
+        h.coordinator.get_children().is_empty()
+    })
+    .await;
+    assert!(
+        h.store.get("order-p2").is_some_and(|s| !s.is_terminal()),
+        "the saga should be waiting, dormant"
+    );
+    let saga = h.finished("order-p2").await;
+    assert_eq!(saga.status, "CANCELLED");
+    let charges: Vec<u32> = h
+        .bus
+        .commands("order-p2")
+        .into_iter()
+        .filter(|c| c.step == "charge" && !c.spec.compensation)
+        .map(|c| c.spec.attempt)
+        .collect();
+    assert_eq!(charges, vec![1, 2], "both attempts sent, each once");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_lost_compare_and_set_reloads_and_the_event_is_still_applied() {
     let h = Harness::start(order(), always_succeed()).await;
     h.create_saga("order-4").await;
@@ -988,7 +1093,15 @@ async fn recovery_after_a_restart_republishes_in_flight_commands() {
     let published = h.bus.commands("order-5").len();
 
     // A new node over the same store takes the saga over.
-    let coordinator = spawn_coordinator(&h.def, &h.store, &h.bus, &h.parker, &h.census).await;
+    let coordinator = spawn_coordinator(
+        &h.def,
+        &h.store,
+        &h.bus,
+        &h.parker,
+        &h.census,
+        Duration::ZERO,
+    )
+    .await;
     h.stream.attach(coordinator.clone());
     coordinator
         .cast(CoordinatorMsg::Recover {
@@ -1162,7 +1275,15 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
     eventually("node A to publish the charge", || h.bus.sent(id).len() == 1).await;
 
     // Node B advances the saga: the charge succeeded, reserve and prepare_shipment are out.
-    let b = spawn_coordinator(&h.def, &h.store, &h.bus, &h.parker, &h.census).await;
+    let b = spawn_coordinator(
+        &h.def,
+        &h.store,
+        &h.bus,
+        &h.parker,
+        &h.census,
+        Duration::ZERO,
+    )
+    .await;
     let stream_b = Arc::new(Stream::default());
     stream_b.attach(b.clone());
     stream_b.deliver(
