@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sagaflow_actors::service::restart_backoff;
 use tokio_util::sync::CancellationToken;
 
@@ -67,12 +67,16 @@ pub async fn pull_forever<O, OF, H, HF>(
         loop {
             // `next()` on the pull stream is cancel-safe: a message is only taken when returned.
             let next = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    give_back(what, &mut messages).await;
+                    return;
+                }
                 n = messages.next() => n,
             };
             match next {
                 Some(Ok(message)) => {
                     if let Flow::Stop = handle(message).await {
+                        give_back(what, &mut messages).await;
                         return;
                     }
                 }
@@ -86,5 +90,21 @@ pub async fn pull_forever<O, OF, H, HF>(
                 None => break,
             }
         }
+    }
+}
+
+/// Naks the messages already delivered to this pull subscription but not yet handed on, so
+/// JetStream redelivers them at once (to another instance) instead of after `ack_wait`.
+async fn give_back(what: &str, messages: &mut async_nats::jetstream::consumer::pull::Stream) {
+    let mut given = 0usize;
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        let nak = async_nats::jetstream::AckKind::Nak(None);
+        if let Err(e) = message.ack_with(nak).await {
+            tracing::debug!(consumer = what, error = %e, "cannot give a message back");
+        }
+        given += 1;
+    }
+    if given > 0 {
+        tracing::debug!(consumer = what, given, "pulled messages given back");
     }
 }

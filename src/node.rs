@@ -132,14 +132,23 @@ impl NodeHandle {
         tracing::info!(node_id = %self.node_id, "shutting down");
         self.readiness.set_serving(false);
         set_health(&self.health, false).await;
-        // Hand our partitions back first, drained, while everything else still runs.
+        // Hand our partitions back first, drained, while everything else still runs. Without
+        // NATS nothing can be handed back: stop at once, the leases expire with their ttl.
         self.membership_stop.cancel();
-        if tokio::time::timeout(Duration::from_secs(60), self.membership_task)
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        let hand_back = if connected {
+            Duration::from_secs(60)
+        } else {
+            tracing::warn!("NATS unreachable: partitions are left to expire with their ttl");
+            Duration::from_secs(2)
+        };
+        if tokio::time::timeout(hand_back, self.membership_task)
             .await
             .is_err()
         {
             tracing::warn!(
-                "partitions not handed back within 60s; other nodes take them over after the ttl"
+                ?hand_back,
+                "partitions not handed back in time; other nodes take them over after the ttl"
             );
         }
         self.cancel.cancel();
@@ -158,8 +167,10 @@ impl NodeHandle {
             .coordinator
             .stop_and_wait(None, Some(Duration::from_secs(5)))
             .await;
-        if let Err(e) = self.client.drain().await {
-            tracing::debug!(error = %e, "drain");
+        match tokio::time::timeout(Duration::from_secs(5), self.client.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "drain"),
+            Err(_) => tracing::warn!("NATS connection not drained within 5s"),
         }
         tracing::info!(node_id = %self.node_id, "stopped");
         Ok(())

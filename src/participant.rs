@@ -105,7 +105,7 @@ pub async fn run_consumer(
     pull_forever(
         &what,
         PULL_BATCH.min(in_hand.max(1)),
-        cancel,
+        cancel.clone(),
         || ensure_consumer(&js, &service, &cfg),
         |message| {
             let fallback = JsDelivery {
@@ -117,10 +117,18 @@ pub async fn run_consumer(
             let js = js.clone();
             let participant = participant.clone();
             let pool = pool.clone();
+            let cancel = cancel.clone();
             let service = service.as_str();
             async move {
-                // The semaphore is never closed, so this only waits.
-                let Ok(slot) = slots.acquire_owned().await else {
+                // Waits for a place; on shutdown the command goes back to JetStream at once.
+                let slot = tokio::select! {
+                    slot = slots.acquire_owned() => slot,
+                    () = cancel.cancelled() => {
+                        Box::new(fallback).nak(Duration::ZERO).await;
+                        return Flow::Stop;
+                    }
+                };
+                let Ok(slot) = slot else {
                     return Flow::Stop;
                 };
                 let job = CommandJob {

@@ -84,3 +84,43 @@ async fn node_process_serves_and_terminates() -> anyhow::Result<()> {
     assert!(!node.is_running());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_whose_nats_is_gone_still_stops_promptly_on_sigterm() -> anyhow::Result<()> {
+    let nats = start_nats().await?;
+    let mut node = common::NodeProcess::start(
+        "smoke-2",
+        &nats.url(),
+        &[
+            ("SAGAFLOW_PARTITIONS", "4"),
+            ("SAGAFLOW_DEMO_SERVICES", "true"),
+        ],
+    )?;
+    let mut orders = node.connect_orders().await?;
+    let request = sagaflow_proto::v1::ListOrdersRequest::default();
+    within(TIMEOUT, "list orders", orders.list_orders(request)).await??;
+    drop(orders);
+    // NATS goes away for good: nothing can be handed back, and the node must not wait for it
+    // (its partitions expire with their ttl).
+    nats.stop()?;
+    wait_until(TIMEOUT, "the node to notice", || {
+        let seen = node.log_tail(100).contains("disconnected from nats");
+        async move { seen }
+    })
+    .await?;
+    let started = std::time::Instant::now();
+    let status = node.terminate(Duration::from_secs(30))?;
+    assert!(
+        status.success(),
+        "node exit status {status}; log:\n{}",
+        node.log_tail(40)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?} to stop; log:\n{}",
+        started.elapsed(),
+        node.log_tail(40)
+    );
+    assert!(node.log_tail(200).contains("NATS unreachable"));
+    Ok(())
+}
