@@ -58,11 +58,15 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
                 // The embedded snapshot only spares the owner a read: if it does not decode,
                 // the owner reads the stored one instead (nothing is lost).
                 Control::Created {
-                    revision, snapshot, ..
+                    revision,
+                    snapshot,
+                    commands_sent,
+                    ..
                 } => match wire::decode_snapshot(&snapshot) {
                     Ok(saga) if saga.id == *saga_id => Input::Created {
                         saga: Box::new(saga),
                         revision,
+                        commands_sent,
                     },
                     _ => Input::Started,
                 },
@@ -154,6 +158,7 @@ mod tests {
                 at: 7,
                 revision: 4,
                 snapshot,
+                commands_sent: true,
             })
             .unwrap()
         };
@@ -162,7 +167,8 @@ mod tests {
             decode("sagaflow.evt.3.order-1.start", &good).unwrap().1,
             Input::Created {
                 saga: Box::new(saga.clone()),
-                revision: 4
+                revision: 4,
+                commands_sent: true,
             }
         );
         // Another saga's snapshot, or bytes that are no snapshot: the owner reads the store.

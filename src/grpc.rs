@@ -134,18 +134,34 @@ impl SagaApi {
             if saga.is_terminal() {
                 return Ok(());
             }
-            // The creator hands the owner the snapshot it wrote, sparing it a read; a repeat
-            // sends a plain start and the owner reads the current one.
+            // The creator hands the owner the snapshot it wrote, sparing it a read, and
+            // publishes the first commands itself (below): the owner then only arms their
+            // timers. A repeat sends a plain start: the owner reads the current snapshot and
+            // (re)publishes what is in flight.
             let control = match revision.map(|r| wire::encode_snapshot(&saga).map(|s| (r, s))) {
                 Some(Ok((revision, snapshot))) => Control::Created {
                     at,
                     revision,
                     snapshot,
+                    commands_sent: true,
                 },
                 _ => Control::Started { at },
             };
             self.publish_control(id, "start", &control, format!("start/{id}"))
                 .await
+        };
+        // The snapshot just written lists them as in flight, so they may go out now, without
+        // waiting for the owner (the owner's copy, and any later republish, carry the same
+        // command ids: the server de-duplicates). If this publish fails the start still stands:
+        // the step's timeout retries the command.
+        let first_commands = async {
+            if !created {
+                return;
+            }
+            let in_flight = saga.in_flight();
+            if let Err(e) = self.bus.send(def, &saga, &in_flight).await {
+                tracing::warn!(saga_id = %id, error = %e, "cannot publish the first commands; the step timeout retries them");
+            }
         };
         // The first lifecycle event (status `initial`); later ones come from the owner. Sent
         // alongside the start event: neither waits for the other.
@@ -156,7 +172,7 @@ impl SagaApi {
                 }
             }
         };
-        let (started, ()) = futures::join!(start, announce);
+        let (started, (), ()) = futures::join!(start, announce, first_commands);
         started?;
         if created {
             crate::metrics::saga_started(&def.name);

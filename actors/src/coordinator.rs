@@ -57,6 +57,9 @@ pub enum Input {
         saga: Box<Saga>,
         /// Its revision.
         revision: u64,
+        /// Whether the creator published the first commands itself (the owner then only arms
+        /// the timers; if that publish failed, the step's timeout retries it).
+        commands_sent: bool,
     },
     /// A participant's reply.
     Reply {
@@ -856,10 +859,16 @@ impl SagaState {
     async fn on_delivery(&mut self, input: Input, delivery: Box<dyn Delivery>) {
         // A copy kept from an earlier message may be stale if another node advanced the saga.
         self.loaded_from_cache = self.loaded.is_some();
+        let mut sent_by_creator = false;
         let input = match input {
-            Input::Created { saga, revision } => {
+            Input::Created {
+                saga,
+                revision,
+                commands_sent,
+            } => {
                 if self.loaded.is_none() && saga.id == self.id {
                     self.adopt(*saga, revision);
+                    sent_by_creator = commands_sent && self.loaded.is_some();
                 }
                 Input::Started
             }
@@ -889,7 +898,9 @@ impl SagaState {
         }
         let event = match input {
             Input::Started | Input::Created { .. } => {
-                self.resend_in_flight().await;
+                if !sent_by_creator {
+                    self.resend_in_flight().await;
+                }
                 delivery.ack().await;
                 return;
             }

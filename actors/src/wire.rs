@@ -55,6 +55,8 @@ pub enum Control {
         revision: u64,
         /// The snapshot, as [`encode_snapshot`] wrote it.
         snapshot: Vec<u8>,
+        /// Whether the creator published the first commands itself.
+        commands_sent: bool,
     },
 }
 
@@ -199,10 +201,12 @@ mod tests {
             at: 1,
             revision: 3,
             snapshot: snapshot.clone(),
+            commands_sent: true,
         };
         let bytes = encode_control(&c).unwrap();
         // Appended variant 3: the earlier variants keep their bytes (tests above).
         assert_eq!(bytes[..4], [0, 3, 2, 3]);
+        assert_eq!(bytes.last(), Some(&1), "commands_sent comes last");
         let Control::Created { snapshot: back, .. } = decode_control(&bytes).unwrap() else {
             panic!("not a Created control");
         };

@@ -894,6 +894,7 @@ async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload(
         Input::Created {
             saga: Box::new(saga),
             revision,
+            commands_sent: false,
         },
     );
     assert_eq!(h.finished("order-c1").await.status, "SHIPPED");
@@ -912,6 +913,7 @@ async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload(
         Input::Created {
             saga: Box::new(saga),
             revision,
+            commands_sent: false,
         },
     );
     assert_eq!(h.finished("order-c2").await.status, "SHIPPED");
@@ -927,6 +929,42 @@ async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload(
         "{:?}",
         h.stream.settled()
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn when_the_creator_sent_the_first_commands_the_owner_only_arms_their_timers() {
+    let h = Harness::start(order(), always_succeed()).await;
+    let (saga, _) = Saga::start(&h.def, "order-c3".into(), b"{}".to_vec(), now_millis());
+    let revision = h.store.save(&saga, None).await.unwrap();
+    h.stream.deliver(
+        "order-c3",
+        Input::Created {
+            saga: Box::new(saga),
+            revision,
+            commands_sent: true,
+        },
+    );
+    // The creator's charge is answered; the owner never published it.
+    h.stream.deliver(
+        "order-c3",
+        Input::Reply {
+            step: "charge".into(),
+            attempt: 1,
+            compensation: false,
+            outcome: Ok(b"{}".to_vec()),
+        },
+    );
+    assert_eq!(h.finished("order-c3").await.status, "SHIPPED");
+    assert_eq!(
+        h.bus.sent("order-c3"),
+        strings(&[
+            ("inventory.reserve", 1),
+            ("shipping.prepare", 1),
+            ("notification.send", 1)
+        ])
+    );
+    assert_eq!(h.store.loads(), 0);
     h.stop().await;
 }
 
