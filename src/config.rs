@@ -247,6 +247,8 @@ pub struct ClusterConfig {
     /// with one read of its snapshot. `0` keeps every actor until its saga ends.
     #[serde(with = "humantime_secs")]
     pub passivate_after: Duration,
+    /// Passivation applies only while the node holds more live saga actors than this.
+    pub passivate_above: usize,
 }
 
 impl Default for ClusterConfig {
@@ -256,6 +258,7 @@ impl Default for ClusterConfig {
             node_ttl: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             passivate_after: Duration::from_secs(2),
+            passivate_above: 5_000,
         }
     }
 }

@@ -286,6 +286,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         stuck_multiple: STUCK_MULTIPLE,
         census_every: CENSUS_EVERY,
         passivate_after: config.cluster.passivate_after,
+        passivate_above: config.cluster.passivate_above,
         census: std::sync::Mutex::default(),
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)

@@ -106,6 +106,9 @@ pub struct Context {
     /// holds only its next due time, and its next event or due time brings it back (one read of
     /// the store). Zero: never.
     pub passivate_after: Duration,
+    /// Passivation starts only when the node holds more saga actors than this: below it,
+    /// memory is not worth a reload per event.
+    pub passivate_above: usize,
     /// What each live saga actor last persisted, for the census (kept by the actors).
     pub census: std::sync::Mutex<HashMap<String, Summary>>,
 }
@@ -176,8 +179,12 @@ pub enum CoordinatorMsg {
     Live(RpcReplyPort<usize>),
     /// Count parked and stuck sagas (periodic).
     Census,
-    /// Passivate idle saga actors (periodic).
-    Sweep,
+    /// Passivate idle saga actors (periodic), unless the coordinator is behind.
+    Sweep {
+        /// When the sweep was asked for (its wait in the mailbox says how far behind the
+        /// coordinator is).
+        sent_at: Millis,
+    },
     /// A saga actor asked to passivate has stopped; its saga is dormant until `wake_at`.
     Passivated {
         /// Saga id.
@@ -188,6 +195,9 @@ pub enum CoordinatorMsg {
     /// Bring back dormant sagas whose due time has come.
     Wake,
 }
+
+/// A sweep that waited longer than this in the coordinator's mailbox is skipped.
+const SWEEP_MAX_LAG_MS: Millis = 50;
 
 /// An event held for a saga whose actor is stopping.
 type Queued = (Input, Box<dyn Delivery>);
@@ -228,7 +238,8 @@ impl Actor for Coordinator {
         if !ctx.passivate_after.is_zero() {
             // Idle actors are looked for twice per period, so none stays much longer.
             let every = (ctx.passivate_after / 2).max(Duration::from_millis(10));
-            myself.send_interval(every, || CoordinatorMsg::Sweep);
+            let clock = ctx.clock.clone();
+            myself.send_interval(every, move || CoordinatorMsg::Sweep { sent_at: clock() });
         }
         Ok(CoordinatorState {
             ctx,
@@ -322,7 +333,17 @@ impl Actor for Coordinator {
                 let _ = reply.send(state.live());
             }
             CoordinatorMsg::Census => state.census(),
-            CoordinatorMsg::Sweep => state.passivate_idle(),
+            CoordinatorMsg::Sweep { sent_at } => {
+                // A backlog in this mailbox holds events for sagas that look idle only because
+                // their events have not reached them yet: passivating them then would make the
+                // overload worse (each would be reloaded at once). Sweep only when caught up.
+                let behind = (state.ctx.clock)() - sent_at;
+                if behind <= SWEEP_MAX_LAG_MS {
+                    state.passivate_idle();
+                } else {
+                    tracing::debug!(behind_ms = behind, "coordinator behind, not passivating");
+                }
+            }
             CoordinatorMsg::Passivated { saga_id, wake_at } => {
                 // No entry: its partition was handed over meanwhile, forget it. While the entry
                 // exists no other actor of this saga can have been spawned (events are queued).
@@ -446,7 +467,7 @@ impl CoordinatorState {
     /// for its saga are queued here until it has stopped.
     fn passivate_idle(&mut self) {
         let after = self.ctx.passivate_after;
-        if after.is_zero() {
+        if after.is_zero() || self.actors.len() <= self.ctx.passivate_above {
             return;
         }
         let idle_since = (self.ctx.clock)() - i64::try_from(after.as_millis()).unwrap_or(i64::MAX);

@@ -644,6 +644,7 @@ async fn spawn_coordinator(
         stuck_multiple: 3,
         census_every: Duration::from_millis(20),
         passivate_after,
+        passivate_above: 0,
         census: Mutex::default(),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
