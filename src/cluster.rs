@@ -482,6 +482,9 @@ impl Delivery for Tracked {
     }
 }
 
+/// Events of one partition a node holds at once (delivered, not yet acked).
+const EVENTS_IN_HAND: usize = 512;
+
 /// Consumes partition `p` in fetched batches until `stop`; a batch already fetched is always
 /// handed over in full, so stopping never strands pulled messages until their ack_wait.
 async fn consume_partition(
@@ -519,9 +522,23 @@ async fn consume_partition(
             }
             recovered = true;
         }
+        // Back-pressure: at most EVENTS_IN_HAND events of this partition are in the node at
+        // once. The rest wait in JetStream, where no ack_wait runs: an overloaded node then
+        // works through its backlog at full speed instead of having events it holds too long
+        // redelivered (which multiplied the work, see docs/benchmarks.md).
+        let room = loop {
+            let held = in_flight.load(Ordering::SeqCst);
+            if held < EVENTS_IN_HAND {
+                break EVENTS_IN_HAND - held;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        };
         let batch = c
             .batch()
-            .max_messages(256)
+            .max_messages(room.min(256))
             .expires(Duration::from_millis(500))
             .messages()
             .await;
