@@ -23,6 +23,30 @@ use tokio_util::sync::CancellationToken;
 
 const ORDER: &str = r#"{"order_id":"A1","customer":"ann","amount_cents":1200,"items":[{"sku":"SKU-1","quantity":2}]}"#;
 
+/// A service pool and the pull loop feeding it.
+struct Served {
+    pool: ractor::ActorRef<ServicePoolMsg>,
+    pool_handle: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Stops the pull loop, then the pool.
+    async fn stop(self) {
+        self.cancel.cancel();
+        within(TIMEOUT, "consumer stops", self.consumer)
+            .await
+            .unwrap()
+            .unwrap();
+        self.pool.stop(None);
+        within(TIMEOUT, "pool stops", self.pool_handle)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// A NATS server with the topology, and a client listening on one reply subject.
 struct Env {
     _nats: NatsServer,
@@ -103,8 +127,8 @@ impl Env {
         }
     }
 
-    /// Publishes `cmd` and waits for its reply's outcome.
-    async fn send(&mut self, cmd: &v1::Command) -> v1::reply::Outcome {
+    /// Publishes `cmd` to its service's consumer group (stored).
+    async fn publish(&self, cmd: &v1::Command) {
         let subject = sagaflow::topology::command_subject(&cmd.service, &cmd.action);
         within(TIMEOUT, "publish command", async {
             self.js
@@ -115,6 +139,55 @@ impl Env {
         .await
         .unwrap()
         .unwrap();
+    }
+
+    /// Serves the `payment` consumer group with `participant`: one instance in a pool, fed by
+    /// the pull loop with at most `in_hand` commands in hand.
+    async fn serve_payment(&self, participant: Arc<dyn Participant>, in_hand: usize) -> Served {
+        let args = ServicePoolArgs {
+            service: "payment".into(),
+            instances: 1,
+        };
+        let (pool, pool_handle) = within(
+            TIMEOUT,
+            "spawn pool",
+            ractor::Actor::spawn(None, ServicePool, args),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let (cancel, consumer) = self.consume(participant, &pool, in_hand);
+        Served {
+            pool,
+            pool_handle,
+            cancel,
+            consumer,
+        }
+    }
+
+    /// A pull loop of the `payment` group feeding `pool`.
+    fn consume(
+        &self,
+        participant: Arc<dyn Participant>,
+        pool: &ractor::ActorRef<ServicePoolMsg>,
+        in_hand: usize,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let cancel = CancellationToken::new();
+        let consumer = tokio::spawn(participant::run_consumer(
+            self.js.clone(),
+            "payment".into(),
+            self.cfg.consumers.clone(),
+            participant,
+            pool.clone(),
+            in_hand,
+            cancel.clone(),
+        ));
+        (cancel, consumer)
+    }
+
+    /// Publishes `cmd` and waits for its reply's outcome.
+    async fn send(&mut self, cmd: &v1::Command) -> v1::reply::Outcome {
+        self.publish(cmd).await;
         loop {
             let msg = within(TIMEOUT, "reply", self.replies.next())
                 .await
@@ -424,28 +497,8 @@ async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
         inner: Payment::new(ledger, Knobs::default(), 100_000),
         panicked: AtomicBool::new(false),
     });
-    let args = ServicePoolArgs {
-        service: "payment".into(),
-        instances: 1,
-    };
-    let (pool, pool_handle) = within(
-        TIMEOUT,
-        "spawn pool",
-        ractor::Actor::spawn(None, ServicePool, args),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let cancel = CancellationToken::new();
-    let consumer = tokio::spawn(participant::run_consumer(
-        env.js.clone(),
-        "payment".into(),
-        env.cfg.consumers.clone(),
-        participant.clone(),
-        pool.clone(),
-        64,
-        cancel.clone(),
-    ));
+    let served = env.serve_payment(participant.clone(), 64).await;
+    let pool = served.pool.clone();
 
     let outcome = env
         .send(&env.command("payment.charge", "order-C1", "charge", 1, ORDER))
@@ -473,17 +526,7 @@ async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
     .await
     .unwrap();
     assert_eq!(env.summary().await.saga("order-C1").charged, 1);
-
-    cancel.cancel();
-    within(TIMEOUT, "consumer stops", consumer)
-        .await
-        .unwrap()
-        .unwrap();
-    pool.stop(None);
-    within(TIMEOUT, "pool stops", pool_handle)
-        .await
-        .unwrap()
-        .unwrap();
+    served.stop().await;
 }
 
 /// Takes each command and waits for `release` before answering.
@@ -509,42 +552,12 @@ async fn a_slow_service_holds_only_its_commands_in_hand_and_leaves_the_rest_in_j
         started: AtomicUsize::new(0),
         release: tokio::sync::Semaphore::new(0),
     });
-    let args = ServicePoolArgs {
-        service: "payment".into(),
-        instances: 1,
-    };
-    let (pool, pool_handle) = within(
-        TIMEOUT,
-        "spawn pool",
-        ractor::Actor::spawn(None, ServicePool, args),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let cancel = CancellationToken::new();
     let in_hand = 2;
-    let consumer = tokio::spawn(participant::run_consumer(
-        env.js.clone(),
-        "payment".into(),
-        env.cfg.consumers.clone(),
-        participant.clone(),
-        pool.clone(),
-        in_hand,
-        cancel.clone(),
-    ));
+    let served = env.serve_payment(participant.clone(), in_hand).await;
     let total = 10;
     for i in 0..total {
         let cmd = env.command("payment.charge", &format!("order-H{i}"), "charge", 1, ORDER);
-        let subject = sagaflow::topology::command_subject(&cmd.service, &cmd.action);
-        within(TIMEOUT, "publish command", async {
-            env.js
-                .publish(subject, cmd.encode_to_vec().into())
-                .await?
-                .await
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        env.publish(&cmd).await;
     }
     wait_until(TIMEOUT, "the first command to be taken", || {
         let p = participant.clone();
@@ -586,27 +599,23 @@ async fn a_slow_service_holds_only_its_commands_in_hand_and_leaves_the_rest_in_j
     );
     // Shutting down while the pull loop waits for a place: it stops at once and gives the
     // command it was holding back.
-    cancel.cancel();
+    served.cancel.cancel();
     within(
         TIMEOUT,
         "consumer stops while waiting for a place",
-        consumer,
+        served.consumer,
     )
     .await
     .unwrap()
     .unwrap();
     // Released, the commands in hand finish, and a new consumer takes all the others.
     participant.release.add_permits(total);
-    let cancel = CancellationToken::new();
-    let consumer = tokio::spawn(participant::run_consumer(
-        env.js.clone(),
-        "payment".into(),
-        env.cfg.consumers.clone(),
-        participant.clone(),
-        pool.clone(),
-        64,
-        cancel.clone(),
-    ));
+    let (cancel, consumer) = env.consume(participant.clone(), &served.pool, 64);
+    let served = Served {
+        cancel,
+        consumer,
+        ..served
+    };
     let mut answered = std::collections::BTreeSet::new();
     while answered.len() < total {
         let msg = within(TIMEOUT, "reply", env.replies.next())
@@ -620,17 +629,7 @@ async fn a_slow_service_holds_only_its_commands_in_hand_and_leaves_the_rest_in_j
         ));
         answered.insert(reply.saga_id);
     }
-
-    cancel.cancel();
-    within(TIMEOUT, "consumer stops", consumer)
-        .await
-        .unwrap()
-        .unwrap();
-    pool.stop(None);
-    within(TIMEOUT, "pool stops", pool_handle)
-        .await
-        .unwrap()
-        .unwrap();
+    served.stop().await;
 }
 
 fn status_event(saga_id: &str, phase: &str, terminal: bool, input: &str) -> v1::StatusEvent {

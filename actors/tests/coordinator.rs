@@ -70,6 +70,11 @@ fn fast_order() -> SagaDefinition {
     def
 }
 
+/// Answers every command but the forward `charge`, which waits forever.
+fn charge_never_answered() -> Behaviour {
+    Arc::new(|c: &Command| (c.step != "charge" || c.spec.compensation).then(|| Ok(b"{}".to_vec())))
+}
+
 /// Polls `condition` until it holds; panics after [`PATIENCE`].
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -597,6 +602,38 @@ impl Harness {
         self.store.get(id).unwrap()
     }
 
+    /// Creates saga `id` in the store as `PlaceOrder` does; returns it and its revision.
+    async fn create(&self, id: &str) -> (Saga, u64) {
+        let (saga, _) = Saga::start(&self.def, id.to_string(), b"{}".to_vec(), now_millis());
+        let revision = self.store.save(&saga, None).await.unwrap();
+        (saga, revision)
+    }
+
+    /// Delivers the `Created` event that hands `saga` over to its owner.
+    fn hand_over(&self, saga: Saga, revision: u64, commands_sent: bool) {
+        let id = saga.id.clone();
+        self.stream.deliver(
+            &id,
+            Input::Created {
+                saga: Box::new(saga),
+                revision,
+                commands_sent,
+            },
+        );
+    }
+
+    /// Waits until saga `id` has sent its first command and its actor has passivated.
+    async fn dormant(&self, id: &str) {
+        eventually("the first command to be sent", || {
+            !self.bus.sent(id).is_empty()
+        })
+        .await;
+        eventually("the idle actor to passivate", || {
+            self.coordinator.get_children().is_empty()
+        })
+        .await;
+    }
+
     async fn live_actors(&self) -> usize {
         ractor::call_t!(self.coordinator, CoordinatorMsg::Live, 5_000).unwrap()
     }
@@ -888,16 +925,8 @@ async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload(
         ("notification.send", 1),
     ]);
     // The creator hands over the snapshot it wrote: the owner never reads the store.
-    let (saga, _) = Saga::start(&h.def, "order-c1".into(), b"{}".to_vec(), now_millis());
-    let revision = h.store.save(&saga, None).await.unwrap();
-    h.stream.deliver(
-        "order-c1",
-        Input::Created {
-            saga: Box::new(saga),
-            revision,
-            commands_sent: false,
-        },
-    );
+    let (saga, revision) = h.create("order-c1").await;
+    h.hand_over(saga, revision, false);
     assert_eq!(h.finished("order-c1").await.status, "SHIPPED");
     assert_eq!(h.store.loads(), 0, "the snapshot was read back");
     assert_eq!(h.bus.sent("order-c1"), all_steps);
@@ -906,17 +935,9 @@ async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload(
     // compare-and-set and is reloaded; the saga still finishes, every step sent as attempt 1
     // (the reload republishes the in-flight charge under the same command id, which the
     // server de-duplicates).
-    let (saga, _) = Saga::start(&h.def, "order-c2".into(), b"{}".to_vec(), now_millis());
-    let revision = h.store.save(&saga, None).await.unwrap();
+    let (saga, revision) = h.create("order-c2").await;
     h.store.write_concurrently_before_next_save();
-    h.stream.deliver(
-        "order-c2",
-        Input::Created {
-            saga: Box::new(saga),
-            revision,
-            commands_sent: false,
-        },
-    );
+    h.hand_over(saga, revision, false);
     assert_eq!(h.finished("order-c2").await.status, "SHIPPED");
     assert!(h.store.loads() >= 1, "the stale copy was not reloaded");
     let mut with_republished_charge = all_steps.clone();
@@ -936,16 +957,8 @@ async fn a_created_event_spares_the_owner_a_read_and_a_stale_one_costs_a_reload(
 #[tokio::test]
 async fn when_the_creator_sent_the_first_commands_the_owner_only_arms_their_timers() {
     let h = Harness::start(order(), always_succeed()).await;
-    let (saga, _) = Saga::start(&h.def, "order-c3".into(), b"{}".to_vec(), now_millis());
-    let revision = h.store.save(&saga, None).await.unwrap();
-    h.stream.deliver(
-        "order-c3",
-        Input::Created {
-            saga: Box::new(saga),
-            revision,
-            commands_sent: true,
-        },
-    );
+    let (saga, revision) = h.create("order-c3").await;
+    h.hand_over(saga, revision, true);
     // The creator's charge is answered; the owner never published it.
     h.stream.deliver(
         "order-c3",
@@ -972,23 +985,10 @@ async fn when_the_creator_sent_the_first_commands_the_owner_only_arms_their_time
 #[tokio::test]
 async fn an_idle_saga_passivates_and_its_next_event_brings_it_back() {
     // Nobody answers the charge: the saga waits, its actor goes idle and is passivated.
-    let h = Harness::start_passivating(
-        order(),
-        Arc::new(|c: &Command| {
-            (c.step != "charge" || c.spec.compensation).then(|| Ok(b"{}".to_vec()))
-        }),
-        Duration::from_millis(60),
-    )
-    .await;
+    let h = Harness::start_passivating(order(), charge_never_answered(), Duration::from_millis(60))
+        .await;
     h.start_saga("order-p1").await;
-    eventually("the charge to be sent", || {
-        !h.bus.sent("order-p1").is_empty()
-    })
-    .await;
-    eventually("the idle actor to passivate", || {
-        h.coordinator.get_children().is_empty()
-    })
-    .await;
+    h.dormant("order-p1").await;
     assert_eq!(h.live_actors().await, 1, "a dormant saga is still held");
     let loads = h.store.loads();
     // The charge answer arrives: a new actor reloads the saga and it runs to the end.
@@ -1028,23 +1028,10 @@ async fn a_dormant_saga_wakes_at_its_due_time() {
     // second attempt is sent, then the charge is given up and the saga compensates.
     let mut def = fast_order();
     def.steps[0].timeout = Duration::from_secs(1);
-    let h = Harness::start_passivating(
-        def,
-        Arc::new(|c: &Command| {
-            (c.step != "charge" || c.spec.compensation).then(|| Ok(b"{}".to_vec()))
-        }),
-        Duration::from_millis(20),
-    )
-    .await;
+    let h =
+        Harness::start_passivating(def, charge_never_answered(), Duration::from_millis(20)).await;
     h.start_saga("order-p2").await;
-    eventually("the charge to be sent", || {
-        !h.bus.sent("order-p2").is_empty()
-    })
-    .await;
-    eventually("the idle actor to passivate", || {
-        h.coordinator.get_children().is_empty()
-    })
-    .await;
+    h.dormant("order-p2").await;
     assert!(
         h.store.get("order-p2").is_some_and(|s| !s.is_terminal()),
         "the saga should be waiting, dormant"
