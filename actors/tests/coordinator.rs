@@ -1022,6 +1022,25 @@ async fn an_idle_saga_passivates_and_its_next_event_brings_it_back() {
 }
 
 #[tokio::test]
+async fn handing_a_partition_over_drops_its_dormant_sagas() {
+    let h = Harness::start_passivating(order(), charge_never_answered(), Duration::from_millis(60))
+        .await;
+    h.start_saga("order-p3").await;
+    h.dormant("order-p3").await;
+    assert_eq!(h.live_actors().await, 1);
+    let partition = sagaflow_actors::hash::partition_of("order-p3", 4);
+    let dropped = ractor::call_t!(
+        h.coordinator,
+        |reply| CoordinatorMsg::DropPartition { partition, reply },
+        5_000
+    )
+    .unwrap();
+    assert_eq!(dropped, 1, "the dormant saga was not dropped");
+    assert_eq!(h.live_actors().await, 0, "the node still holds the saga");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_dormant_saga_wakes_at_its_due_time() {
     // Nobody ever answers the charge, whose attempts time out after 1 s. The saga passivates
     // while it waits (after 20 ms idle), and the coordinator wakes it for the timeout: the
