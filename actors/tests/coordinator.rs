@@ -536,14 +536,31 @@ impl Harness {
         behaviour: Behaviour,
         passivate_after: Duration,
     ) -> Harness {
+        Harness::start_passivating_above(def, behaviour, passivate_after, 0).await
+    }
+
+    /// …and only while the coordinator holds more than `above` actors.
+    async fn start_passivating_above(
+        def: SagaDefinition,
+        behaviour: Behaviour,
+        passivate_after: Duration,
+        above: usize,
+    ) -> Harness {
         let def = Arc::new(def);
         let store = Arc::new(MemStore::default());
         let (bus, mut commands) = MemBus::new();
         let stream = Arc::new(Stream::default());
         let parker = Arc::new(MemParker::default());
         let census = Arc::new(CensusObserver::default());
-        let coordinator =
-            spawn_coordinator(&def, &store, &bus, &parker, &census, passivate_after).await;
+        let coordinator = spawn_coordinator(
+            &def,
+            &store,
+            &bus,
+            &parker,
+            &census,
+            (passivate_after, above),
+        )
+        .await;
         stream.attach(coordinator.clone());
         // The participants: answer each published command as the behaviour says, on the
         // saga's event stream.
@@ -668,7 +685,7 @@ async fn spawn_coordinator(
     bus: &Arc<MemBus>,
     parker: &Arc<MemParker>,
     observer: &Arc<CensusObserver>,
-    passivate_after: Duration,
+    (passivate_after, passivate_above): (Duration, usize),
 ) -> ActorRef<CoordinatorMsg> {
     let ctx = Context {
         definitions: HashMap::from([(def.name.clone(), def.clone())]),
@@ -681,7 +698,7 @@ async fn spawn_coordinator(
         stuck_multiple: 3,
         census_every: Duration::from_millis(20),
         passivate_after,
-        passivate_above: 0,
+        passivate_above,
         census: Mutex::default(),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
@@ -1022,6 +1039,41 @@ async fn an_idle_saga_passivates_and_its_next_event_brings_it_back() {
 }
 
 #[tokio::test]
+async fn passivation_waits_until_the_node_holds_more_actors_than_its_threshold() {
+    let h = Harness::start_passivating_above(
+        order(),
+        charge_never_answered(),
+        Duration::from_millis(20),
+        1,
+    )
+    .await;
+    h.start_saga("order-t1").await;
+    eventually("the charge to be sent", || {
+        !h.bus.sent("order-t1").is_empty()
+    })
+    .await;
+    // Idle for many passivation periods, but alone: it keeps its actor.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.coordinator.get_children().len(),
+        1,
+        "passivated below the threshold"
+    );
+    // A second saga puts the node above it: idle actors go until it is back at the threshold.
+    h.start_saga("order-t2").await;
+    eventually("the second charge to be sent", || {
+        !h.bus.sent("order-t2").is_empty()
+    })
+    .await;
+    eventually("an idle actor to passivate", || {
+        h.coordinator.get_children().len() <= 1
+    })
+    .await;
+    assert_eq!(h.live_actors().await, 2, "both sagas are still held");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn handing_a_partition_over_drops_its_dormant_sagas() {
     let h = Harness::start_passivating(order(), charge_never_answered(), Duration::from_millis(60))
         .await;
@@ -1144,7 +1196,7 @@ async fn recovery_after_a_restart_republishes_in_flight_commands() {
         &h.bus,
         &h.parker,
         &h.census,
-        Duration::ZERO,
+        (Duration::ZERO, 0),
     )
     .await;
     h.stream.attach(coordinator.clone());
@@ -1326,7 +1378,7 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
         &h.bus,
         &h.parker,
         &h.census,
-        Duration::ZERO,
+        (Duration::ZERO, 0),
     )
     .await;
     let stream_b = Arc::new(Stream::default());
