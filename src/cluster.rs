@@ -523,9 +523,9 @@ async fn consume_partition(
             recovered = true;
         }
         // Back-pressure: at most EVENTS_IN_HAND events of this partition are in the node at
-        // once. The rest wait in JetStream, where no ack_wait runs: an overloaded node then
-        // works through its backlog at full speed instead of having events it holds too long
-        // redelivered (which multiplied the work, see docs/benchmarks.md).
+        // once, so its memory stays bounded when it falls behind; the rest wait in JetStream,
+        // where no ack_wait runs. (This alone does not keep an overloaded node at full speed:
+        // see "Overload" in docs/benchmarks.md.)
         let room = loop {
             let held = in_flight.load(Ordering::SeqCst);
             if held < EVENTS_IN_HAND {
