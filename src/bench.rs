@@ -123,6 +123,10 @@ pub struct BenchArgs {
     /// An order not terminal this long after it was due counts as unfinished.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub order_timeout: Duration,
+    /// Length of the windows of each run's timeline (throughput, latency and memory over
+    /// time, for long runs).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub window: Duration,
     /// Bound on the whole bench; what was measured by then is reported, marked cut.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
     pub max_time: Duration,
@@ -401,7 +405,13 @@ struct Watches {
     node: Option<procstat::Watch>,
     nats: Option<procstat::Watch>,
     client: procstat::Watch,
+    /// The resident sets read every second during the run, for its timeline.
+    rss: Arc<std::sync::Mutex<Vec<procstat::RssSample>>>,
+    sampler: tokio::task::JoinHandle<()>,
 }
+
+/// How often the resident sets are read during a run.
+const RSS_EVERY: Duration = Duration::from_secs(1);
 
 impl Watches {
     fn start(system: &mut System) -> Self {
@@ -415,11 +425,38 @@ impl Watches {
             .as_ref()
             .and_then(crate::nats_server::NatsServer::pid)
             .or(system.nats_pid);
+        let rss = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sampler = tokio::spawn({
+            let rss = rss.clone();
+            async move {
+                let mut every = tokio::time::interval(RSS_EVERY);
+                loop {
+                    every.tick().await;
+                    let read =
+                        |pid: Option<u32>| pid.and_then(procstat::memory_kib).map(|(rss, _)| rss);
+                    let sample = procstat::RssSample {
+                        at: Instant::now(),
+                        node_kib: read(node_pid),
+                        nats_kib: read(nats_pid),
+                    };
+                    // Two /proc reads a second: a run of hours keeps a few MiB.
+                    rss.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
+                }
+            }
+        });
         Watches {
             node: node_pid.map(procstat::Watch::start),
             nats: nats_pid.map(procstat::Watch::start),
             client: procstat::Watch::start(std::process::id()),
+            rss,
+            sampler,
         }
+    }
+
+    /// Stops the sampler; the resident sets read during the run.
+    fn rss(&self) -> Vec<procstat::RssSample> {
+        self.sampler.abort();
+        self.rss.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn apply(&self, r: &mut RunReport, with_node: bool) {
@@ -428,6 +465,12 @@ impl Watches {
         }
         r.nats = self.nats.as_ref().and_then(procstat::Watch::finish);
         r.client = self.client.finish();
+    }
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        self.sampler.abort();
     }
 }
 
@@ -585,6 +628,7 @@ async fn bench(args: &BenchArgs, deadline: Instant) -> Result<Report, Error> {
                 .await;
             let mut r = RunReport::new(which, *shape, &samples);
             watches.apply(&mut r, *which == "sagaflow");
+            r.timeline = report::timeline(&samples, args.window, &watches.rss());
             if let Some((before, after)) = traffic {
                 r.set_traffic(before, after);
             }

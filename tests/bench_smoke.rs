@@ -85,6 +85,15 @@ fn bench_smoke_json_with_baseline() -> anyhow::Result<()> {
     assert_eq!(point["sagaflow"]["unexpected_outcomes"], 0, "{v:#}");
     assert_eq!(point["baseline"]["completed"], 40, "{v:#}");
     assert!(point["ratios"]["throughput"].as_f64().is_some(), "{v:#}");
+    // The timeline accounts for every saga that ended.
+    let windows = point["sagaflow"]["timeline"]
+        .as_array()
+        .context("timeline")?;
+    let in_windows: u64 = windows
+        .iter()
+        .map(|w| w["completed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(in_windows, 40, "{v:#}");
     // The mix: some of the 40 orders are cancelled (declined or out of stock).
     let outcomes = &point["sagaflow"]["outcomes"];
     assert!(outcomes["CANCELLED"].as_u64().unwrap_or(0) > 0, "{v:#}");

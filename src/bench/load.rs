@@ -268,6 +268,9 @@ pub struct Samples {
     pub last_done: Option<Instant>,
     /// The run was cut by its deadline.
     pub cut: bool,
+    /// When each saga that ended ended, and its latency in microseconds, in no order: the
+    /// run's timeline is made from them.
+    pub ends: Vec<(Instant, u64)>,
 }
 
 impl Samples {
@@ -284,6 +287,7 @@ impl Samples {
                 at,
             } => {
                 self.latencies_us.push(micros(latency));
+                self.ends.push((at, micros(latency)));
                 self.start_us.push(micros(start_call));
                 self.lag_us.push(micros(lag));
                 if status != expected {
@@ -304,6 +308,7 @@ impl Samples {
     fn merge(&mut self, other: Samples) {
         self.attempted += other.attempted;
         self.latencies_us.extend(other.latencies_us);
+        self.ends.extend(other.ends);
         self.start_us.extend(other.start_us);
         self.lag_us.extend(other.lag_us);
         for (k, v) in other.outcomes {

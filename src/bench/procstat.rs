@@ -72,6 +72,17 @@ pub fn reset_peak(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
+/// The resident sets of the node and of nats-server at one moment of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct RssSample {
+    /// When they were read.
+    pub at: tokio::time::Instant,
+    /// The node's resident set, KiB (when known).
+    pub node_kib: Option<u64>,
+    /// nats-server's, KiB.
+    pub nats_kib: Option<u64>,
+}
+
 /// A process being measured over one run.
 #[derive(Debug, Clone)]
 pub struct Watch {

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::load::{quantile, Mix, Samples, Shape};
-use super::procstat::Usage;
+use super::procstat::{RssSample, Usage};
 use super::system::Traffic;
 
 /// One measured run of one system.
@@ -77,6 +77,74 @@ pub struct RunReport {
     pub nats_bytes_per_saga: Option<f64>,
     /// The run ended by the bench's overall deadline (`--max-time`).
     pub cut_by_deadline: bool,
+    /// The run in windows of `--window` (10 s), from the first saga due: what ended in each
+    /// and the resident sets at its end. A run that keeps up shows flat throughput, latency
+    /// and memory here; a leak or a growing lag shows as a trend.
+    pub timeline: Vec<Window>,
+}
+
+/// One window of a run's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Window {
+    /// End of the window, seconds from the first saga due (the last window may be shorter).
+    pub t_s: f64,
+    /// Sagas that ended in the window.
+    pub completed: u64,
+    /// `completed` per second of the window.
+    pub sagas_per_sec: f64,
+    /// Median latency of the sagas that ended in the window, ms.
+    pub p50_ms: f64,
+    /// Their 99th percentile, ms.
+    pub p99_ms: f64,
+    /// The node's resident set at the end of the window (the last reading in it), MiB.
+    pub node_rss_mib: Option<f64>,
+    /// nats-server's, MiB.
+    pub nats_rss_mib: Option<f64>,
+}
+
+/// The timeline of `samples` in windows of `window`, with the resident sets read during the
+/// run (`rss`, in time order). Empty when nothing ended.
+pub fn timeline(samples: &Samples, window: std::time::Duration, rss: &[RssSample]) -> Vec<Window> {
+    let (Some(start), Some(end)) = (samples.first_due, samples.last_done) else {
+        return Vec::new();
+    };
+    let window = window.max(std::time::Duration::from_millis(100));
+    let total = end.saturating_duration_since(start);
+    let count = (total.as_secs_f64() / window.as_secs_f64()).floor() as usize + 1;
+    let mut latencies: Vec<Vec<u64>> = vec![Vec::new(); count];
+    for (at, lat) in &samples.ends {
+        let k = (at.saturating_duration_since(start).as_secs_f64() / window.as_secs_f64()).floor()
+            as usize;
+        latencies[k.min(count - 1)].push(*lat);
+    }
+    let mib = |kib: Option<u64>| kib.map(|k| round(k as f64 / 1024.0, 1));
+    latencies
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut lat)| {
+            lat.sort_unstable();
+            let from = window * k as u32;
+            let to = (window * (k as u32 + 1)).min(total);
+            let secs = to.saturating_sub(from).as_secs_f64();
+            let last = rss
+                .iter()
+                .take_while(|r| r.at <= start + window * (k as u32 + 1))
+                .last();
+            Window {
+                t_s: round(to.as_secs_f64(), 1),
+                completed: lat.len() as u64,
+                sagas_per_sec: if secs > 0.0 {
+                    round(lat.len() as f64 / secs, 1)
+                } else {
+                    0.0
+                },
+                p50_ms: ms(quantile(&lat, 0.50)),
+                p99_ms: ms(quantile(&lat, 0.99)),
+                node_rss_mib: last.and_then(|r| mib(r.node_kib)),
+                nats_rss_mib: last.and_then(|r| mib(r.nats_kib)),
+            }
+        })
+        .collect()
 }
 
 fn ms(us: u64) -> f64 {
@@ -137,6 +205,7 @@ impl RunReport {
             nats_out_msgs_per_saga: None,
             nats_bytes_per_saga: None,
             cut_by_deadline: samples.cut,
+            timeline: Vec::new(),
         }
     }
 
@@ -525,6 +594,27 @@ fn run_text(out: &mut String, r: &RunReport) {
     if r.cut_by_deadline {
         let _ = writeln!(out, "  cut short by --max-time");
     }
+    // Short runs have one or two windows, which say nothing the totals do not.
+    if r.timeline.len() >= 3 {
+        let _ = writeln!(
+            out,
+            "  timeline    {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "t (s)", "sagas/s", "p50 ms", "p99 ms", "node MiB", "nats MiB"
+        );
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+        for w in &r.timeline {
+            let _ = writeln!(
+                out,
+                "              {:>7.1} {:>9.1} {:>9.2} {:>9.2} {:>9} {:>9}",
+                w.t_s,
+                w.sagas_per_sec,
+                w.p50_ms,
+                w.p99_ms,
+                opt(w.node_rss_mib),
+                opt(w.nats_rss_mib)
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -581,6 +671,78 @@ mod tests {
         assert!(report
             .text()
             .contains("sagaflow / baseline: throughput 25.00×"));
+    }
+
+    #[test]
+    fn report_timeline_splits_the_run_into_windows() {
+        let t0 = Instant::now();
+        let secs = std::time::Duration::from_secs;
+        let mut s = Samples {
+            first_due: Some(t0),
+            last_done: Some(t0 + std::time::Duration::from_millis(25_000)),
+            ..Default::default()
+        };
+        // 0-10 s: 20 sagas of 5 ms; 10-20 s: 10 of 50 ms; 20-25 s: 5 of 500 ms.
+        for i in 0..20u64 {
+            s.ends
+                .push((t0 + std::time::Duration::from_millis(i * 400), 5_000));
+        }
+        for i in 0..10u64 {
+            s.ends.push((t0 + secs(10 + i), 50_000));
+        }
+        for i in 0..5u64 {
+            s.ends.push((t0 + secs(20 + i), 500_000));
+        }
+        let rss = [
+            RssSample {
+                at: t0 + secs(9),
+                node_kib: Some(10 * 1024),
+                nats_kib: None,
+            },
+            RssSample {
+                at: t0 + secs(19),
+                node_kib: Some(12 * 1024),
+                nats_kib: Some(2048),
+            },
+            RssSample {
+                at: t0 + secs(24),
+                node_kib: Some(16 * 1024),
+                nats_kib: Some(4096),
+            },
+        ];
+        let t = timeline(&s, secs(10), &rss);
+        let got: Vec<_> = t
+            .iter()
+            .map(|w| {
+                (
+                    w.t_s,
+                    w.completed,
+                    w.sagas_per_sec,
+                    w.p50_ms,
+                    w.node_rss_mib,
+                    w.nats_rss_mib,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (10.0, 20, 2.0, 5.0, Some(10.0), None),
+                (20.0, 10, 1.0, 50.0, Some(12.0), Some(2.0)),
+                (25.0, 5, 1.0, 500.0, Some(16.0), Some(4.0)),
+            ]
+        );
+        let mut r = RunReport::new("sagaflow", Shape::Open { rate: 2.0 }, &s);
+        r.timeline = t;
+        let mut text = String::new();
+        run_text(&mut text, &r);
+        assert!(text.contains("timeline"), "{text}");
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["timeline"][2]["p99_ms"],
+            500.0
+        );
+        // Nothing ended: no timeline.
+        assert!(timeline(&Samples::default(), secs(10), &rss).is_empty());
     }
 
     #[test]
