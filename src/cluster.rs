@@ -27,6 +27,7 @@ use tokio::sync::RwLock;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admission;
 use crate::config::NodeConfig;
 use crate::dlq::{self, now_ms, JsDelivery};
 use crate::events::{decode, ensure_consumer};
@@ -50,6 +51,22 @@ pub struct NodeInfo {
     pub heartbeat_at: i64,
     /// Partitions it consumes.
     pub partitions: Vec<u32>,
+    /// Its admission control's pressure when it wrote this heartbeat, in thousandths (see
+    /// [`crate::admission`]): other nodes refuse new sagas for its partitions while it is
+    /// above their limit. Absent in heartbeats of older nodes (0).
+    #[serde(default)]
+    pub pressure_permille: u32,
+}
+
+impl ClusterView {
+    /// The admission pressure last reported by the owner of `partition` (0 when unknown).
+    pub fn owner_pressure(&self, partition: u32) -> f64 {
+        self.leases
+            .get(&partition)
+            .and_then(|l| l.owner.as_ref())
+            .and_then(|owner| self.nodes.get(owner))
+            .map_or(0.0, |n| f64::from(n.pressure_permille) / 1000.0)
+    }
 }
 
 /// The cluster as one node sees it, for the admin API.
@@ -123,6 +140,7 @@ pub struct Membership {
     /// The partitions consumed, as the heartbeat task reports them.
     held_list: Arc<std::sync::Mutex<Vec<u32>>>,
     view: SharedView,
+    admission: Arc<Admission>,
 }
 
 impl Membership {
@@ -134,6 +152,7 @@ impl Membership {
         grpc_addr: String,
         coordinator: ActorRef<CoordinatorMsg>,
         view: SharedView,
+        admission: Arc<Admission>,
     ) -> Self {
         Membership {
             js,
@@ -146,6 +165,7 @@ impl Membership {
             held: HashMap::new(),
             held_list: Arc::default(),
             view,
+            admission,
         }
     }
 
@@ -165,6 +185,7 @@ impl Membership {
             self.grpc_addr.clone(),
             self.started_at,
             self.held_list.clone(),
+            self.admission.clone(),
             beating.clone(),
         ));
         let mut tick = tokio::time::interval(self.cfg.cluster.heartbeat_interval);
@@ -633,6 +654,7 @@ async fn heartbeat_loop(
     grpc_addr: String,
     started_at: i64,
     held: Arc<std::sync::Mutex<Vec<u32>>>,
+    admission: Arc<Admission>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(cfg.cluster.heartbeat_interval);
@@ -649,6 +671,7 @@ async fn heartbeat_loop(
             started_at,
             heartbeat_at: now_ms(),
             partitions,
+            pressure_permille: (admission.pressure() * 1000.0).round() as u32,
         };
         let put = match serde_json::to_vec(&info) {
             Ok(bytes) => nodes
@@ -661,5 +684,47 @@ async fn heartbeat_loop(
         if let Err(e) = put {
             tracing::warn!(node_id = %cfg.node_id, error = %e, "heartbeat failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, pressure_permille: u32) -> NodeInfo {
+        NodeInfo {
+            node_id: id.to_string(),
+            grpc_addr: "127.0.0.1:1".to_string(),
+            started_at: 0,
+            heartbeat_at: 0,
+            partitions: Vec::new(),
+            pressure_permille,
+        }
+    }
+
+    #[test]
+    fn cluster_owner_pressure_is_the_partition_owners_last_heartbeat() {
+        let mut view = ClusterView::default();
+        view.nodes.insert("a".into(), node("a", 50));
+        view.nodes.insert("b".into(), node("b", 400));
+        let lease = |owner: Option<&str>| Lease {
+            owner: owner.map(str::to_string),
+            epoch: 1,
+        };
+        view.leases.insert(0, lease(Some("a")));
+        view.leases.insert(1, lease(Some("b")));
+        view.leases.insert(2, lease(None));
+        view.leases.insert(3, lease(Some("gone")));
+        assert!((view.owner_pressure(0) - 0.05).abs() < 1e-9);
+        assert!((view.owner_pressure(1) - 0.4).abs() < 1e-9);
+        // No owner, an owner not heartbeating, an unknown partition: nothing known, 0.
+        assert_eq!(view.owner_pressure(2), 0.0);
+        assert_eq!(view.owner_pressure(3), 0.0);
+        assert_eq!(view.owner_pressure(9), 0.0);
+        // A heartbeat from a node without the field reads as 0.
+        let old =
+            r#"{"node_id":"c","grpc_addr":"x","started_at":1,"heartbeat_at":2,"partitions":[4]}"#;
+        let info: NodeInfo = serde_json::from_str(old).expect("older heartbeat");
+        assert_eq!(info.pressure_permille, 0);
     }
 }

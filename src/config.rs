@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub consumers: ConsumerConfig,
     /// Membership and partition leases.
     pub cluster: ClusterConfig,
+    /// When the API refuses new sagas because the node is overloaded.
+    pub admission: AdmissionConfig,
     /// `text` or `json`.
     pub log_format: String,
     /// OpenTelemetry collector (`http://host:4317`) spans are exported to over OTLP/gRPC, in a
@@ -174,6 +176,7 @@ impl Default for NodeConfig {
             retention: RetentionConfig::default(),
             consumers: ConsumerConfig::default(),
             cluster: ClusterConfig::default(),
+            admission: AdmissionConfig::default(),
             log_format: "text".to_string(),
             otlp_endpoint: None,
         }
@@ -259,6 +262,26 @@ impl Default for ClusterConfig {
             drain_timeout: Duration::from_secs(5),
             passivate_after: Duration::from_secs(2),
             passivate_above: 5_000,
+        }
+    }
+}
+
+/// Admission control: `PlaceOrder` and `StartSaga` refuse new sagas (`RESOURCE_EXHAUSTED`,
+/// with a retry delay) while the node is overloaded, so that the sagas already admitted finish
+/// within their step timeouts instead of every saga timing out, retrying and compensating.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Refuse new sagas while the step attempts that ended on this node in the last second
+    /// took on average more than this share of their step timeout (0.25: a step with a 10 s
+    /// timeout answered after 2.5 s). `0` turns admission control off.
+    pub max_timeout_share: f64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_timeout_share: 0.25,
         }
     }
 }
@@ -405,6 +428,12 @@ impl NodeConfig {
             if !(0.0..=1.0).contains(&rate) {
                 return bad(format!("`{name}` must be in 0..=1, got {rate}"));
             }
+        }
+        let share = self.admission.max_timeout_share;
+        if !(0.0..1.0).contains(&share) {
+            return bad(format!(
+                "`admission.max_timeout_share` must be in 0..1 (0: off), got {share}"
+            ));
         }
         if self.consumers.max_ack_pending < 1 || self.consumers.command_max_deliver < 1 {
             return bad(

@@ -18,8 +18,11 @@ use sagaflow_actors::ports::{CommandBus, Error as PortError, StateStore};
 use sagaflow_actors::wire::{self, Control};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::admission::Admission;
 use crate::bus::JetStreamBus;
+use crate::cluster::SharedView;
 use crate::dlq::now_ms;
 use crate::store::KvStateStore;
 use crate::topology::event_subject;
@@ -42,6 +45,9 @@ pub struct SagaApi {
     definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
     partitions: u32,
     shutdown: CancellationToken,
+    /// Admission control, its limit (`admission.max_timeout_share`; 0: off) and the cluster
+    /// view with the other nodes' pressures.
+    admission: (Arc<Admission>, f64, SharedView),
 }
 
 impl std::fmt::Debug for SagaApi {
@@ -87,7 +93,21 @@ impl SagaApi {
             definitions,
             partitions,
             shutdown,
+            admission: (Arc::default(), 0.0, SharedView::default()),
         }
+    }
+
+    /// Refuses new sagas while `admission` measures more than `limit`, or the node owning
+    /// the saga's partition reported more in its last heartbeat (`view`); see
+    /// [`crate::admission`]. A `limit` of 0: never.
+    pub fn with_admission(
+        mut self,
+        admission: Arc<Admission>,
+        limit: f64,
+        view: SharedView,
+    ) -> Self {
+        self.admission = (admission, limit, view);
+        self
     }
 
     /// A loaded definition.
@@ -106,12 +126,32 @@ impl SagaApi {
     /// tells the partition's owner to publish the first commands. A repeat of an unfinished
     /// saga publishes the `start` event again (de-duplicated by `Nats-Msg-Id` within the
     /// window, harmless beyond it), which also repairs a crash between the two writes.
+    ///
+    /// While the node is overloaded ([`crate::admission`]) it answers `RESOURCE_EXHAUSTED`
+    /// with a retry delay and writes nothing, repeats included (retrying later is safe).
     pub async fn start(
         &self,
         def: &SagaDefinition,
         id: &str,
         input: Vec<u8>,
     ) -> Result<(bool, Saga), Status> {
+        // Overloaded: refuse before writing anything, so a refused saga costs one check.
+        let (admission, limit, view) = &self.admission;
+        let owner = if *limit > 0.0 {
+            view.read()
+                .await
+                .owner_pressure(partition_of(id, self.partitions))
+        } else {
+            0.0
+        };
+        if let Err(e) = admission.admit(&def.name, *limit, owner) {
+            tracing::debug!(saga_id = %id, pressure = e.pressure, "saga refused: overloaded");
+            return Err(Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                e.to_string(),
+                ErrorDetails::with_retry_info(Some(crate::admission::RETRY_AFTER)),
+            ));
+        }
         // Create first: a new order (the common case) costs one write and no read; a repeat
         // finds the existing snapshot through the conflict.
         let (fresh, _) = Saga::start(def, id.to_string(), input, now_ms());

@@ -11,6 +11,7 @@
 //! - [`nats_server`]: finding, starting and stopping `nats-server` processes (dev and tests).
 //! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
 
+pub mod admission;
 pub mod advisories;
 pub mod bench;
 pub mod bus;

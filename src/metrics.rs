@@ -15,6 +15,8 @@
 //! | `sagaflow_dlq_depth` | gauge | (messages in `SAGA_DLQ`) |
 //! | `sagaflow_consumer_pending` | gauge | `stream`, `consumer` |
 //! | `sagaflow_consumer_ack_pending` | gauge | `stream`, `consumer` |
+//! | `sagaflow_admission_pressure` | gauge | (share of step timeouts used, see [`crate::admission`]) |
+//! | `sagaflow_sagas_refused_total` | counter | `saga` (refused by admission control) |
 //! | `sagaflow_partitions_owned` | gauge | |
 //! | `sagaflow_nats_connected` | gauge | |
 //! | `sagaflow_ready` | gauge | |
@@ -39,6 +41,7 @@ use sagaflow_actors::machine::Phase;
 use sagaflow_actors::ports::{AttentionCount, Observer};
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admission;
 use crate::topology::{COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM, STATUS_STREAM};
 
 /// How often JetStream stream and consumer info is polled.
@@ -172,6 +175,8 @@ pub struct Metrics {
     ready: Gauge,
     /// Partition consumers with series, to drop those of partitions handed over.
     reported_events: Mutex<Vec<String>>,
+    /// Admission control's measure of overload, fed by the attempts that end on this node.
+    pub admission: Arc<Admission>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -209,6 +214,7 @@ impl Metrics {
             nats_connected: Gauge::default(),
             ready: Gauge::default(),
             reported_events: Mutex::default(),
+            admission: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -287,6 +293,16 @@ impl Metrics {
             m.consumer_ack_pending.clone(),
         );
         registry.register(
+            "admission_pressure",
+            "Average share of their step timeout used by the step attempts that ended on this node in the last second; above admission.max_timeout_share new sagas are refused",
+            m.admission.gauge(),
+        );
+        registry.register(
+            "sagas_refused",
+            "Sagas refused with RESOURCE_EXHAUSTED by admission control (the node was overloaded)",
+            m.admission.refused(),
+        );
+        registry.register(
             "partitions_owned",
             "Saga event partitions this node consumes",
             m.partitions_owned.clone(),
@@ -321,6 +337,10 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
+    fn attempt_share(&self, _saga: &str, share: f64) {
+        self.admission.record(share);
+    }
+
     fn saga_finished(&self, saga: &str, phase: Phase) {
         let family = match phase {
             Phase::Completed => &self.completed,

@@ -312,12 +312,20 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         None
     };
 
+    // The cluster view the membership task keeps up to date; the admin service and admission
+    // control read it.
+    let view = SharedView::default();
     let api = SagaApi::new(
         js.clone(),
         sagas_kv,
         definitions,
         config.partitions,
         cancel.child_token(),
+    )
+    .with_admission(
+        metrics.admission.clone(),
+        config.admission.max_timeout_share,
+        view.clone(),
     );
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
@@ -329,8 +337,6 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         addr: config.grpc_addr,
         source,
     })?;
-    // The cluster view the membership task keeps up to date; the admin service reads it.
-    let view = SharedView::default();
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, readiness.connected()).await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -388,6 +394,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         grpc_addr.to_string(),
         coordinator.clone(),
         view.clone(),
+        metrics.admission.clone(),
     );
     let owned = membership.held_partitions();
     let membership_stop = CancellationToken::new();

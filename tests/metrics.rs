@@ -17,7 +17,6 @@ use common::*;
 use promql::{exported_names, metric_refs};
 use sagaflow::config::NodeConfig;
 use sagaflow::node;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -36,56 +35,12 @@ fn config(nats: &NatsServer) -> NodeConfig {
     )
 }
 
-/// A plain HTTP/1.1 GET: (status, body).
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no header end in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("bad status line in {head:?}"))?;
-    Ok((status, body.to_string()))
-}
-
 async fn status_of(addr: SocketAddr, path: &str) -> u16 {
-    within(Duration::from_secs(5), path, get(addr, path))
+    within(Duration::from_secs(5), path, http_get(addr, path))
         .await
         .ok()
         .and_then(Result::ok)
         .map_or(0, |(s, _)| s)
-}
-
-/// Sum of the samples of `name` (any labels) in an OpenMetrics text; `None` if absent.
-fn sample_sum(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        let value = rest
-            .rsplit_once('}')
-            .map_or(rest, |(_, v)| v)
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok());
-        if let Some(v) = value {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
 }
 
 async fn health_of(client: &mut HealthClient<tonic::transport::Channel>) -> Option<i32> {
@@ -119,7 +74,7 @@ async fn metrics_and_probes_follow_orders_and_nats() {
         "partitions owned gauge",
         || async {
             let Ok(Ok((_, text))) =
-                within(Duration::from_secs(5), "scrape", get(http, "/metrics")).await
+                within(Duration::from_secs(5), "scrape", http_get(http, "/metrics")).await
             else {
                 return false;
             };
@@ -144,7 +99,7 @@ async fn metrics_and_probes_follow_orders_and_nats() {
     let text = std::sync::Mutex::new(String::new());
     let settled = wait_until(Duration::from_secs(20), "metrics to settle", || async {
         let Ok(Ok((200, body))) =
-            within(Duration::from_secs(5), "scrape", get(http, "/metrics")).await
+            within(Duration::from_secs(5), "scrape", http_get(http, "/metrics")).await
         else {
             return false;
         };

@@ -563,3 +563,102 @@ async fn a_node_killed_mid_run_resumes_every_saga_exactly_once() {
         "kill -9 mid-run: {unfinished_at_kill} orders all terminal after restart, ledgers exact"
     );
 }
+
+/// Admission control: while step attempts use more than a quarter of their timeout, a new
+/// order is refused with `RESOURCE_EXHAUSTED` and a retry delay, and nothing is written for
+/// it; the orders admitted before still finish; once the load is gone, the same order is
+/// admitted. Here every participant answers after 400 ms and the steps time out after 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_node_refuses_new_orders_until_it_recovers() {
+    use tonic_types::StatusExt;
+
+    let nats = start_nats().await.unwrap();
+    let sagas = tempfile::tempdir().unwrap();
+    let order_saga = std::fs::read_to_string(repo_dir().join("sagas/order.toml")).unwrap();
+    assert!(order_saga.contains("timeout = \"10s\""));
+    std::fs::write(
+        sagas.path().join("order.toml"),
+        order_saga.replace("timeout = \"10s\"", "timeout = \"1s\""),
+    )
+    .unwrap();
+    let mut cfg = config(&nats, &[("SAGAFLOW_DEMO__LATENCY_MS", "400")]);
+    cfg.saga_dir = sagas.path().to_path_buf();
+    let node = within(TIMEOUT, "start node", node::start(cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut client = connect_orders(&node.grpc_addr.to_string()).await.unwrap();
+
+    // A steady trickle of orders (bounded: 100, one per 100 ms) until one is refused.
+    let mut admitted = Vec::new();
+    let mut refused = None;
+    for i in 0..100 {
+        let id = format!("adm-{i}");
+        let sku = format!("SKU-{}", 1 + i % 9);
+        match within(
+            TIMEOUT,
+            "PlaceOrder",
+            client.place_order(order(&id, 1999, &[(sku.as_str(), 1)])),
+        )
+        .await
+        .unwrap()
+        {
+            Ok(_) => admitted.push(id),
+            Err(status) => {
+                refused = Some((id, sku, status));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (id, sku, status) = refused.expect("an order refused while attempts take 40 % of 1 s");
+    assert!(!admitted.is_empty(), "the first orders were admitted");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("admission.max_timeout_share"),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.get_details_retry_info().map(|r| r.retry_delay),
+        Some(Some(Duration::from_secs(1))),
+        "{status:?}"
+    );
+    // Nothing was written for the refused order.
+    let unknown = within(
+        TIMEOUT,
+        "GetOrder",
+        client.get_order(GetOrderRequest {
+            order_id: id.clone(),
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let metrics = within(TIMEOUT, "scrape", http_get(node.http_addr, "/metrics"))
+        .await
+        .unwrap()
+        .unwrap()
+        .1;
+    assert!(
+        sample_sum(&metrics, "sagaflow_sagas_refused_total").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert!(sample_sum(&metrics, "sagaflow_admission_pressure").is_some());
+
+    // Every admitted order still ends.
+    for admitted_id in &admitted {
+        wait_terminal(&mut client, admitted_id, Duration::from_secs(60)).await;
+    }
+    // Idle, the pressure decays and the refused order is admitted when placed again.
+    wait_until(Duration::from_secs(30), "the order admitted", || {
+        let mut client = client.clone();
+        let request = order(&id, 1999, &[(sku.as_str(), 1)]);
+        async move { client.place_order(request).await.is_ok() }
+    })
+    .await
+    .unwrap();
+    let o = wait_terminal(&mut client, &id, Duration::from_secs(60)).await;
+    assert!(o.terminal, "{o:?}");
+    node.shutdown().await.unwrap();
+}

@@ -1171,6 +1171,8 @@ impl SagaState {
 /// What [`observe`] needs of a snapshot before a change.
 struct Before {
     phases: Vec<StepPhase>,
+    /// Per step, when its in-flight attempt times out (its send time plus the step timeout).
+    due: Vec<Option<Millis>>,
     history_len: usize,
     phase: Phase,
 }
@@ -1179,6 +1181,15 @@ impl Before {
     fn of(saga: &Saga) -> Self {
         Before {
             phases: saga.steps.iter().map(|s| s.phase).collect(),
+            due: saga
+                .steps
+                .iter()
+                .map(|s| {
+                    matches!(s.phase, StepPhase::Running | StepPhase::Compensating)
+                        .then_some(s.due_at)
+                        .flatten()
+                })
+                .collect(),
             history_len: saga.history.len(),
             phase: saga.phase,
         }
@@ -1245,9 +1256,20 @@ fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Before, new: &Sa
             Happening::CompensationAttemptFailed { kind, .. } => (true, Some(kind.as_str())),
             _ => continue,
         };
-        let Some(step) = h.step.and_then(|i| def.step(i as usize)) else {
+        let Some(i) = h.step.map(|i| i as usize) else {
             continue;
         };
+        let Some(step) = def.step(i) else {
+            continue;
+        };
+        // How much of its timeout the attempt used: the attempt was sent at `due - timeout`.
+        if let Some(due) = old.due.get(i).copied().flatten() {
+            let timeout = i64::try_from(step.timeout.as_millis()).unwrap_or(i64::MAX);
+            if timeout > 0 {
+                let left = (due - h.at).clamp(0, timeout);
+                observer.attempt_share(saga, (timeout - left) as f64 / timeout as f64);
+            }
+        }
         let service = if compensation {
             step.compensation
                 .as_ref()

@@ -130,6 +130,10 @@ pub trait Observer: Send + Sync + 'static {
     /// An attempt (forward or compensation) of a step handled by `service` ended: answered
     /// (success or failure) or timed out.
     fn step_attempt(&self, _saga: &str, _step: &str, _service: &str, _compensation: bool) {}
+    /// An attempt (forward or compensation) ended, answered or timed out, after `share` of
+    /// its timeout had passed since it was sent (0.0: at once; 1.0: it timed out). How much of
+    /// their timeouts attempts use is the node's measure of overload (admission control).
+    fn attempt_share(&self, _saga: &str, _share: f64) {}
     /// An attempt of a step sent to `service` failed with `kind` (`timeout` included).
     fn step_error(&self, _saga: &str, _step: &str, _service: &str, _kind: &str) {}
     /// The number of live saga actors on this node changed to `live`.

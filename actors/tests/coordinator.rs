@@ -338,15 +338,20 @@ impl Parker for MemParker {
     }
 }
 
-/// Keeps the latest census.
+/// Keeps the latest census, and the share of its timeout each ended attempt used.
 #[derive(Default)]
 struct CensusObserver {
     last: Mutex<Vec<AttentionCount>>,
+    shares: Mutex<Vec<f64>>,
 }
 
 impl Observer for CensusObserver {
     fn attention(&self, census: &[AttentionCount]) {
         *self.last.lock().unwrap() = census.to_vec();
+    }
+
+    fn attempt_share(&self, _saga: &str, share: f64) {
+        self.shares.lock().unwrap().push(share);
     }
 }
 
@@ -760,6 +765,10 @@ async fn a_started_saga_runs_to_shipped() {
     );
     // One write at creation and one per reply; Started changes nothing and writes nothing.
     assert_eq!(h.store.successful_saves(), 5);
+    // Four attempts ended, each answered well within its 10 s timeout.
+    let shares = h.census.shares.lock().unwrap().clone();
+    assert_eq!(shares.len(), 4, "{shares:?}");
+    assert!(shares.iter().all(|s| (0.0..0.1).contains(s)), "{shares:?}");
     // The saga actor stopped once its saga finished.
     let mut live = usize::MAX;
     for _ in 0..500 {
@@ -1280,6 +1289,15 @@ async fn a_step_whose_participant_never_answers_times_out() {
     h.start_saga("order-6").await;
     let saga = h.finished("order-6").await;
     assert_charge_timed_out_and_was_refunded(&h, "order-6", &saga);
+    // Every timed-out attempt used its whole timeout; the refund was answered at once.
+    let shares = h.census.shares.lock().unwrap().clone();
+    let timed_out = saga.steps[0].attempt as usize;
+    assert_eq!(
+        shares.iter().filter(|s| **s == 1.0).count(),
+        timed_out,
+        "{shares:?}"
+    );
+    assert!(shares.iter().any(|s| *s < 1.0), "{shares:?}");
     // The timers, not events, drove the saga: Started and the two answered commands only.
     let settled = h.stream.settled();
     assert_eq!(settled.len(), 3, "{settled:?}");

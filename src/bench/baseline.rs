@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::load::{Done, Kind, StartFuture, Target};
+use super::load::{Done, Kind, StartError, StartFuture, Target};
 use super::orders::Current;
 use crate::consume::{pull_forever, Flow};
 
@@ -271,6 +271,7 @@ impl Target for Starter {
                 msg.encode(),
             )
             .await
+            .map_err(StartError::Failed)
         })
     }
 

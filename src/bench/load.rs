@@ -169,7 +169,23 @@ impl Tracker {
 }
 
 /// A future starting one saga.
-pub type StartFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type StartFuture = Pin<Box<dyn Future<Output = Result<(), StartError>> + Send>>;
+
+/// Why a saga did not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The system refused it because it is overloaded (`RESOURCE_EXHAUSTED`): admission
+    /// control at work, counted apart from failures.
+    Refused(String),
+    /// Anything else.
+    Failed(String),
+}
+
+impl From<String> for StartError {
+    fn from(e: String) -> Self {
+        StartError::Failed(e)
+    }
+}
 
 /// The system under load.
 pub trait Target: Send + Sync + 'static {
@@ -235,6 +251,7 @@ enum Sample {
         at: Instant,
     },
     StartFailed(String),
+    Refused,
     Unfinished,
 }
 
@@ -258,6 +275,8 @@ pub struct Samples {
     pub by_poll: u64,
     /// Sagas whose start failed.
     pub start_errors: u64,
+    /// Sagas the system refused because it was overloaded (not counted in `start_errors`).
+    pub refused: u64,
     /// The first start error.
     pub first_error: Option<String>,
     /// Sagas not seen to end in time.
@@ -301,6 +320,7 @@ impl Samples {
                 self.start_errors += 1;
                 self.first_error.get_or_insert(e);
             }
+            Sample::Refused => self.refused += 1,
             Sample::Unfinished => self.unfinished += 1,
         }
     }
@@ -317,6 +337,7 @@ impl Samples {
         self.unexpected += other.unexpected;
         self.by_poll += other.by_poll;
         self.start_errors += other.start_errors;
+        self.refused += other.refused;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -379,9 +400,13 @@ async fn one(
     let start_call = sent.elapsed();
     match started {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+        Ok(Err(StartError::Failed(e))) => {
             tracker.forget(index);
             return Sample::StartFailed(e);
+        }
+        Ok(Err(StartError::Refused(_))) => {
+            tracker.forget(index);
+            return Sample::Refused;
         }
         Err(_) => {
             tracker.forget(index);
@@ -616,7 +641,8 @@ mod tests {
         }
     }
 
-    /// A target whose sagas end `delay` after they start, and which refuses index 3.
+    /// A target whose sagas end `delay` after they start, which fails to start index 3 and
+    /// refuses index 5 as overloaded.
     struct Delayed {
         tracker: Arc<Tracker>,
         delay: Duration,
@@ -627,7 +653,10 @@ mod tests {
             let delay = self.delay;
             Box::pin(async move {
                 if index == 3 {
-                    return Err("refused".to_string());
+                    return Err(StartError::Failed("broken".to_string()));
+                }
+                if index == 5 {
+                    return Err(StartError::Refused("overloaded".to_string()));
                 }
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -673,11 +702,12 @@ mod tests {
         )
         .await;
         assert_eq!(s.attempted, 20);
-        assert_eq!(s.completed(), 19);
+        assert_eq!(s.completed(), 18);
         assert_eq!(s.start_errors, 1);
-        assert_eq!(s.first_error.as_deref(), Some("refused"));
+        assert_eq!(s.refused, 1);
+        assert_eq!(s.first_error.as_deref(), Some("broken"));
         assert_eq!(s.unexpected, 0);
-        assert_eq!(s.outcomes.values().sum::<u64>(), 19);
+        assert_eq!(s.outcomes.values().sum::<u64>(), 18);
         assert!(s.latencies_us.iter().all(|l| *l >= 10_000));
         // 20 orders, 4 at a time, 10 ms each: about 50 ms.
         assert!(
@@ -714,7 +744,8 @@ mod tests {
             ProgressBar::hidden(),
         )
         .await;
-        assert_eq!(s.completed(), 49);
+        assert_eq!(s.completed(), 48, "one failed to start, one was refused");
+        assert_eq!((s.start_errors, s.refused), (1, 1));
         assert!(quantile(&s.latencies_us, 0.5) >= 5_000);
         // 50 orders at 1000/s: the last is due at 49 ms and ends 5 ms later.
         let e = s.elapsed();

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::load::{Done, Kind, StartFuture, Target, Tracker};
+use super::load::{Done, Kind, StartError, StartFuture, Target, Tracker};
 
 /// Subjects of the order saga's lifecycle events.
 pub const STATUS_SUBJECTS: &str = "sagaflow.status.order.*";
@@ -112,7 +112,7 @@ impl Target for Orders {
     fn start(&self, id: String, index: u64, kind: Kind) -> StartFuture {
         let n = self.clients.len().max(1);
         let Some(client) = self.clients.get((index as usize) % n) else {
-            return Box::pin(async { Err("no grpc connection".to_string()) });
+            return Box::pin(async { Err(StartError::Failed("no grpc connection".to_string())) });
         };
         let mut client = client.clone();
         Box::pin(async move {
@@ -121,11 +121,16 @@ impl Target for Orders {
                 .await
                 .map(|_| ())
                 .map_err(|s| {
-                    format!(
+                    let e = format!(
                         "PlaceOrder: {}: {}",
                         crate::cli::remote::code_name(s.code()),
                         s.message()
-                    )
+                    );
+                    if s.code() == tonic::Code::ResourceExhausted {
+                        StartError::Refused(e)
+                    } else {
+                        StartError::Failed(e)
+                    }
                 })
         })
     }

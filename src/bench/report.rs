@@ -32,6 +32,9 @@ pub struct RunReport {
     pub start_errors: u64,
     /// The first start error, if any.
     pub first_error: Option<String>,
+    /// Refused by the system because it was overloaded (`RESOURCE_EXHAUSTED`, admission
+    /// control); not start errors, and not counted in `completed`.
+    pub refused: u64,
     /// Terminal status → sagas.
     pub outcomes: BTreeMap<String, u64>,
     /// Sagas whose terminal status is not the one their kind leads to (a shipped order
@@ -181,6 +184,7 @@ impl RunReport {
             unfinished: samples.unfinished,
             start_errors: samples.start_errors,
             first_error: samples.first_error.clone(),
+            refused: samples.refused,
             outcomes: samples.outcomes.clone(),
             unexpected_outcomes: samples.unexpected,
             detected_by_poll: samples.by_poll,
@@ -530,11 +534,12 @@ fn run_text(out: &mut String, r: &RunReport) {
     let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(
         out,
-        "  orders      {} placed, {} ended ({}), {} unfinished, {} start errors{}",
+        "  orders      {} placed, {} ended ({}), {} unfinished, {} refused (overloaded), {} start errors{}",
         r.orders,
         r.completed,
         outcomes.join(", "),
         r.unfinished,
+        r.refused,
         r.start_errors,
         r.first_error
             .as_deref()

@@ -29,6 +29,8 @@ fn exposition() -> String {
         needs_attention: 1,
         stuck: 1,
     }]);
+    // A refusal (the partition's owner reported full pressure).
+    assert!(m.admission.admit("alert-check", 0.25, 1.0).is_err());
     let labels = ConsumerLabels {
         stream: "S".into(),
         consumer: "c".into(),
