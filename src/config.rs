@@ -272,9 +272,10 @@ impl Default for ClusterConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionConfig {
-    /// Refuse new sagas while the step attempts that ended on this node in the last second
-    /// took on average more than this share of their step timeout (0.25: a step with a 10 s
-    /// timeout answered after 2.5 s). `0` turns admission control off.
+    /// Refuse new sagas while the attempts of any one step wait more than this share of their
+    /// step timeout: on average over the attempts that ended in the last second, or as
+    /// predicted from the step's backlog (0.25: 2.5 s for a 10 s timeout). `0` turns
+    /// admission control off. See [`crate::admission`].
     pub max_timeout_share: f64,
 }
 

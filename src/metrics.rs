@@ -337,8 +337,12 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
-    fn attempt_share(&self, _saga: &str, share: f64) {
-        self.admission.record(share);
+    fn attempt_share(&self, saga: &str, step: &str, share: f64) {
+        self.admission.record(saga, step, share);
+    }
+
+    fn attempt_sent(&self, saga: &str, step: &str, timeout: Duration) {
+        self.admission.sent(saga, step, timeout);
     }
 
     fn saga_finished(&self, saga: &str, phase: Phase) {

@@ -890,6 +890,9 @@ impl SagaState {
                 if self.loaded.is_none() && saga.id == self.id {
                     self.adopt(*saga, revision);
                     sent_by_creator = commands_sent && self.loaded.is_some();
+                    if let Some(l) = self.loaded.as_ref().filter(|_| sent_by_creator) {
+                        self.observe_sent(l, &l.saga.in_flight());
+                    }
                 }
                 Input::Started
             }
@@ -1039,6 +1042,17 @@ impl SagaState {
 
     /// Publishes commands and status changes, retrying until NATS takes them: the snapshot
     /// already says they happened, so they must not be skipped.
+    /// Tells the observer about attempts sent.
+    fn observe_sent(&self, l: &Loaded, sends: &[CommandSpec]) {
+        for c in sends {
+            if let Some(step) = l.def.step(c.step) {
+                self.ctx
+                    .observer
+                    .attempt_sent(&l.def.name, &step.name, step.timeout);
+            }
+        }
+    }
+
     async fn carry_out(&self, effects: Vec<Effect>, delivery: Option<&dyn Delivery>) {
         let Some(l) = self.loaded.as_ref() else {
             return;
@@ -1053,6 +1067,7 @@ impl SagaState {
                 }
             })
             .collect();
+        self.observe_sent(l, &sends);
         // Commands and status changes go out together: neither waits for the other's acks.
         let commands = async {
             if !sends.is_empty() {
@@ -1149,6 +1164,7 @@ impl SagaState {
         }
         let in_flight = l.saga.in_flight();
         if !in_flight.is_empty() {
+            self.observe_sent(l, &in_flight);
             retry_forever(&self.id, "republish in-flight commands", None, || {
                 self.ctx.bus.send(&l.def, &l.saga, &in_flight)
             })
@@ -1267,7 +1283,7 @@ fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Before, new: &Sa
             let timeout = i64::try_from(step.timeout.as_millis()).unwrap_or(i64::MAX);
             if timeout > 0 {
                 let left = (due - h.at).clamp(0, timeout);
-                observer.attempt_share(saga, (timeout - left) as f64 / timeout as f64);
+                observer.attempt_share(saga, &step.name, (timeout - left) as f64 / timeout as f64);
             }
         }
         let service = if compensation {

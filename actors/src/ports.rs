@@ -130,10 +130,15 @@ pub trait Observer: Send + Sync + 'static {
     /// An attempt (forward or compensation) of a step handled by `service` ended: answered
     /// (success or failure) or timed out.
     fn step_attempt(&self, _saga: &str, _step: &str, _service: &str, _compensation: bool) {}
-    /// An attempt (forward or compensation) ended, answered or timed out, after `share` of
-    /// its timeout had passed since it was sent (0.0: at once; 1.0: it timed out). How much of
-    /// their timeouts attempts use is the node's measure of overload (admission control).
-    fn attempt_share(&self, _saga: &str, _share: f64) {}
+    /// An attempt (forward or compensation) of `step` ended, answered or timed out, after
+    /// `share` of its timeout had passed since it was sent (0.0: at once; 1.0: it timed out).
+    /// How much of their timeouts attempts use is the node's measure of overload (admission
+    /// control).
+    fn attempt_share(&self, _saga: &str, _step: &str, _share: f64) {}
+    /// An attempt (forward or compensation) of `step`, whose timeout is `timeout`, was sent
+    /// (or, for a saga's first commands, handed to this node as sent by the API): with
+    /// [`Observer::attempt_share`], how fast a step's backlog grows.
+    fn attempt_sent(&self, _saga: &str, _step: &str, _timeout: Duration) {}
     /// An attempt of a step sent to `service` failed with `kind` (`timeout` included).
     fn step_error(&self, _saga: &str, _step: &str, _service: &str, _kind: &str) {}
     /// The number of live saga actors on this node changed to `live`.

@@ -338,11 +338,13 @@ impl Parker for MemParker {
     }
 }
 
-/// Keeps the latest census, and the share of its timeout each ended attempt used.
+/// Keeps the latest census, the share of its timeout each ended attempt used, and the steps
+/// of the attempts sent.
 #[derive(Default)]
 struct CensusObserver {
     last: Mutex<Vec<AttentionCount>>,
     shares: Mutex<Vec<f64>>,
+    sent: Mutex<Vec<String>>,
 }
 
 impl Observer for CensusObserver {
@@ -350,8 +352,12 @@ impl Observer for CensusObserver {
         *self.last.lock().unwrap() = census.to_vec();
     }
 
-    fn attempt_share(&self, _saga: &str, share: f64) {
+    fn attempt_share(&self, _saga: &str, _step: &str, share: f64) {
         self.shares.lock().unwrap().push(share);
+    }
+
+    fn attempt_sent(&self, _saga: &str, step: &str, _timeout: Duration) {
+        self.sent.lock().unwrap().push(step.to_string());
     }
 }
 
@@ -769,6 +775,10 @@ async fn a_started_saga_runs_to_shipped() {
     let shares = h.census.shares.lock().unwrap().clone();
     assert_eq!(shares.len(), 4, "{shares:?}");
     assert!(shares.iter().all(|s| (0.0..0.1).contains(s)), "{shares:?}");
+    // … and four were sent (the first by the owner here: the start event was a plain one).
+    let mut sent = h.census.sent.lock().unwrap().clone();
+    sent.sort();
+    assert_eq!(sent, ["charge", "notify", "prepare_shipment", "reserve"]);
     // The saga actor stopped once its saga finished.
     let mut live = usize::MAX;
     for _ in 0..500 {
@@ -1005,6 +1015,10 @@ async fn when_the_creator_sent_the_first_commands_the_owner_only_arms_their_time
         ])
     );
     assert_eq!(h.store.loads(), 0);
+    // The creator's charge still counts as sent, for the step's backlog.
+    let mut sent = h.census.sent.lock().unwrap().clone();
+    sent.sort();
+    assert_eq!(sent, ["charge", "notify", "prepare_shipment", "reserve"]);
     h.stop().await;
 }
 
