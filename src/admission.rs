@@ -197,7 +197,7 @@ impl std::fmt::Display for Overloaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the node is overloaded: a step's attempts take {:.0} % of their timeout on average \
+            "the node is overloaded: a step's attempts wait about {:.0} % of their timeout \
              (admission.max_timeout_share is {:.0} %); the saga was not started, retry later",
             self.pressure * 100.0,
             self.limit * 100.0

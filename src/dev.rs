@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::{GetOrderRequest, OrderItem, PlaceOrderRequest};
+use tonic_types::StatusExt;
 
 use crate::config::{NodeConfig, Overrides};
 use crate::nats_server::NatsServer;
@@ -209,10 +210,25 @@ async fn demo(addr: SocketAddr, n: usize) -> Result<(), String> {
                 quantity: 1 + (i as u32 % 3),
             }],
         };
-        client
-            .place_order(req)
-            .await
-            .map_err(|e| e.message().to_string())?;
+        // An overloaded node refuses with a retry delay (admission control): wait and retry
+        // (placing is idempotent on the order id), for up to 30 s.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.place_order(req.clone()).await {
+                Ok(_) => break,
+                Err(e)
+                    if e.code() == tonic::Code::ResourceExhausted
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    let delay = e
+                        .get_details_retry_info()
+                        .and_then(|r| r.retry_delay)
+                        .unwrap_or(Duration::from_secs(1));
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e.message().to_string()),
+            }
+        }
         println!("placed order {order_id}: {amount} cents of {sku}");
         ids.push(order_id);
     }

@@ -41,6 +41,23 @@ async fn start_node(
     (node, client)
 }
 
+/// `GetOrder`, bounded.
+async fn get_order(
+    client: &mut OrderServiceClient<Channel>,
+    id: &str,
+) -> Result<v1::Order, tonic::Status> {
+    within(
+        TIMEOUT,
+        "GetOrder",
+        client.get_order(GetOrderRequest {
+            order_id: id.into(),
+        }),
+    )
+    .await
+    .unwrap()
+    .map(tonic::Response::into_inner)
+}
+
 async fn wait_terminal(
     client: &mut OrderServiceClient<Channel>,
     id: &str,
@@ -48,17 +65,7 @@ async fn wait_terminal(
 ) -> v1::Order {
     let deadline = Instant::now() + timeout;
     loop {
-        let o = within(
-            TIMEOUT,
-            "GetOrder",
-            client.get_order(GetOrderRequest {
-                order_id: id.into(),
-            }),
-        )
-        .await
-        .unwrap()
-        .unwrap()
-        .into_inner();
+        let o = get_order(client, id).await.unwrap();
         if o.terminal {
             return o;
         }
@@ -625,16 +632,7 @@ async fn an_overloaded_node_refuses_new_orders_until_it_recovers() {
         "{status:?}"
     );
     // Nothing was written for the refused order.
-    let unknown = within(
-        TIMEOUT,
-        "GetOrder",
-        client.get_order(GetOrderRequest {
-            order_id: id.clone(),
-        }),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
+    let unknown = get_order(&mut client, &id).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
     let metrics = within(TIMEOUT, "scrape", http_get(node.http_addr, "/metrics"))
         .await

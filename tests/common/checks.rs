@@ -121,6 +121,32 @@ pub fn check_ledgers(orders: &[v1::Order], ledgers: &HashMap<String, Effects>) {
     }
 }
 
+/// `PlaceOrder`, retried after the delay the node asks for while it refuses the order as
+/// overloaded (`RESOURCE_EXHAUSTED`, admission control), as a client should: a burst of orders
+/// on a loaded test machine can trip it. Bounded: 60 s of refusals, then the refusal is
+/// returned.
+pub async fn place_retrying(
+    client: &mut OrderServiceClient<Channel>,
+    req: PlaceOrderRequest,
+) -> Result<Result<tonic::Response<v1::PlaceOrderResponse>, tonic::Status>, anyhow::Error> {
+    use tonic_types::StatusExt;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match within(TIMEOUT, "PlaceOrder", client.place_order(req.clone())).await {
+            Ok(Err(s))
+                if s.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline =>
+            {
+                let delay = s
+                    .get_details_retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .unwrap_or(Duration::from_secs(1));
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Places `n` orders concurrently: every tenth above the payment limit, every 15th out of stock.
 pub async fn place_mix(
     client: &OrderServiceClient<Channel>,
@@ -143,7 +169,7 @@ pub async fn place_mix(
                         &[("SKU-1", 1 + (i % 3) as u32), ("SKU-5", 1)],
                     )
                 };
-                within(TIMEOUT, "PlaceOrder", c.place_order(req)).await
+                place_retrying(&mut c, req).await
             }
         })
         .buffer_unordered(64)
