@@ -141,6 +141,8 @@ pub struct Membership {
     held_list: Arc<std::sync::Mutex<Vec<u32>>>,
     view: SharedView,
     admission: Arc<Admission>,
+    /// The live members of the last round.
+    members: BTreeMap<String, NodeInfo>,
 }
 
 impl Membership {
@@ -166,6 +168,7 @@ impl Membership {
             held_list: Arc::default(),
             view,
             admission,
+            members: BTreeMap::new(),
         }
     }
 
@@ -179,15 +182,24 @@ impl Membership {
         // Heartbeats run on their own task, so a slow reconciliation round (a loaded machine,
         // a NATS leader election) never makes this node look dead to the others.
         let beating = CancellationToken::new();
+        let (first_beat, first_beat_done) = tokio::sync::oneshot::channel();
         let heartbeats = tokio::spawn(heartbeat_loop(
-            self.nodes.clone(),
-            self.cfg.clone(),
-            self.grpc_addr.clone(),
-            self.started_at,
-            self.held_list.clone(),
-            self.admission.clone(),
+            Heartbeat {
+                nodes: self.nodes.clone(),
+                cfg: self.cfg.clone(),
+                grpc_addr: self.grpc_addr.clone(),
+                started_at: self.started_at,
+                held: self.held_list.clone(),
+                admission: self.admission.clone(),
+            },
             beating.clone(),
+            first_beat,
         ));
+        // Be visible before holding anything: a node that took leases before its first
+        // heartbeat was stored looked dead to the others, which took the leases over at once
+        // (three nodes started together moved partitions up to seven times). Bounded: a
+        // heartbeat that cannot be written is retried by its loop, and rounds go on.
+        let _ = tokio::time::timeout(self.cfg.cluster.node_ttl, first_beat_done).await;
         let mut tick = tokio::time::interval(self.cfg.cluster.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -218,7 +230,14 @@ impl Membership {
     }
 
     /// Live members: entries not yet expired and heartbeating within the ttl.
-    async fn members(&self) -> Result<BTreeMap<String, NodeInfo>, String> {
+    ///
+    /// The bucket's key listing can miss an entry that is being rewritten while it is listed
+    /// (every member rewrites its entry every heartbeat): three nodes started together judged
+    /// each other dead that way, took each other's partitions over and moved some of them
+    /// seven times in the first seconds. A member of the last round missing from the listing
+    /// is therefore read directly: gone only if its entry is gone or stale (a node that left
+    /// deleted it), kept on a read error while its last heartbeat is within the ttl.
+    async fn members(&mut self) -> Result<BTreeMap<String, NodeInfo>, String> {
         let keys: Vec<String> = self
             .nodes
             .keys()
@@ -227,19 +246,43 @@ impl Membership {
             .filter_map(|k| async move { k.ok() })
             .collect()
             .await;
-        let ttl = i64::try_from(self.cfg.cluster.node_ttl.as_millis()).unwrap_or(i64::MAX);
-        let now = now_ms();
         let mut out = BTreeMap::new();
-        for k in keys {
-            if let Ok(Some(bytes)) = self.nodes.get(&k).await {
-                if let Ok(info) = serde_json::from_slice::<NodeInfo>(&bytes) {
-                    if now.saturating_sub(info.heartbeat_at) <= ttl {
-                        out.insert(info.node_id.clone(), info);
+        let unlisted: Vec<String> = self
+            .members
+            .keys()
+            .filter(|k| !keys.contains(k))
+            .cloned()
+            .collect();
+        for k in keys.iter().chain(&unlisted) {
+            match self.heartbeat(k).await {
+                Ok(Some(info)) => {
+                    out.insert(info.node_id.clone(), info);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if let Some(last) = self.members.get(k).filter(|i| self.fresh(i)) {
+                        tracing::debug!(node_id = %k, error = %e, "cannot read a member's heartbeat; keeping its last one");
+                        out.insert(k.clone(), last.clone());
                     }
                 }
             }
         }
+        self.members.clone_from(&out);
         Ok(out)
+    }
+
+    /// Whether `info` was written within the node ttl.
+    fn fresh(&self, info: &NodeInfo) -> bool {
+        let ttl = i64::try_from(self.cfg.cluster.node_ttl.as_millis()).unwrap_or(i64::MAX);
+        now_ms().saturating_sub(info.heartbeat_at) <= ttl
+    }
+
+    /// `node`'s heartbeat, read directly, if it is there and fresh.
+    async fn heartbeat(&self, node: &str) -> Result<Option<NodeInfo>, String> {
+        let bytes = self.nodes.get(node).await.map_err(|e| e.to_string())?;
+        Ok(bytes
+            .and_then(|b| serde_json::from_slice::<NodeInfo>(&b).ok())
+            .filter(|info| self.fresh(info)))
     }
 
     async fn read_lease(&self, p: u32) -> Result<(Option<Lease>, Option<u64>), String> {
@@ -289,10 +332,28 @@ impl Membership {
 
     /// One heartbeat and one reconciliation of every partition.
     async fn round(&mut self) -> Result<(), String> {
-        let members = self.members().await?;
-        let mut live: BTreeSet<String> = members.keys().cloned().collect();
-        live.insert(self.cfg.node_id.clone());
+        let mut members = self.members().await?;
         let me = self.cfg.node_id.clone();
+        let mut stored = Vec::with_capacity(self.cfg.partitions as usize);
+        for p in 0..self.cfg.partitions {
+            stored.push(self.read_lease(p).await?);
+        }
+        // A holder missing from the listing is read directly before it is judged dead and its
+        // lease taken over (see `members`).
+        let unlisted: BTreeSet<String> = stored
+            .iter()
+            .filter_map(|(lease, _)| lease.as_ref()?.owner.clone())
+            .filter(|h| *h != me && !members.contains_key(h))
+            .collect();
+        for h in unlisted {
+            if let Ok(Some(info)) = self.heartbeat(&h).await {
+                tracing::debug!(node_id = %h, "lease holder missing from the member listing is alive");
+                self.members.insert(h.clone(), info.clone());
+                members.insert(h, info);
+            }
+        }
+        let mut live: BTreeSet<String> = members.keys().cloned().collect();
+        live.insert(me.clone());
         let mut leases = BTreeMap::new();
         // Partitions we hold but are no longer assigned stop pulling at once (see `leave`).
         for (p, h) in &self.held {
@@ -300,8 +361,7 @@ impl Membership {
                 h.stop.cancel();
             }
         }
-        for p in 0..self.cfg.partitions {
-            let (lease, revision) = self.read_lease(p).await?;
+        for (p, (lease, revision)) in (0..self.cfg.partitions).zip(stored) {
             // Fencing: if the stored lease is not the one we acquired, someone took over.
             if let Some(h) = self.held.get(&p) {
                 let ours = lease
@@ -648,15 +708,32 @@ async fn recover_partition(
 }
 
 /// Writes this node's heartbeat every `heartbeat_interval` until `stop`.
-async fn heartbeat_loop(
+/// What a heartbeat is written from.
+struct Heartbeat {
     nodes: kv::Store,
     cfg: NodeConfig,
     grpc_addr: String,
     started_at: i64,
     held: Arc<std::sync::Mutex<Vec<u32>>>,
     admission: Arc<Admission>,
+}
+
+/// Writes a heartbeat every interval until `stop`; `first` is told once the first write was
+/// tried.
+async fn heartbeat_loop(
+    beat: Heartbeat,
     stop: CancellationToken,
+    first: tokio::sync::oneshot::Sender<()>,
 ) {
+    let Heartbeat {
+        nodes,
+        cfg,
+        grpc_addr,
+        started_at,
+        held,
+        admission,
+    } = beat;
+    let mut first = Some(first);
     let mut tick = tokio::time::interval(cfg.cluster.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -683,6 +760,9 @@ async fn heartbeat_loop(
         };
         if let Err(e) = put {
             tracing::warn!(node_id = %cfg.node_id, error = %e, "heartbeat failed");
+        }
+        if let Some(first) = first.take() {
+            let _ = first.send(());
         }
     }
 }

@@ -240,3 +240,36 @@ async fn extra_nodes_stand_by_and_take_over_on_failure() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// Three node processes started at the same moment settle on the assignment with each
+/// partition moved at most once per node that joined after it was first taken: nobody takes a
+/// live node's lease over as if it were dead. (Before, a node could take leases before its
+/// first heartbeat was visible, or be missing from the bucket's listing, and partitions moved
+/// up to seven times in the first seconds.) Default heartbeat settings, as in production.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_together_take_each_partition_over_at_most_once_per_join() {
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let ids = ["together-a", "together-b", "together-c"];
+    let nodes: Vec<NodeProcess> = ids
+        .iter()
+        .map(|id| {
+            NodeProcess::start_with(
+                NodeOptions::new(id, &[nats.url()]).env("SAGAFLOW_PARTITIONS", "32"),
+            )
+            .unwrap()
+        })
+        .collect();
+    wait_owned_by(&js, 32, &ids).await;
+    // A partition first taken by one node moves at most once per node that joins after:
+    // epoch 3 at most with three nodes. Each take-over of a live node's lease adds one more.
+    let epochs: BTreeMap<u32, u64> = within(TIMEOUT, "read leases", leases(&js))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(p, l)| (p, l.epoch))
+        .collect();
+    assert_eq!(epochs.len(), 32, "{epochs:?}");
+    assert!(epochs.values().all(|e| (1..=3).contains(e)), "{epochs:?}");
+    drop(nodes);
+}
