@@ -41,23 +41,6 @@ async fn start_node(
     (node, client)
 }
 
-/// `GetOrder`, bounded.
-async fn get_order(
-    client: &mut OrderServiceClient<Channel>,
-    id: &str,
-) -> Result<v1::Order, tonic::Status> {
-    within(
-        TIMEOUT,
-        "GetOrder",
-        client.get_order(GetOrderRequest {
-            order_id: id.into(),
-        }),
-    )
-    .await
-    .unwrap()
-    .map(tonic::Response::into_inner)
-}
-
 async fn wait_terminal(
     client: &mut OrderServiceClient<Channel>,
     id: &str,

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, kv, stream};
-use common::checks::order;
+use common::checks::{get_order, order};
 use common::*;
 use futures::StreamExt;
 use sagaflow::config::StreamsConfig;
@@ -20,7 +20,7 @@ use sagaflow_actors::hash::partition_of;
 use sagaflow_actors::machine::{Phase, Saga};
 use sagaflow_actors::ports::{Error as PortError, StateStore};
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
-use sagaflow_proto::v1::{self, GetOrderRequest, GetSagaRequest, StartSagaRequest};
+use sagaflow_proto::v1::{self, GetSagaRequest, StartSagaRequest};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -119,22 +119,6 @@ async fn last_on(
 
 fn header<'a>(m: &'a jetstream::message::StreamMessage, name: &str) -> Option<&'a str> {
     m.headers.get(name).map(|v| v.as_str())
-}
-
-async fn get_order(
-    client: &mut OrderServiceClient<Channel>,
-    id: &str,
-) -> Result<v1::Order, tonic::Status> {
-    within(
-        TIMEOUT,
-        "GetOrder",
-        client.get_order(GetOrderRequest {
-            order_id: id.into(),
-        }),
-    )
-    .await
-    .unwrap()
-    .map(tonic::Response::into_inner)
 }
 
 async fn wait_terminal(client: &mut OrderServiceClient<Channel>, id: &str) -> v1::Order {

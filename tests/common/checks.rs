@@ -12,6 +12,24 @@ use tonic::transport::Channel;
 
 use super::{nats_client, within, NatsServer, TIMEOUT};
 
+/// `GetOrder`, bounded (panics if the server does not answer in time).
+#[allow(clippy::unwrap_used)]
+pub async fn get_order(
+    client: &mut OrderServiceClient<Channel>,
+    id: &str,
+) -> Result<v1::Order, tonic::Status> {
+    within(
+        TIMEOUT,
+        "GetOrder",
+        client.get_order(GetOrderRequest {
+            order_id: id.into(),
+        }),
+    )
+    .await
+    .unwrap()
+    .map(tonic::Response::into_inner)
+}
+
 /// A place-order request.
 pub fn order(id: &str, amount: i64, items: &[(&str, u32)]) -> PlaceOrderRequest {
     PlaceOrderRequest {
