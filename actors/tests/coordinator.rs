@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -534,7 +534,12 @@ struct Harness {
     stream: Arc<Stream>,
     coordinator: ActorRef<CoordinatorMsg>,
     participant: tokio::task::JoinHandle<()>,
+    /// Added to the wall clock the coordinator and its actors read, ms.
+    clock_offset: Arc<AtomicI64>,
 }
+
+/// A clock for a coordinator.
+type Clock = Arc<dyn Fn() -> Millis + Send + Sync>;
 
 impl Harness {
     async fn start(def: SagaDefinition, behaviour: Behaviour) -> Harness {
@@ -563,6 +568,7 @@ impl Harness {
         let stream = Arc::new(Stream::default());
         let parker = Arc::new(MemParker::default());
         let census = Arc::new(CensusObserver::default());
+        let clock_offset = Arc::new(AtomicI64::new(0));
         let coordinator = spawn_coordinator(
             &def,
             &store,
@@ -570,6 +576,7 @@ impl Harness {
             &parker,
             &census,
             (passivate_after, above),
+            offset_clock(&clock_offset),
         )
         .await;
         stream.attach(coordinator.clone());
@@ -598,6 +605,7 @@ impl Harness {
             stream,
             coordinator,
             participant,
+            clock_offset,
         }
     }
 
@@ -690,6 +698,12 @@ impl Harness {
     }
 }
 
+/// The wall clock plus `offset` ms.
+fn offset_clock(offset: &Arc<AtomicI64>) -> Clock {
+    let offset = offset.clone();
+    Arc::new(move || now_millis() + offset.load(Ordering::SeqCst))
+}
+
 async fn spawn_coordinator(
     def: &Arc<SagaDefinition>,
     store: &Arc<MemStore>,
@@ -697,12 +711,13 @@ async fn spawn_coordinator(
     parker: &Arc<MemParker>,
     observer: &Arc<CensusObserver>,
     (passivate_after, passivate_above): (Duration, usize),
+    clock: Clock,
 ) -> ActorRef<CoordinatorMsg> {
     let ctx = Context {
         definitions: HashMap::from([(def.name.clone(), def.clone())]),
         store: store.clone(),
         bus: bus.clone(),
-        clock: Arc::new(now_millis),
+        clock,
         partitions: 4,
         observer: observer.clone(),
         parker: parker.clone(),
@@ -1061,6 +1076,49 @@ async fn an_idle_saga_passivates_and_its_next_event_brings_it_back() {
     h.stop().await;
 }
 
+/// A sweep that waited in the coordinator's mailbox (its `sent_at` is behind the clock) does
+/// not passivate: the backlog may hold the events of the sagas that look idle. The next sweep
+/// that is on time does.
+#[tokio::test]
+async fn a_sweep_that_waited_in_the_mailbox_passivates_nothing() {
+    // Idle after a minute: the periodic sweeps (every 30 s) never come during the test, the
+    // test sends its own. Steps time out after an hour, so no timer fires either.
+    let mut def = order();
+    for step in def.steps.iter_mut() {
+        step.timeout = Duration::from_secs(3600);
+    }
+    def.deadline = Duration::from_secs(7200);
+    let h = Harness::start_passivating(def, charge_never_answered(), Duration::from_secs(60)).await;
+    h.start_saga("order-lag").await;
+    eventually("the charge to be sent", || {
+        !h.bus.sent("order-lag").is_empty()
+    })
+    .await;
+    // A minute and a second later, by the coordinator's clock: the actor is idle.
+    h.clock_offset.fetch_add(61_000, Ordering::SeqCst);
+    let now = now_millis() + h.clock_offset.load(Ordering::SeqCst);
+    h.coordinator
+        .cast(CoordinatorMsg::Sweep {
+            sent_at: now - 1_000,
+        })
+        .unwrap();
+    // Nothing to wait for but time: give the coordinator and the actor a moment to act on it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.coordinator.get_children().len(),
+        1,
+        "passivated by a late sweep"
+    );
+    h.coordinator
+        .cast(CoordinatorMsg::Sweep {
+            sent_at: now_millis() + h.clock_offset.load(Ordering::SeqCst),
+        })
+        .unwrap();
+    h.dormant("order-lag").await;
+    assert_eq!(h.live_actors().await, 1, "dormant, still held");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn passivation_waits_until_the_node_holds_more_actors_than_its_threshold() {
     let h = Harness::start_passivating_above(
@@ -1220,6 +1278,7 @@ async fn recovery_after_a_restart_republishes_in_flight_commands() {
         &h.parker,
         &h.census,
         (Duration::ZERO, 0),
+        offset_clock(&h.clock_offset),
     )
     .await;
     h.stream.attach(coordinator.clone());
@@ -1411,6 +1470,7 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
         &h.parker,
         &h.census,
         (Duration::ZERO, 0),
+        offset_clock(&h.clock_offset),
     )
     .await;
     let stream_b = Arc::new(Stream::default());
