@@ -163,15 +163,17 @@ impl State {
         self.started += window * u32::try_from(ended).unwrap_or(u32::MAX);
     }
 
-    /// The step's entry.
-    fn step(&mut self, saga: &str, step: &str) -> &mut Step {
-        // Two small allocations per attempt, under a lock held for nanoseconds: not worth the
-        // contortions a lookup by `&str` that returns the entry would need.
-        self.steps
-            .entry(saga.to_owned())
-            .or_default()
-            .entry(step.to_owned())
-            .or_default()
+    /// The step's entry; allocates its keys only the first time the step is seen (this runs
+    /// for every attempt).
+    fn step(&mut self, saga: &str, step: &str) -> Option<&mut Step> {
+        if !self.steps.contains_key(saga) {
+            self.steps.insert(saga.to_owned(), HashMap::new());
+        }
+        let steps = self.steps.get_mut(saga)?;
+        if !steps.contains_key(step) {
+            steps.insert(step.to_owned(), Step::default());
+        }
+        steps.get_mut(step)
     }
 
     /// The pressure: the highest of the ended attempts' share and of every step's backlog.
@@ -240,9 +242,10 @@ impl Admission {
     fn record_at(&self, now: Instant, saga: &str, step: &str, share: f64) {
         let mut s = self.state();
         s.roll(now, self.window);
-        let step = s.step(saga, step);
-        step.share_sum += share.clamp(0.0, 1.0);
-        step.ended += 1;
+        if let Some(step) = s.step(saga, step) {
+            step.share_sum += share.clamp(0.0, 1.0);
+            step.ended += 1;
+        }
     }
 
     /// An attempt of `step` (timing out after `timeout`) of saga definition `saga` was sent.
@@ -253,9 +256,10 @@ impl Admission {
     fn sent_at(&self, now: Instant, saga: &str, step: &str, timeout: Duration) {
         let mut s = self.state();
         s.roll(now, self.window);
-        let step = s.step(saga, step);
-        step.timeout_s = timeout.as_secs_f64();
-        step.sent += 1;
+        if let Some(step) = s.step(saga, step) {
+            step.timeout_s = timeout.as_secs_f64();
+            step.sent += 1;
+        }
     }
 
     /// The pressure now (0 when nothing happened lately).

@@ -1186,9 +1186,9 @@ impl SagaState {
 
 /// What [`observe`] needs of a snapshot before a change.
 struct Before {
-    phases: Vec<StepPhase>,
-    /// Per step, when its in-flight attempt times out (its send time plus the step timeout).
-    due: Vec<Option<Millis>>,
+    /// Per step: its phase, and when its in-flight attempt times out (its send time plus the
+    /// step timeout).
+    steps: Vec<(StepPhase, Option<Millis>)>,
     history_len: usize,
     phase: Phase,
 }
@@ -1196,14 +1196,12 @@ struct Before {
 impl Before {
     fn of(saga: &Saga) -> Self {
         Before {
-            phases: saga.steps.iter().map(|s| s.phase).collect(),
-            due: saga
+            steps: saga
                 .steps
                 .iter()
                 .map(|s| {
-                    matches!(s.phase, StepPhase::Running | StepPhase::Compensating)
-                        .then_some(s.due_at)
-                        .flatten()
+                    let in_flight = matches!(s.phase, StepPhase::Running | StepPhase::Compensating);
+                    (s.phase, in_flight.then_some(s.due_at).flatten())
                 })
                 .collect(),
             history_len: saga.history.len(),
@@ -1219,7 +1217,7 @@ fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Before, new: &Sa
         (Some(a), Some(b)) => Duration::from_millis(u64::try_from(b - a).unwrap_or(0)),
         _ => Duration::ZERO,
     };
-    for (i, (before, after)) in old.phases.iter().zip(new.steps.iter()).enumerate() {
+    for (i, ((before, _), after)) in old.steps.iter().zip(new.steps.iter()).enumerate() {
         let Some(step) = def.step(i) else {
             continue;
         };
@@ -1279,7 +1277,7 @@ fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Before, new: &Sa
             continue;
         };
         // How much of its timeout the attempt used: the attempt was sent at `due - timeout`.
-        if let Some(due) = old.due.get(i).copied().flatten() {
+        if let Some(due) = old.steps.get(i).and_then(|(_, due)| *due) {
             let timeout = i64::try_from(step.timeout.as_millis()).unwrap_or(i64::MAX);
             if timeout > 0 {
                 let left = (due - h.at).clamp(0, timeout);
