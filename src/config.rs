@@ -250,8 +250,13 @@ pub struct ClusterConfig {
     /// with one read of its snapshot. `0` keeps every actor until its saga ends.
     #[serde(with = "humantime_secs")]
     pub passivate_after: Duration,
-    /// Passivation applies only while the node holds more live saga actors than this.
+    /// Passivation after `passivate_after` applies only while the node holds more live saga
+    /// actors than this.
     pub passivate_above: usize,
+    /// A saga actor idle for this long is passivated however many the node holds. `0`:
+    /// only above `passivate_above`.
+    #[serde(with = "humantime_secs")]
+    pub passivate_always_after: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -262,6 +267,7 @@ impl Default for ClusterConfig {
             drain_timeout: Duration::from_secs(5),
             passivate_after: Duration::from_secs(2),
             passivate_above: 5_000,
+            passivate_always_after: Duration::from_secs(30),
         }
     }
 }
@@ -639,6 +645,21 @@ mod tests {
         assert_eq!(c.http_addr.port(), 9100, "env beats file");
         let c = c.with_http_addr(Some("127.0.0.1:9200".parse().unwrap()));
         assert_eq!(c.http_addr.port(), 9200, "flag beats env");
+    }
+
+    #[test]
+    fn passivation_settings_default_and_layer() {
+        let c = NodeConfig::load(None, &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.cluster.passivate_after, Duration::from_secs(2));
+        assert_eq!(c.cluster.passivate_above, 5_000);
+        assert_eq!(c.cluster.passivate_always_after, Duration::from_secs(30));
+        let env: BTreeMap<String, String> = [(
+            "SAGAFLOW_CLUSTER__PASSIVATE_ALWAYS_AFTER".to_string(),
+            "0s".to_string(),
+        )]
+        .into();
+        let c = NodeConfig::load(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(c.cluster.passivate_always_after, Duration::ZERO);
     }
 
     #[test]

@@ -287,6 +287,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         census_every: CENSUS_EVERY,
         passivate_after: config.cluster.passivate_after,
         passivate_above: config.cluster.passivate_above,
+        passivate_always_after: config.cluster.passivate_always_after,
         census: std::sync::Mutex::default(),
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)

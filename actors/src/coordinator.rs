@@ -106,9 +106,13 @@ pub struct Context {
     /// holds only its next due time, and its next event or due time brings it back (one read of
     /// the store). Zero: never.
     pub passivate_after: Duration,
-    /// Passivation starts only when the node holds more saga actors than this: below it,
-    /// memory is not worth a reload per event.
+    /// Passivation after [`Context::passivate_after`] starts only when the node holds more
+    /// saga actors than this: below it, memory is not worth a reload per event.
     pub passivate_above: usize,
+    /// A saga actor idle for this long is passivated whatever the node holds: a saga that
+    /// waits this long for a participant or a timer pays one reload, which is nothing beside
+    /// the wait, and no longer keeps an actor. Zero: only above [`Context::passivate_above`].
+    pub passivate_always_after: Duration,
     /// What each live saga actor last persisted, for the census (kept by the actors).
     pub census: std::sync::Mutex<HashMap<String, Summary>>,
 }
@@ -127,6 +131,14 @@ pub struct Summary {
 }
 
 impl Context {
+    /// The shortest idle time after which a saga actor may be passivated; `None`: never.
+    pub fn shortest_passivation(&self) -> Option<Duration> {
+        [self.passivate_after, self.passivate_always_after]
+            .into_iter()
+            .filter(|d| !d.is_zero())
+            .min()
+    }
+
     /// The census, locked (a panic elsewhere while holding it leaves it usable: each line is
     /// rewritten by its saga's next message).
     fn census(&self) -> std::sync::MutexGuard<'_, HashMap<String, Summary>> {
@@ -235,9 +247,9 @@ impl Actor for Coordinator {
             // Stops with the actor (the send fails once it is gone).
             myself.send_interval(ctx.census_every, || CoordinatorMsg::Census);
         }
-        if !ctx.passivate_after.is_zero() {
+        if let Some(period) = ctx.shortest_passivation() {
             // Idle actors are looked for twice per period, so none stays much longer.
-            let every = (ctx.passivate_after / 2).max(Duration::from_millis(10));
+            let every = (period / 2).max(Duration::from_millis(10));
             let clock = ctx.clock.clone();
             myself.send_interval(every, move || CoordinatorMsg::Sweep { sent_at: clock() });
         }
@@ -463,13 +475,21 @@ impl CoordinatorState {
         self.actors.len() + self.dormant.len()
     }
 
-    /// Asks every actor idle for [`Context::passivate_after`] to passivate. From now on, events
-    /// for its saga are queued here until it has stopped.
+    /// Asks every actor idle for [`Context::passivate_after`] (while the node holds more than
+    /// [`Context::passivate_above`] actors) or for [`Context::passivate_always_after`] to
+    /// passivate. From now on, events for its saga are queued here until it has stopped.
     fn passivate_idle(&mut self) {
-        let after = self.ctx.passivate_after;
-        if after.is_zero() || self.actors.len() <= self.ctx.passivate_above {
+        let crowded = self.actors.len() > self.ctx.passivate_above;
+        let Some(after) = [
+            Some(self.ctx.passivate_after).filter(|_| crowded),
+            Some(self.ctx.passivate_always_after),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|d| !d.is_zero())
+        .min() else {
             return;
-        }
+        };
         let idle_since = (self.ctx.clock)() - i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let idle: Vec<String> = {
             let census = self.ctx.census();

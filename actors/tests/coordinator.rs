@@ -569,6 +569,16 @@ impl Harness {
         passivate_after: Duration,
         above: usize,
     ) -> Harness {
+        Harness::start_with_passivation(def, behaviour, (passivate_after, above, Duration::ZERO))
+            .await
+    }
+
+    /// …with `(passivate_after, passivate_above, passivate_always_after)`.
+    async fn start_with_passivation(
+        def: SagaDefinition,
+        behaviour: Behaviour,
+        passivation: (Duration, usize, Duration),
+    ) -> Harness {
         let def = Arc::new(def);
         let store = Arc::new(MemStore::default());
         let (bus, mut commands) = MemBus::new();
@@ -582,7 +592,7 @@ impl Harness {
             &bus,
             &parker,
             &census,
-            (passivate_after, above),
+            passivation,
             offset_clock(&clock_offset),
         )
         .await;
@@ -717,7 +727,7 @@ async fn spawn_coordinator(
     bus: &Arc<MemBus>,
     parker: &Arc<MemParker>,
     observer: &Arc<CensusObserver>,
-    (passivate_after, passivate_above): (Duration, usize),
+    (passivate_after, passivate_above, passivate_always_after): (Duration, usize, Duration),
     clock: Clock,
 ) -> ActorRef<CoordinatorMsg> {
     let ctx = Context {
@@ -732,6 +742,7 @@ async fn spawn_coordinator(
         census_every: Duration::from_millis(20),
         passivate_after,
         passivate_above,
+        passivate_always_after,
         census: Mutex::default(),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
@@ -1163,6 +1174,41 @@ async fn passivation_waits_until_the_node_holds_more_actors_than_its_threshold()
     h.stop().await;
 }
 
+/// Below the threshold, an actor idle for `passivate_always_after` passivates all the same.
+#[tokio::test]
+async fn a_saga_idle_for_long_passivates_below_the_threshold() {
+    // Quick passivation only above 10 actors; any actor idle for a minute. Steps time out
+    // after an hour, so no timer wakes the saga meanwhile.
+    let mut def = order();
+    for step in def.steps.iter_mut() {
+        step.timeout = Duration::from_secs(3600);
+    }
+    def.deadline = Duration::from_secs(7200);
+    let h = Harness::start_with_passivation(
+        def,
+        charge_never_answered(),
+        (Duration::from_millis(20), 10, Duration::from_secs(60)),
+    )
+    .await;
+    h.start_saga("order-long").await;
+    eventually("the charge to be sent", || {
+        !h.bus.sent("order-long").is_empty()
+    })
+    .await;
+    // Many sweeps later (every 10 ms), idle but not for a minute, and alone: still an actor.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.coordinator.get_children().len(),
+        1,
+        "passivated before it was idle for a minute"
+    );
+    // A minute later by the coordinator's clock, the next sweep passivates it.
+    h.clock_offset.fetch_add(61_000, Ordering::SeqCst);
+    h.dormant("order-long").await;
+    assert_eq!(h.live_actors().await, 1, "dormant, still held");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn handing_a_partition_over_drops_its_dormant_sagas() {
     let h = Harness::start_passivating(order(), charge_never_answered(), Duration::from_millis(60))
@@ -1286,7 +1332,7 @@ async fn recovery_after_a_restart_republishes_in_flight_commands() {
         &h.bus,
         &h.parker,
         &h.census,
-        (Duration::ZERO, 0),
+        (Duration::ZERO, 0, Duration::ZERO),
         offset_clock(&h.clock_offset),
     )
     .await;
@@ -1478,7 +1524,7 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
         &h.bus,
         &h.parker,
         &h.census,
-        (Duration::ZERO, 0),
+        (Duration::ZERO, 0, Duration::ZERO),
         offset_clock(&h.clock_offset),
     )
     .await;
