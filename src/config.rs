@@ -89,6 +89,9 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DemoConfig {
     /// Instances (actors) per service on this node, all sharing the service's consumer group.
+    /// Each handles one command at a time, so this is also each demo service's concurrency on
+    /// the node: with 4, four round trips to NATS at a time per service held the bench to
+    /// about 720 sagas/s; with 64 it is not the limit (docs/benchmarks.md).
     pub instances: usize,
     /// Payment declines any amount above this (cents).
     pub payment_limit_cents: i64,
@@ -189,7 +192,7 @@ impl Default for DemoConfig {
             (1..=9).map(|i| (format!("SKU-{i}"), 1_000_000)).collect();
         stock.insert("SKU-OUT".to_string(), 0);
         DemoConfig {
-            instances: 4,
+            instances: 64,
             payment_limit_cents: 100_000,
             stock,
             failure_rate: 0.0,
