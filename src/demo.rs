@@ -55,8 +55,10 @@ pub use analytics::sales;
 pub use ledger::{ledger, LedgerEntry, LedgerSummary};
 
 /// Commands a node's service pool holds per instance (running or queued); the rest wait in
-/// JetStream (see [`participant::run_consumer`]).
-const COMMANDS_IN_HAND_PER_INSTANCE: usize = 64;
+/// JetStream (see [`participant::run_consumer`]). An instance runs one at a time, so a few
+/// queued behind it keep it busy; more would only hold slow commands in memory (with the
+/// default 64 instances, 256 per service, as many as 4 instances × 64 held before).
+const COMMANDS_IN_HAND_PER_INSTANCE: usize = 4;
 
 /// The demo services, in the order they are started.
 pub const SERVICES: [&str; 4] = ["payment", "inventory", "shipping", "notification"];
