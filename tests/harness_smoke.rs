@@ -100,6 +100,14 @@ async fn a_node_whose_nats_is_gone_still_stops_promptly_on_sigterm() -> anyhow::
     let request = sagaflow_proto::v1::ListOrdersRequest::default();
     within(TIMEOUT, "list orders", orders.list_orders(request)).await??;
     drop(orders);
+    // gRPC answers before the node has joined the cluster: wait until it has finished
+    // starting, so what is stopped below is a running node (a node still starting stops
+    // at once, without the shutdown path this test is about).
+    wait_until(TIMEOUT, "the node to finish starting", || {
+        let ready = node.log_tail(200).contains("node ready");
+        async move { ready }
+    })
+    .await?;
     // NATS goes away for good: nothing can be handed back, and the node must not wait for it
     // (its partitions expire with their ttl).
     nats.stop()?;
