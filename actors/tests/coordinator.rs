@@ -687,6 +687,19 @@ impl Harness {
         .await;
     }
 
+    /// Starts saga `id`, waits for its first command, lets many passivation sweeps pass and
+    /// checks that its actor is still there (`why` it should be, for the failure message).
+    async fn start_and_stay_live(&self, id: &str, why: &str) {
+        self.start_saga(id).await;
+        eventually("the charge to be sent", || !self.bus.sent(id).is_empty()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            self.coordinator.get_children().len(),
+            1,
+            "passivated: {why}"
+        );
+    }
+
     async fn live_actors(&self) -> usize {
         ractor::call_t!(self.coordinator, CoordinatorMsg::Live, 5_000).unwrap()
     }
@@ -749,6 +762,16 @@ async fn spawn_coordinator(
         .await
         .unwrap();
     coordinator
+}
+
+/// The order saga with hour-long step timeouts: no timer wakes its sagas during a test.
+fn unhurried_order() -> SagaDefinition {
+    let mut def = order();
+    for step in def.steps.iter_mut() {
+        step.timeout = Duration::from_secs(3600);
+    }
+    def.deadline = Duration::from_secs(7200);
+    def
 }
 
 fn strings(items: &[(&str, u32)]) -> Vec<(String, u32)> {
@@ -1103,12 +1126,12 @@ async fn an_idle_saga_passivates_and_its_next_event_brings_it_back() {
 async fn a_sweep_that_waited_in_the_mailbox_passivates_nothing() {
     // Idle after a minute: the periodic sweeps (every 30 s) never come during the test, the
     // test sends its own. Steps time out after an hour, so no timer fires either.
-    let mut def = order();
-    for step in def.steps.iter_mut() {
-        step.timeout = Duration::from_secs(3600);
-    }
-    def.deadline = Duration::from_secs(7200);
-    let h = Harness::start_passivating(def, charge_never_answered(), Duration::from_secs(60)).await;
+    let h = Harness::start_passivating(
+        unhurried_order(),
+        charge_never_answered(),
+        Duration::from_secs(60),
+    )
+    .await;
     h.start_saga("order-lag").await;
     eventually("the charge to be sent", || {
         !h.bus.sent("order-lag").is_empty()
@@ -1148,18 +1171,9 @@ async fn passivation_waits_until_the_node_holds_more_actors_than_its_threshold()
         1,
     )
     .await;
-    h.start_saga("order-t1").await;
-    eventually("the charge to be sent", || {
-        !h.bus.sent("order-t1").is_empty()
-    })
-    .await;
     // Idle for many passivation periods, but alone: it keeps its actor.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        h.coordinator.get_children().len(),
-        1,
-        "passivated below the threshold"
-    );
+    h.start_and_stay_live("order-t1", "alone, below the threshold")
+        .await;
     // A second saga puts the node above it: idle actors go until it is back at the threshold.
     h.start_saga("order-t2").await;
     eventually("the second charge to be sent", || {
@@ -1179,29 +1193,15 @@ async fn passivation_waits_until_the_node_holds_more_actors_than_its_threshold()
 async fn a_saga_idle_for_long_passivates_below_the_threshold() {
     // Quick passivation only above 10 actors; any actor idle for a minute. Steps time out
     // after an hour, so no timer wakes the saga meanwhile.
-    let mut def = order();
-    for step in def.steps.iter_mut() {
-        step.timeout = Duration::from_secs(3600);
-    }
-    def.deadline = Duration::from_secs(7200);
     let h = Harness::start_with_passivation(
-        def,
+        unhurried_order(),
         charge_never_answered(),
         (Duration::from_millis(20), 10, Duration::from_secs(60)),
     )
     .await;
-    h.start_saga("order-long").await;
-    eventually("the charge to be sent", || {
-        !h.bus.sent("order-long").is_empty()
-    })
-    .await;
     // Many sweeps later (every 10 ms), idle but not for a minute, and alone: still an actor.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        h.coordinator.get_children().len(),
-        1,
-        "passivated before it was idle for a minute"
-    );
+    h.start_and_stay_live("order-long", "before it was idle for a minute")
+        .await;
     // A minute later by the coordinator's clock, the next sweep passivates it.
     h.clock_offset.fetch_add(61_000, Ordering::SeqCst);
     h.dormant("order-long").await;
