@@ -131,12 +131,17 @@ pub struct Summary {
 }
 
 impl Context {
-    /// The shortest idle time after which a saga actor may be passivated; `None`: never.
-    pub fn shortest_passivation(&self) -> Option<Duration> {
-        [self.passivate_after, self.passivate_always_after]
-            .into_iter()
-            .filter(|d| !d.is_zero())
-            .min()
+    /// After how long idle a saga actor is passivated while the node holds more than
+    /// [`Context::passivate_above`] actors (`crowded`) or not; `None`: never.
+    pub fn passivation_after(&self, crowded: bool) -> Option<Duration> {
+        [
+            Some(self.passivate_after).filter(|_| crowded),
+            Some(self.passivate_always_after),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|d| !d.is_zero())
+        .min()
     }
 
     /// The census, locked (a panic elsewhere while holding it leaves it usable: each line is
@@ -247,7 +252,8 @@ impl Actor for Coordinator {
             // Stops with the actor (the send fails once it is gone).
             myself.send_interval(ctx.census_every, || CoordinatorMsg::Census);
         }
-        if let Some(period) = ctx.shortest_passivation() {
+        // The shortest idle time that can passivate is the crowded one.
+        if let Some(period) = ctx.passivation_after(true) {
             // Idle actors are looked for twice per period, so none stays much longer.
             let every = (period / 2).max(Duration::from_millis(10));
             let clock = ctx.clock.clone();
@@ -480,14 +486,7 @@ impl CoordinatorState {
     /// passivate. From now on, events for its saga are queued here until it has stopped.
     fn passivate_idle(&mut self) {
         let crowded = self.actors.len() > self.ctx.passivate_above;
-        let Some(after) = [
-            Some(self.ctx.passivate_after).filter(|_| crowded),
-            Some(self.ctx.passivate_always_after),
-        ]
-        .into_iter()
-        .flatten()
-        .filter(|d| !d.is_zero())
-        .min() else {
+        let Some(after) = self.ctx.passivation_after(crowded) else {
             return;
         };
         let idle_since = (self.ctx.clock)() - i64::try_from(after.as_millis()).unwrap_or(i64::MAX);

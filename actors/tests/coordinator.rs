@@ -690,14 +690,22 @@ impl Harness {
     /// Starts saga `id`, waits for its first command, lets many passivation sweeps pass and
     /// checks that its actor is still there (`why` it should be, for the failure message).
     async fn start_and_stay_live(&self, id: &str, why: &str) {
-        self.start_saga(id).await;
-        eventually("the charge to be sent", || !self.bus.sent(id).is_empty()).await;
+        self.start_until_sent(id).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             self.coordinator.get_children().len(),
             1,
             "passivated: {why}"
         );
+    }
+
+    /// Starts saga `id` and waits until it has sent its first command.
+    async fn start_until_sent(&self, id: &str) {
+        self.start_saga(id).await;
+        eventually("the first command to be sent", || {
+            !self.bus.sent(id).is_empty()
+        })
+        .await;
     }
 
     async fn live_actors(&self) -> usize {
@@ -1132,11 +1140,7 @@ async fn a_sweep_that_waited_in_the_mailbox_passivates_nothing() {
         Duration::from_secs(60),
     )
     .await;
-    h.start_saga("order-lag").await;
-    eventually("the charge to be sent", || {
-        !h.bus.sent("order-lag").is_empty()
-    })
-    .await;
+    h.start_until_sent("order-lag").await;
     // A minute and a second later, by the coordinator's clock: the actor is idle.
     h.clock_offset.fetch_add(61_000, Ordering::SeqCst);
     let now = now_millis() + h.clock_offset.load(Ordering::SeqCst);
