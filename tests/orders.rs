@@ -527,13 +527,16 @@ async fn a_node_killed_mid_run_resumes_every_saga_exactly_once() {
     let nats = start_nats().await.unwrap();
     let mut proc = NodeProcess::start_with(
         NodeOptions::new("victim", &[nats.url()])
-            .env("SAGAFLOW_DEMO__LATENCY_MS", "20")
+            .env("SAGAFLOW_DEMO__LATENCY_MS", "500")
             .env("SAGAFLOW_PARTITIONS", "4"),
     )
     .unwrap();
     let client = proc.connect_orders().await.unwrap();
     let ids = place_mix(&client, "crash", 300).await;
-    // Kill it while sagas are in flight (20 ms per command keeps them so), then start it again.
+    // Kill it while sagas are in flight, then start it again. Every order needs at least three
+    // stages of 500 ms after it is placed, so the last one placed is still running here even
+    // when admission control held it back until the node was idle (a loaded CI machine, 64
+    // demo instances per service: with 20 ms it had finished).
     let last = client
         .clone()
         .get_order(GetOrderRequest {
