@@ -768,6 +768,7 @@ async fn heartbeat_loop(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -806,5 +807,160 @@ mod tests {
             r#"{"node_id":"c","grpc_addr":"x","started_at":1,"heartbeat_at":2,"partitions":[4]}"#;
         let info: NodeInfo = serde_json::from_str(old).expect("older heartbeat");
         assert_eq!(info.pressure_permille, 0);
+    }
+
+    /// Stands in for the coordinator: hands every delivered event to the test, which decides
+    /// when to ack it.
+    struct Holder;
+
+    impl ractor::Actor for Holder {
+        type Msg = CoordinatorMsg;
+        type State = tokio::sync::mpsc::UnboundedSender<Box<dyn Delivery>>;
+        type Arguments = tokio::sync::mpsc::UnboundedSender<Box<dyn Delivery>>;
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<CoordinatorMsg>,
+            tx: Self::Arguments,
+        ) -> Result<Self::State, ractor::ActorProcessingErr> {
+            Ok(tx)
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<CoordinatorMsg>,
+            msg: CoordinatorMsg,
+            tx: &mut Self::State,
+        ) -> Result<(), ractor::ActorProcessingErr> {
+            if let CoordinatorMsg::Deliver { delivery, .. } = msg {
+                let _ = tx.send(delivery);
+            }
+            Ok(())
+        }
+    }
+
+    /// The next `n` deliveries (each within 30 s).
+    async fn receive(
+        held: &mut tokio::sync::mpsc::UnboundedReceiver<Box<dyn Delivery>>,
+        n: usize,
+    ) -> Vec<Box<dyn Delivery>> {
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), held.recv()).await {
+                Ok(Some(d)) => got.push(d),
+                _ => panic!("only {} of {n} events delivered", got.len()),
+            }
+        }
+        got
+    }
+
+    /// The partition consumer's own ack-pending count, as the server sees it.
+    async fn ack_pending(js: &jetstream::Context, p: u32) -> (usize, u64) {
+        let mut c: jetstream::consumer::PullConsumer = js
+            .get_stream(topology::EVENTS_STREAM)
+            .await
+            .unwrap()
+            .get_consumer(&crate::events::consumer_name(p))
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        (info.num_ack_pending, info.num_pending)
+    }
+
+    /// Back-pressure: a partition whose events are not acked (the node is behind) holds at
+    /// most `EVENTS_IN_HAND` of them; the rest wait in JetStream, unpulled, and flow in as
+    /// the held ones are acked. Nothing is lost or delivered twice on the way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_holds_at_most_its_cap_of_events_and_takes_more_as_they_are_acked() {
+        use prost::Message as _;
+        use sagaflow_proto::v1;
+
+        let nats = tokio::task::spawn_blocking(crate::nats_server::NatsServer::start)
+            .await
+            .unwrap()
+            .unwrap();
+        let cfg = NodeConfig::default();
+        let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        topology::ensure(&js, &cfg.streams).await.unwrap();
+        let extra = 88;
+        let total = EVENTS_IN_HAND + extra;
+        let mut acks = Vec::with_capacity(total);
+        for i in 0..total {
+            let saga_id = format!("held-{i}");
+            let reply = v1::Reply {
+                command_id: format!("c-{i}"),
+                saga_id: saga_id.clone(),
+                step: "charge".into(),
+                attempt: 1,
+                compensation: false,
+                outcome: Some(v1::reply::Outcome::Success(v1::Success {
+                    output: Vec::new(),
+                })),
+            };
+            let subject = topology::event_subject(0, &saga_id, "reply");
+            acks.push(
+                js.publish(subject, reply.encode_to_vec().into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+
+        let (tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+        let (holder, holder_task) = ractor::Actor::spawn(None, Holder, tx).await.unwrap();
+        let stop = CancellationToken::new();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(consume_partition(
+            js.clone(),
+            0,
+            cfg,
+            holder.clone(),
+            stop.clone(),
+            in_flight.clone(),
+        ));
+        // The cap is reached, and nothing more is pulled while every held event is unacked.
+        let mut first = receive(&mut held, EVENTS_IN_HAND).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            held.try_recv().is_err(),
+            "an event beyond the cap of {EVENTS_IN_HAND} was pulled"
+        );
+        assert_eq!(in_flight.load(Ordering::SeqCst), EVENTS_IN_HAND);
+        assert_eq!(
+            ack_pending(&js, 0).await,
+            (EVENTS_IN_HAND, extra as u64),
+            "(ack pending, not yet delivered) at the server"
+        );
+
+        // Acking some makes room for exactly as many more.
+        for d in first.drain(..extra) {
+            d.ack().await;
+        }
+        let rest = receive(&mut held, extra).await;
+        assert_eq!(in_flight.load(Ordering::SeqCst), EVENTS_IN_HAND);
+        for d in first.into_iter().chain(rest) {
+            d.ack().await;
+        }
+        assert_eq!(in_flight.load(Ordering::SeqCst), 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while ack_pending(&js, 0).await != (0, 0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "acks not seen by the server: {:?}",
+                ack_pending(&js, 0).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(held.try_recv().is_err(), "an event was delivered twice");
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        holder.stop(None);
+        holder_task.await.unwrap();
     }
 }
