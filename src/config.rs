@@ -103,6 +103,13 @@ pub struct DemoConfig {
     pub latency_ms: u64,
     /// Share of commands whose handler panics (0..1), to exercise supervision.
     pub panic_rate: f64,
+    /// Answer from the command alone and record nothing: no ledger entries, and the stock in
+    /// `stock` is never taken from (an order is out of stock when an item wants more units
+    /// than listed). Duplicates still get the same answer, since it depends only on the
+    /// command. For measuring the orchestrator without the participants' own writes (the
+    /// bench's baseline participant writes nothing either); the exactly-once effects are then
+    /// not observable, as there are none.
+    pub stateless: bool,
 }
 
 /// Stream and KV retention and replication.
@@ -198,6 +205,7 @@ impl Default for DemoConfig {
             failure_rate: 0.0,
             latency_ms: 0,
             panic_rate: 0.0,
+            stateless: false,
         }
     }
 }
@@ -611,6 +619,7 @@ mod tests {
                 "SAGAFLOW_DEMO__PAYMENT_LIMIT_CENTS".to_string(),
                 "500".to_string(),
             ),
+            ("SAGAFLOW_DEMO__STATELESS".to_string(), "true".to_string()),
             (
                 "SAGAFLOW_NATS".to_string(),
                 "nats://a:1, nats://b:2".to_string(),
@@ -626,6 +635,7 @@ mod tests {
         assert_eq!(c.partitions, 16, "env beats file");
         assert_eq!(c.demo.instances, 2, "file beats default");
         assert_eq!(c.demo.payment_limit_cents, 500);
+        assert!(c.demo.stateless && !NodeConfig::default().demo.stateless);
         assert_eq!(c.nats, vec!["nats://a:1", "nats://b:2"]);
         assert_eq!(c.grpc_addr.port(), 7001, "cli beats env and file");
     }

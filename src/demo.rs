@@ -28,6 +28,16 @@
 //! so an injected transient failure there only delays them, and an injected panic exercises the
 //! pool's supervision the same way. Injected `unavailable` failures are not recorded in the ledger
 //! (they are transient; the retry gets a fresh chance).
+//!
+//! # Stateless
+//! With `demo.stateless = true` nothing is recorded ([`ledger::Ledger::stateless`],
+//! [`inventory::Stock::stateless`]): each answer is computed from the command alone, which
+//! makes it idempotent by itself. Payment still declines above its limit and inventory still
+//! refuses what `demo.stock` does not list enough of (`SKU-OUT`), so mixed outcomes keep their
+//! shares; refunds and releases succeed with nothing to undo. It exists to measure the
+//! orchestrator without its participants' own storage: six KV operations per order (four
+//! ledger entries, the inventory's ledger read and its stock compare-and-set) that the bench's
+//! baseline participant does not do.
 
 pub mod analytics;
 pub mod inventory;
@@ -129,9 +139,16 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> Result<Demo, Error> {
     let replicas = cfg.streams.replicas;
-    let ledger = ledger::Ledger::open(&js, replicas).await?;
-    let stock = inventory::Stock::open(&js, replicas).await?;
-    stock.init(&cfg.demo.stock).await?;
+    let (ledger, stock) = if cfg.demo.stateless {
+        (
+            ledger::Ledger::stateless(),
+            inventory::Stock::stateless(cfg.demo.stock.clone()),
+        )
+    } else {
+        let stock = inventory::Stock::open(&js, replicas).await?;
+        stock.init(&cfg.demo.stock).await?;
+        (ledger::Ledger::open(&js, replicas).await?, stock)
+    };
     let knobs = Knobs::from_config(&cfg.demo);
     let participants: [(&str, Arc<dyn Participant>); 4] = [
         (
@@ -203,7 +220,11 @@ pub async fn start(
         cfg.consumers.clone(),
         cancel,
     ));
-    tracing::info!(instances = cfg.demo.instances, "demo services started");
+    tracing::info!(
+        instances = cfg.demo.instances,
+        stateless = cfg.demo.stateless,
+        "demo services started"
+    );
     Ok(demo)
 }
 

@@ -360,6 +360,95 @@ async fn payment_is_idempotent_declines_and_voids_late_charges() {
         .unwrap();
 }
 
+/// `demo.stateless`: every service answers from the command alone, with the same refusals as
+/// the recording services (payment limit, stock listed in `demo.stock`), the same answer to a
+/// duplicate, and nothing written to NATS (neither the ledger nor the stock bucket exists).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_services_answer_from_the_command_and_record_nothing() {
+    let mut env = env("stateless").await;
+    env.cfg.demo.stateless = true;
+    let cancel = CancellationToken::new();
+    let running = within(
+        TIMEOUT,
+        "start demo",
+        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let charged = env
+        .send(&env.command("payment.charge", "order-S1", "charge", 1, ORDER))
+        .await;
+    assert!(
+        matches!(charged, v1::reply::Outcome::Success(_)),
+        "{charged:?}"
+    );
+    assert_eq!(
+        env.send(&env.command("payment.charge", "order-S1", "charge", 2, ORDER))
+            .await,
+        charged,
+        "a duplicate answers the same"
+    );
+    let big = r#"{"order_id":"S2","amount_cents":150000,"items":[{"sku":"SKU-1","quantity":1}]}"#;
+    let declined = env
+        .send(&env.command("payment.charge", "order-S2", "charge", 1, big))
+        .await;
+    assert_eq!(failure_kind(&declined), "declined");
+
+    let reserved = env
+        .send(&env.command("inventory.reserve", "order-S1", "reserve", 1, ORDER))
+        .await;
+    assert!(
+        matches!(reserved, v1::reply::Outcome::Success(_)),
+        "{reserved:?}"
+    );
+    let short = r#"{"order_id":"S3","amount_cents":10,"items":[{"sku":"SKU-1","quantity":2},{"sku":"SKU-OUT","quantity":1}]}"#;
+    let refused = env
+        .send(&env.command("inventory.reserve", "order-S3", "reserve", 1, short))
+        .await;
+    assert_eq!(failure_kind(&refused), "out_of_stock");
+    let unknown = r#"{"amount_cents":10,"items":[{"sku":"NOPE","quantity":1}]}"#;
+    let refused = env
+        .send(&env.command("inventory.reserve", "order-S4", "reserve", 1, unknown))
+        .await;
+    assert_eq!(failure_kind(&refused), "out_of_stock");
+    // Stock listed is never used up: the same SKU is reserved again for another order.
+    assert!(matches!(
+        env.send(&env.command("inventory.reserve", "order-S5", "reserve", 1, ORDER))
+            .await,
+        v1::reply::Outcome::Success(_)
+    ));
+
+    // Compensations and the other services succeed.
+    for (action, step) in [
+        ("payment.refund", "charge"),
+        ("inventory.release", "reserve"),
+        ("shipping.prepare", "prepare_shipment"),
+        ("shipping.cancel", "prepare_shipment"),
+        ("notification.send", "notify"),
+    ] {
+        let outcome = env
+            .send(&env.command(action, "order-S1", step, 1, ORDER))
+            .await;
+        assert!(
+            matches!(outcome, v1::reply::Outcome::Success(_)),
+            "{action}: {outcome:?}"
+        );
+    }
+
+    for bucket in [demo::ledger::LEDGER_BUCKET, demo::inventory::STOCK_BUCKET] {
+        assert!(
+            env.js.get_key_value(bucket).await.is_err(),
+            "bucket {bucket} was created"
+        );
+    }
+    cancel.cancel();
+    within(TIMEOUT, "demo shutdown", running.shutdown())
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_refuses_what_it_lacks_and_keeps_stock_consistent() {
     let mut env = env("inv").await;

@@ -59,7 +59,8 @@ pub enum Take {
 /// Units left per SKU.
 #[derive(Clone, Debug)]
 pub struct Stock {
-    kv: kv::Store,
+    /// `Err(initial)`: stateless, the configured stock is never taken from.
+    kv: Result<kv::Store, Arc<BTreeMap<String, u64>>>,
     /// Per SKU: a lock that serialises this node's updates of that SKU (so its own instances
     /// never race each other's compare-and-set) and the last (units, revision) it read or
     /// wrote, so a take needs no read while no other node wrote the SKU. Correctness still
@@ -86,9 +87,18 @@ impl Stock {
         )
         .await?;
         Ok(Stock {
-            kv,
+            kv: Ok(kv),
             skus: Arc::default(),
         })
+    }
+
+    /// Stock that is never taken from: an item is available when `initial` lists at least as
+    /// many units of its SKU. Nothing is read or written.
+    pub fn stateless(initial: BTreeMap<String, u64>) -> Self {
+        Stock {
+            kv: Err(Arc::new(initial)),
+            skus: Arc::default(),
+        }
     }
 
     fn slot(&self, sku: &str) -> Slot {
@@ -101,8 +111,11 @@ impl Stock {
 
     /// Writes the initial stock of every SKU that has no entry yet; existing counts are kept.
     pub async fn init(&self, initial: &BTreeMap<String, u64>) -> Result<(), Error> {
+        let Ok(kv) = &self.kv else {
+            return Ok(());
+        };
         for (sku, units) in initial {
-            match self.kv.create(sku, units.to_string().into()).await {
+            match kv.create(sku, units.to_string().into()).await {
                 Ok(_) => tracing::debug!(sku, units, "stock initialised"),
                 Err(e) if crate::topology::create_conflict(&e) => {}
                 Err(e) => {
@@ -118,8 +131,11 @@ impl Stock {
 
     /// Units left of `sku` with the entry's revision (`None` for an unknown SKU).
     async fn read(&self, sku: &str) -> Result<Option<(u64, u64)>, Unavailable> {
-        let entry = self
-            .kv
+        let kv = match &self.kv {
+            Ok(kv) => kv,
+            Err(initial) => return Ok(initial.get(sku).map(|units| (*units, 0))),
+        };
+        let entry = kv
             .entry(sku)
             .await
             .map_err(|e| unavailable("read stock")(&e))?;
@@ -145,6 +161,16 @@ impl Stock {
         if !valid_sku(sku) {
             return Ok(Take::Unknown);
         }
+        let kv = match &self.kv {
+            Ok(kv) => kv,
+            Err(initial) => {
+                return Ok(match initial.get(sku) {
+                    None => Take::Unknown,
+                    Some(&units) if units < u64::from(quantity) => Take::Short { available: units },
+                    Some(_) => Take::Taken,
+                })
+            }
+        };
         let slot = self.slot(sku);
         let mut cached = slot.lock().await;
         for _ in 0..CAS_ATTEMPTS {
@@ -164,7 +190,7 @@ impl Stock {
                 *cached = None;
                 continue;
             };
-            match self.kv.update(sku, left.to_string().into(), revision).await {
+            match kv.update(sku, left.to_string().into(), revision).await {
                 Ok(written) => {
                     *cached = Some((left, written));
                     return Ok(Take::Taken);
@@ -181,6 +207,9 @@ impl Stock {
 
     /// Returns `quantity` units of `sku`.
     pub async fn give(&self, sku: &str, quantity: u32) -> Result<(), Unavailable> {
+        let Ok(kv) = &self.kv else {
+            return Ok(());
+        };
         let slot = self.slot(sku);
         let mut cached = slot.lock().await;
         for _ in 0..CAS_ATTEMPTS {
@@ -189,18 +218,14 @@ impl Stock {
                 None => self.read(sku).await?,
             };
             let written = match current {
-                None => match self
-                    .kv
-                    .create(sku, u64::from(quantity).to_string().into())
-                    .await
-                {
+                None => match kv.create(sku, u64::from(quantity).to_string().into()).await {
                     Ok(rev) => Some((u64::from(quantity), rev)),
                     Err(e) if crate::topology::create_conflict(&e) => None,
                     Err(e) => return Err(unavailable("return stock")(&e)),
                 },
                 Some((units, revision)) => {
                     let new = units.saturating_add(u64::from(quantity));
-                    match self.kv.update(sku, new.to_string().into(), revision).await {
+                    match kv.update(sku, new.to_string().into(), revision).await {
                         Ok(rev) => Some((new, rev)),
                         Err(e) if crate::topology::update_conflict(&e) => None,
                         Err(e) => {
@@ -262,7 +287,7 @@ pub async fn stock(js: &jetstream::Context, sku: &str) -> Result<Option<u64>, Er
             message: e.to_string(),
         })?;
     Stock {
-        kv,
+        kv: Ok(kv),
         skus: Arc::default(),
     }
     .units(sku)

@@ -8,6 +8,9 @@
 //!
 //! Values are postcard inside the versioned envelope [`LedgerRecord`]; variants are
 //! append-only (postcard is not self-describing).
+//!
+//! With `demo.stateless` the ledger is [`Ledger::stateless`]: nothing is written or read, and
+//! every answer is what the command alone decides (see [`crate::demo`]).
 
 use std::collections::BTreeMap;
 
@@ -157,7 +160,8 @@ pub fn ledger_key(service: &str, idempotency_key: &str) -> String {
 /// The ledger bucket, shared by the demo services.
 #[derive(Clone, Debug)]
 pub struct Ledger {
-    kv: kv::Store,
+    /// `None`: stateless, nothing is recorded.
+    kv: Option<kv::Store>,
 }
 
 impl Ledger {
@@ -176,7 +180,13 @@ impl Ledger {
             },
         )
         .await?;
-        Ok(Ledger { kv })
+        Ok(Ledger { kv: Some(kv) })
+    }
+
+    /// A ledger that records nothing: `get` finds nothing and `create` always succeeds, so
+    /// every command is answered as if it were the first, from the command alone.
+    pub fn stateless() -> Self {
+        Ledger { kv: None }
     }
 
     /// The entry of `service` for `idempotency_key`, if any.
@@ -185,9 +195,11 @@ impl Ledger {
         service: &str,
         idempotency_key: &str,
     ) -> Result<Option<LedgerEntry>, Unavailable> {
+        let Some(kv) = &self.kv else {
+            return Ok(None);
+        };
         let key = ledger_key(service, idempotency_key);
-        let entry = self
-            .kv
+        let entry = kv
             .entry(key.clone())
             .await
             .map_err(|e| unavailable("read the ledger")(&e))?;
@@ -202,11 +214,14 @@ impl Ledger {
     /// Records `entry` unless its key exists. `Ok(None)`: recorded; `Ok(Some(existing))`: the key
     /// was taken first, by `existing`.
     pub async fn create(&self, entry: &LedgerEntry) -> Result<Option<LedgerEntry>, Unavailable> {
+        let Some(kv) = &self.kv else {
+            return Ok(None);
+        };
         let bytes = entry
             .encode()
             .map_err(|e| Unavailable(format!("cannot encode ledger entry: {e}")))?;
         let key = ledger_key(&entry.service, &entry.idempotency_key);
-        match self.kv.create(key, bytes.into()).await {
+        match kv.create(key, bytes.into()).await {
             Ok(_) => Ok(None),
             Err(e) if crate::topology::create_conflict(&e) => {
                 match self.get(&entry.service, &entry.idempotency_key).await? {
@@ -263,7 +278,10 @@ impl Ledger {
                 message: e.to_string(),
             }
         };
-        let keys: Vec<String> = match self.kv.keys().await {
+        let Some(kv) = &self.kv else {
+            return Ok(Vec::new());
+        };
+        let keys: Vec<String> = match kv.keys().await {
             Ok(keys) => keys
                 .try_collect()
                 .await
@@ -272,8 +290,7 @@ impl Ledger {
         };
         let mut entries = Vec::with_capacity(keys.len());
         for key in keys {
-            let Some(bytes) = self
-                .kv
+            let Some(bytes) = kv
                 .get(key.clone())
                 .await
                 .map_err(|e| storage("read the ledger")(&e))?
@@ -300,7 +317,7 @@ pub async fn ledger(js: &jetstream::Context) -> Result<Vec<LedgerEntry>, Error> 
             operation: "open the ledger bucket",
             message: e.to_string(),
         })?;
-    Ledger { kv }.entries().await
+    Ledger { kv: Some(kv) }.entries().await
 }
 
 /// Effects of one saga, as recorded in the ledger. Every count is of effects that happened:
