@@ -645,8 +645,7 @@ async fn consume_partition(
                         }
                         let delivery = Box::new(Tracked::new(
                             JsDelivery {
-                                message,
-                                js: js.clone(),
+                                message: Arc::new(message),
                                 source: "events",
                             },
                             in_flight.clone(),

@@ -11,6 +11,7 @@
 //! show, replay and discard dead letters through `AdminService` (`src/grpc/admin.rs`); what
 //! they did is journaled as JSON [`JournalRecord`]s on [`JOURNAL_SUBJECT`], inside `SAGA_DLQ`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind};
@@ -336,12 +337,12 @@ pub async fn journal(js: &jetstream::Context, record: &JournalRecord) -> Result<
     Ok(ack.sequence)
 }
 
-/// A delivered JetStream message as a [`Delivery`].
+/// A delivered JetStream message as a [`Delivery`]. Dead letters go out through the message's
+/// own JetStream context. The message is shared (`Arc`) with whoever else needs it (a command's
+/// job and its fallback), so handing it around copies no headers and clones no context.
 pub struct JsDelivery {
     /// The message.
-    pub message: jetstream::Message,
-    /// Where dead letters go.
-    pub js: jetstream::Context,
+    pub message: Arc<jetstream::Message>,
     /// Consumer name for the DLQ `source`.
     pub source: &'static str,
 }
@@ -367,7 +368,7 @@ impl Delivery for JsDelivery {
     }
 
     async fn dead_letter(self: Box<Self>, reason: String) {
-        dead_letter(&self.js, self.source, &self.message, &reason).await;
+        dead_letter(&self.message.context, self.source, &self.message, &reason).await;
     }
 }
 

@@ -108,13 +108,12 @@ pub async fn run_consumer(
         cancel.clone(),
         || ensure_consumer(&js, &service, &cfg),
         |message| {
+            let message = Arc::new(message);
             let fallback = JsDelivery {
                 message: message.clone(),
-                js: js.clone(),
                 source: "commands",
             };
             let slots = slots.clone();
-            let js = js.clone();
             let participant = participant.clone();
             let pool = pool.clone();
             let cancel = cancel.clone();
@@ -132,7 +131,6 @@ pub async fn run_consumer(
                     return Flow::Stop;
                 };
                 let job = CommandJob {
-                    js,
                     message,
                     participant,
                     _slot: slot,
@@ -159,8 +157,8 @@ const PULL_BATCH: usize = 256;
 
 /// One command being handled by an instance.
 struct CommandJob {
-    js: jetstream::Context,
-    message: jetstream::Message,
+    /// The command; its JetStream context publishes the reply.
+    message: Arc<jetstream::Message>,
     participant: Arc<dyn Participant>,
     /// Its place among the commands in hand, given back when the job is done or dropped.
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -176,7 +174,6 @@ impl CommandJob {
     async fn handle(self) {
         let delivery = Box::new(JsDelivery {
             message: self.message.clone(),
-            js: self.js.clone(),
             source: "commands",
         });
         let cmd = match v1::Command::decode(self.message.payload.as_ref()) {
@@ -280,7 +277,8 @@ impl CommandJob {
         );
         telemetry::inject(&mut headers, &trace, tracestate.as_deref());
         let published = match self
-            .js
+            .message
+            .context
             .publish_with_headers(
                 cmd.reply_subject.clone(),
                 headers,
