@@ -30,7 +30,7 @@ use std::fmt;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use sagaflow_actors::hash::fnv1a;
+use sagaflow_actors::hash::fnv1a_parts;
 use sagaflow_actors::machine::Saga;
 
 use crate::cli::LogFormat;
@@ -206,7 +206,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 fn keyed(tag: &str, saga_id: &str) -> u64 {
-    mix(fnv1a(format!("{tag}:{saga_id}").as_bytes()))
+    mix(fnv1a_parts(&[tag.as_bytes(), b":", saga_id.as_bytes()]))
 }
 
 /// The trace id of a saga: `mix(fnv1a("sagaflow.trace.hi:" + id))` in the high 64 bits,

@@ -8,9 +8,15 @@ const PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// 64-bit FNV-1a of `bytes`.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
+    fnv1a_parts(&[bytes])
+}
+
+/// 64-bit FNV-1a of the concatenation of `parts`, without building it.
+pub fn fnv1a_parts(parts: &[&[u8]]) -> u64 {
+    parts.iter().fold(OFFSET, |h, part| {
+        part.iter()
+            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
+    })
 }
 
 /// The partition (`0..partitions`) a saga id belongs to.
@@ -28,6 +34,8 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(fnv1a_parts(&[b"foo", b"", b"bar"]), fnv1a(b"foobar"));
+        assert_eq!(fnv1a_parts(&[]), fnv1a(b""));
     }
 
     #[test]
