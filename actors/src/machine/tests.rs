@@ -953,6 +953,56 @@ fn a_failure_after_the_pivot_needs_a_human() {
 }
 
 #[test]
+fn skipping_one_of_two_pivots_parks_again_on_the_other() {
+    // stage 0: pivot p0; stage 1: pivot p1; stage 2: b (compensable). Both pivots succeed, b
+    // fails: the saga parks on a pivot. The operator settles that one by hand (skip); the
+    // other still cannot be undone, so the same transition parks the saga again, for it. A
+    // property run found this (an unpark followed by a new park in one transition).
+    let def = build(&Shape {
+        stages: vec![
+            vec![step_shape(Kind::Pivot)],
+            vec![step_shape(Kind::Pivot)],
+            vec![step_shape(Kind::Compensable)],
+        ],
+        stage_status: vec![false, false, false],
+        after: None,
+        deadline_ms: 60_000,
+    });
+    let (mut saga, _) = Saga::start(&def, "s".into(), Vec::new(), T0);
+    apply(&mut saga, &def, ok(0, 1), T0 + 1);
+    apply(&mut saga, &def, ok(1, 1), T0 + 2);
+    let effects = apply(&mut saga, &def, err(2, 1, "fatal"), T0 + 3);
+    assert!(matches!(effects[0], Effect::Parked { count: 1, .. }));
+    assert!(saga.reason.clone().unwrap().contains("pivot step `s0_0`"));
+
+    let skip = |step| {
+        Event::Intervene(intervention(OperatorAction::Skip {
+            step,
+            output: Vec::new(),
+        }))
+    };
+    let effects = apply(&mut saga, &def, skip(0), T0 + 4);
+    assert_eq!(effects[0], unparked("skip"));
+    assert!(
+        matches!(effects[effects.len() - 2], Effect::Parked { count: 2, .. }),
+        "{effects:?}"
+    );
+    assert_eq!(saga.phase, Phase::NeedsAttention);
+    assert_eq!(saga.steps[0].phase, StepPhase::Compensated);
+    assert!(
+        saga.reason.clone().unwrap().contains("pivot step `s1_0`"),
+        "{:?}",
+        saga.reason
+    );
+    // Settling the second by hand too lets compensation run: b is the only compensable step,
+    // and it failed, so there is nothing to undo and the saga ends compensated.
+    let effects = apply(&mut saga, &def, skip(1), T0 + 5);
+    assert_eq!(effects[0], unparked("skip"));
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Parked { .. })));
+    assert_eq!(saga.phase, Phase::Compensated);
+}
+
+#[test]
 fn a_pivot_that_times_out_for_good_needs_a_human() {
     // The notification may have gone out although it never answered: undoing the charge and
     // telling the customer "cancelled" could contradict it, so the saga stops for a human.
@@ -1483,7 +1533,7 @@ impl<'d> Driver<'d> {
 
     /// Checks and records the effects of one transition.
     fn record(&mut self, before: &Saga, t: &Transition) {
-        for effect in &t.effects {
+        for (k, effect) in t.effects.iter().enumerate() {
             match effect {
                 Effect::Send(c) => {
                     let step = self.def.step(c.step).expect("a command for a real step");
@@ -1583,14 +1633,25 @@ impl<'d> Driver<'d> {
                     operator, action, ..
                 } => {
                     assert_eq!(before.phase, Phase::NeedsAttention);
-                    assert_ne!(
-                        self.saga.phase,
-                        Phase::NeedsAttention,
-                        "{action} by {operator}"
-                    );
-                    // Back to why it compensated: the parking reason is history now.
-                    let reason = self.saga.reason.clone().unwrap_or_default();
-                    assert!(!reason.contains("failed after"), "{reason}");
+                    let parked_again = t.effects[k + 1..]
+                        .iter()
+                        .any(|e| matches!(e, Effect::Parked { .. }));
+                    if parked_again {
+                        // Only settling a pivot by hand can meet another pivot that cannot be
+                        // undone in the same transition.
+                        assert_eq!(action, "skip", "{action} by {operator} parked again");
+                        let reason = self.saga.reason.clone().unwrap_or_default();
+                        assert!(reason.contains("cannot be compensated"), "{reason}");
+                    } else {
+                        assert_ne!(
+                            self.saga.phase,
+                            Phase::NeedsAttention,
+                            "{action} by {operator}"
+                        );
+                        // Back to why it compensated: the parking reason is history now.
+                        let reason = self.saga.reason.clone().unwrap_or_default();
+                        assert!(!reason.contains("failed after"), "{reason}");
+                    }
                 }
                 Effect::StatusChanged { from, to } => {
                     let last = self.statuses.last().map_or("", |(_, to)| to.as_str());
