@@ -204,6 +204,21 @@ impl Env {
         }
     }
 
+    /// Starts the demo services with this environment's configuration; they stop when the
+    /// returned token is cancelled or at `Demo::shutdown`.
+    async fn start_demo(&self) -> (CancellationToken, demo::Demo) {
+        let cancel = CancellationToken::new();
+        let running = within(
+            TIMEOUT,
+            "start demo",
+            demo::start(self.js.clone(), &self.cfg, cancel.clone()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        (cancel, running)
+    }
+
     async fn summary(&self) -> LedgerSummary {
         let entries = within(TIMEOUT, "read ledger", demo::ledger(&self.js))
             .await
@@ -231,15 +246,7 @@ fn failure_kind(outcome: &v1::reply::Outcome) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payment_is_idempotent_declines_and_voids_late_charges() {
     let mut env = env("pay").await;
-    let cancel = CancellationToken::new();
-    let running = within(
-        TIMEOUT,
-        "start demo",
-        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (cancel, running) = env.start_demo().await;
 
     // The same charge twice (a retry: new attempt, same idempotency key): one effect, one answer.
     let first = env
@@ -367,15 +374,7 @@ async fn payment_is_idempotent_declines_and_voids_late_charges() {
 async fn stateless_services_answer_from_the_command_and_record_nothing() {
     let mut env = env("stateless").await;
     env.cfg.demo.stateless = true;
-    let cancel = CancellationToken::new();
-    let running = within(
-        TIMEOUT,
-        "start demo",
-        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (cancel, running) = env.start_demo().await;
 
     let charged = env
         .send(&env.command("payment.charge", "order-S1", "charge", 1, ORDER))
@@ -452,15 +451,7 @@ async fn stateless_services_answer_from_the_command_and_record_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_refuses_what_it_lacks_and_keeps_stock_consistent() {
     let mut env = env("inv").await;
-    let cancel = CancellationToken::new();
-    let running = within(
-        TIMEOUT,
-        "start demo",
-        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (cancel, running) = env.start_demo().await;
     let js = env.js.clone();
     let stock = move |sku: &'static str| {
         let js = js.clone();
@@ -770,15 +761,7 @@ async fn analytics_counts_completed_orders_once_across_a_restart() {
     )
     .await;
 
-    let cancel = CancellationToken::new();
-    let running = within(
-        TIMEOUT,
-        "start demo",
-        demo::start(env.js.clone(), &env.cfg, cancel.clone()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let (cancel, running) = env.start_demo().await;
     let sales = || {
         let js = env.js.clone();
         async move {
