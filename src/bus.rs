@@ -74,7 +74,7 @@ pub fn build_command(
             String::new()
         },
         input: saga.input.clone(),
-        reply_subject: event_subject(partition_of(&saga.id, partitions), &saga.id, "reply"),
+        reply_subject: event_subject(partition_of(&saga.id, partitions), "reply"),
         deadline_unix_ms: state.due_at.unwrap_or_default(),
     };
     Some((command_subject(&action.service, &action.name), cmd))

@@ -635,34 +635,36 @@ async fn consume_partition(
         failures = 0;
         while let Some(next) = batch.next().await {
             match next {
-                Ok(message) => match decode(&message.subject, &message.payload) {
-                    Ok((saga_id, mut input)) => {
-                        if matches!(input, Input::Created { .. })
-                            && message.info().map_or(true, |i| i.delivered > 1)
-                        {
-                            // Redelivered: the saga may have moved on since; read the store.
-                            input = Input::Started;
+                Ok(message) => {
+                    match decode(&message.subject, message.headers.as_ref(), &message.payload) {
+                        Ok((saga_id, mut input)) => {
+                            if matches!(input, Input::Created { .. })
+                                && message.info().map_or(true, |i| i.delivered > 1)
+                            {
+                                // Redelivered: the saga may have moved on since; read the store.
+                                input = Input::Started;
+                            }
+                            let delivery = Box::new(Tracked::new(
+                                JsDelivery {
+                                    message: Arc::new(message),
+                                    source: "events",
+                                },
+                                in_flight.clone(),
+                            ));
+                            if coordinator
+                                .cast(CoordinatorMsg::Deliver {
+                                    saga_id,
+                                    input,
+                                    delivery,
+                                })
+                                .is_err()
+                            {
+                                return;
+                            }
                         }
-                        let delivery = Box::new(Tracked::new(
-                            JsDelivery {
-                                message: Arc::new(message),
-                                source: "events",
-                            },
-                            in_flight.clone(),
-                        ));
-                        if coordinator
-                            .cast(CoordinatorMsg::Deliver {
-                                saga_id,
-                                input,
-                                delivery,
-                            })
-                            .is_err()
-                        {
-                            return;
-                        }
+                        Err(reason) => dlq::dead_letter(&js, "events", &message, &reason).await,
                     }
-                    Err(reason) => dlq::dead_letter(&js, "events", &message, &reason).await,
-                },
+                }
                 Err(e) => {
                     tracing::debug!(partition = p, error = %e, "fetch ended");
                     break;
@@ -896,7 +898,7 @@ mod tests {
                     output: Vec::new(),
                 })),
             };
-            let subject = topology::event_subject(0, &saga_id, "reply");
+            let subject = topology::event_subject(0, "reply");
             acks.push(
                 js.publish(subject, reply.encode_to_vec().into())
                     .await

@@ -229,12 +229,14 @@ impl sagaflow_actors::ports::Parker for DlqParker {
         };
         let payload = wire::encode_control(&control).map_err(|e| unavailable(&e))?;
         let partition = sagaflow_actors::hash::partition_of(&saga.id, self.partitions);
-        let subject = crate::topology::event_subject(partition, &saga.id, "intervene");
+        let subject = crate::topology::event_subject(partition, "intervene");
         let clean = header_value(reason);
         let mut headers = HeaderMap::new();
+        // Kept by a replay (it is not a dead-letter header): the replayed event names its saga.
+        headers.insert(crate::topology::SAGA_ID_HEADER, saga.id.as_str());
         headers.insert(
             REASON,
-            format!("saga parked NEEDS_ATTENTION: {clean}").as_str(),
+            format!("saga `{}` parked NEEDS_ATTENTION: {clean}", saga.id).as_str(),
         );
         headers.insert(SUBJECT, subject.as_str());
         headers.insert(SOURCE, SOURCE_PARKED);

@@ -7,6 +7,7 @@
 //! Decoded events are acked by the saga actor once their effects are durable.
 
 use async_nats::jetstream::{self, consumer};
+use async_nats::HeaderMap;
 use prost::Message as _;
 use sagaflow_actors::coordinator::Input;
 use sagaflow_actors::machine::StepError;
@@ -14,29 +15,46 @@ use sagaflow_actors::wire::{self, Control};
 use sagaflow_proto::v1;
 
 use crate::config::ConsumerConfig;
-use crate::topology::{partition_filter, EVENTS_STREAM};
+use crate::topology::{partition_filter, EVENTS_STREAM, SAGA_ID_HEADER};
 
 /// Name of the durable consumer of one partition.
 pub fn consumer_name(partition: u32) -> String {
     format!("evt-p{partition}")
 }
 
-/// Decodes a saga event from its subject and payload.
-pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> {
+/// Decodes a saga event from its subject, headers and payload.
+///
+/// Subjects are `sagaflow.evt.<partition>.<kind>`: a reply names its saga in its payload, a
+/// control event in the [`SAGA_ID_HEADER`] header. Events published before 2026-11-27 named the
+/// saga in the subject too (`sagaflow.evt.<partition>.<saga_id>.<kind>`) and still decode.
+pub fn decode(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<(String, Input), String> {
     let tokens: Vec<&str> = subject.split('.').collect();
-    let [_, _, _, saga_id, kind] = tokens.as_slice() else {
-        return Err(format!("unexpected event subject `{subject}`"));
+    let (in_subject, kind) = match tokens.as_slice() {
+        [_, _, _, kind] => (None, *kind),
+        [_, _, _, saga_id, kind] => (Some(*saga_id), *kind),
+        _ => return Err(format!("unexpected event subject `{subject}`")),
     };
-    let input = match *kind {
+    let in_header = crate::telemetry::header(headers, SAGA_ID_HEADER);
+    let named = |id: Option<&str>| -> Result<String, String> {
+        match (id.filter(|i| !i.is_empty()), in_subject) {
+            (Some(id), Some(s)) if id != s => Err(format!(
+                "event for saga `{id}` published on the subject of saga `{s}`"
+            )),
+            (Some(id), _) | (None, Some(id)) => Ok(id.to_string()),
+            (None, None) => Err(format!(
+                "`{kind}` event names no saga (header `{SAGA_ID_HEADER}`)"
+            )),
+        }
+    };
+    let input = match kind {
         "reply" => {
             let reply =
                 v1::Reply::decode(payload).map_err(|e| format!("undecodable reply: {e}"))?;
-            if reply.saga_id != *saga_id {
-                return Err(format!(
-                    "reply for saga `{}` published on the subject of saga `{saga_id}`",
-                    reply.saga_id
-                ));
-            }
+            let saga_id = named(Some(&reply.saga_id))?;
             let outcome = match reply.outcome {
                 Some(v1::reply::Outcome::Success(s)) => Ok(s.output),
                 Some(v1::reply::Outcome::Failure(f)) => Err(StepError {
@@ -45,15 +63,19 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
                 }),
                 None => return Err("reply has no outcome".to_string()),
             };
-            Input::Reply {
-                step: reply.step,
-                attempt: reply.attempt,
-                compensation: reply.compensation,
-                outcome,
-            }
+            (
+                saga_id,
+                Input::Reply {
+                    step: reply.step,
+                    attempt: reply.attempt,
+                    compensation: reply.compensation,
+                    outcome,
+                },
+            )
         }
         "start" | "cancel" | "intervene" => {
-            match wire::decode_control(payload).map_err(|e| e.to_string())? {
+            let saga_id = named(in_header)?;
+            let input = match wire::decode_control(payload).map_err(|e| e.to_string())? {
                 Control::Started { .. } => Input::Started,
                 // The embedded snapshot only spares the owner a read: if it does not decode,
                 // the owner reads the stored one instead (nothing is lost).
@@ -63,7 +85,7 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
                     commands_sent,
                     ..
                 } => match wire::decode_snapshot(&snapshot) {
-                    Ok(saga) if saga.id == *saga_id => Input::Created {
+                    Ok(saga) if saga.id == saga_id => Input::Created {
                         saga: Box::new(saga),
                         revision,
                         commands_sent,
@@ -72,11 +94,12 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<(String, Input), String> 
                 },
                 Control::Cancel { reason, .. } => Input::Cancel { reason },
                 Control::Intervene { intervention, .. } => Input::Intervene(intervention),
-            }
+            };
+            (saga_id, input)
         }
         other => return Err(format!("unknown event kind `{other}`")),
     };
-    Ok((saga_id.to_string(), input))
+    Ok(input)
 }
 
 /// Creates (or updates) the durable consumer of `partition`.
@@ -123,7 +146,8 @@ mod tests {
                 message: "no".into(),
             })),
         };
-        let (id, input) = decode("sagaflow.evt.3.order-1.reply", &reply.encode_to_vec()).unwrap();
+        let (id, input) =
+            decode("sagaflow.evt.3.order-1.reply", None, &reply.encode_to_vec()).unwrap();
         assert_eq!(id, "order-1");
         assert_eq!(
             input,
@@ -139,7 +163,9 @@ mod tests {
         );
         let start = wire::encode_control(&Control::Started { at: 1 }).unwrap();
         assert_eq!(
-            decode("sagaflow.evt.3.order-1.start", &start).unwrap().1,
+            decode("sagaflow.evt.3.order-1.start", None, &start)
+                .unwrap()
+                .1,
             Input::Started
         );
     }
@@ -164,7 +190,9 @@ mod tests {
         };
         let good = created(wire::encode_snapshot(&saga).unwrap());
         assert_eq!(
-            decode("sagaflow.evt.3.order-1.start", &good).unwrap().1,
+            decode("sagaflow.evt.3.order-1.start", None, &good)
+                .unwrap()
+                .1,
             Input::Created {
                 saga: Box::new(saga.clone()),
                 revision: 4,
@@ -173,11 +201,13 @@ mod tests {
         );
         // Another saga's snapshot, or bytes that are no snapshot: the owner reads the store.
         assert_eq!(
-            decode("sagaflow.evt.3.order-2.start", &good).unwrap().1,
+            decode("sagaflow.evt.3.order-2.start", None, &good)
+                .unwrap()
+                .1,
             Input::Started
         );
         assert_eq!(
-            decode("sagaflow.evt.3.order-1.start", &created(vec![9, 9]))
+            decode("sagaflow.evt.3.order-1.start", None, &created(vec![9, 9]))
                 .unwrap()
                 .1,
             Input::Started
@@ -186,13 +216,18 @@ mod tests {
 
     #[test]
     fn rejects_garbage_with_a_reason() {
-        assert!(decode("sagaflow.evt.3.order-1.reply", b"\xff\xff\xff")
-            .unwrap_err()
-            .contains("undecodable reply"));
-        assert!(decode("sagaflow.evt.3.order-1", b"")
+        assert!(
+            decode("sagaflow.evt.3.order-1.reply", None, b"\xff\xff\xff")
+                .unwrap_err()
+                .contains("undecodable reply")
+        );
+        assert!(decode("sagaflow.evt.3", None, b"")
             .unwrap_err()
             .contains("unexpected event subject"));
-        assert!(decode("sagaflow.evt.3.order-1.bogus", b"")
+        assert!(decode("sagaflow.evt.3.order-1.reply.x", None, b"")
+            .unwrap_err()
+            .contains("unexpected event subject"));
+        assert!(decode("sagaflow.evt.3.order-1.bogus", None, b"")
             .unwrap_err()
             .contains("unknown event kind"));
         let other = v1::Reply {
@@ -200,10 +235,62 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            decode("sagaflow.evt.3.order-1.reply", &other.encode_to_vec())
+            decode("sagaflow.evt.3.order-1.reply", None, &other.encode_to_vec())
                 .unwrap_err()
                 .contains("order-2")
         );
-        assert!(decode("sagaflow.evt.3.order-1.start", b"\x07").is_err());
+        assert!(decode("sagaflow.evt.3.order-1.start", None, b"\x07").is_err());
+    }
+
+    /// Today's subjects carry no saga id: a reply names its saga in its payload, a control
+    /// event in a header; an event that names no saga, or two different ones, is refused.
+    #[test]
+    fn events_name_their_saga_in_the_payload_or_a_header() {
+        let reply = v1::Reply {
+            command_id: "c".into(),
+            saga_id: "order-1".into(),
+            step: "charge".into(),
+            attempt: 1,
+            compensation: false,
+            outcome: Some(v1::reply::Outcome::Success(v1::Success {
+                output: Vec::new(),
+            })),
+        };
+        let (id, input) = decode("sagaflow.evt.3.reply", None, &reply.encode_to_vec()).unwrap();
+        assert_eq!(id, "order-1");
+        assert!(matches!(input, Input::Reply { attempt: 1, .. }));
+        let anonymous = v1::Reply {
+            saga_id: String::new(),
+            ..reply.clone()
+        };
+        assert!(
+            decode("sagaflow.evt.3.reply", None, &anonymous.encode_to_vec())
+                .unwrap_err()
+                .contains("names no saga")
+        );
+
+        let cancel = wire::encode_control(&Control::Cancel {
+            reason: "r".into(),
+            at: 1,
+        })
+        .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(SAGA_ID_HEADER, "order-1");
+        let (id, input) = decode("sagaflow.evt.3.cancel", Some(&headers), &cancel).unwrap();
+        assert_eq!(id, "order-1");
+        assert_eq!(input, Input::Cancel { reason: "r".into() });
+        assert!(decode("sagaflow.evt.3.cancel", None, &cancel)
+            .unwrap_err()
+            .contains(SAGA_ID_HEADER));
+        // An old-style subject and a header that disagree.
+        assert!(
+            decode("sagaflow.evt.3.order-2.cancel", Some(&headers), &cancel)
+                .unwrap_err()
+                .contains("order-2")
+        );
+        assert_eq!(
+            crate::topology::event_subject(3, "reply"),
+            "sagaflow.evt.3.reply"
+        );
     }
 }

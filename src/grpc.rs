@@ -231,7 +231,8 @@ impl SagaApi {
         let payload = wire::encode_control(control).map_err(|e| Status::internal(e.to_string()))?;
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-        let subject = event_subject(partition_of(id, self.partitions), id, kind);
+        headers.insert(crate::topology::SAGA_ID_HEADER, id);
+        let subject = event_subject(partition_of(id, self.partitions), kind);
         self.js
             .publish_with_headers(subject, headers, payload.into())
             .await

@@ -2,7 +2,7 @@
 //!
 //! | name | kind | subjects / keys |
 //! | --- | --- | --- |
-//! | `SAGA_EVENTS` | stream | `sagaflow.evt.<partition>.<saga_id>.<start\|reply\|cancel>` |
+//! | `SAGA_EVENTS` | stream | `sagaflow.evt.<partition>.<start\|reply\|cancel\|intervene>` (the saga id is in a reply's payload, and in the `Sagaflow-Saga-Id` header of the others) |
 //! | `SAGA_COMMANDS` | stream | `sagaflow.cmd.<service>.<action>` |
 //! | `SAGA_STATUS` | stream | `sagaflow.status.<saga_name>.<saga_id>` (lifecycle events) |
 //! | `SAGA_DLQ` | stream | `sagaflow.dlq.<source>` (original bytes + reason headers) |
@@ -25,10 +25,18 @@ pub const DLQ_STREAM: &str = "SAGA_DLQ";
 /// Saga snapshots.
 pub const SAGAS_BUCKET: &str = "sagaflow_sagas";
 
-/// Subject of a saga event of `kind` (`start`, `reply`, `cancel`).
-pub fn event_subject(partition: u32, saga_id: &str, kind: &str) -> String {
-    format!("sagaflow.evt.{partition}.{saga_id}.{kind}")
+/// Subject of a saga event of `kind` (`start`, `reply`, `cancel`, `intervene`) in `partition`.
+///
+/// The saga id is not in the subject: with one subject per saga, each partition's consumer
+/// had the server step over every other partition's messages (its subject index cannot help
+/// with a million subjects), and the server kept state for every saga's subject.
+pub fn event_subject(partition: u32, kind: &str) -> String {
+    format!("sagaflow.evt.{partition}.{kind}")
 }
+
+/// Header naming the saga of a control event (`start`, `cancel`, `intervene`); a reply names
+/// its saga in its payload.
+pub const SAGA_ID_HEADER: &str = "Sagaflow-Saga-Id";
 
 /// Subject filter of one partition's events.
 pub fn partition_filter(partition: u32) -> String {
