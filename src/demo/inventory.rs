@@ -59,13 +59,24 @@ pub enum Take {
 /// Units left per SKU.
 #[derive(Clone, Debug)]
 pub struct Stock {
-    /// `Err(initial)`: stateless, the configured stock is never taken from.
-    kv: Result<kv::Store, Arc<BTreeMap<String, u64>>>,
+    /// Where the units are kept.
+    kv: Backing,
     /// Per SKU: a lock that serialises this node's updates of that SKU (so its own instances
     /// never race each other's compare-and-set) and the last (units, revision) it read or
     /// wrote, so a take needs no read while no other node wrote the SKU. Correctness still
     /// rests on the compare-and-set: a stale cache only costs a conflict and a re-read.
     skus: Arc<std::sync::Mutex<HashMap<String, Slot>>>,
+}
+
+/// Where a [`Stock`] keeps its units. (One per service: the size of the larger variant does
+/// not matter, and boxing it would add an indirection to every take.)
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Backing {
+    /// The stock bucket.
+    Kv(kv::Store),
+    /// Stateless: the configured units, never taken from.
+    Fixed(Arc<BTreeMap<String, u64>>),
 }
 
 /// One SKU's lock and cached (units, revision).
@@ -87,7 +98,7 @@ impl Stock {
         )
         .await?;
         Ok(Stock {
-            kv: Ok(kv),
+            kv: Backing::Kv(kv),
             skus: Arc::default(),
         })
     }
@@ -96,7 +107,7 @@ impl Stock {
     /// many units of its SKU. Nothing is read or written.
     pub fn stateless(initial: BTreeMap<String, u64>) -> Self {
         Stock {
-            kv: Err(Arc::new(initial)),
+            kv: Backing::Fixed(Arc::new(initial)),
             skus: Arc::default(),
         }
     }
@@ -111,7 +122,7 @@ impl Stock {
 
     /// Writes the initial stock of every SKU that has no entry yet; existing counts are kept.
     pub async fn init(&self, initial: &BTreeMap<String, u64>) -> Result<(), Error> {
-        let Ok(kv) = &self.kv else {
+        let Backing::Kv(kv) = &self.kv else {
             return Ok(());
         };
         for (sku, units) in initial {
@@ -132,8 +143,8 @@ impl Stock {
     /// Units left of `sku` with the entry's revision (`None` for an unknown SKU).
     async fn read(&self, sku: &str) -> Result<Option<(u64, u64)>, Unavailable> {
         let kv = match &self.kv {
-            Ok(kv) => kv,
-            Err(initial) => return Ok(initial.get(sku).map(|units| (*units, 0))),
+            Backing::Kv(kv) => kv,
+            Backing::Fixed(initial) => return Ok(initial.get(sku).map(|units| (*units, 0))),
         };
         let entry = kv
             .entry(sku)
@@ -162,8 +173,8 @@ impl Stock {
             return Ok(Take::Unknown);
         }
         let kv = match &self.kv {
-            Ok(kv) => kv,
-            Err(initial) => {
+            Backing::Kv(kv) => kv,
+            Backing::Fixed(initial) => {
                 return Ok(match initial.get(sku) {
                     None => Take::Unknown,
                     Some(&units) if units < u64::from(quantity) => Take::Short { available: units },
@@ -207,7 +218,7 @@ impl Stock {
 
     /// Returns `quantity` units of `sku`.
     pub async fn give(&self, sku: &str, quantity: u32) -> Result<(), Unavailable> {
-        let Ok(kv) = &self.kv else {
+        let Backing::Kv(kv) = &self.kv else {
             return Ok(());
         };
         let slot = self.slot(sku);
@@ -287,7 +298,7 @@ pub async fn stock(js: &jetstream::Context, sku: &str) -> Result<Option<u64>, Er
             message: e.to_string(),
         })?;
     Stock {
-        kv: Ok(kv),
+        kv: Backing::Kv(kv),
         skus: Arc::default(),
     }
     .units(sku)
