@@ -28,6 +28,7 @@
 //! itself and is forgotten.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -224,7 +225,7 @@ pub struct CoordinatorState {
     ctx: Arc<Context>,
     /// Sagas flagged stuck at the last census (to log each once).
     stuck: std::collections::HashSet<String>,
-    actors: HashMap<String, ActorRef<SagaMsg>>,
+    actors: HashMap<String, Live>,
     ids: HashMap<ActorId, String>,
     failures: HashMap<String, u32>,
     /// Sagas whose actor was asked to passivate, with the events that arrived since (delivered
@@ -297,7 +298,7 @@ impl Actor for Coordinator {
                         return Ok(());
                     }
                 };
-                if let Err(e) = actor.cast(SagaMsg::Deliver(input, delivery)) {
+                if let Err(e) = actor.deliver(input, delivery) {
                     // The actor stopped between lookup and send: the message is dropped with it
                     // un-acked, and JetStream redelivers it.
                     tracing::debug!(saga_id, error = %e, "saga actor gone, event will be redelivered");
@@ -309,8 +310,8 @@ impl Actor for Coordinator {
                     return Ok(());
                 }
                 match state.actor_for(&myself, &saga_id).await {
-                    Ok(actor) => {
-                        let _ = actor.cast(SagaMsg::Recover);
+                    Ok(live) => {
+                        let _ = live.actor.cast(SagaMsg::Recover);
                     }
                     Err(e) => tracing::error!(saga_id, error = %e, "cannot spawn saga actor"),
                 }
@@ -324,10 +325,10 @@ impl Actor for Coordinator {
                     .cloned()
                     .collect();
                 for id in &doomed {
-                    if let Some(actor) = state.actors.remove(id) {
-                        state.ids.remove(&actor.get_id());
+                    if let Some(live) = state.actors.remove(id) {
+                        state.ids.remove(&live.actor.get_id());
                         state.failures.remove(id);
-                        actor.stop(Some("partition handed over".into()));
+                        live.actor.stop(Some("partition handed over".into()));
                     }
                     // Events queued for it were never acked: the next owner gets them again.
                     state.passivating.remove(id);
@@ -368,8 +369,8 @@ impl Actor for Coordinator {
                 let Some(queued) = state.passivating.remove(&saga_id) else {
                     return Ok(());
                 };
-                if let Some(actor) = state.actors.remove(&saga_id) {
-                    state.ids.remove(&actor.get_id());
+                if let Some(live) = state.actors.remove(&saga_id) {
+                    state.ids.remove(&live.actor.get_id());
                 }
                 state.failures.remove(&saga_id);
                 if queued.is_empty() {
@@ -503,8 +504,8 @@ impl CoordinatorState {
                 .collect()
         };
         for id in idle {
-            if let Some(actor) = self.actors.get(&id) {
-                if actor.cast(SagaMsg::Passivate).is_ok() {
+            if let Some(live) = self.actors.get(&id) {
+                if live.actor.cast(SagaMsg::Passivate).is_ok() {
                     self.passivating.insert(id, Vec::new());
                 }
             }
@@ -548,8 +549,8 @@ impl CoordinatorState {
                 continue; // woken since by an event
             }
             match self.actor_for(myself, &id).await {
-                Ok(actor) => {
-                    let _ = actor.cast(SagaMsg::Tick);
+                Ok(live) => {
+                    let _ = live.actor.cast(SagaMsg::Tick);
                 }
                 Err(e) => {
                     tracing::error!(saga_id = %id, error = %e, "cannot spawn saga actor");
@@ -570,10 +571,10 @@ impl CoordinatorState {
             return;
         }
         match self.actor_for(myself, saga_id).await {
-            Ok(actor) => {
+            Ok(live) => {
                 for (input, delivery) in queued {
                     // If the send fails the delivery is dropped un-acked: JetStream redelivers.
-                    let _ = actor.cast(SagaMsg::Deliver(input, delivery));
+                    let _ = live.deliver(input, delivery);
                 }
             }
             Err(e) => {
@@ -589,21 +590,47 @@ impl CoordinatorState {
         &mut self,
         myself: &ActorRef<CoordinatorMsg>,
         saga_id: &str,
-    ) -> Result<ActorRef<SagaMsg>, ActorProcessingErr> {
-        if let Some(a) = self.actors.get(saga_id) {
-            return Ok(a.clone());
+    ) -> Result<Live, ActorProcessingErr> {
+        if let Some(live) = self.actors.get(saga_id) {
+            return Ok(live.clone());
         }
         // A dormant saga comes back (its stale wake-up entry is skipped when it falls due).
         self.dormant.remove(saga_id);
+        let queued = Arc::new(AtomicUsize::new(0));
         let args = SagaArgs {
             id: saga_id.to_string(),
             ctx: self.ctx.clone(),
             coordinator: myself.clone(),
+            queued: queued.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, SagaActor, args, myself.get_cell()).await?;
-        self.actors.insert(saga_id.to_string(), actor.clone());
         self.ids.insert(actor.get_id(), saga_id.to_string());
-        Ok(actor)
+        let live = Live { actor, queued };
+        self.actors.insert(saga_id.to_string(), live.clone());
+        Ok(live)
+    }
+}
+
+/// A live saga actor, and the count of its events sent and not yet taken from its mailbox.
+#[derive(Clone)]
+struct Live {
+    actor: ActorRef<SagaMsg>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Live {
+    /// Sends the actor an event, counting it as queued until the actor takes it.
+    fn deliver(
+        &self,
+        input: Input,
+        delivery: Box<dyn Delivery>,
+    ) -> Result<(), ractor::MessagingErr<SagaMsg>> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let sent = self.actor.cast(SagaMsg::Deliver(input, delivery));
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent
     }
 }
 
@@ -619,6 +646,7 @@ pub struct SagaArgs {
     id: String,
     ctx: Arc<Context>,
     coordinator: ActorRef<CoordinatorMsg>,
+    queued: Arc<AtomicUsize>,
 }
 
 /// Messages of [`SagaActor`].
@@ -648,6 +676,18 @@ pub struct SagaState {
     coordinator: ActorRef<CoordinatorMsg>,
     /// Stopped by passivation: the saga stays in the census.
     passivated: bool,
+    /// This saga's events sent to the actor and not yet taken from its mailbox.
+    queued: Arc<AtomicUsize>,
+    /// Changes applied to `loaded` but not yet written, and the events that made them.
+    unsaved: Option<Unsaved>,
+}
+
+/// Transitions applied and not yet written (see [`Applied::Deferred`]): their events are
+/// acked only once a write holds them.
+struct Unsaved {
+    /// The snapshot as last written.
+    before: Before,
+    deliveries: Vec<Box<dyn Delivery>>,
 }
 
 struct Loaded {
@@ -662,6 +702,11 @@ enum Applied {
     Changed,
     /// Nothing to do (a duplicate, a late reply, a finished saga).
     Unchanged,
+    /// The snapshot changed, with no effect to carry out, and the saga's next event is already
+    /// waiting: the write is left to that event's transition, which then covers both (one
+    /// write instead of two, e.g. when the replies of parallel steps arrive together). The
+    /// event is acked after that write.
+    Deferred,
 }
 
 /// Why an event could not be handled now.
@@ -694,6 +739,8 @@ impl Actor for SagaActor {
             loaded_from_cache: false,
             coordinator: args.coordinator,
             passivated: false,
+            queued: args.queued,
+            unsaved: None,
         })
     }
 
@@ -708,8 +755,15 @@ impl Actor for SagaActor {
         // (its size would otherwise be that of the largest future below, kilobytes per saga).
         Box::pin(async move {
             match msg {
-                SagaMsg::Deliver(input, delivery) => state.on_delivery(input, delivery).await,
+                SagaMsg::Deliver(input, delivery) => {
+                    // Saturating: an event sent other than through `Live::deliver` is not counted.
+                    let _ = state
+                        .queued
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                    state.on_delivery(input, delivery).await;
+                }
                 SagaMsg::Recover => {
+                    state.flush().await;
                     state.loaded = None;
                     match state.load().await {
                         Ok(true) => state.resend_in_flight().await,
@@ -727,6 +781,7 @@ impl Actor for SagaActor {
                     }
                 }
                 SagaMsg::Passivate => {
+                    state.flush().await;
                     if state.unusable || state.loaded.as_ref().is_some_and(|l| l.saga.is_terminal())
                     {
                         // Nothing worth keeping dormant: stop as usual (the coordinator hands
@@ -753,7 +808,7 @@ impl Actor for SagaActor {
                 SagaMsg::Tick => {
                     // The timer that sent this tick has finished; a newer one (if re-armed since)
                     // is aborted and replaced by `arm_timer` below.
-                    if let Err(f) = state.process(Event::Tick, None).await {
+                    if let Err(f) = state.process(Event::Tick, None, false).await {
                         let delay = match f {
                             Failure::Conflict => {
                                 // Our copy is stale: retrying it would lose every compare-and-set.
@@ -769,6 +824,10 @@ impl Actor for SagaActor {
                         return Ok(());
                     }
                 }
+            }
+            // Nothing more to fold into this write: make it now.
+            if state.queued.load(Ordering::SeqCst) == 0 {
+                state.flush().await;
             }
             state.arm_timer(&myself);
             state.report();
@@ -983,16 +1042,24 @@ impl SagaState {
         // ignores what was already applied), a bounded number of times.
         let mut verified = false;
         for _ in 0..4 {
-            match self.process(event.clone(), Some(&*delivery)).await {
+            match self.process(event.clone(), Some(&*delivery), true).await {
                 Ok(Applied::Changed) => {
                     delivery.ack().await;
+                    return;
+                }
+                Ok(Applied::Deferred) => {
+                    if let Some(u) = self.unsaved.as_mut() {
+                        u.deliveries.push(delivery);
+                    }
                     return;
                 }
                 Ok(Applied::Unchanged) if !verified && self.loaded_from_cache => {
                     // The event looks like a duplicate, but our copy may be stale (another
                     // node advanced the saga during a partition hand-over): acking it on a
-                    // stale copy would lose it. Check against the stored snapshot once.
+                    // stale copy would lose it. Check against the stored snapshot once
+                    // (after writing what this actor applied and has not written yet).
                     verified = true;
+                    self.flush().await;
                     self.loaded = None;
                 }
                 Ok(Applied::Unchanged) => {
@@ -1021,11 +1088,14 @@ impl SagaState {
         delivery.nak(Duration::from_millis(100)).await;
     }
 
-    /// Applies `event`, persists, then carries out the effects.
+    /// Applies `event`, persists, then carries out the effects and acks the events of the
+    /// transitions this write also covers. With `may_defer`, a change with no effects is not
+    /// written yet if another event of this saga is waiting ([`Applied::Deferred`]).
     async fn process(
         &mut self,
         event: Event,
         delivery: Option<&dyn Delivery>,
+        may_defer: bool,
     ) -> Result<Applied, Failure> {
         if !self.load().await? {
             return Ok(Applied::Unchanged);
@@ -1044,19 +1114,74 @@ impl SagaState {
         if !t.changed {
             return Ok(Applied::Unchanged);
         }
+        if may_defer
+            && t.effects.is_empty()
+            && !l.saga.is_terminal()
+            && l.saga.phase != Phase::NeedsAttention
+            && self.queued.load(Ordering::SeqCst) > 0
+        {
+            self.unsaved.get_or_insert(Unsaved {
+                before,
+                deliveries: Vec::new(),
+            });
+            return Ok(Applied::Deferred);
+        }
+        // This write also covers the transitions deferred before it.
+        let unsaved = self.unsaved.take();
+        let before = match &unsaved {
+            Some(u) => &u.before,
+            None => &before,
+        };
         match self.ctx.store.save(&l.saga, Some(l.revision)).await {
             Ok(r) => l.revision = r,
             Err(e) => {
-                self.loaded = None;
-                return Err(match e {
+                let failure = match e {
                     PortError::Conflict { .. } => Failure::Conflict,
                     e => Failure::Transient(e.to_string()),
-                });
+                };
+                self.loaded = None;
+                give_back(unsaved, &failure).await;
+                return Err(failure);
             }
         }
-        observe(&*self.ctx.observer, &l.def, &before, &l.saga);
+        observe(&*self.ctx.observer, &l.def, before, &l.saga);
         self.carry_out(t.effects, delivery).await;
+        if let Some(u) = unsaved {
+            for d in u.deliveries {
+                d.ack().await;
+            }
+        }
         Ok(Applied::Changed)
+    }
+
+    /// Writes the transitions deferred so far, if any, and acks their events. If the write
+    /// fails, the copy is dropped and the events go back to JetStream to be applied again.
+    async fn flush(&mut self) {
+        let Some(unsaved) = self.unsaved.take() else {
+            return;
+        };
+        let Some(l) = self.loaded.as_mut() else {
+            give_back(Some(unsaved), &Failure::Conflict).await;
+            return;
+        };
+        match self.ctx.store.save(&l.saga, Some(l.revision)).await {
+            Ok(r) => {
+                l.revision = r;
+                observe(&*self.ctx.observer, &l.def, &unsaved.before, &l.saga);
+                for d in unsaved.deliveries {
+                    d.ack().await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(saga_id = %self.id, error = %e, "cannot persist saga, its latest events will be retried");
+                let failure = match e {
+                    PortError::Conflict { .. } => Failure::Conflict,
+                    e => Failure::Transient(e.to_string()),
+                };
+                self.loaded = None;
+                give_back(Some(unsaved), &failure).await;
+            }
+        }
     }
 
     /// Publishes commands and status changes, retrying until NATS takes them: the snapshot
@@ -1317,6 +1442,21 @@ fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Before, new: &Sa
     }
     if !old.phase.is_terminal() && new.phase.is_terminal() {
         observer.saga_finished(saga, new.phase);
+    }
+}
+
+/// Returns the events of unwritten transitions to JetStream, to be applied again: at once
+/// after a lost compare-and-set (the reloaded copy takes them), after a second otherwise.
+async fn give_back(unsaved: Option<Unsaved>, why: &Failure) {
+    let Some(u) = unsaved else {
+        return;
+    };
+    let delay = match why {
+        Failure::Conflict => Duration::ZERO,
+        _ => Duration::from_secs(1),
+    };
+    for d in u.deliveries {
+        d.nak(delay).await;
     }
 }
 
