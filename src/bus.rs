@@ -23,6 +23,7 @@ use sagaflow_actors::ports::{CommandBus, Error};
 use sagaflow_proto::v1;
 use tracing::Instrument as _;
 
+use crate::config::StatusEvents;
 use crate::telemetry;
 use crate::topology::{command_subject, event_subject, status_subject};
 
@@ -140,12 +141,23 @@ pub fn prepare(
 pub struct JetStreamBus {
     js: jetstream::Context,
     partitions: u32,
+    status_events: StatusEvents,
 }
 
 impl JetStreamBus {
-    /// A bus publishing through `js`.
+    /// A bus publishing through `js`, lifecycle events stored in `SAGA_STATUS`.
     pub fn new(js: jetstream::Context, partitions: u32) -> Self {
-        JetStreamBus { js, partitions }
+        JetStreamBus {
+            js,
+            partitions,
+            status_events: StatusEvents::Stream,
+        }
+    }
+
+    /// …publishing lifecycle events as `status_events` says.
+    pub fn with_status_events(mut self, status_events: StatusEvents) -> Self {
+        self.status_events = status_events;
+        self
     }
 }
 
@@ -238,16 +250,25 @@ impl CommandBus for JetStreamBus {
             async_nats::header::NATS_MESSAGE_ID,
             format!("{}/status/{sequence}", saga.id).as_str(),
         );
-        self.js
-            .publish_with_headers(
-                status_subject(&saga.definition, &saga.id),
-                headers,
-                event.encode_to_vec().into(),
-            )
-            .await
-            .map_err(|e| transport("publish status")(&e))?
-            .await
-            .map_err(|e| transport("publish status")(&e))?;
+        let subject = status_subject(&saga.definition, &saga.id);
+        let payload = event.encode_to_vec().into();
+        match self.status_events {
+            StatusEvents::Stream => {
+                self.js
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| transport("publish status")(&e))?
+                    .await
+                    .map_err(|e| transport("publish status")(&e))?;
+            }
+            // Best effort: handed to the connection, no acknowledgement to wait for.
+            StatusEvents::Core => self
+                .js
+                .client()
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| transport("publish status")(&e))?,
+        }
         // The saga's last status change: its root span can be exported now that its end is
         // known (earlier changes of the same transition see the same terminal snapshot).
         if saga.is_terminal() && sequence == saga.status_seq {

@@ -133,6 +133,27 @@ pub struct StreamsConfig {
     /// Revisions kept per saga in the snapshot bucket `sagaflow_sagas` (1..=64); older ones
     /// are for inspection with NATS tools only.
     pub kv_history: i64,
+    /// How lifecycle events (`sagaflow.status.<saga>.<saga_id>`) go out: `stream` (stored in
+    /// `SAGA_STATUS` for durable consumers) or `core` (plain NATS messages for live
+    /// subscribers, nothing stored).
+    pub status_events: StatusEvents,
+}
+
+/// How lifecycle events are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusEvents {
+    /// Stored in the `SAGA_STATUS` stream, published with `Nats-Msg-Id` and acknowledged: a
+    /// durable consumer (the demo analytics, a data pipeline) sees every change exactly once,
+    /// even if it was down when the change happened.
+    #[default]
+    Stream,
+    /// Published as plain NATS messages on the same subjects, not stored and not
+    /// acknowledged: subscribers that are connected see them (best effort), nothing else does.
+    /// Three fewer stored messages per order saga. `SAGA_STATUS` is not created (one left from
+    /// `stream` would still store them: delete it), and the demo analytics, which needs the
+    /// stream, does not run. `WatchOrder`/`WatchSaga` do not depend on these events.
+    Core,
 }
 
 /// Retention of finished sagas.
@@ -219,6 +240,7 @@ impl Default for StreamsConfig {
             max_bytes: -1,
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
             kv_history: 1,
+            status_events: StatusEvents::Stream,
         }
     }
 }
@@ -766,5 +788,25 @@ mod tests {
             [("SAGAFLOW_PARTITIONS".to_string(), "0".to_string())].into();
         let err = NodeConfig::load(None, &env, &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("partitions"), "{err}");
+    }
+
+    #[test]
+    fn status_events_are_stored_unless_configured_as_core() {
+        let c = NodeConfig::load(None, &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.streams.status_events, StatusEvents::Stream);
+        let env = |v: &str| -> BTreeMap<String, String> {
+            [("SAGAFLOW_STREAMS__STATUS_EVENTS".to_string(), v.to_string())].into()
+        };
+        let c = NodeConfig::load(None, &env("core"), &Overrides::default()).unwrap();
+        assert_eq!(c.streams.status_events, StatusEvents::Core);
+        let err = NodeConfig::load(None, &env("durable"), &Overrides::default()).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("streams.status_events")
+                && err.contains("durable")
+                && err.contains("stream")
+                && err.contains("core"),
+            "{err}"
+        );
     }
 }

@@ -58,7 +58,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DemoConfig, NodeConfig};
+use crate::config::{DemoConfig, NodeConfig, StatusEvents};
 use crate::participant::{self, Outcome, Participant, Unavailable};
 
 pub use analytics::sales;
@@ -214,15 +214,23 @@ pub async fn start(
             cancel.clone(),
         ));
     }
-    demo.tasks.spawn(analytics::run(
-        js,
-        analytics_store,
-        cfg.consumers.clone(),
-        cancel,
-    ));
+    // Analytics counts each lifecycle event once through a durable consumer of SAGA_STATUS:
+    // with events that are not stored there is nothing for it to read.
+    let analytics = cfg.streams.status_events == StatusEvents::Stream;
+    if analytics {
+        demo.tasks.spawn(analytics::run(
+            js,
+            analytics_store,
+            cfg.consumers.clone(),
+            cancel,
+        ));
+    } else {
+        tracing::warn!("demo analytics not started: status events are not stored (streams.status_events = \"core\")");
+    }
     tracing::info!(
         instances = cfg.demo.instances,
         stateless = cfg.demo.stateless,
+        analytics,
         "demo services started"
     );
     Ok(demo)

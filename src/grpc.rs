@@ -97,6 +97,12 @@ impl SagaApi {
         }
     }
 
+    /// Publishes the first lifecycle event of each saga as `status_events` says.
+    pub fn with_status_events(mut self, status_events: crate::config::StatusEvents) -> Self {
+        self.bus = self.bus.with_status_events(status_events);
+        self
+    }
+
     /// Refuses new sagas while `admission` measures more than `limit`, or the node owning
     /// the saga's partition reported more in its last heartbeat (`view`); see
     /// [`crate::admission`]. A `limit` of 0: never.

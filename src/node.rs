@@ -278,7 +278,10 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             KvStateStore::new(sagas_kv.clone(), config.partitions)
                 .expire_finished(js.clone(), config.retention.finished_sagas),
         ),
-        bus: Arc::new(JetStreamBus::new(js.clone(), config.partitions)),
+        bus: Arc::new(
+            JetStreamBus::new(js.clone(), config.partitions)
+                .with_status_events(config.streams.status_events),
+        ),
         clock: Arc::new(now_ms),
         partitions: config.partitions,
         observer: metrics.clone(),
@@ -323,6 +326,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         config.partitions,
         cancel.child_token(),
     )
+    .with_status_events(config.streams.status_events)
     .with_admission(
         metrics.admission.clone(),
         config.admission.max_timeout_share,

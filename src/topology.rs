@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use crate::config::StreamsConfig;
+use crate::config::{StatusEvents, StreamsConfig};
 
 /// Stream of everything that happens to sagas.
 pub const EVENTS_STREAM: &str = "SAGA_EVENTS";
@@ -82,7 +82,8 @@ pub struct Error {
 }
 
 /// Creates (or updates to the configured settings) every stream and bucket; safe to call from
-/// every node at every start.
+/// every node at every start. `SAGA_STATUS` only when status events are stored
+/// (`streams.status_events = "stream"`); one that exists is left alone.
 pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<kv::Store, Error> {
     let streams = [
         (
@@ -111,6 +112,9 @@ pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<kv::
         ),
     ];
     for (name, subject, max_age, description) in streams {
+        if name == STATUS_STREAM && cfg.status_events != StatusEvents::Stream {
+            continue;
+        }
         let config = stream::Config {
             name: name.to_string(),
             description: Some(description.to_string()),

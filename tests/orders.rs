@@ -647,3 +647,73 @@ async fn an_overloaded_node_refuses_new_orders_until_it_recovers() {
     assert!(o.terminal, "{o:?}");
     node.shutdown().await.unwrap();
 }
+
+/// With `streams.status_events = "core"`, lifecycle events reach connected subscribers as
+/// plain NATS messages and nothing stores them (no `SAGA_STATUS` stream); orders, `WatchOrder`
+/// and the cluster status work as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_events_as_core_messages_reach_subscribers_and_are_not_stored() {
+    use prost::Message as _;
+    use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
+
+    let nats = start_nats().await.unwrap();
+    let nc = nats_client(&nats.url()).await.unwrap();
+    let mut events = nc
+        .subscribe("sagaflow.status.order.order-core-1")
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    let (node, mut client) =
+        start_node(&nats, &[("SAGAFLOW_STREAMS__STATUS_EVENTS", "core")]).await;
+    client
+        .place_order(order("core-1", 1999, &[("SKU-1", 1)]))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|e: &v1::StatusEvent| !e.terminal) {
+        let msg = within(TIMEOUT, "status event", events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(v1::StatusEvent::decode(msg.payload).unwrap());
+    }
+    let changes: Vec<(&str, &str, u64)> = seen
+        .iter()
+        .map(|e| (e.previous_status.as_str(), e.status.as_str(), e.sequence))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("", "PENDING", 1),
+            ("PENDING", "PAID", 2),
+            ("PAID", "SHIPPED", 3)
+        ]
+    );
+    let o = wait_terminal(&mut client, "core-1", Duration::from_secs(30)).await;
+    assert_eq!(o.status, "SHIPPED");
+
+    // Nothing stored them.
+    let js = jetstream::new(nc.clone());
+    assert!(
+        js.get_stream(sagaflow::topology::STATUS_STREAM)
+            .await
+            .is_err(),
+        "SAGA_STATUS was created"
+    );
+    // The cluster status lists the consumers of the streams that exist.
+    let mut admin = AdminServiceClient::new(channel(&node.grpc_addr.to_string()).await.unwrap());
+    let status = within(
+        TIMEOUT,
+        "ClusterStatus",
+        admin.cluster_status(v1::ClusterStatusRequest {}),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    assert!(
+        status.consumers.iter().any(|c| c.name == "svc-payment"),
+        "{status:?}"
+    );
+    node.shutdown().await.unwrap();
+}

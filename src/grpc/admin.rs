@@ -21,6 +21,7 @@ use sagaflow_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{DeleteMessageErrorKind, RawMessageErrorKind};
 use async_nats::HeaderMap;
@@ -92,11 +93,17 @@ impl Admin {
     async fn consumers_of(&self, stream: &str) -> Result<Vec<ConsumerStatus>, Status> {
         let what = format!("cannot list the consumers of {stream}");
         let list = async {
-            let s = self
-                .js
-                .get_stream(stream)
-                .await
-                .map_err(|e| unavailable(&what, e))?;
+            let s = match self.js.get_stream(stream).await {
+                Ok(s) => s,
+                // SAGA_STATUS is not created when status events are not stored.
+                Err(e)
+                    if stream == STATUS_STREAM
+                        && matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    return Ok(Vec::new())
+                }
+                Err(e) => return Err(unavailable(&what, e)),
+            };
             let mut infos = s.consumers().take(MAX_CONSUMERS_PER_STREAM);
             let mut out = Vec::new();
             while let Some(info) = infos.next().await {
