@@ -719,6 +719,16 @@ enum Failure {
     Permanent(String),
 }
 
+impl Failure {
+    /// What a failed snapshot write means for the event(s) it held.
+    fn of_write(e: PortError) -> Self {
+        match e {
+            PortError::Conflict { .. } => Failure::Conflict,
+            e => Failure::Transient(e.to_string()),
+        }
+    }
+}
+
 impl Actor for SagaActor {
     type Msg = SagaMsg;
     type State = SagaState;
@@ -1135,10 +1145,7 @@ impl SagaState {
         match self.ctx.store.save(&l.saga, Some(l.revision)).await {
             Ok(r) => l.revision = r,
             Err(e) => {
-                let failure = match e {
-                    PortError::Conflict { .. } => Failure::Conflict,
-                    e => Failure::Transient(e.to_string()),
-                };
+                let failure = Failure::of_write(e);
                 self.loaded = None;
                 give_back(unsaved, &failure).await;
                 return Err(failure);
@@ -1174,18 +1181,13 @@ impl SagaState {
             }
             Err(e) => {
                 tracing::warn!(saga_id = %self.id, error = %e, "cannot persist saga, its latest events will be retried");
-                let failure = match e {
-                    PortError::Conflict { .. } => Failure::Conflict,
-                    e => Failure::Transient(e.to_string()),
-                };
+                let failure = Failure::of_write(e);
                 self.loaded = None;
                 give_back(Some(unsaved), &failure).await;
             }
         }
     }
 
-    /// Publishes commands and status changes, retrying until NATS takes them: the snapshot
-    /// already says they happened, so they must not be skipped.
     /// Tells the observer about attempts sent.
     fn observe_sent(&self, l: &Loaded, sends: &[CommandSpec]) {
         for c in sends {
@@ -1197,6 +1199,8 @@ impl SagaState {
         }
     }
 
+    /// Publishes commands and status changes, retrying until NATS takes them: the snapshot
+    /// already says they happened, so they must not be skipped.
     async fn carry_out(&self, effects: Vec<Effect>, delivery: Option<&dyn Delivery>) {
         let Some(l) = self.loaded.as_ref() else {
             return;
