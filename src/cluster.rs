@@ -119,6 +119,84 @@ fn lease_key(p: u32) -> String {
     format!("p{p}")
 }
 
+/// Key of the deployment's partition count in the lease bucket.
+pub const PARTITION_COUNT_KEY: &str = "count";
+
+/// Why [`check_partition_count`] did not pass.
+#[derive(Debug)]
+pub enum CountCheck {
+    /// The node is configured with another count than the deployment's: it must not start.
+    Mismatch(String),
+    /// NATS did not answer: try again.
+    Unavailable(String),
+}
+
+/// Checks that `partitions` is the deployment's partition count, recording it the first time.
+///
+/// A saga's partition is hash(saga id) mod `partitions`, and its snapshot key and event subject
+/// carry it: a node that counted differently would place sagas where their owners do not look.
+/// The count is kept under [`PARTITION_COUNT_KEY`]. A deployment from before the key existed
+/// has leases `p0`…`p<N-1>`, which give its count.
+pub async fn check_partition_count(leases: &kv::Store, partitions: u32) -> Result<(), CountCheck> {
+    let unavailable = |e: &dyn std::fmt::Display| CountCheck::Unavailable(e.to_string());
+    let mismatch = |deployment: u32, from: &str| {
+        CountCheck::Mismatch(format!(
+            "this node is configured with `partitions = {partitions}`, but the deployment on this \
+             NATS has {deployment} partitions ({from}); every node must use the deployment's \
+             count, which is fixed once sagas have started (set `partitions = {deployment}` or \
+             SAGAFLOW_PARTITIONS={deployment})"
+        ))
+    };
+    loop {
+        if let Some(v) = leases
+            .get(PARTITION_COUNT_KEY)
+            .await
+            .map_err(|e| unavailable(&e))?
+        {
+            let recorded = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            return match recorded {
+                Some(n) if n == partitions => Ok(()),
+                Some(n) => Err(mismatch(
+                    n,
+                    &format!("key `{PARTITION_COUNT_KEY}` of bucket `{PARTITIONS_BUCKET}`"),
+                )),
+                None => Err(CountCheck::Mismatch(format!(
+                    "key `{PARTITION_COUNT_KEY}` of bucket `{PARTITIONS_BUCKET}` does not hold a partition count: {:?}",
+                    String::from_utf8_lossy(&v)
+                ))),
+            };
+        }
+        // Not recorded yet: a deployment from before the key has its leases to go by.
+        let mut keys = leases.keys().await.map_err(|e| unavailable(&e))?;
+        let mut highest: Option<u32> = None;
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| unavailable(&e))?;
+            if let Some(p) = k.strip_prefix('p').and_then(|p| p.parse::<u32>().ok()) {
+                highest = highest.max(Some(p));
+            }
+        }
+        if let Some(h) = highest {
+            if h + 1 != partitions {
+                return Err(mismatch(
+                    h + 1,
+                    &format!("its leases go up to `p{h}` in bucket `{PARTITIONS_BUCKET}`"),
+                ));
+            }
+        }
+        match leases
+            .create(PARTITION_COUNT_KEY, partitions.to_string().into())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Another node recorded it first: compare with its value.
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(unavailable(&e)),
+        }
+    }
+}
+
 /// One partition this node consumes.
 struct Held {
     epoch: u64,

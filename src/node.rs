@@ -68,6 +68,9 @@ pub enum Error {
     /// An actor could not be spawned.
     #[error("cannot start actor: {0}")]
     Actor(String),
+    /// The configured `partitions` is not the deployment's.
+    #[error("{0}")]
+    Partitions(String),
 }
 
 /// A running node.
@@ -264,6 +267,24 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
             }
         }
     };
+    // Membership and partition leases; and before anything is placed under a partition, the
+    // check that this node counts partitions as the deployment does.
+    let buckets = loop {
+        let checked = match cluster::ensure_buckets(&js, &config).await {
+            Ok(b) => cluster::check_partition_count(&b.1, config.partitions)
+                .await
+                .map(|()| b),
+            Err(e) => Err(cluster::CountCheck::Unavailable(e.to_string())),
+        };
+        match checked {
+            Ok(b) => break b,
+            Err(cluster::CountCheck::Mismatch(message)) => return Err(Error::Partitions(message)),
+            Err(cluster::CountCheck::Unavailable(e)) => {
+                tracing::warn!(error = %e, "cluster buckets not ready, retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     // Commands that exhausted their deliveries become dead letters.
@@ -383,15 +404,6 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
         }
     });
     // Membership and partition leases: this node consumes the partitions it is assigned.
-    let buckets = loop {
-        match cluster::ensure_buckets(&js, &config).await {
-            Ok(b) => break b,
-            Err(e) => {
-                tracing::warn!(error = %e, "cluster buckets not ready, retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
     let membership = cluster::Membership::new(
         js.clone(),
         buckets,

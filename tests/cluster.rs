@@ -273,3 +273,67 @@ async fn nodes_started_together_take_each_partition_over_at_most_once_per_join()
     assert!(epochs.values().all(|e| (1..=3).contains(e)), "{epochs:?}");
     drop(nodes);
 }
+
+/// Every node must count partitions as the deployment does (a saga's partition is in its key
+/// and subjects): a node configured otherwise refuses to start, naming both counts, before it
+/// serves anything. A deployment from before the count was recorded is known by its leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_counting_partitions_otherwise_than_the_deployment_refuses_to_start() {
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let first = start(&nats, "count-a", 4).await;
+    wait_owned_by(&js, 4, &["count-a"]).await;
+
+    let refused = |result: Result<NodeHandle, node::Error>| match result {
+        Ok(_) => panic!("a node with 8 partitions started on a 4-partition deployment"),
+        Err(e) => e.to_string(),
+    };
+    let e = refused(
+        within(
+            TIMEOUT,
+            "start node",
+            node::start(config(&nats, "count-b", 8)),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(
+        e.contains("partitions = 8") && e.contains("4 partitions") && e.contains("`count`"),
+        "{e}"
+    );
+    // The same count joins.
+    let second = start(&nats, "count-c", 4).await;
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
+
+    // A deployment whose count was never recorded: its leases p0…p3 give it away.
+    let leases = js.get_key_value("sagaflow_partitions").await.unwrap();
+    leases
+        .purge(sagaflow::cluster::PARTITION_COUNT_KEY)
+        .await
+        .unwrap();
+    let e = refused(
+        within(
+            TIMEOUT,
+            "start node",
+            node::start(config(&nats, "count-d", 8)),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(
+        e.contains("partitions = 8") && e.contains("4 partitions") && e.contains("`p3`"),
+        "{e}"
+    );
+    let again = start(&nats, "count-e", 4).await;
+    let recorded = leases
+        .get(sagaflow::cluster::PARTITION_COUNT_KEY)
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded.as_deref(),
+        Some(&b"4"[..]),
+        "the count is recorded again"
+    );
+    again.shutdown().await.unwrap();
+}
