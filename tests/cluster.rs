@@ -274,6 +274,21 @@ async fn nodes_started_together_take_each_partition_over_at_most_once_per_join()
     drop(nodes);
 }
 
+/// Starts a node with `partitions` that must be refused; returns the error.
+async fn refused_start(nats: &NatsServer, id: &str, partitions: u32) -> String {
+    match within(
+        TIMEOUT,
+        "start node",
+        node::start(config(nats, id, partitions)),
+    )
+    .await
+    .unwrap()
+    {
+        Ok(_) => panic!("a node with {partitions} partitions started on another deployment"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Every node must count partitions as the deployment does (a saga's partition is in its key
 /// and subjects): a node configured otherwise refuses to start, naming both counts, before it
 /// serves anything. A deployment from before the count was recorded is known by its leases.
@@ -284,19 +299,7 @@ async fn a_node_counting_partitions_otherwise_than_the_deployment_refuses_to_sta
     let first = start(&nats, "count-a", 4).await;
     wait_owned_by(&js, 4, &["count-a"]).await;
 
-    let refused = |result: Result<NodeHandle, node::Error>| match result {
-        Ok(_) => panic!("a node with 8 partitions started on a 4-partition deployment"),
-        Err(e) => e.to_string(),
-    };
-    let e = refused(
-        within(
-            TIMEOUT,
-            "start node",
-            node::start(config(&nats, "count-b", 8)),
-        )
-        .await
-        .unwrap(),
-    );
+    let e = refused_start(&nats, "count-b", 8).await;
     assert!(
         e.contains("partitions = 8") && e.contains("4 partitions") && e.contains("`count`"),
         "{e}"
@@ -312,15 +315,7 @@ async fn a_node_counting_partitions_otherwise_than_the_deployment_refuses_to_sta
         .purge(sagaflow::cluster::PARTITION_COUNT_KEY)
         .await
         .unwrap();
-    let e = refused(
-        within(
-            TIMEOUT,
-            "start node",
-            node::start(config(&nats, "count-d", 8)),
-        )
-        .await
-        .unwrap(),
-    );
+    let e = refused_start(&nats, "count-d", 8).await;
     assert!(
         e.contains("partitions = 8") && e.contains("4 partitions") && e.contains("`p3`"),
         "{e}"
