@@ -89,7 +89,9 @@ pub struct RunReport {
 /// One window of a run's timeline.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Window {
-    /// End of the window, seconds from the first saga due (the last window may be shorter).
+    /// End of the window, seconds from the first saga due. The last window may be shorter, or
+    /// longer by less than a quarter window: a shorter tail (the run's drain, the sagas still in
+    /// flight at its end) is folded into it rather than reported as a burst of its own.
     pub t_s: f64,
     /// Sagas that ended in the window.
     pub completed: u64,
@@ -113,7 +115,13 @@ pub fn timeline(samples: &Samples, window: std::time::Duration, rss: &[RssSample
     };
     let window = window.max(std::time::Duration::from_millis(100));
     let total = end.saturating_duration_since(start);
-    let count = (total.as_secs_f64() / window.as_secs_f64()).floor() as usize + 1;
+    let full = (total.as_secs_f64() / window.as_secs_f64()).floor() as usize;
+    let tail = total.saturating_sub(window * full as u32);
+    let count = if full >= 1 && tail < window / 4 {
+        full
+    } else {
+        full + 1
+    };
     let mut latencies: Vec<Vec<u64>> = vec![Vec::new(); count];
     for (at, lat) in &samples.ends {
         let k = (at.saturating_duration_since(start).as_secs_f64() / window.as_secs_f64()).floor()
@@ -127,12 +135,13 @@ pub fn timeline(samples: &Samples, window: std::time::Duration, rss: &[RssSample
         .map(|(k, mut lat)| {
             lat.sort_unstable();
             let from = window * k as u32;
-            let to = (window * (k as u32 + 1)).min(total);
+            let to = if k + 1 == count {
+                total
+            } else {
+                window * (k as u32 + 1)
+            };
             let secs = to.saturating_sub(from).as_secs_f64();
-            let last = rss
-                .iter()
-                .take_while(|r| r.at <= start + window * (k as u32 + 1))
-                .last();
+            let last = rss.iter().take_while(|r| r.at <= start + to).last();
             Window {
                 t_s: round(to.as_secs_f64(), 1),
                 completed: lat.len() as u64,
@@ -748,6 +757,35 @@ mod tests {
         );
         // Nothing ended: no timeline.
         assert!(timeline(&Samples::default(), secs(10), &rss).is_empty());
+    }
+
+    #[test]
+    fn report_timeline_folds_a_short_drain_into_the_last_window() {
+        let t0 = Instant::now();
+        let ms = std::time::Duration::from_millis;
+        // 10 sagas a second for 20 s, then the 6 still in flight end within 0.5 s.
+        let mut s = Samples {
+            first_due: Some(t0),
+            last_done: Some(t0 + ms(20_500)),
+            ..Default::default()
+        };
+        for i in 0..200u64 {
+            s.ends.push((t0 + ms(i * 100), 5_000));
+        }
+        for i in 0..6u64 {
+            s.ends.push((t0 + ms(20_000 + i * 100), 5_000));
+        }
+        let t = timeline(&s, std::time::Duration::from_secs(10), &[]);
+        let got: Vec<_> = t.iter().map(|w| (w.t_s, w.completed)).collect();
+        assert_eq!(got, vec![(10.0, 100), (20.5, 106)]);
+        // 106 over 10.5 s, not 6 over 0.5 s (12/s).
+        assert_eq!(t[1].sagas_per_sec, 10.1);
+        // A tail of a quarter window or more stays a window of its own.
+        s.last_done = Some(t0 + ms(22_500));
+        s.ends.push((t0 + ms(22_500), 5_000));
+        let t = timeline(&s, std::time::Duration::from_secs(10), &[]);
+        let got: Vec<_> = t.iter().map(|w| (w.t_s, w.completed)).collect();
+        assert_eq!(got, vec![(10.0, 100), (20.0, 100), (22.5, 7)]);
     }
 
     #[test]
