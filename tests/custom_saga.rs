@@ -941,8 +941,7 @@ async fn list_definitions_shows_order_and_trip_with_their_stages() {
         order_stages,
         [
             ("payment", vec!["charge"]),
-            ("fulfilment", vec!["reserve", "prepare_shipment"]),
-            ("notify", vec!["notify"]),
+            ("fulfilment", vec!["reserve", "prepare_shipment", "notify"]),
         ]
     );
     assert_eq!(order.after_compensation, "notify_cancellation");

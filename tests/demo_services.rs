@@ -104,7 +104,7 @@ impl Env {
         input: &str,
     ) -> v1::Command {
         let (service, action) = action.split_once('.').expect("service.action");
-        let compensation = matches!(action, "refund" | "release" | "cancel");
+        let compensation = matches!(action, "refund" | "release" | "cancel" | "withdraw");
         let forward = format!("{saga}/{step}");
         v1::Command {
             command_id: format!("{forward}/{}{attempt}", if compensation { "c" } else { "" }),
@@ -322,7 +322,8 @@ async fn payment_is_idempotent_declines_and_voids_late_charges() {
         summary.violations()
     );
 
-    // Shipping and notification record once too; a cancelled shipment counts once.
+    // Shipping and notification record once too; a cancelled shipment and a withdrawn
+    // confirmation count once.
     let prepared = env
         .send(&env.command("shipping.prepare", "order-A1", "prepare_shipment", 1, ORDER))
         .await;
@@ -333,6 +334,30 @@ async fn payment_is_idempotent_declines_and_voids_late_charges() {
     );
     env.send(&env.command("shipping.cancel", "order-A1", "prepare_shipment", 1, ORDER))
         .await;
+    for attempt in [1, 2] {
+        let sent = env
+            .send(&env.command("notification.send", "order-A1", "notify", attempt, ORDER))
+            .await;
+        assert!(matches!(sent, v1::reply::Outcome::Success(_)), "{sent:?}");
+    }
+    for attempt in [1, 2] {
+        let withdrawn = env
+            .send(&env.command(
+                "notification.withdraw",
+                "order-A1",
+                "notify",
+                attempt,
+                ORDER,
+            ))
+            .await;
+        assert_eq!(
+            withdrawn,
+            v1::reply::Outcome::Success(v1::Success {
+                output: br#"{"withdrawn":true}"#.to_vec()
+            }),
+            "attempt {attempt}"
+        );
+    }
     env.send(&env.command(
         "notification.send_cancellation",
         "order-A1",
@@ -355,10 +380,38 @@ async fn payment_is_idempotent_declines_and_voids_late_charges() {
             a1.shipped,
             a1.shipment_cancelled,
             a1.notified,
+            a1.notification_withdrawn,
             a1.notified_cancellation
         ),
-        (1, 1, 0, 1),
+        (1, 1, 1, 1, 1),
         "{a1:?}"
+    );
+
+    // A withdrawal that overtakes its confirmation voids it: the late confirmation is refused.
+    let early = env
+        .send(&env.command("notification.withdraw", "order-A4", "notify", 1, ORDER))
+        .await;
+    assert_eq!(
+        early,
+        v1::reply::Outcome::Success(v1::Success {
+            output: br#"{"withdrawn":false}"#.to_vec()
+        })
+    );
+    let late = env
+        .send(&env.command("notification.send", "order-A4", "notify", 1, ORDER))
+        .await;
+    assert_eq!(failure_kind(&late), "voided");
+    let a4 = env.summary().await.saga("order-A4");
+    assert_eq!(
+        (a4.notified, a4.notification_withdrawn, a4.voided),
+        (0, 0, 1),
+        "{a4:?}"
+    );
+    let summary = env.summary().await;
+    assert!(
+        summary.violations().is_empty(),
+        "{:?}",
+        summary.violations()
     );
 
     cancel.cancel();
@@ -426,6 +479,7 @@ async fn stateless_services_answer_from_the_command_and_record_nothing() {
         ("shipping.prepare", "prepare_shipment"),
         ("shipping.cancel", "prepare_shipment"),
         ("notification.send", "notify"),
+        ("notification.withdraw", "notify"),
     ] {
         let outcome = env
             .send(&env.command(action, "order-S1", step, 1, ORDER))

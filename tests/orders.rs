@@ -174,15 +174,26 @@ async fn out_of_stock_refunds_the_charge_exactly_once() {
     assert!(o.reason.contains("out_of_stock"), "{}", o.reason);
     let saga = o.saga.clone().unwrap();
     assert_eq!(saga.steps[0].state, "COMPENSATED");
+    // The refused reservation undoes nothing; the steps that ran beside it are compensated
+    // (the parallel stage in reverse definition order), then the charge.
     let trail: Vec<&str> = saga.compensations.iter().map(|c| c.step.as_str()).collect();
     assert_eq!(
-        trail.last(),
-        Some(&"charge"),
+        trail,
+        ["notify", "prepare_shipment", "charge"],
         "the charge is undone last: {trail:?}"
     );
     let l = ledgers(&nats).await;
     let e = l.get("order-oos-1").cloned().unwrap_or_default();
     assert_eq!((e.charged, e.refunded), (1, 1));
+    assert_eq!(
+        (
+            e.notified,
+            e.notification_withdrawn,
+            e.notified_cancellation
+        ),
+        (1, 1, 1),
+        "the confirmation sent beside the reservation is withdrawn, then the customer told: {e:?}"
+    );
     check_ledgers(&[o], &l);
     node.shutdown().await.unwrap();
 }

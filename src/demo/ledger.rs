@@ -336,8 +336,10 @@ pub struct SagaEffects {
     pub shipped: u32,
     /// Shipments cancelled.
     pub shipment_cancelled: u32,
-    /// Order notifications sent.
+    /// Order confirmations sent.
     pub notified: u32,
+    /// Order confirmations withdrawn (the compensation of a sent one).
+    pub notification_withdrawn: u32,
     /// Cancellation notifications sent.
     pub notified_cancellation: u32,
     /// Cents charged.
@@ -357,14 +359,15 @@ impl SagaEffects {
     }
 
     /// Whether every undo matches one effect (nothing undone twice or undone without being
-    /// done), each effect happened at most once, and the order was not both notified and
-    /// cancelled. Returns what is wrong.
+    /// done), each effect happened at most once, and a customer told of the cancellation has no
+    /// confirmation left standing. Returns what is wrong.
     pub fn violations(&self) -> Vec<String> {
         let mut v = Vec::new();
         for (name, done, undone) in [
             ("charge", self.charged, self.refunded),
             ("reservation", self.reserved, self.released),
             ("shipment", self.shipped, self.shipment_cancelled),
+            ("confirmation", self.notified, self.notification_withdrawn),
         ] {
             if done > 1 {
                 v.push(format!("{name} done {done} times"));
@@ -375,14 +378,14 @@ impl SagaEffects {
                 ));
             }
         }
-        if self.notified > 1 || self.notified_cancellation > 1 {
+        if self.notified_cancellation > 1 {
             v.push(format!(
-                "notified {} times, cancellation notified {} times",
-                self.notified, self.notified_cancellation
+                "cancellation notified {} times",
+                self.notified_cancellation
             ));
         }
-        if self.notified > 0 && self.notified_cancellation > 0 {
-            v.push("both notified and cancellation notified".to_string());
+        if self.notified_cancellation > 0 && self.notified > self.notification_withdrawn {
+            v.push("cancellation notified but the confirmation not withdrawn".to_string());
         }
         v
     }
@@ -418,6 +421,7 @@ impl LedgerSummary {
                     ("shipping", "prepare") => s.shipped += 1,
                     ("shipping", "cancel") if e.undid => s.shipment_cancelled += 1,
                     ("notification", "send") => s.notified += 1,
+                    ("notification", "withdraw") if e.undid => s.notification_withdrawn += 1,
                     ("notification", "send_cancellation") => s.notified_cancellation += 1,
                     _ => {}
                 },
@@ -552,6 +556,11 @@ mod tests {
             entry("c", "payment", "charge", declined, 0, false),
             entry("d", "payment", "charge", ok(), 500, false),
             entry("d", "notification", "send", ok(), 0, false),
+            entry("e", "notification", "send", ok(), 0, false),
+            entry("e", "notification", "withdraw", ok(), 0, true),
+            entry("e", "notification", "send_cancellation", ok(), 0, false),
+            entry("f", "notification", "send", Recorded::Voided, 0, false),
+            entry("f", "notification", "withdraw", ok(), 0, false),
         ];
         let s = LedgerSummary::from_entries(&entries);
         let a = s.saga("a");
@@ -577,6 +586,22 @@ mod tests {
         );
         assert_eq!(s.saga("c").refused, 1);
         assert_eq!(s.saga("d").charged_cents, 500);
+        let e = s.saga("e");
+        assert_eq!(
+            (
+                e.notified,
+                e.notification_withdrawn,
+                e.notified_cancellation
+            ),
+            (1, 1, 1),
+            "a withdrawn confirmation, then the cancellation notice"
+        );
+        let f = s.saga("f");
+        assert_eq!(
+            (f.notified, f.notification_withdrawn, f.voided),
+            (0, 0, 1),
+            "a withdrawal with nothing to withdraw voids the confirmation"
+        );
         assert_eq!(s.saga("nope"), SagaEffects::default());
         assert!(s.violations().is_empty(), "{:?}", s.violations());
 
@@ -590,5 +615,26 @@ mod tests {
         let v = LedgerSummary::from_entries(&twice).violations();
         assert_eq!(v.len(), 2, "{v:?}");
         assert!(v[0].starts_with("x: charge undone 2 times"), "{v:?}");
+        assert_eq!(
+            v[1], "x: cancellation notified but the confirmation not withdrawn",
+            "{v:?}"
+        );
+
+        let told_twice = vec![
+            entry("y", "notification", "send", ok(), 0, false),
+            entry("y", "notification", "withdraw", ok(), 0, true),
+            entry("y", "notification", "withdraw", ok(), 0, true),
+            entry("y", "notification", "send_cancellation", ok(), 0, false),
+            entry("y", "notification", "send_cancellation", ok(), 0, false),
+        ];
+        let v = LedgerSummary::from_entries(&told_twice).violations();
+        assert_eq!(
+            v,
+            [
+                "y: confirmation undone 2 times but done 1 times",
+                "y: cancellation notified 2 times"
+            ],
+            "{v:?}"
+        );
     }
 }

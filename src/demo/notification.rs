@@ -1,12 +1,14 @@
-//! The demo notification service: `send` (the order is on its way) and `send_cancellation`
-//! (the order was cancelled). Both are forward actions recorded once per idempotency key, so
-//! the customer is told at most once each; neither can be undone.
+//! The demo notification service: `send` (the order is confirmed), `withdraw` (its
+//! compensation: the confirmation is withdrawn) and `send_cancellation` (the order was
+//! cancelled). Each is recorded once per idempotency key, so the customer is told at most once
+//! each. A message cannot be unsent: `withdraw` stands for dropping a confirmation not yet
+//! delivered or marking a delivered one void; the cancellation notice is what tells the customer.
 
 use async_trait::async_trait;
 use sagaflow_proto::v1;
 
 use super::ledger::{Ledger, LedgerEntry, Recorded};
-use super::{failure, Knobs, OrderInput};
+use super::{failure, forward_key, Knobs, OrderInput};
 use crate::participant::{Outcome, Participant, Unavailable};
 
 /// Service name.
@@ -48,6 +50,29 @@ impl Notification {
         );
         self.ledger.record(entry).await
     }
+
+    async fn withdraw(&self, cmd: &v1::Command, forward: &str) -> Result<Outcome, Unavailable> {
+        if let Some(existing) = self.ledger.get(SERVICE, &cmd.idempotency_key).await? {
+            return Ok(existing.outcome.to_outcome());
+        }
+        // A withdrawal that overtakes its confirmation voids it: the late `send` is refused.
+        let sent = self
+            .ledger
+            .forward_or_void(SERVICE, "send", cmd, forward)
+            .await?;
+        let undid = sent.outcome.is_success();
+        let output = serde_json::json!({ "withdrawn": undid });
+        let mut entry = LedgerEntry::for_command(
+            SERVICE,
+            "withdraw",
+            cmd,
+            Recorded::Success {
+                output: output.to_string().into_bytes(),
+            },
+        );
+        entry.undid = undid;
+        self.ledger.record(entry).await
+    }
 }
 
 #[async_trait]
@@ -58,6 +83,13 @@ impl Participant for Notification {
         }
         match cmd.action.as_str() {
             "send" => self.send(cmd, "send", "order_confirmed").await,
+            "withdraw" => match forward_key(cmd) {
+                Some(forward) => self.withdraw(cmd, &forward).await,
+                None => Ok(failure(
+                    "invalid",
+                    "withdraw without the key of the notification it undoes",
+                )),
+            },
             "send_cancellation" => self.send(cmd, "send_cancellation", "order_cancelled").await,
             other => Ok(failure(
                 "invalid",

@@ -56,6 +56,7 @@ pub struct Effects {
     pub shipped: u32,
     pub shipment_cancelled: u32,
     pub notified: u32,
+    pub notification_withdrawn: u32,
     pub notified_cancellation: u32,
 }
 
@@ -84,6 +85,7 @@ pub async fn ledgers(nats: &NatsServer) -> HashMap<String, Effects> {
                     shipped: c.shipped,
                     shipment_cancelled: c.shipment_cancelled,
                     notified: c.notified,
+                    notification_withdrawn: c.notification_withdrawn,
                     notified_cancellation: c.notified_cancellation,
                 },
             )
@@ -92,8 +94,8 @@ pub async fn ledgers(nats: &NatsServer) -> HashMap<String, Effects> {
 }
 
 /// Checks the guarantees for a set of finished orders: one charge per shipped order and no
-/// undo; refunds exactly for the cancelled ones that were charged; nothing both shipped and
-/// cancelled.
+/// undo; for the cancelled ones, every effect that happened undone once (refund, release,
+/// shipment cancelled, confirmation withdrawn) and one cancellation notice.
 pub fn check_ledgers(orders: &[v1::Order], ledgers: &HashMap<String, Effects>) {
     for o in orders {
         let saga_id = format!("order-{}", o.order_id);
@@ -127,9 +129,13 @@ pub fn check_ledgers(orders: &[v1::Order], ledgers: &HashMap<String, Effects>) {
                     "cancelled order {}: {e:?}",
                     o.order_id
                 );
+                assert!(
+                    e.notified <= 1 && e.notification_withdrawn == e.notified,
+                    "cancelled order {}: a confirmation sent must be withdrawn: {e:?}",
+                    o.order_id
+                );
                 assert_eq!(
-                    (e.notified, e.notified_cancellation),
-                    (0, 1),
+                    e.notified_cancellation, 1,
                     "cancelled order {}: {e:?}",
                     o.order_id
                 );
