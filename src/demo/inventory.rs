@@ -25,7 +25,7 @@ use async_nats::jetstream::{self, kv, stream};
 use async_trait::async_trait;
 use sagaflow_proto::v1;
 
-use super::ledger::{Ledger, LedgerEntry, Recorded};
+use super::ledger::{Ledger, LedgerEntry, Recorded, Undo};
 use super::{failure, forward_key, unavailable, Error, Knobs, OrderInput};
 use crate::participant::{Outcome, Participant, Unavailable};
 use crate::topology::ensure_bucket;
@@ -393,17 +393,16 @@ impl Inventory {
     }
 
     async fn release(&self, cmd: &v1::Command, forward: &str) -> Result<Outcome, Unavailable> {
-        if let Some(existing) = self.ledger.get(SERVICE, &cmd.idempotency_key).await? {
-            return Ok(existing.outcome.to_outcome());
-        }
-        let reservation = self
+        let (reservation, mut entry) = match self
             .ledger
-            .forward_or_void(SERVICE, "reserve", cmd, forward)
-            .await?;
-        let mut entry = LedgerEntry::for_command(SERVICE, "release", cmd, Recorded::Voided);
-        if reservation.outcome.is_success() {
+            .begin_undo(SERVICE, "reserve", "release", cmd, forward)
+            .await?
+        {
+            Undo::Answered(outcome) => return Ok(outcome),
+            Undo::Pending { forward, entry } => (*forward, *entry),
+        };
+        if entry.undid {
             entry.items = reservation.items;
-            entry.undid = true;
         }
         let output = serde_json::json!({ "released": entry.items.iter().map(|(s, q)| serde_json::json!({"sku": s, "quantity": q})).collect::<Vec<_>>() });
         entry.outcome = Recorded::Success {

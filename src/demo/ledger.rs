@@ -270,6 +270,32 @@ impl Ledger {
         }
     }
 
+    /// The first half of every compensation: what was already recorded under the
+    /// compensation's own key (a duplicate), or else the forward entry it undoes (voided now if
+    /// the forward command has not arrived) and the entry to record for the undo, with `undid`
+    /// set when there is an effect to undo. The caller adds what it gives back and records it.
+    pub(crate) async fn begin_undo(
+        &self,
+        service: &str,
+        forward_action: &str,
+        undo_action: &str,
+        cmd: &v1::Command,
+        forward_key: &str,
+    ) -> Result<Undo, Unavailable> {
+        if let Some(existing) = self.get(service, &cmd.idempotency_key).await? {
+            return Ok(Undo::Answered(existing.outcome.to_outcome()));
+        }
+        let forward = self
+            .forward_or_void(service, forward_action, cmd, forward_key)
+            .await?;
+        let mut entry = LedgerEntry::for_command(service, undo_action, cmd, Recorded::Voided);
+        entry.undid = forward.outcome.is_success();
+        Ok(Undo::Pending {
+            forward: Box::new(forward),
+            entry: Box::new(entry),
+        })
+    }
+
     /// Every entry (reads every key: for tests and small ledgers).
     pub async fn entries(&self) -> Result<Vec<LedgerEntry>, Error> {
         let storage = |operation| {
@@ -318,6 +344,17 @@ pub async fn ledger(js: &jetstream::Context) -> Result<Vec<LedgerEntry>, Error> 
             message: e.to_string(),
         })?;
     Ledger { kv: Some(kv) }.entries().await
+}
+
+/// What [`Ledger::begin_undo`] found.
+pub(crate) enum Undo {
+    /// The compensation was recorded before: its answer.
+    Answered(Outcome),
+    /// The forward entry and the undo entry to complete and record.
+    Pending {
+        forward: Box<LedgerEntry>,
+        entry: Box<LedgerEntry>,
+    },
 }
 
 /// Effects of one saga, as recorded in the ledger. Every count is of effects that happened:

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use sagaflow_proto::v1;
 
-use super::ledger::{Ledger, LedgerEntry, Recorded};
+use super::ledger::{Ledger, LedgerEntry, Recorded, Undo};
 use super::{failure, forward_key, Knobs, OrderInput};
 use crate::participant::{Outcome, Participant, Unavailable};
 
@@ -52,25 +52,19 @@ impl Notification {
     }
 
     async fn withdraw(&self, cmd: &v1::Command, forward: &str) -> Result<Outcome, Unavailable> {
-        if let Some(existing) = self.ledger.get(SERVICE, &cmd.idempotency_key).await? {
-            return Ok(existing.outcome.to_outcome());
-        }
         // A withdrawal that overtakes its confirmation voids it: the late `send` is refused.
-        let sent = self
+        let mut entry = match self
             .ledger
-            .forward_or_void(SERVICE, "send", cmd, forward)
-            .await?;
-        let undid = sent.outcome.is_success();
-        let output = serde_json::json!({ "withdrawn": undid });
-        let mut entry = LedgerEntry::for_command(
-            SERVICE,
-            "withdraw",
-            cmd,
-            Recorded::Success {
-                output: output.to_string().into_bytes(),
-            },
-        );
-        entry.undid = undid;
+            .begin_undo(SERVICE, "send", "withdraw", cmd, forward)
+            .await?
+        {
+            Undo::Answered(outcome) => return Ok(outcome),
+            Undo::Pending { entry, .. } => *entry,
+        };
+        let output = serde_json::json!({ "withdrawn": entry.undid });
+        entry.outcome = Recorded::Success {
+            output: output.to_string().into_bytes(),
+        };
         self.ledger.record(entry).await
     }
 }

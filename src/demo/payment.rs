@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use sagaflow_proto::v1;
 
-use super::ledger::{Ledger, LedgerEntry, Recorded};
+use super::ledger::{Ledger, LedgerEntry, Recorded, Undo};
 use super::{failure, forward_key, Knobs, OrderInput};
 use crate::participant::{Outcome, Participant, Unavailable};
 
@@ -60,17 +60,16 @@ impl Payment {
     }
 
     async fn refund(&self, cmd: &v1::Command, forward: &str) -> Result<Outcome, Unavailable> {
-        if let Some(existing) = self.ledger.get(SERVICE, &cmd.idempotency_key).await? {
-            return Ok(existing.outcome.to_outcome());
-        }
-        let charge = self
+        let (charge, mut entry) = match self
             .ledger
-            .forward_or_void(SERVICE, "charge", cmd, forward)
-            .await?;
-        let mut entry = LedgerEntry::for_command(SERVICE, "refund", cmd, Recorded::Voided);
-        if charge.outcome.is_success() {
+            .begin_undo(SERVICE, "charge", "refund", cmd, forward)
+            .await?
+        {
+            Undo::Answered(outcome) => return Ok(outcome),
+            Undo::Pending { forward, entry } => (*forward, *entry),
+        };
+        if entry.undid {
             entry.amount_cents = charge.amount_cents;
-            entry.undid = true;
         }
         let output = serde_json::json!({ "refunded_cents": entry.amount_cents });
         entry.outcome = Recorded::Success {

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use sagaflow_proto::v1;
 
-use super::ledger::{Ledger, LedgerEntry, Recorded};
+use super::ledger::{Ledger, LedgerEntry, Recorded, Undo};
 use super::{failure, forward_key, Knobs};
 use crate::participant::{Outcome, Participant, Unavailable};
 
@@ -48,28 +48,22 @@ impl Shipping {
     }
 
     async fn cancel(&self, cmd: &v1::Command, forward: &str) -> Result<Outcome, Unavailable> {
-        if let Some(existing) = self.ledger.get(SERVICE, &cmd.idempotency_key).await? {
-            return Ok(existing.outcome.to_outcome());
-        }
-        let shipment = self
+        let mut entry = match self
             .ledger
-            .forward_or_void(SERVICE, "prepare", cmd, forward)
-            .await?;
-        let undid = shipment.outcome.is_success();
-        let output = if undid {
+            .begin_undo(SERVICE, "prepare", "cancel", cmd, forward)
+            .await?
+        {
+            Undo::Answered(outcome) => return Ok(outcome),
+            Undo::Pending { entry, .. } => *entry,
+        };
+        let output = if entry.undid {
             serde_json::json!({ "cancelled": tracking_id(forward) })
         } else {
             serde_json::json!({ "cancelled": null })
         };
-        let mut entry = LedgerEntry::for_command(
-            SERVICE,
-            "cancel",
-            cmd,
-            Recorded::Success {
-                output: output.to_string().into_bytes(),
-            },
-        );
-        entry.undid = undid;
+        entry.outcome = Recorded::Success {
+            output: output.to_string().into_bytes(),
+        };
         self.ledger.record(entry).await
     }
 }
