@@ -40,11 +40,12 @@ fn now_millis() -> Millis {
     .unwrap()
 }
 
-/// The order saga as shipped.
+/// The order saga with notify as its pivot (as shipped until 2026-11-27): a sequential stage, a
+/// parallel stage and a pivot alone in the last stage.
 fn order() -> SagaDefinition {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sagas/order.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/order_with_pivot.toml");
     let source = std::fs::read_to_string(&path).unwrap();
-    sagaflow_actors::definition::parse(&source, &path).expect("sagas/order.toml is valid")
+    sagaflow_actors::definition::parse(&source, &path).expect("order_with_pivot.toml is valid")
 }
 
 /// The order saga with 50 ms timeouts and short retries, for tests of the timers.

@@ -370,7 +370,9 @@ mod tests {
             .unwrap();
         saga.apply(&def1, fail("invalid", 2, 1, false), 1_004)
             .unwrap();
-        saga.apply(&def1, fail("closed_account", 0, 1, true), 1_005)
+        saga.apply(&def1, fail("invalid", 3, 1, false), 1_005)
+            .unwrap();
+        saga.apply(&def1, fail("closed_account", 0, 1, true), 1_006)
             .unwrap();
         assert_eq!(saga.phase, Phase::NeedsAttention);
         let text = progress(&saga, &def1, 2_000);

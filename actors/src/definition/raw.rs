@@ -1141,8 +1141,7 @@ mod tests {
             stages,
             [
                 ("payment", &[0][..], Some("PAID")),
-                ("fulfilment", &[1, 2][..], None),
-                ("notify", &[3][..], None)
+                ("fulfilment", &[1, 2, 3][..], None),
             ]
         );
         let steps: Vec<(&str, usize, String, Option<String>, bool)> = saga
@@ -1182,7 +1181,13 @@ mod tests {
                     Some("shipping.cancel".into()),
                     false
                 ),
-                ("notify", 2, "notification.send".into(), None, true),
+                (
+                    "notify",
+                    1,
+                    "notification.send".into(),
+                    Some("notification.withdraw".into()),
+                    false
+                ),
             ]
         );
         for step in &saga.steps {

@@ -1,4 +1,5 @@
-//! Tests of the saga state machine: scripted runs of the order saga (`sagas/order.toml`), then
+//! Tests of the saga state machine: scripted runs of the engine's test saga (the order saga with
+//! notify as its pivot, `actors/tests/fixtures/order_with_pivot.toml`), then
 //! property tests that drive random saga shapes through hostile environments (failures,
 //! duplicates, stale and reordered replies, lost messages, timeouts, cancels, crashes) and check
 //! the machine's invariants after every single event.
@@ -23,13 +24,14 @@ const PREPARE: StepIndex = 2;
 const NOTIFY: StepIndex = 3;
 const AFTER: StepIndex = 4;
 
-/// The order saga as shipped, parsed from `sagas/order.toml`.
+/// The order saga with notify as its pivot (as shipped until 2026-11-27), parsed from
+/// `actors/tests/fixtures/order_with_pivot.toml`.
 fn order() -> SagaDefinition {
     let def = crate::definition::parse(
-        include_str!("../../../sagas/order.toml"),
-        Path::new("sagas/order.toml"),
+        include_str!("../../tests/fixtures/order_with_pivot.toml"),
+        Path::new("actors/tests/fixtures/order_with_pivot.toml"),
     )
-    .expect("sagas/order.toml is valid");
+    .expect("order_with_pivot.toml is valid");
     let names: Vec<&str> = def.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
