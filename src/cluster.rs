@@ -19,7 +19,7 @@ use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use futures::StreamExt;
 use ractor::ActorRef;
-use sagaflow_actors::cluster::{next_step, owner, Lease, LeaseStep};
+use sagaflow_actors::cluster::{assignment, next_step, Lease, LeaseStep};
 use sagaflow_actors::coordinator::{CoordinatorMsg, Input};
 use sagaflow_actors::ports::Delivery;
 use serde::{Deserialize, Serialize};
@@ -433,9 +433,14 @@ impl Membership {
         let mut live: BTreeSet<String> = members.keys().cloned().collect();
         live.insert(me.clone());
         let mut leases = BTreeMap::new();
+        let assigned_to: Vec<bool> = assignment(self.cfg.partitions, &live)
+            .into_iter()
+            .map(|o| o == Some(me.as_str()))
+            .collect();
+        let is_mine = |p: u32| assigned_to.get(p as usize).copied().unwrap_or(false);
         // Partitions we hold but are no longer assigned stop pulling at once (see `leave`).
         for (p, h) in &self.held {
-            if owner(*p, &live) != Some(me.as_str()) {
+            if !is_mine(*p) {
                 h.stop.cancel();
             }
         }
@@ -454,8 +459,7 @@ impl Membership {
                     self.stop_partition(p).await;
                 }
             }
-            let assigned = owner(p, &live) == Some(me.as_str());
-            match next_step(&me, assigned, lease.as_ref(), &live) {
+            match next_step(&me, is_mine(p), lease.as_ref(), &live) {
                 LeaseStep::Acquire(new) => {
                     if self.write_lease(p, &new, revision).await? {
                         tracing::info!(partition = p, epoch = new.epoch, previous = ?lease.as_ref().and_then(|l| l.owner.clone()), "partition acquired");

@@ -1,10 +1,16 @@
 //! Cluster logic, pure: which live node owns which partition, and what a node must do about a
 //! partition's lease. The `sagaflow` crate runs it against the membership and lease buckets.
 //!
-//! **Assignment** is rendezvous (highest-random-weight) hashing: partition `p` belongs to the
-//! live node with the highest `hash(node, p)`. Every node computes the same answer from the
-//! same member list, and a join or leave moves only the partitions that must move (those the
-//! newcomer wins, or those the leaver held).
+//! **Assignment** is rendezvous (highest-random-weight) hashing with bounded loads: every pair
+//! of a live node and a partition has a weight `hash(node, p)`, and going through the pairs
+//! from the heaviest down, a partition goes to the node of the pair unless it is already taken
+//! or the node already holds its share. Each node ends with ⌊P/N⌋ or ⌈P/N⌉ of the P
+//! partitions (N live nodes), and every node computes the same answer from the same member
+//! list. Plain rendezvous hashing (each partition to its heaviest node) moves only the
+//! partitions that must move, but leaves the load to chance: with 8 partitions on 3 nodes the
+//! busiest node holds on average 1.5 times its fair share, and the busiest node is what limits
+//! a cluster. The bound keeps most of the minimal movement: a join or a leave moves the
+//! newcomer's share (or the leaver's) and, where the shares change, a few partitions more.
 //!
 //! **Leases** make ownership exclusive. A lease is `(owner, epoch)`, stored per partition and
 //! only ever changed by compare-and-set on the entry's revision, so two nodes can never both
@@ -36,17 +42,63 @@ pub fn weight(node: &str, partition: u32) -> u64 {
     h ^ (h >> 33)
 }
 
-/// The live node that owns `partition` (ties broken by node id), if any node is live.
-pub fn owner(partition: u32, live: &BTreeSet<String>) -> Option<&str> {
-    live.iter()
-        .max_by_key(|n| (weight(n, partition), n.as_str()))
-        .map(String::as_str)
+/// The owner of each of `0..partitions` among `live` (`None` when no node is live): each
+/// node holds ⌊P/N⌋ or ⌈P/N⌉ partitions, those of its heaviest pairs that were still free (see
+/// the module's documentation). Ties of weight are broken by node id, so the answer depends
+/// only on the set.
+pub fn assignment(partitions: u32, live: &BTreeSet<String>) -> Vec<Option<&str>> {
+    let mut owners: Vec<Option<&str>> = vec![None; partitions as usize];
+    let n = live.len();
+    if n == 0 {
+        return owners;
+    }
+    let floor = partitions as usize / n;
+    // How many nodes may hold one partition more than `floor`.
+    let mut above = partitions as usize % n;
+    let mut pairs: Vec<(u64, usize, u32)> = Vec::with_capacity(partitions as usize * n);
+    for (i, node) in live.iter().enumerate() {
+        pairs.extend((0..partitions).map(|p| (weight(node, p), i, p)));
+    }
+    // Heaviest first; among equal weights the greater node id first (`live` is sorted).
+    pairs.sort_unstable_by(|a, b| b.cmp(a));
+    let nodes: Vec<&str> = live.iter().map(String::as_str).collect();
+    let mut load = vec![0usize; n];
+    let mut left = partitions as usize;
+    for (_, i, p) in pairs {
+        if left == 0 {
+            break;
+        }
+        let slot = &mut owners[p as usize];
+        if slot.is_some() {
+            continue;
+        }
+        if load[i] < floor || (load[i] == floor && above > 0) {
+            if load[i] == floor {
+                above -= 1;
+            }
+            load[i] += 1;
+            *slot = Some(nodes[i]);
+            left -= 1;
+        }
+    }
+    owners
+}
+
+/// The live node that owns `partition` of `0..partitions`, if any node is live. (Computes the
+/// whole assignment: to look up many partitions, call [`assignment`] once.)
+pub fn owner(partition: u32, partitions: u32, live: &BTreeSet<String>) -> Option<&str> {
+    assignment(partitions, live)
+        .get(partition as usize)
+        .copied()
+        .flatten()
 }
 
 /// The partitions (of `0..partitions`) that `node` owns among `live`.
 pub fn owned_by(node: &str, partitions: u32, live: &BTreeSet<String>) -> Vec<u32> {
     (0..partitions)
-        .filter(|&p| owner(p, live) == Some(node))
+        .zip(assignment(partitions, live))
+        .filter(|(_, o)| *o == Some(node))
+        .map(|(p, _)| p)
         .collect()
 }
 
