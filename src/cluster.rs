@@ -131,13 +131,19 @@ pub enum CountCheck {
     Unavailable(String),
 }
 
-/// Checks that `partitions` is the deployment's partition count, recording it the first time.
+/// The partition count this node must use: the deployment's. A new deployment records
+/// `partitions` the first time. In an existing one, a node whose `partitions` was `set` must
+/// have the deployment's count, and one that took the default adopts the deployment's.
 ///
 /// A saga's partition is hash(saga id) mod `partitions`, and its snapshot key and event subject
 /// carry it: a node that counted differently would place sagas where their owners do not look.
 /// The count is kept under [`PARTITION_COUNT_KEY`]. A deployment from before the key existed
 /// has leases `p0`…`p<N-1>`, which give its count.
-pub async fn check_partition_count(leases: &kv::Store, partitions: u32) -> Result<(), CountCheck> {
+pub async fn check_partition_count(
+    leases: &kv::Store,
+    partitions: u32,
+    set: bool,
+) -> Result<u32, CountCheck> {
     let unavailable = |e: &dyn std::fmt::Display| CountCheck::Unavailable(e.to_string());
     let mismatch = |deployment: u32, from: &str| {
         CountCheck::Mismatch(format!(
@@ -157,7 +163,7 @@ pub async fn check_partition_count(leases: &kv::Store, partitions: u32) -> Resul
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
             return match recorded {
-                Some(n) if n == partitions => Ok(()),
+                Some(n) if n == partitions || (!set && (1..=1024).contains(&n)) => Ok(n),
                 Some(n) => Err(mismatch(
                     n,
                     &format!("key `{PARTITION_COUNT_KEY}` of bucket `{PARTITIONS_BUCKET}`"),
@@ -177,8 +183,12 @@ pub async fn check_partition_count(leases: &kv::Store, partitions: u32) -> Resul
                 highest = highest.max(Some(p));
             }
         }
+        let mut count = partitions;
         if let Some(h) = highest {
-            if h + 1 != partitions {
+            if !set && h < 1024 {
+                // Adopted, and recorded below for the nodes that come after.
+                count = h + 1;
+            } else if h + 1 != partitions {
                 return Err(mismatch(
                     h + 1,
                     &format!("its leases go up to `p{h}` in bucket `{PARTITIONS_BUCKET}`"),
@@ -186,10 +196,10 @@ pub async fn check_partition_count(leases: &kv::Store, partitions: u32) -> Resul
             }
         }
         match leases
-            .create(PARTITION_COUNT_KEY, partitions.to_string().into())
+            .create(PARTITION_COUNT_KEY, count.to_string().into())
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(count),
             // Another node recorded it first: compare with its value.
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
             Err(e) => return Err(unavailable(&e)),

@@ -45,6 +45,12 @@ fn invalid(origin: Option<String>, message: impl Into<String>) -> Error {
 pub const DEFAULT_HTTP_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
+/// Partitions of a new deployment when `partitions` is not set. Each partition is a durable
+/// consumer on `SAGA_EVENTS`, and nats-server pays for every one: on one node, 32 partitions
+/// cost the server 15 % more CPU per saga than 8, and 9 % of the throughput
+/// (docs/benchmarks.md, *Fewer partitions by default*). Eight serve up to eight nodes.
+pub const DEFAULT_PARTITIONS: u32 = 8;
+
 /// Everything a node needs to run. Every field has a default, so a node runs without a file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -61,8 +67,13 @@ pub struct NodeConfig {
     pub http_addr: SocketAddr,
     /// Folder of saga definitions (`*.toml`).
     pub saga_dir: PathBuf,
-    /// Number of saga event partitions. Fixed for the life of a deployment: changing it moves sagas.
+    /// Number of saga event partitions ([`DEFAULT_PARTITIONS`] unless set). Fixed for the life
+    /// of a deployment: changing it moves sagas. A node where it is not set takes the count of
+    /// the deployment it joins; one where it is set refuses to join a deployment with another.
     pub partitions: u32,
+    /// Whether `partitions` was set (in the file or the environment) rather than defaulted.
+    #[serde(skip)]
+    pub partitions_set: bool,
     /// Run the demo participant services (payment, inventory, shipping, notification, analytics) in this node.
     pub demo_services: bool,
     /// Demo services' knobs.
@@ -200,7 +211,8 @@ impl Default for NodeConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: DEFAULT_HTTP_ADDR,
             saga_dir: PathBuf::from("sagas"),
-            partitions: 32,
+            partitions: DEFAULT_PARTITIONS,
+            partitions_set: false,
             demo_services: false,
             demo: DemoConfig::default(),
             streams: StreamsConfig::default(),
@@ -419,8 +431,10 @@ impl NodeConfig {
         if let Some(f) = &overrides.log_format {
             root.insert("log_format".into(), toml::Value::String(f.clone()));
         }
-        let config: NodeConfig = NodeConfig::deserialize(toml::Value::Table(root))
+        let partitions_set = root.contains_key("partitions");
+        let mut config: NodeConfig = NodeConfig::deserialize(toml::Value::Table(root))
             .map_err(|e| invalid(origin.clone(), e.to_string()))?;
+        config.partitions_set = partitions_set;
         config.validate()?;
         Ok(config)
     }
@@ -621,7 +635,11 @@ mod tests {
     #[test]
     fn defaults_validate() {
         let c = NodeConfig::load(None, &BTreeMap::new(), &Overrides::default()).unwrap();
-        assert_eq!(c.partitions, 32);
+        assert_eq!(c.partitions, DEFAULT_PARTITIONS);
+        assert!(
+            !c.partitions_set,
+            "the default leaves the deployment's count to be adopted"
+        );
         assert_eq!(c.demo.stock.get("SKU-OUT"), Some(&0));
         assert_eq!(c.demo.stock.get("SKU-9"), Some(&1_000_000));
     }
@@ -655,6 +673,9 @@ mod tests {
         };
         let c = NodeConfig::load(Some(&file), &env, &o).unwrap();
         assert_eq!(c.partitions, 16, "env beats file");
+        assert!(c.partitions_set);
+        let from_file = NodeConfig::load(Some(&file), &BTreeMap::new(), &o).unwrap();
+        assert_eq!((from_file.partitions, from_file.partitions_set), (8, true));
         assert_eq!(c.demo.instances, 2, "file beats default");
         assert_eq!(c.demo.payment_limit_cents, 500);
         assert!(c.demo.stateless && !NodeConfig::default().demo.stateless);

@@ -242,7 +242,7 @@ pub async fn connect_with(config: &NodeConfig, readiness: Arc<Readiness>) -> asy
 }
 
 /// Starts a node and returns once it serves gRPC.
-pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
+pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     let definitions = Arc::new(load_definitions(&config.saga_dir)?);
     tracing::info!(node_id = %config.node_id, sagas = ?definitions.keys().collect::<Vec<_>>(), "definitions loaded");
     let readiness = Arc::new(Readiness::default());
@@ -271,13 +271,22 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, Error> {
     // check that this node counts partitions as the deployment does.
     let buckets = loop {
         let checked = match cluster::ensure_buckets(&js, &config).await {
-            Ok(b) => cluster::check_partition_count(&b.1, config.partitions)
+            Ok(b) => cluster::check_partition_count(&b.1, config.partitions, config.partitions_set)
                 .await
-                .map(|()| b),
+                .map(|count| (b, count)),
             Err(e) => Err(cluster::CountCheck::Unavailable(e.to_string())),
         };
         match checked {
-            Ok(b) => break b,
+            Ok((b, count)) => {
+                if count != config.partitions {
+                    tracing::info!(
+                        partitions = count,
+                        "`partitions` not set: using the deployment's count"
+                    );
+                    config.partitions = count;
+                }
+                break b;
+            }
             Err(cluster::CountCheck::Mismatch(message)) => return Err(Error::Partitions(message)),
             Err(cluster::CountCheck::Unavailable(e)) => {
                 tracing::warn!(error = %e, "cluster buckets not ready, retrying");

@@ -40,6 +40,16 @@ async fn start(nats: &NatsServer, id: &str, partitions: u32) -> NodeHandle {
     .unwrap()
 }
 
+/// Starts a node that leaves `partitions` unset.
+async fn start_unset(nats: &NatsServer, id: &str) -> NodeHandle {
+    let config = node_config(&[nats.url()], id, FAST);
+    assert!(!config.partitions_set);
+    within(TIMEOUT, "start node", node::start(config))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// The stored leases, read straight from the bucket.
 async fn leases(js: &jetstream::Context) -> BTreeMap<u32, Lease> {
     // The bucket appears once the first node has started.
@@ -292,7 +302,8 @@ async fn refused_start(nats: &NatsServer, id: &str, partitions: u32) -> String {
 
 /// Every node must count partitions as the deployment does (a saga's partition is in its key
 /// and subjects): a node configured otherwise refuses to start, naming both counts, before it
-/// serves anything. A deployment from before the count was recorded is known by its leases.
+/// serves anything, and a node that leaves the count unset takes the deployment's. A
+/// deployment from before the count was recorded is known by its leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_counting_partitions_otherwise_than_the_deployment_refuses_to_start() {
     let nats = start_nats().await.unwrap();
@@ -308,6 +319,11 @@ async fn a_node_counting_partitions_otherwise_than_the_deployment_refuses_to_sta
     // The same count joins.
     let second = start(&nats, "count-c", 4).await;
     second.shutdown().await.unwrap();
+    // So does a node that leaves `partitions` unset: it takes the deployment's 4 (not the
+    // default 8) and shares them.
+    let unset = start_unset(&nats, "count-f").await;
+    wait_owned_by(&js, 4, &["count-a", "count-f"]).await;
+    unset.shutdown().await.unwrap();
     first.shutdown().await.unwrap();
 
     // A deployment whose count was never recorded: its leases p0…p3 give it away.
@@ -332,4 +348,19 @@ async fn a_node_counting_partitions_otherwise_than_the_deployment_refuses_to_sta
         "the count is recorded again"
     );
     again.shutdown().await.unwrap();
+
+    // Unset, in a deployment known only by its leases: the leases give the count, which is
+    // recorded for the nodes after.
+    leases
+        .purge(sagaflow::cluster::PARTITION_COUNT_KEY)
+        .await
+        .unwrap();
+    let adopted = start_unset(&nats, "count-g").await;
+    wait_owned_by(&js, 4, &["count-g"]).await;
+    let recorded = leases
+        .get(sagaflow::cluster::PARTITION_COUNT_KEY)
+        .await
+        .unwrap();
+    assert_eq!(recorded.as_deref(), Some(&b"4"[..]));
+    adopted.shutdown().await.unwrap();
 }
