@@ -47,8 +47,9 @@ pub const DEFAULT_HTTP_ADDR: SocketAddr =
 
 /// Partitions of a new deployment when `partitions` is not set. Each partition is a durable
 /// consumer on `SAGA_EVENTS`, and nats-server pays for every one: on one node, 32 partitions
-/// cost the server 15 % more CPU per saga than 8, and 9 % of the throughput
-/// (docs/benchmarks.md, *Fewer partitions by default*). Eight serve up to eight nodes.
+/// cost the server 15 % more CPU per saga than 8, and 9 % of the throughput; on an R3
+/// cluster, 70 % more and nearly 40 % of the throughput (docs/benchmarks.md, *Fewer
+/// partitions by default*). Eight serve up to eight nodes.
 pub const DEFAULT_PARTITIONS: u32 = 8;
 
 /// Everything a node needs to run. Every field has a default, so a node runs without a file.
