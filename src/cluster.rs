@@ -2,8 +2,8 @@
 //!
 //! Each node heartbeats into `sagaflow_nodes` (entries expire after `cluster.node_ttl`), and
 //! every `cluster.heartbeat_interval` reconciles each partition's lease in
-//! `sagaflow_partitions` with the rendezvous assignment over the live nodes
-//! ([`sagaflow_actors::cluster`]). The protocol, with a sequence diagram, is in
+//! `sagaflow_partitions` with the assignment over the live nodes (rendezvous hashing with
+//! bounded loads, [`sagaflow_actors::cluster`]). The protocol, with a sequence diagram, is in
 //! `docs/cluster.md`.
 //!
 //! A partition is consumed only between a successful lease acquisition and its release.
