@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, MAX_PARTITIONS};
 use crate::dlq::{self, now_ms, JsDelivery};
 use crate::events::{decode, ensure_consumer};
 use crate::topology::{self, SAGAS_BUCKET};
@@ -163,7 +163,7 @@ pub async fn check_partition_count(
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
             return match recorded {
-                Some(n) if n == partitions || (!set && (1..=1024).contains(&n)) => Ok(n),
+                Some(n) if n == partitions || (!set && (1..=MAX_PARTITIONS).contains(&n)) => Ok(n),
                 Some(n) => Err(mismatch(
                     n,
                     &format!("key `{PARTITION_COUNT_KEY}` of bucket `{PARTITIONS_BUCKET}`"),
@@ -185,7 +185,7 @@ pub async fn check_partition_count(
         }
         let mut count = partitions;
         if let Some(h) = highest {
-            if !set && h < 1024 {
+            if !set && h < MAX_PARTITIONS {
                 // Adopted, and recorded below for the nodes that come after.
                 count = h + 1;
             } else if h + 1 != partitions {

@@ -52,6 +52,9 @@ pub const DEFAULT_HTTP_ADDR: SocketAddr =
 /// partitions by default*). Eight serve up to eight nodes.
 pub const DEFAULT_PARTITIONS: u32 = 8;
 
+/// The most partitions a deployment may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
 /// Everything a node needs to run. Every field has a default, so a node runs without a file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -457,9 +460,9 @@ impl NodeConfig {
         if self.nats.is_empty() {
             return bad("`nats` needs at least one server URL".into());
         }
-        if !(1..=1024).contains(&self.partitions) {
+        if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
             return bad(format!(
-                "`partitions` must be in 1..=1024, got {}",
+                "`partitions` must be in 1..={MAX_PARTITIONS}, got {}",
                 self.partitions
             ));
         }

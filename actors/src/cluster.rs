@@ -84,15 +84,6 @@ pub fn assignment(partitions: u32, live: &BTreeSet<String>) -> Vec<Option<&str>>
     owners
 }
 
-/// The live node that owns `partition` of `0..partitions`, if any node is live. (Computes the
-/// whole assignment: to look up many partitions, call [`assignment`] once.)
-pub fn owner(partition: u32, partitions: u32, live: &BTreeSet<String>) -> Option<&str> {
-    assignment(partitions, live)
-        .get(partition as usize)
-        .copied()
-        .flatten()
-}
-
 /// The partitions (of `0..partitions`) that `node` owns among `live`.
 pub fn owned_by(node: &str, partitions: u32, live: &BTreeSet<String>) -> Vec<u32> {
     (0..partitions)

@@ -58,6 +58,14 @@ fn loads(ids: &[String], partitions: u32) -> Vec<usize> {
     loads
 }
 
+/// The owner of one partition (the whole assignment computed for it: fine in tests).
+fn owner(partition: u32, partitions: u32, live: &BTreeSet<String>) -> Option<&str> {
+    assignment(partitions, live)
+        .get(partition as usize)
+        .copied()
+        .flatten()
+}
+
 /// Plain rendezvous hashing: the heaviest live node of `partition` (ties to the greater id).
 fn heaviest(partition: u32, live: &BTreeSet<String>) -> Option<&str> {
     live.iter()
