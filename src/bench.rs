@@ -405,6 +405,7 @@ struct Watches {
     node: Option<procstat::Watch>,
     nats: Option<procstat::Watch>,
     client: procstat::Watch,
+    machine: procstat::MachineWatch,
     /// The resident sets read every second during the run, for its timeline.
     rss: Arc<std::sync::Mutex<Vec<procstat::RssSample>>>,
     sampler: tokio::task::JoinHandle<()>,
@@ -448,6 +449,7 @@ impl Watches {
             node: node_pid.map(procstat::Watch::start),
             nats: nats_pid.map(procstat::Watch::start),
             client: procstat::Watch::start(std::process::id()),
+            machine: procstat::MachineWatch::start(),
             rss,
             sampler,
         }
@@ -460,11 +462,20 @@ impl Watches {
     }
 
     fn apply(&self, r: &mut RunReport, with_node: bool) {
-        if with_node {
-            r.node = self.node.as_ref().and_then(procstat::Watch::finish);
-        }
+        let node = self.node.as_ref().and_then(procstat::Watch::finish);
         r.nats = self.nats.as_ref().and_then(procstat::Watch::finish);
         r.client = self.client.finish();
+        // Every process watched counts as measured, the node too in the baseline's run (where
+        // it idles and is not reported).
+        let measured: f64 = [node, r.nats, r.client]
+            .iter()
+            .flatten()
+            .map(|u| u.cores)
+            .sum();
+        r.machine = self.machine.finish(measured);
+        if with_node {
+            r.node = node;
+        }
     }
 }
 

@@ -108,6 +108,12 @@ fn bench_smoke_json_with_baseline() -> anyhow::Result<()> {
             point["sagaflow"]["nats"]["peak_rss_mib"].as_f64().is_some(),
             "{v:#}"
         );
+        // And the machine: its busy share is a share of at least one CPU.
+        let machine = &point["sagaflow"]["machine"];
+        let busy = machine["busy"].as_f64().context("machine.busy")?;
+        assert!((0.0..=1.0).contains(&busy), "{v:#}");
+        assert!(machine["cpus"].as_u64().unwrap_or(0) >= 1, "{v:#}");
+        assert!(machine["saturated"].is_boolean(), "{v:#}");
     }
     Ok(())
 }

@@ -9,6 +9,10 @@
 //!   (which would include the warm-up, or the other system's run on a shared nats-server).
 //!   The reset needs the right to write that file (our own children, or root); when it fails
 //!   the peak is the lifetime peak, and the report says so.
+//! - The machine: the `cpu` line of `/proc/stat` (all CPUs, in clock ticks), read at both ends
+//!   of a run, tells how busy the CPUs were, how much of that the measured processes account
+//!   for, and how much time the hypervisor gave to other guests (`steal`). A run that kept
+//!   every CPU busy measured a saturated machine, and its latencies include waiting for a CPU.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -145,6 +149,110 @@ pub struct Usage {
     pub peak_is_lifetime: bool,
 }
 
+/// Share of the machine's CPU time that was busy at or above which a run is reported as
+/// measured on a saturated machine.
+pub const SATURATED_AT: f64 = 0.9;
+
+/// Clock ticks of all CPUs together, from the `cpu` line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MachineTicks {
+    /// Running anything: user, nice, system, irq and softirq (guest time is part of user).
+    busy: u64,
+    /// Taken by the hypervisor for other guests while this one wanted to run.
+    steal: u64,
+    /// Everything, idle and waiting for I/O included.
+    total: u64,
+    /// CPUs (`cpuN` lines).
+    cpus: usize,
+}
+
+fn parse_machine(stat: &str) -> Option<MachineTicks> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    if fields.len() < 8 {
+        return None;
+    }
+    let f = |i: usize| fields[i];
+    let cpus = stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    Some(MachineTicks {
+        busy: f(0) + f(1) + f(2) + f(5) + f(6),
+        steal: f(7),
+        total: (0..8).map(f).sum(),
+        cpus,
+    })
+}
+
+fn machine_ticks() -> Option<MachineTicks> {
+    parse_machine(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The whole machine's CPUs, measured over one run.
+#[derive(Debug, Clone)]
+pub struct MachineWatch {
+    at_start: Option<MachineTicks>,
+}
+
+impl MachineWatch {
+    /// Starts measuring.
+    pub fn start() -> Self {
+        MachineWatch {
+            at_start: machine_ticks(),
+        }
+    }
+
+    /// How busy the machine was since [`MachineWatch::start`]; `measured_cores` is what the
+    /// processes the run measured used (cores), so the rest can be told apart.
+    pub fn finish(&self, measured_cores: f64) -> Option<MachineUsage> {
+        machine_usage(self.at_start?, machine_ticks()?, measured_cores)
+    }
+}
+
+fn machine_usage(a: MachineTicks, b: MachineTicks, measured_cores: f64) -> Option<MachineUsage> {
+    let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
+    let busy = b.busy.saturating_sub(a.busy) as f64 / total;
+    let steal = b.steal.saturating_sub(a.steal) as f64 / total;
+    let cpus = b.cpus.max(1);
+    let busy_cores = busy * cpus as f64;
+    Some(MachineUsage {
+        cpus,
+        busy: round3(busy),
+        busy_cores: round3(busy_cores),
+        other_cores: round3((busy_cores - measured_cores).max(0.0)),
+        steal: round3(steal),
+        saturated: busy + steal >= SATURATED_AT,
+    })
+}
+
+/// How busy the whole machine was during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MachineUsage {
+    /// CPUs of the machine.
+    pub cpus: usize,
+    /// Share of all CPU time spent running anything (0 to 1).
+    pub busy: f64,
+    /// The same in cores (`busy × cpus`).
+    pub busy_cores: f64,
+    /// Busy cores the measured processes (node, nats-server, the bench) do not account for:
+    /// other processes, or a node or server the bench was not given the pid of.
+    pub other_cores: f64,
+    /// Share of CPU time the hypervisor gave to other guests while this one wanted to run.
+    pub steal: f64,
+    /// `busy + steal` reached [`SATURATED_AT`]: the CPUs were the bottleneck, and latencies
+    /// include waiting for one.
+    pub saturated: bool,
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -168,6 +276,40 @@ mod tests {
             "Name:\tnats-server\nVmPeak:\t 100 kB\nVmHWM:\t   2048 kB\nVmRSS:\t   1024 kB\n";
         assert_eq!(parse_memory(status), Some((1024, 2048)));
         assert_eq!(parse_memory("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn procstat_parses_the_machine_and_tells_saturation() {
+        let stat = |user: u64, idle: u64, steal: u64| {
+            format!(
+                "cpu  {user} 0 100 {idle} 10 0 5 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n\
+                 cpu1 1 2 3 4 5 6 7 8 0 0\nintr 12345\nctxt 999\n"
+            )
+        };
+        let a = parse_machine(&stat(1_000, 5_000, 50)).unwrap();
+        assert_eq!(a.cpus, 2);
+        assert_eq!(a.busy, 1_105);
+        assert_eq!(a.total, 6_165);
+        // 1,000 ticks later: 900 busy, 95 idle, 5 stolen.
+        let b = parse_machine(&stat(1_900, 5_095, 55)).unwrap();
+        let u = machine_usage(a, b, 1.5).unwrap();
+        assert_eq!(u.cpus, 2);
+        assert!((u.busy - 0.9).abs() < 1e-9, "{u:?}");
+        assert!((u.busy_cores - 1.8).abs() < 1e-9, "{u:?}");
+        assert!((u.other_cores - 0.3).abs() < 1e-9, "{u:?}");
+        assert!((u.steal - 0.005).abs() < 1e-9, "{u:?}");
+        assert!(u.saturated);
+        // Mostly idle: not saturated, and nothing unaccounted for when the processes used more
+        // than the coarser machine counters show.
+        let c = parse_machine(&stat(2_100, 5_895, 55)).unwrap();
+        let u = machine_usage(b, c, 0.5).unwrap();
+        assert!((u.busy - 0.2).abs() < 1e-9, "{u:?}");
+        assert!(!u.saturated);
+        assert_eq!(u.other_cores, 0.0);
+        // No time passed, or no such line: nothing to say.
+        assert_eq!(machine_usage(a, a, 0.0), None);
+        assert_eq!(parse_machine("intr 1\n"), None);
+        assert_eq!(parse_machine("cpu  1 2 3\n"), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::load::{quantile, Mix, Samples, Shape};
-use super::procstat::{RssSample, Usage};
+use super::procstat::{MachineUsage, RssSample, Usage};
 use super::system::Traffic;
 
 /// One measured run of one system.
@@ -71,6 +71,9 @@ pub struct RunReport {
     /// The bench itself (driver, gRPC client, status subscription; for the baseline also its
     /// participant and orchestrator).
     pub client: Option<Usage>,
+    /// The whole machine's CPUs during the run (Linux): how busy, how much of it the
+    /// processes above do not account for, and whether it was saturated.
+    pub machine: Option<MachineUsage>,
     /// Messages the NATS server received per completed saga (publishes, acks, pull
     /// requests, API calls of every client, the bench's included), when the bench started it.
     pub nats_in_msgs_per_saga: Option<f64>,
@@ -214,6 +217,7 @@ impl RunReport {
             node: None,
             nats: None,
             client: None,
+            machine: None,
             nats_in_msgs_per_saga: None,
             nats_out_msgs_per_saga: None,
             nats_bytes_per_saga: None,
@@ -594,6 +598,23 @@ fn run_text(out: &mut String, r: &RunReport) {
             let _ = writeln!(out, "  {name:<11} {}{per_saga}", usage_text(u));
         }
     }
+    if let Some(m) = &r.machine {
+        let _ = writeln!(
+            out,
+            "  machine     {} cpus {:.0} % busy ({:.2} cores, {:.2} of them not the processes above), {:.1} % stolen by the hypervisor",
+            m.cpus,
+            m.busy * 100.0,
+            m.busy_cores,
+            m.other_cores,
+            m.steal * 100.0
+        );
+        if m.saturated {
+            let _ = writeln!(
+                out,
+                "  note        the CPUs were saturated: latencies include waiting for a CPU, behind the bench's own work too (--server and --nats measure a system on other machines)"
+            );
+        }
+    }
     if let (Some(i), Some(o), Some(b)) = (
         r.nats_in_msgs_per_saga,
         r.nats_out_msgs_per_saga,
@@ -685,6 +706,40 @@ mod tests {
         assert!(report
             .text()
             .contains("sagaflow / baseline: throughput 25.00×"));
+    }
+
+    #[test]
+    fn report_says_when_the_machine_was_saturated() {
+        let machine = |busy: f64, saturated| MachineUsage {
+            cpus: 2,
+            busy,
+            busy_cores: busy * 2.0,
+            other_cores: 0.02,
+            steal: 0.001,
+            saturated,
+        };
+        let text = |m: Option<MachineUsage>| {
+            let mut s = RunReport::new("sagaflow", Shape::Open { rate: 2000.0 }, &samples(&[5]));
+            s.machine = m;
+            let v = serde_json::to_value(&s).unwrap();
+            let mut out = String::new();
+            run_text(&mut out, &s);
+            (v, out)
+        };
+        let (v, out) = text(Some(machine(0.93, true)));
+        assert_eq!(v["machine"]["saturated"], true);
+        assert!(
+            out.contains("machine     2 cpus 93 % busy (1.86 cores, 0.02 of them not the processes above), 0.1 % stolen"),
+            "{out}"
+        );
+        assert!(out.contains("the CPUs were saturated"), "{out}");
+        let (v, out) = text(Some(machine(0.40, false)));
+        assert_eq!(v["machine"]["saturated"], false);
+        assert!(out.contains("40 % busy"), "{out}");
+        assert!(!out.contains("saturated"), "{out}");
+        let (v, out) = text(None);
+        assert!(v["machine"].is_null());
+        assert!(!out.contains("machine"), "{out}");
     }
 
     #[test]
