@@ -12,7 +12,8 @@
 //! - The machine: the `cpu` line of `/proc/stat` (all CPUs, in clock ticks), read at both ends
 //!   of a run, tells how busy the CPUs were, how much of that the measured processes account
 //!   for, and how much time the hypervisor gave to other guests (`steal`). A run that kept
-//!   every CPU busy measured a saturated machine, and its latencies include waiting for a CPU.
+//!   the CPUs busy [`SATURATED_AT`] of the time or more measured a saturated machine, and its
+//!   latencies include waiting for a CPU.
 
 use std::sync::OnceLock;
 use std::time::Instant;
