@@ -34,10 +34,20 @@
 //!
 //! Replies are matched on (step, attempt, forward/compensation): a duplicate, a late reply of an
 //! older attempt or a reply to something never sent changes nothing.
+//!
+//! Snapshots stay bounded whatever participants answer and operators do: after every change,
+//! [`Saga::apply_with_limits`] truncates outputs, error texts and reasons past their [`Limits`]
+//! (with a visible marker) and compacts the history, dropping entries between the oldest and
+//! the newest ones into one [`Happening::Elided`] marker while keeping every entry the machine
+//! still derives facts from (see [`Saga::bound`]). [`Saga::apply`] uses the default limits.
 
 use serde::{Deserialize, Serialize};
 
 use crate::definition::{RetryPolicy, SagaDefinition, Step, StepIndex};
+
+mod bounds;
+
+pub use bounds::Limits;
 
 /// Unix time in milliseconds.
 pub type Millis = i64;
@@ -152,7 +162,8 @@ pub struct StepState {
     pub started_at: Option<Millis>,
     /// Reached Succeeded / Failed / Compensated / CompensationFailed.
     pub finished_at: Option<Millis>,
-    /// Result reported by the participant (JSON).
+    /// Result reported by the participant (JSON), or a short text marker,
+    /// `[output truncated: N bytes, …]`, if it was too large to keep ([`Limits`]).
     pub output: Option<Vec<u8>>,
 }
 
@@ -287,6 +298,19 @@ pub enum Happening {
     },
     /// An operator's action took the saga out of `NEEDS_ATTENTION`.
     Unparked,
+    /// Older entries were dropped to keep the snapshot bounded ([`Limits`]). There is at most
+    /// one such marker, placed where the dropped entries were: after the oldest entries and the
+    /// ones the machine still needs, before the newest ones. Successive compactions merge into
+    /// it. (Appended: snapshots without it keep their bytes.)
+    Elided {
+        /// How many entries were dropped in all.
+        entries: u64,
+        /// How many of them recorded a parking ([`Happening::Parked`]): see
+        /// [`Saga::parkings`].
+        parkings: u32,
+        /// When the oldest dropped entry happened (the marker's own time is the newest's).
+        since: Millis,
+    },
 }
 
 impl std::fmt::Display for Happening {
@@ -329,6 +353,20 @@ impl std::fmt::Display for Happening {
                 write!(f, "compensation attempt {attempt} scheduled at {at}")
             }
             Happening::Unparked => write!(f, "resumed by an operator"),
+            Happening::Elided {
+                entries,
+                parkings,
+                since,
+            } => {
+                write!(
+                    f,
+                    "{entries} older entries elided to bound the snapshot (since {since}"
+                )?;
+                if *parkings > 0 {
+                    write!(f, "; {parkings} parking(s) among them")?;
+                }
+                write!(f, ")")
+            }
             Happening::Intervened {
                 action,
                 operator,
@@ -380,7 +418,9 @@ pub struct Saga {
     pub updated_at: Millis,
     /// Overall deadline.
     pub deadline_at: Millis,
-    /// Every transition, oldest first.
+    /// Every transition, oldest first; past the [`Limits`], entries between the oldest and
+    /// the newest are dropped into one [`Happening::Elided`] marker (so count with
+    /// [`Saga::logged`], [`Saga::logged_since`] and [`Saga::parkings`], not its length).
     pub history: Vec<HistoryEntry>,
     /// Number of status changes so far (sequence of lifecycle events).
     pub status_seq: u64,
@@ -414,7 +454,8 @@ pub enum Event {
 /// An operator's action on a saga, journaled in its history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intervention {
-    /// Unique id of the request: an intervention redelivered after a crash is applied once.
+    /// Unique id of the request: an intervention redelivered after a crash is applied once
+    /// (while its journal entry is kept, among the newest ones: see [`Limits`]).
     pub id: String,
     /// What to do.
     pub action: OperatorAction,
@@ -574,12 +615,31 @@ impl Saga {
         (saga, t)
     }
 
-    /// Applies one event at time `now`.
+    /// Applies one event at time `now`, keeping the snapshot within [`Limits::default`]: same
+    /// as [`Saga::apply_with_limits`] with the default limits.
     pub fn apply(
         &mut self,
         def: &SagaDefinition,
         event: Event,
         now: Millis,
+    ) -> Result<Transition, Error> {
+        self.apply_with_limits(def, event, now, &Limits::DEFAULT)
+    }
+
+    /// Applies one event at time `now`, then keeps the snapshot within `limits`
+    /// ([`Saga::bound`]): outputs, error texts and reasons too large are truncated with a
+    /// visible marker, and the history is compacted past its bounds. An intervention's id,
+    /// operator and reason are truncated before it is applied (so a redelivered one is still
+    /// recognised), and the effects' texts are bounded like the snapshot's. Decisions see the
+    /// event as it came: an error kind is matched against the retry policy before it is
+    /// truncated. A transition that changes nothing leaves the snapshot untouched, however
+    /// large.
+    pub fn apply_with_limits(
+        &mut self,
+        def: &SagaDefinition,
+        event: Event,
+        now: Millis,
+        limits: &Limits,
     ) -> Result<Transition, Error> {
         if self.steps.len() != def.step_slots() {
             return Err(Error::DefinitionMismatch {
@@ -606,10 +666,15 @@ impl Saga {
                     self.begin_compensation(def, format!("cancelled: {reason}"), now, &mut t);
                 }
             }
-            Event::Intervene(intervention) => self.intervene(def, intervention, now, &mut t),
+            Event::Intervene(intervention) => {
+                let intervention = limits.bound_intervention(intervention);
+                self.intervene(def, intervention, now, &mut t);
+            }
         }
         if t.changed {
             self.updated_at = now;
+            self.bound(limits);
+            limits.bound_effects(&mut t.effects);
         }
         Ok(t)
     }
@@ -1421,14 +1486,9 @@ impl Saga {
             format!("{base}; {why}")
         });
         self.log(now, None, Happening::Parked { reason: why });
-        let count = self
-            .history
-            .iter()
-            .filter(|h| matches!(h.what, Happening::Parked { .. }))
-            .count();
         t.effects.push(Effect::Parked {
             reason: self.reason.clone().unwrap_or_default(),
-            count: u32::try_from(count).unwrap_or(u32::MAX),
+            count: self.parkings(),
         });
         let status = def.statuses.needs_attention.clone();
         self.set_status(&status, now, t);
@@ -1436,20 +1496,34 @@ impl Saga {
 
     /// Attempts (forward or compensation) of step `i` sent since the last operator retry of
     /// that step: an operator's retry grants a fresh budget of the step's policy.
+    ///
+    /// Attempts are numbered without gaps, so this is the step's attempt count minus the number
+    /// of the first attempt sent after that retry: history compaction keeps both entries (the
+    /// last applied retry of each step and the first attempt after it), never the attempts
+    /// in between.
     pub fn attempts_in_budget(&self, i: StepIndex, compensation: bool) -> u32 {
-        let i = u32::try_from(i).ok();
-        let mut n = 0;
-        for h in self.history.iter().rev().filter(|h| h.step == i) {
+        let Some(state) = self.steps.get(i) else {
+            return 0;
+        };
+        let total = if compensation {
+            state.comp_attempt
+        } else {
+            state.attempt
+        };
+        let slot = u32::try_from(i).ok();
+        // The earliest attempt after the latest retry seen so far, walking back in time.
+        let mut first = None;
+        for h in self.history.iter().rev().filter(|h| h.step == slot) {
             match &h.what {
-                Happening::Sent { .. } if !compensation => n += 1,
-                Happening::CompensationSent { .. } if compensation => n += 1,
-                Happening::Intervened {
-                    action, refused, ..
-                } if action == "retry" && refused.is_empty() => break,
+                Happening::Sent { attempt } if !compensation => first = Some(*attempt),
+                Happening::CompensationSent { attempt } if compensation => first = Some(*attempt),
+                what if bounds::is_applied_retry(what) => {
+                    return first.map_or(0, |a| total.saturating_sub(a).saturating_add(1));
+                }
                 _ => {}
             }
         }
-        n
+        total
     }
 
     fn finish(&mut self, def: &SagaDefinition, phase: Phase, now: Millis, t: &mut Transition) {

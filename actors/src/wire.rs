@@ -250,6 +250,30 @@ mod tests {
     }
 
     #[test]
+    fn elided_golden_bytes_and_the_appended_variant_keeps_old_bytes() {
+        // History compaction's marker was appended to `Happening` (variant 17): snapshots
+        // without it keep their bytes (snapshot_v1_golden_bytes above).
+        let marker = HistoryEntry {
+            at: 12,
+            step: None,
+            what: Happening::Elided {
+                entries: 300,
+                parkings: 2,
+                since: 11,
+            },
+        };
+        assert_eq!(
+            postcard::to_stdvec(&marker).unwrap(),
+            vec![24, 0, 17, 0xac, 0x02, 2, 22],
+            "the Elided encoding changed: stored sagas would not decode"
+        );
+        let mut compacted = sample();
+        compacted.history.insert(0, marker);
+        let bytes = encode_snapshot(&compacted).unwrap();
+        assert_eq!(decode_snapshot(&bytes).unwrap(), compacted);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(decode_snapshot(&[0xff, 0xff, 0xff]).is_err());
         assert!(decode_control(&[]).is_err());

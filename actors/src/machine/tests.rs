@@ -1447,11 +1447,35 @@ struct Environment {
 }
 
 fn environment_strategy() -> impl Strategy<Value = Environment> {
-    prop::collection::vec(move_strategy(), 0..=150).prop_flat_map(|moves| {
+    environment_of(move_strategy(), 150)
+}
+
+/// Environments of up to `moves` moves drawn from `strategy`.
+fn environment_of(
+    strategy: impl Strategy<Value = Move>,
+    moves: usize,
+) -> impl Strategy<Value = Environment> {
+    prop::collection::vec(strategy, 0..=moves).prop_flat_map(|moves| {
         let n = moves.len();
         (Just(moves), prop::option::weighted(0.25, 0..=n))
             .prop_map(|(moves, cancel_at)| Environment { moves, cancel_at })
     })
+}
+
+/// Moves that keep a saga alive for long: participants mostly fail transiently and operators
+/// mostly retry, so sagas retry, park and resume again and again (long histories).
+fn stubborn_move_strategy() -> impl Strategy<Value = Move> {
+    let outcome = prop_oneof![1 => Just(Outcome::Success), 6 => Just(Outcome::Retryable), 1 => Just(Outcome::Fatal)];
+    prop_oneof![
+        10 => (any::<usize>(), outcome, prop::bool::weighted(0.1))
+            .prop_map(|(pick, outcome, again)| Move::Answer { pick, outcome, again }),
+        1 => (any::<usize>(), 0u8..5).prop_map(|(pick, mutation)| Move::Stale { pick, mutation }),
+        1 => (0u64..=1_500).prop_map(|ms| Move::Advance { ms }),
+        5 => Just(Move::Wakeup),
+        1 => Just(Move::Crash),
+        4 => (0u8..2, any::<usize>()).prop_map(|(kind, pick)| Move::Operator { kind, pick }),
+        1 => (2u8..7, any::<usize>()).prop_map(|(kind, pick)| Move::Operator { kind, pick }),
+    ]
 }
 
 /// Hosts a saga like the coordinator does, minus the I/O, and checks the invariants after
@@ -1470,10 +1494,23 @@ struct Driver<'d> {
     statuses: Vec<(String, String)>,
     /// Steps that reported success at some point.
     succeeded: HashSet<StepIndex>,
+    /// Parkings announced so far.
+    parkings: u32,
+    /// Limits the saga is driven under.
+    limits: Limits,
+    /// With small limits: the same saga driven with a history never compacted. Every
+    /// transition must be the same, and the compacted history must add up to the whole one.
+    whole: Option<Saga>,
 }
 
 impl<'d> Driver<'d> {
     fn start(def: &'d SagaDefinition) -> Self {
+        Driver::start_with(def, Limits::default(), false)
+    }
+
+    /// A driver under `limits`; with `lockstep`, also drives a copy of the saga whose history
+    /// is never compacted and checks that compaction changes nothing else.
+    fn start_with(def: &'d SagaDefinition, limits: Limits, lockstep: bool) -> Self {
         let (saga, t) = Saga::start(def, "saga-7".to_string(), b"{}".to_vec(), T0);
         assert!(t.changed);
         assert_eq!(t.effects.first(), Some(&status("", &def.statuses.initial)));
@@ -1486,7 +1523,11 @@ impl<'d> Driver<'d> {
             sent: Vec::new(),
             statuses: Vec::new(),
             succeeded: HashSet::new(),
+            parkings: 0,
+            limits,
+            whole: None,
         };
+        d.whole = lockstep.then(|| d.saga.clone());
         let expected: Vec<Effect> = def.stages[0].steps.iter().map(|&i| fwd(i, 1)).collect();
         assert_eq!(t.effects[1..], expected[..]);
         let blank = Saga {
@@ -1508,7 +1549,28 @@ impl<'d> Driver<'d> {
 
     fn apply(&mut self, event: Event) -> Transition {
         let before = self.saga.clone();
-        let t = self.saga.apply(self.def, event.clone(), self.now).unwrap();
+        let t = self
+            .saga
+            .apply_with_limits(self.def, event.clone(), self.now, &self.limits)
+            .unwrap();
+        if let Some(whole) = &mut self.whole {
+            let never_compacted = Limits {
+                max_history: usize::MAX,
+                max_history_bytes: usize::MAX,
+                ..self.limits.clone()
+            };
+            let whole_before = whole.history.len();
+            let tw = whole
+                .apply_with_limits(self.def, event.clone(), self.now, &never_compacted)
+                .unwrap();
+            assert_eq!(t, tw, "compaction changed the transition of {event:?}");
+            assert_eq!(
+                self.saga.logged_since(before.logged()),
+                &whole.history[whole_before..],
+                "logged_since misses what {event:?} logged"
+            );
+            check_compaction(self.def, &self.limits, &self.saga, whole);
+        }
         // (c) terminal phases are absorbing; and "unchanged" must really mean unchanged, since
         // the host then skips persisting.
         if before.is_terminal() {
@@ -1619,13 +1681,9 @@ impl<'d> Driver<'d> {
                 Effect::Parked { reason, count } => {
                     assert_eq!(self.saga.phase, Phase::NeedsAttention);
                     assert_eq!(self.saga.reason.as_ref(), Some(reason));
-                    let parks = self
-                        .saga
-                        .history
-                        .iter()
-                        .filter(|h| matches!(h.what, Happening::Parked { .. }))
-                        .count();
-                    assert_eq!(*count as usize, parks, "one dead letter per parking");
+                    self.parkings += 1;
+                    assert_eq!(*count, self.parkings, "one dead letter per parking");
+                    assert_eq!(self.saga.parkings(), self.parkings);
                     assert!(
                         self.saga.in_flight().is_empty(),
                         "parked with work in flight"
@@ -1663,7 +1721,7 @@ impl<'d> Driver<'d> {
                 }
             }
         }
-        for h in &self.saga.history[before.history.len()..] {
+        for h in self.saga.logged_since(before.logged()) {
             if let (Some(i), Happening::Succeeded { .. }) = (h.step, &h.what) {
                 self.succeeded.insert(i as usize);
             }
@@ -1695,7 +1753,7 @@ impl<'d> Driver<'d> {
 
     /// Every retry scheduled in the last transition waits at most the policy's ceiling.
     fn check_backoffs(&self, before: &Saga) {
-        let new = &self.saga.history[before.history.len()..];
+        let new = self.saga.logged_since(before.logged());
         for pair in new.windows(2) {
             let (failed, scheduled) = (&pair[0], &pair[1]);
             let (Happening::RetryScheduled { attempt, at }
@@ -2007,7 +2065,9 @@ impl<'d> Driver<'d> {
             return t;
         }
         assert!(t.changed, "every intervention on a live saga is journaled");
-        let journaled = self.saga.history[before.history.len()..]
+        let journaled = self
+            .saga
+            .logged_since(before.logged())
             .iter()
             .find_map(|h| match &h.what {
                 Happening::Intervened {
@@ -2115,8 +2175,14 @@ impl<'d> Driver<'d> {
 }
 
 fn run(shape: &Shape, env: &Environment) -> Phase {
+    run_with(shape, env, Limits::default(), false)
+}
+
+/// [`run`] under `limits`; with `lockstep`, checks every transition against a saga whose
+/// history is never compacted.
+fn run_with(shape: &Shape, env: &Environment, limits: Limits, lockstep: bool) -> Phase {
     let def = build(shape);
-    let mut d = Driver::start(&def);
+    let mut d = Driver::start_with(&def, limits, lockstep);
     for (k, m) in env.moves.iter().enumerate() {
         if env.cancel_at == Some(k) {
             d.cancel();
@@ -2280,4 +2346,607 @@ fn stuck_at_is_a_multiple_of_the_step_timeout_after_the_next_due_time() {
     apply(&mut declined, &def, ok(AFTER, 1), T0 + 2);
     assert!(declined.is_terminal());
     assert_eq!(declined.stuck_at(&def, 3), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded snapshots.
+// ---------------------------------------------------------------------------------------------
+
+/// Applies an event under `limits` that must change the saga.
+fn apply_limited(
+    saga: &mut Saga,
+    def: &SagaDefinition,
+    event: Event,
+    now: Millis,
+    limits: &Limits,
+) -> Vec<Effect> {
+    let t = saga
+        .apply_with_limits(def, event.clone(), now, limits)
+        .unwrap();
+    assert!(t.changed, "{event:?} at {now} should change the saga");
+    t.effects
+}
+
+/// Limits that compact the history early.
+fn small_history() -> Limits {
+    Limits {
+        max_history: Limits::MIN_HISTORY,
+        history_head: 4,
+        ..Limits::default()
+    }
+}
+
+fn encoded_len(saga: &Saga) -> usize {
+    crate::wire::encode_snapshot(saga).unwrap().len()
+}
+
+fn marker(saga: &Saga) -> Option<(u64, u32)> {
+    saga.history.iter().find_map(|h| match h.what {
+        Happening::Elided {
+            entries, parkings, ..
+        } => Some((entries, parkings)),
+        _ => None,
+    })
+}
+
+/// Most entries a history compacted under `limits` keeps (its marker included).
+fn history_len_bound(def: &SagaDefinition, limits: &Limits) -> usize {
+    let max = limits.max_history.max(Limits::MIN_HISTORY);
+    let head = limits.history_head.min(max / 2);
+    let pinned = 4 + 4 * def.step_slots();
+    max.max(head + pinned + Limits::MIN_TAIL) + 1
+}
+
+/// A compacted saga (`saga`) against the same one never compacted (`whole`): everything but
+/// the history is equal, the kept entries are the whole history's in order, the counts add up,
+/// the facts derived from the history agree, and the bounds hold.
+fn check_compaction(def: &SagaDefinition, limits: &Limits, saga: &Saga, whole: &Saga) {
+    let strip = |s: &Saga| Saga {
+        history: Vec::new(),
+        ..s.clone()
+    };
+    assert_eq!(
+        strip(saga),
+        strip(whole),
+        "compaction changed more than the history"
+    );
+    let markers: Vec<usize> = (0..saga.history.len())
+        .filter(|&k| matches!(saga.history[k].what, Happening::Elided { .. }))
+        .collect();
+    assert!(markers.len() <= 1, "one marker at most: {markers:?}");
+    let parked = |h: &HistoryEntry| matches!(h.what, Happening::Parked { .. });
+    let kept: Vec<&HistoryEntry> = saga
+        .history
+        .iter()
+        .filter(|h| !matches!(h.what, Happening::Elided { .. }))
+        .collect();
+    let mut rest = whole.history.iter();
+    for h in &kept {
+        assert!(
+            rest.any(|w| w == *h),
+            "{h:?} is not in the whole history, or out of order"
+        );
+    }
+    assert_eq!(
+        saga.logged(),
+        whole.history.len() as u64,
+        "kept + elided = logged"
+    );
+    let (elided, elided_parkings) = marker(saga).unwrap_or((0, 0));
+    assert_eq!(kept.len() as u64 + elided, whole.history.len() as u64);
+    let whole_parkings = whole.history.iter().filter(|h| parked(h)).count();
+    assert_eq!(
+        kept.iter().filter(|h| parked(h)).count() + elided_parkings as usize,
+        whole_parkings
+    );
+    assert_eq!(saga.parkings() as usize, whole_parkings);
+    if let Some(&m) = markers.first() {
+        // The newest entries are all there, after the marker.
+        let tail = &saga.history[m + 1..];
+        assert_eq!(tail, &whole.history[whole.history.len() - tail.len()..]);
+    }
+    for i in 0..def.step_slots() {
+        for compensation in [false, true] {
+            assert_eq!(
+                saga.attempts_in_budget(i, compensation),
+                whole.attempts_in_budget(i, compensation),
+                "budget of step {i} (compensation: {compensation})"
+            );
+        }
+    }
+    assert!(saga.history.len() <= history_len_bound(def, limits));
+    assert!(encoded_len(saga) <= limits.snapshot_bound(def, saga.id.len(), saga.input.len()));
+}
+
+#[test]
+fn a_two_mib_output_is_stored_as_a_visible_marker() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    let huge = vec![b'x'; 2 * 1024 * 1024];
+    assert_eq!(
+        apply(&mut saga, &def, reply(CHARGE, 1, false, Ok(huge)), T0 + 1),
+        vec![status("PENDING", "PAID"), fwd(RESERVE, 1), fwd(PREPARE, 1)],
+        "the saga goes on"
+    );
+    assert_eq!(
+        saga.steps[CHARGE].output.as_deref(),
+        Some(&b"[output truncated: 2097152 bytes, cap 65536]"[..])
+    );
+    assert!(encoded_len(&saga) < 256 * 1024, "{}", encoded_len(&saga));
+    // Within the cap, an output is kept whole; all of them together have a cap too, beyond
+    // which the largest becomes a marker.
+    let limits = Limits {
+        max_total_output_bytes: 100_000,
+        ..Limits::default()
+    };
+    let output = |b: u8| vec![b; 60_000];
+    apply_limited(
+        &mut saga,
+        &def,
+        reply(RESERVE, 1, false, Ok(output(b'r'))),
+        T0 + 2,
+        &limits,
+    );
+    assert_eq!(saga.steps[RESERVE].output, Some(output(b'r')));
+    apply_limited(
+        &mut saga,
+        &def,
+        reply(PREPARE, 1, false, Ok(output(b'p'))),
+        T0 + 3,
+        &limits,
+    );
+    let outputs: Vec<&[u8]> = saga
+        .steps
+        .iter()
+        .filter_map(|s| s.output.as_deref())
+        .collect();
+    assert!(outputs.iter().map(|o| o.len()).sum::<usize>() <= 100_000);
+    assert!(outputs
+        .iter()
+        .any(|o| o.starts_with(b"[output truncated: 60000 bytes")));
+    assert!(outputs
+        .iter()
+        .any(|o| *o == output(b'r') || *o == output(b'p')));
+}
+
+#[test]
+fn long_texts_are_cut_in_the_middle_at_char_boundaries_after_the_machine_decided() {
+    let mut def = order();
+    let kind = format!("refused_{}", "é".repeat(60));
+    // The policy names the whole kind: the machine decides on it before it is truncated.
+    def.steps[CHARGE].retry.non_retryable = vec![kind.clone()];
+    let (mut saga, _) = start(&def);
+    let message = format!("BEGIN{}END", "€".repeat(2_000));
+    let failure = StepError {
+        kind: kind.clone(),
+        message: message.clone(),
+    };
+    apply(
+        &mut saga,
+        &def,
+        reply(CHARGE, 1, false, Err(failure)),
+        T0 + 1,
+    );
+    assert_eq!(
+        saga.steps[CHARGE].phase,
+        StepPhase::Failed,
+        "not retried: the whole kind is non-retryable"
+    );
+    let stored = saga.steps[CHARGE].last_error.clone().unwrap();
+    assert!(stored.kind.len() <= 64, "{}", stored.kind);
+    assert!(stored.kind.starts_with("refused_é"), "{}", stored.kind);
+    assert!(stored
+        .kind
+        .contains(&format!("[truncated, {} bytes]", kind.len())));
+    assert!(stored.message.len() <= 2048);
+    assert!(stored.message.starts_with("BEGIN€"));
+    assert!(stored.message.ends_with("€END"), "the end stays readable");
+    assert!(stored
+        .message
+        .contains(&format!(" … [truncated, {} bytes] … ", message.len())));
+    // The journal holds the same texts; the reasons are cut to their own cap.
+    assert!(saga.history.iter().any(|h| matches!(
+        &h.what,
+        Happening::AttemptFailed { kind, message, .. }
+            if *kind == stored.kind && *message == stored.message
+    )));
+    let reason = saga.reason.clone().unwrap();
+    assert!(reason.len() <= 1024, "{}", reason.len());
+    assert!(reason.starts_with("step `charge` (payment.charge) failed: refused_"));
+    assert!(reason.ends_with("€END"));
+    // Bounding again changes nothing.
+    let again = {
+        let mut s = saga.clone();
+        s.bound(&Limits::default());
+        s
+    };
+    assert_eq!(again, saga);
+}
+
+/// The order saga parked on the prepare compensation (its policy allows `attempts`), at the
+/// returned time.
+fn parked_order(def: &SagaDefinition, limits: &Limits) -> (Saga, Millis) {
+    let (mut saga, _) = start(def);
+    apply_limited(&mut saga, def, ok(CHARGE, 1), T0 + 1, limits);
+    apply_limited(&mut saga, def, ok(PREPARE, 1), T0 + 2, limits);
+    apply_limited(
+        &mut saga,
+        def,
+        err(RESERVE, 1, "out_of_stock"),
+        T0 + 3,
+        limits,
+    );
+    let mut now = T0 + 4;
+    loop {
+        let attempt = saga.steps[PREPARE].comp_attempt;
+        let effects = apply_limited(
+            &mut saga,
+            def,
+            comp_err(PREPARE, attempt, "unavailable"),
+            now,
+            limits,
+        );
+        if saga.phase == Phase::NeedsAttention {
+            assert!(matches!(effects.first(), Some(Effect::Parked { .. })));
+            return (saga, now);
+        }
+        now = saga.steps[PREPARE].due_at.unwrap();
+        apply_limited(&mut saga, def, Event::Tick, now, limits);
+    }
+}
+
+#[test]
+fn five_hundred_interventions_keep_the_snapshot_bounded() {
+    let def = order();
+    let limits = Limits::default();
+    let (mut saga, mut now) = parked_order(&def, &limits);
+    let logged = saga.logged();
+    let refused = |k: usize, text: &str| Intervention {
+        id: format!("req-{k:03}-{text}"),
+        // A parked saga cannot be cancelled: refused, journaled all the same.
+        action: OperatorAction::Cancel,
+        operator: format!("operator-{k}-{text}"),
+        reason: format!("why-{k}-{text}"),
+    };
+    // Short texts: the entry count binds.
+    for k in 0..250 {
+        now += 1;
+        apply(&mut saga, &def, Event::Intervene(refused(k, "")), now);
+        assert!(saga.history.len() <= limits.max_history + 1);
+    }
+    assert_eq!(saga.history.len(), limits.max_history + 1);
+    // Long texts (about 1 KiB each, just within the API's limit): the byte budget binds.
+    let long = "é".repeat(495);
+    for k in 250..500 {
+        now += 1;
+        apply(&mut saga, &def, Event::Intervene(refused(k, &long)), now);
+        assert!(saga.history.len() <= limits.max_history + 1);
+    }
+    let size = encoded_len(&saga);
+    assert!(size < 300 * 1024, "{size} bytes");
+    assert!(size <= limits.snapshot_bound(&def, saga.id.len(), saga.input.len()));
+    assert_eq!(saga.logged(), logged + 500);
+    let (elided, parkings) = marker(&saga).expect("an Elided marker");
+    assert_eq!(
+        elided + (saga.history.len() as u64 - 1),
+        saga.logged(),
+        "kept + elided = logged"
+    );
+    assert_eq!(parkings, 0, "the parking is kept");
+    assert_eq!(saga.parkings(), 1);
+    assert!(saga.history.iter().any(|h| h
+        .what
+        .to_string()
+        .starts_with(&format!("{elided} older entries elided"))));
+    // The newest requests are still recognised when redelivered.
+    assert_ignored(
+        &mut saga,
+        &def,
+        Event::Intervene(refused(499, &long)),
+        now + 1,
+    );
+    // The operator's retry still restores the status from before the parking, and the reason
+    // from before it.
+    let attempt = saga.steps[PREPARE].comp_attempt;
+    assert_eq!(
+        apply(
+            &mut saga,
+            &def,
+            Event::Intervene(intervention(OperatorAction::Retry { step: None })),
+            now + 2
+        ),
+        vec![
+            unparked("retry"),
+            status("NEEDS_ATTENTION", "PAID"),
+            comp(PREPARE, attempt + 1)
+        ]
+    );
+    assert_eq!(
+        saga.reason.as_deref(),
+        Some("step `reserve` (inventory.reserve) failed: out_of_stock: out_of_stock (test)")
+    );
+    assert_eq!(saga.attempts_in_budget(PREPARE, true), 1);
+}
+
+#[test]
+fn parkings_and_retry_budgets_survive_compaction() {
+    let mut def = order();
+    def.steps[PREPARE].compensation_retry.max_attempts = 3;
+    let limits = small_history();
+    let (mut saga, mut now) = parked_order(&def, &limits);
+    assert_eq!(saga.parkings(), 1);
+    for parking in 2..=40u32 {
+        // The operator retries: a fresh budget of three attempts, then parked again.
+        let attempt = saga.steps[PREPARE].comp_attempt;
+        now += 1_000;
+        assert_eq!(
+            apply_limited(
+                &mut saga,
+                &def,
+                Event::Intervene(intervention(OperatorAction::Retry { step: None })),
+                now,
+                &limits,
+            ),
+            vec![
+                unparked("retry"),
+                status("NEEDS_ATTENTION", "PAID"),
+                comp(PREPARE, attempt + 1)
+            ],
+            "parking {parking}"
+        );
+        for k in 1..=3 {
+            assert_eq!(saga.attempts_in_budget(PREPARE, true), k);
+            let attempt = saga.steps[PREPARE].comp_attempt;
+            now += 1;
+            let effects = apply_limited(
+                &mut saga,
+                &def,
+                comp_err(PREPARE, attempt, "unavailable"),
+                now,
+                &limits,
+            );
+            if k < 3 {
+                assert_eq!(effects, vec![]);
+                now = saga.steps[PREPARE].due_at.unwrap();
+                apply_limited(&mut saga, &def, Event::Tick, now, &limits);
+            } else {
+                let Some(Effect::Parked { count, .. }) = effects.first() else {
+                    panic!("{effects:?}");
+                };
+                assert_eq!(*count, parking, "one dead letter per parking");
+            }
+        }
+        assert_eq!(saga.parkings(), parking);
+        assert!(saga.history.len() <= history_len_bound(&def, &limits));
+    }
+    let (elided, parkings) = marker(&saga).expect("compacted");
+    assert!(elided > 300 && parkings > 30, "{elided} {parkings}");
+    assert_eq!(saga.steps[PREPARE].comp_attempt, 40 * 3);
+}
+
+#[test]
+fn logged_since_sees_what_a_transition_logged_across_compaction() {
+    let def = order();
+    let limits = small_history();
+    let (mut saga, now) = parked_order(&def, &limits);
+    for k in 0..100 {
+        let before = saga.logged();
+        apply_limited(
+            &mut saga,
+            &def,
+            Event::Intervene(Intervention {
+                id: format!("r{k}"),
+                ..intervention(OperatorAction::Cancel)
+            }),
+            now + k,
+            &limits,
+        );
+        let new = saga.logged_since(before);
+        assert_eq!(new.len(), 1);
+        assert!(matches!(&new[0].what, Happening::Intervened { id, .. } if *id == format!("r{k}")));
+    }
+    assert!(marker(&saga).is_some());
+    assert!(saga.logged_since(saga.logged()).is_empty());
+}
+
+#[test]
+fn small_snapshots_are_left_alone_and_bounding_is_idempotent() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    let before = saga.clone();
+    saga.bound(&Limits::default());
+    assert_eq!(saga, before);
+    let (mut parked, _) = parked_order(&def, &small_history());
+    let compacted = parked.clone();
+    parked.bound(&small_history());
+    assert_eq!(parked, compacted);
+}
+
+#[test]
+fn the_default_limits_fit_a_nats_payload() {
+    // Ten steps, each in its own stage, plus an after-compensation step; the API's largest
+    // input (256 KiB) and saga id (128 bytes).
+    let shape = Shape {
+        stages: (0..10)
+            .map(|_| vec![step_shape(Kind::Compensable)])
+            .collect(),
+        stage_status: vec![true; 4],
+        after: Some(step_shape(Kind::ReadOnly)),
+        deadline_ms: 60_000,
+    };
+    let bound = Limits::default().snapshot_bound(&build(&shape), 128, 256 * 1024);
+    assert!(bound < 1024 * 1024, "{bound} bytes");
+}
+
+#[test]
+fn the_elided_marker_reads_well() {
+    let what = Happening::Elided {
+        entries: 300,
+        parkings: 2,
+        since: 5,
+    };
+    assert_eq!(
+        what.to_string(),
+        "300 older entries elided to bound the snapshot (since 5; 2 parking(s) among them)"
+    );
+}
+
+/// One event of a participant or an operator carrying texts of any size.
+#[derive(Debug, Clone)]
+enum Payload {
+    Answer {
+        pick: usize,
+        success: bool,
+        size: usize,
+        kind_size: usize,
+    },
+    Advance {
+        ms: u64,
+    },
+    Operator {
+        kind: u8,
+        pick: usize,
+        size: usize,
+    },
+    Cancel {
+        size: usize,
+    },
+}
+
+/// A text of about `size` bytes of characters 1 to 4 bytes wide.
+fn text_of(size: usize) -> String {
+    "aé€😀".repeat(size / 10 + 1)
+}
+
+fn size_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![6 => 0usize..200, 1 => 0usize..100_000]
+}
+
+fn payload_strategy() -> impl Strategy<Value = Payload> {
+    prop_oneof![
+        8 => (any::<usize>(), prop::bool::weighted(0.6), size_strategy(), size_strategy())
+            .prop_map(|(pick, success, size, kind_size)| Payload::Answer { pick, success, size, kind_size }),
+        3 => (0u64..=3_000).prop_map(|ms| Payload::Advance { ms }),
+        3 => (0u8..6, any::<usize>(), size_strategy())
+            .prop_map(|(kind, pick, size)| Payload::Operator { kind, pick, size }),
+        1 => size_strategy().prop_map(|size| Payload::Cancel { size }),
+    ]
+}
+
+fn limits_strategy() -> impl Strategy<Value = Limits> {
+    (
+        (
+            0usize..=20_000,
+            0usize..=60_000,
+            0usize..=100,
+            0usize..=3_000,
+        ),
+        (0usize..=2_000, 0usize..=100, 0usize..=40_000, 0usize..=40),
+    )
+        .prop_map(
+            |(
+                (max_output_bytes, max_total_output_bytes, max_error_kind_bytes, max_error_bytes),
+                (max_text_bytes, max_history, max_history_bytes, history_head),
+            )| Limits {
+                max_output_bytes,
+                max_total_output_bytes,
+                max_error_kind_bytes,
+                max_error_bytes,
+                max_text_bytes,
+                max_history,
+                max_history_bytes,
+                history_head,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compacted_histories_drive_random_sagas_like_whole_ones(
+        shape in shape_strategy(),
+        env in environment_of(stubborn_move_strategy(), 400),
+        max_history in 0usize..=48,
+        history_head in 0usize..=10,
+    ) {
+        let limits = Limits { max_history, history_head, ..Limits::default() };
+        let phase = run_with(&shape, &env, limits, true);
+        prop_assert!(phase.is_terminal());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn snapshots_stay_under_their_bound_whatever_the_payloads(
+        shape in shape_strategy(),
+        payloads in prop::collection::vec(payload_strategy(), 0..=250),
+        limits in limits_strategy(),
+    ) {
+        let def = build(&shape);
+        let (mut saga, _) = Saga::start(&def, "saga-9".to_string(), text_of(1_000).into_bytes(), T0);
+        let bound = limits.snapshot_bound(&def, saga.id.len(), saga.input.len());
+        let text_cap = limits.max_text_bytes.max(Limits::MIN_TEXT_BYTES);
+        let mut now = T0;
+        for (n, p) in payloads.into_iter().enumerate() {
+            let event = match p {
+                Payload::Answer { pick, success, size, kind_size } => {
+                    let in_flight = saga.in_flight();
+                    if in_flight.is_empty() {
+                        continue;
+                    }
+                    let c = in_flight[pick % in_flight.len()];
+                    let outcome = if success {
+                        Ok(text_of(size).into_bytes())
+                    } else {
+                        Err(StepError { kind: text_of(kind_size), message: text_of(size) })
+                    };
+                    reply(c.step, c.attempt, c.compensation, outcome)
+                }
+                Payload::Advance { ms } => {
+                    now += ms as Millis;
+                    Event::Tick
+                }
+                Payload::Operator { kind, pick, size } => {
+                    let step = pick % def.step_slots();
+                    let action = match kind {
+                        0 => OperatorAction::Retry { step: None },
+                        1 => OperatorAction::Retry { step: Some(step) },
+                        2 => OperatorAction::Skip { step, output: text_of(size).into_bytes() },
+                        3 => OperatorAction::Compensate,
+                        4 => OperatorAction::Cancel,
+                        _ => OperatorAction::Abandon,
+                    };
+                    Event::Intervene(Intervention {
+                        id: format!("{n}-{}", text_of(size / 2)),
+                        action,
+                        operator: text_of(size),
+                        reason: text_of(size),
+                    })
+                }
+                Payload::Cancel { size } => Event::Cancel { reason: text_of(size) },
+            };
+            let logged = saga.logged();
+            let t = saga.apply_with_limits(&def, event, now, &limits).unwrap();
+            let size = encoded_len(&saga);
+            prop_assert!(size <= bound, "{} bytes, bound {}", size, bound);
+            prop_assert!(saga.history.len() <= history_len_bound(&def, &limits));
+            prop_assert_eq!(
+                saga.logged() - logged,
+                saga.logged_since(logged).len() as u64,
+                "every entry logged is counted and kept among the newest"
+            );
+            if !t.changed {
+                prop_assert_eq!(saga.logged(), logged);
+            }
+            for e in &t.effects {
+                if let Effect::Parked { reason, .. } | Effect::Unparked { request: reason, .. } = e {
+                    prop_assert!(reason.len() <= text_cap);
+                }
+            }
+        }
+    }
 }
