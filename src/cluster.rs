@@ -21,7 +21,7 @@ use futures::StreamExt;
 use ractor::ActorRef;
 use sagaflow_actors::cluster::{assignment, next_step, Lease, LeaseStep};
 use sagaflow_actors::coordinator::{CoordinatorMsg, Input};
-use sagaflow_actors::ports::Delivery;
+use sagaflow_actors::ports::{Delivery, Observer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 use tokio::task::JoinHandle;
@@ -229,12 +229,18 @@ pub struct Membership {
     held_list: Arc<std::sync::Mutex<Vec<u32>>>,
     view: SharedView,
     admission: Arc<Admission>,
+    /// Told about refused events (metrics).
+    observer: Arc<dyn Observer>,
     /// The live members of the last round.
     members: BTreeMap<String, NodeInfo>,
+    /// Per node: the revision of its heartbeat entry last read, and when (this process's
+    /// monotonic clock) that revision was first seen.
+    seen: HashMap<String, (u64, std::time::Instant)>,
 }
 
 impl Membership {
-    /// A reconciler for this node.
+    /// A reconciler for this node; `metrics` gives its admission pressure (heartbeats) and
+    /// counts refused events.
     pub fn new(
         js: jetstream::Context,
         (nodes, leases): (kv::Store, kv::Store),
@@ -242,7 +248,7 @@ impl Membership {
         grpc_addr: String,
         coordinator: ActorRef<CoordinatorMsg>,
         view: SharedView,
-        admission: Arc<Admission>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Membership {
             js,
@@ -255,8 +261,10 @@ impl Membership {
             held: HashMap::new(),
             held_list: Arc::default(),
             view,
-            admission,
+            admission: metrics.admission.clone(),
+            observer: metrics,
             members: BTreeMap::new(),
+            seen: HashMap::new(),
         }
     }
 
@@ -348,7 +356,7 @@ impl Membership {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    if let Some(last) = self.members.get(k).filter(|i| self.fresh(i)) {
+                    if let Some(last) = self.members.get(k).filter(|_| self.seen_within_ttl(k)) {
                         tracing::debug!(node_id = %k, error = %e, "cannot read a member's heartbeat; keeping its last one");
                         out.insert(k.clone(), last.clone());
                     }
@@ -359,18 +367,44 @@ impl Membership {
         Ok(out)
     }
 
-    /// Whether `info` was written within the node ttl.
-    fn fresh(&self, info: &NodeInfo) -> bool {
-        let ttl = i64::try_from(self.cfg.cluster.node_ttl.as_millis()).unwrap_or(i64::MAX);
-        now_ms().saturating_sub(info.heartbeat_at) <= ttl
+    /// Whether `node`'s heartbeat entry last changed (a new revision) within the node ttl, by
+    /// this process's monotonic clock.
+    fn seen_within_ttl(&self, node: &str) -> bool {
+        self.seen
+            .get(node)
+            .is_some_and(|(_, at)| at.elapsed() <= self.cfg.cluster.node_ttl)
     }
 
     /// `node`'s heartbeat, read directly, if it is there and fresh.
-    async fn heartbeat(&self, node: &str) -> Result<Option<NodeInfo>, String> {
-        let bytes = self.nodes.get(node).await.map_err(|e| e.to_string())?;
-        Ok(bytes
-            .and_then(|b| serde_json::from_slice::<NodeInfo>(&b).ok())
-            .filter(|info| self.fresh(info)))
+    ///
+    /// Fresh is judged without trusting anyone's wall clock: the entry exists (the bucket's
+    /// `max_age` of one node ttl makes the *server* drop an entry not rewritten in time), and
+    /// its revision changed within the node ttl as measured by this process's monotonic clock
+    /// (a node that stopped writing, but whose entry has not expired yet, goes stale). The
+    /// `heartbeat_at` a peer writes is only displayed: a peer whose clock runs ahead or behind
+    /// is judged like any other.
+    async fn heartbeat(&mut self, node: &str) -> Result<Option<NodeInfo>, String> {
+        let Some(entry) = self.nodes.entry(node).await.map_err(|e| e.to_string())? else {
+            self.seen.remove(node);
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            self.seen.remove(node);
+            return Ok(None);
+        }
+        let changed = self
+            .seen
+            .get(node)
+            .is_none_or(|(revision, _)| *revision != entry.revision);
+        if changed {
+            self.seen.insert(
+                node.to_string(),
+                (entry.revision, std::time::Instant::now()),
+            );
+        }
+        Ok(serde_json::from_slice::<NodeInfo>(&entry.value)
+            .ok()
+            .filter(|_| self.seen_within_ttl(node)))
     }
 
     async fn read_lease(&self, p: u32) -> Result<(Option<Lease>, Option<u64>), String> {
@@ -535,6 +569,7 @@ impl Membership {
             p,
             self.cfg.clone(),
             self.coordinator.clone(),
+            self.observer.clone(),
             stop.clone(),
             in_flight.clone(),
         ));
@@ -648,6 +683,9 @@ impl Delivery for Tracked {
             d.in_progress().await;
         }
     }
+    fn delivered(&self) -> u32 {
+        self.inner.as_ref().map_or(1, |d| d.delivered())
+    }
     async fn dead_letter(mut self: Box<Self>, reason: String) {
         if let Some(d) = self.inner.take() {
             d.dead_letter(reason).await;
@@ -665,6 +703,7 @@ async fn consume_partition(
     p: u32,
     cfg: NodeConfig,
     coordinator: ActorRef<CoordinatorMsg>,
+    observer: Arc<dyn Observer>,
     stop: CancellationToken,
     in_flight: Arc<AtomicUsize>,
 ) {
@@ -728,7 +767,12 @@ async fn consume_partition(
         while let Some(next) = batch.next().await {
             match next {
                 Ok(message) => {
-                    match decode(&message.subject, message.headers.as_ref(), &message.payload) {
+                    match decode(
+                        &message.subject,
+                        message.headers.as_ref(),
+                        &message.payload,
+                        cfg.partitions,
+                    ) {
                         Ok((saga_id, mut input)) => {
                             if matches!(input, Input::Created { .. })
                                 && message.info().map_or(true, |i| i.delivered > 1)
@@ -754,7 +798,10 @@ async fn consume_partition(
                                 return;
                             }
                         }
-                        Err(reason) => dlq::dead_letter(&js, "events", &message, &reason).await,
+                        Err(refused) => {
+                            observer.event_refused(refused.label);
+                            dlq::dead_letter(&js, "events", &message, &refused.detail).await;
+                        }
                     }
                 }
                 Err(e) => {
@@ -791,6 +838,16 @@ async fn recover_partition(
         })
         .collect()
         .await;
+    let (ids, foreign): (Vec<String>, Vec<String>) = ids
+        .into_iter()
+        .partition(|id| sagaflow_actors::ids::valid_saga_id(id));
+    if !foreign.is_empty() {
+        tracing::warn!(
+            partition = p,
+            keys = foreign.len(),
+            "keys in the saga bucket that are no saga id were left alone"
+        );
+    }
     let n = ids.len();
     for saga_id in ids {
         coordinator
@@ -978,10 +1035,13 @@ mod tests {
         let extra = 88;
         let total = EVENTS_IN_HAND + extra;
         let mut acks = Vec::with_capacity(total);
-        for i in 0..total {
-            let saga_id = format!("held-{i}");
+        // Well-formed replies of sagas of partition 0 (the edge refuses any other).
+        let sagas = (0..)
+            .map(|i| format!("held-{i}"))
+            .filter(|id| sagaflow_actors::hash::partition_of(id, cfg.partitions) == 0);
+        for saga_id in sagas.take(total) {
             let reply = v1::Reply {
-                command_id: format!("c-{i}"),
+                command_id: crate::bus::command_id(&saga_id, "charge", false, 1),
                 saga_id: saga_id.clone(),
                 step: "charge".into(),
                 attempt: 1,
@@ -1010,6 +1070,7 @@ mod tests {
             0,
             cfg,
             holder.clone(),
+            Arc::new(sagaflow_actors::ports::NoopObserver),
             stop.clone(),
             in_flight.clone(),
         ));

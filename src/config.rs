@@ -92,6 +92,10 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     /// When the API refuses new sagas because the node is overloaded.
     pub admission: AdmissionConfig,
+    /// Size limits that keep every saga snapshot bounded (outputs, error texts, reasons and
+    /// the history; see [`sagaflow_actors::machine::Limits`]): `[snapshots]` in the file,
+    /// `SAGAFLOW_SNAPSHOTS__MAX_OUTPUT_BYTES` and the like in the environment.
+    pub snapshots: sagaflow_actors::machine::Limits,
     /// `text` or `json`.
     pub log_format: String,
     /// OpenTelemetry collector (`http://host:4317`) spans are exported to over OTLP/gRPC, in a
@@ -202,6 +206,10 @@ pub struct ConsumerConfig {
     pub command_ack_wait: Duration,
     /// Deliveries of one command before it is dead-lettered.
     pub command_max_deliver: i64,
+    /// Deliveries of one saga event that keeps failing for a transient reason (the store or
+    /// NATS unavailable) before it is dead-lettered with the last error; between them it waits
+    /// 1 s, doubling up to 30 s (the default, 10, gives up after about 3.5 minutes).
+    pub event_max_deliver: u32,
     /// Unacked messages a consumer may have out; delivery stops silently beyond it, so size it
     /// for instances × concurrency.
     pub max_ack_pending: i64,
@@ -224,6 +232,7 @@ impl Default for NodeConfig {
             consumers: ConsumerConfig::default(),
             cluster: ClusterConfig::default(),
             admission: AdmissionConfig::default(),
+            snapshots: sagaflow_actors::machine::Limits::default(),
             log_format: "text".to_string(),
             otlp_endpoint: None,
         }
@@ -275,6 +284,7 @@ impl Default for ConsumerConfig {
             event_ack_wait: Duration::from_secs(30),
             command_ack_wait: Duration::from_secs(30),
             command_max_deliver: 20,
+            event_max_deliver: 10,
             max_ack_pending: 20_000,
         }
     }
@@ -493,9 +503,12 @@ impl NodeConfig {
                 "`admission.max_timeout_share` must be in 0..1 (0: off), got {share}"
             ));
         }
-        if self.consumers.max_ack_pending < 1 || self.consumers.command_max_deliver < 1 {
+        if self.consumers.max_ack_pending < 1
+            || self.consumers.command_max_deliver < 1
+            || self.consumers.event_max_deliver < 1
+        {
             return bad(
-                "`consumers.max_ack_pending` and `consumers.command_max_deliver` must be ≥ 1"
+                "`consumers.max_ack_pending`, `consumers.command_max_deliver` and `consumers.event_max_deliver` must be ≥ 1"
                     .into(),
             );
         }

@@ -32,6 +32,14 @@ pub const AT: &str = "Sagaflow-Dlq-At";
 /// Header: which consumer gave up on it (`events`, `payment`…).
 pub const SOURCE: &str = "Sagaflow-Dlq-Source";
 
+/// Header: the original payload's size, when the dead letter holds only its first bytes (it
+/// was too large to be stored with the dead letter's headers).
+pub const TRUNCATED: &str = "Sagaflow-Dlq-Truncated";
+
+/// Bytes of the server's max payload kept for the protocol's header framing and the headers
+/// added after the size is taken.
+const DLQ_HEADROOM: usize = 1024;
+
 /// Header of a replayed message: the dead letter it came from (`SAGA_DLQ:7`).
 pub const REPLAYED_FROM: &str = "Sagaflow-Replayed-From";
 
@@ -158,8 +166,30 @@ pub async fn dead_letter(
             format!("dlq/{}/{}", info.stream, info.stream_sequence).as_str(),
         );
     }
+    // The dead letter carries the original bytes and more headers than the original: an
+    // original near the server's max payload would not fit, and a dead letter that cannot be
+    // stored would be retried forever. Past the room left, the payload is cut and says so.
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    let room = js
+        .client()
+        .server_info()
+        .max_payload
+        .saturating_sub(header_bytes + DLQ_HEADROOM);
+    let mut payload = message.payload.clone();
+    if payload.len() > room {
+        headers.insert(TRUNCATED, payload.len().to_string().as_str());
+        payload.truncate(room);
+    }
     let published = match js
-        .publish_with_headers(dlq_subject(source), headers, message.payload.clone())
+        .publish_with_headers(dlq_subject(source), headers, payload)
         .await
     {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -200,6 +230,40 @@ impl DlqParker {
     }
 }
 
+impl DlqParker {
+    /// Whether the latest dead letter of `saga_id` is the one with id `msg_id`.
+    async fn already_parked(
+        &self,
+        saga_id: &str,
+        msg_id: &str,
+    ) -> Result<bool, sagaflow_actors::ports::Error> {
+        let unavailable = |e: &dyn std::fmt::Display| sagaflow_actors::ports::Error::Transport {
+            operation: "look up parked saga's dead letter",
+            message: e.to_string(),
+        };
+        let stream = self
+            .js
+            .get_stream(crate::topology::DLQ_STREAM)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let subject = crate::topology::parked_dlq_subject(saga_id);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => {
+                Ok(header_text(&m.headers, async_nats::header::NATS_MESSAGE_ID.as_ref()) == msg_id)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+}
+
 #[async_trait]
 impl sagaflow_actors::ports::Parker for DlqParker {
     async fn park(
@@ -228,6 +292,12 @@ impl sagaflow_actors::ports::Parker for DlqParker {
             at: now_ms(),
         };
         let payload = wire::encode_control(&control).map_err(|e| unavailable(&e))?;
+        let msg_id = format!("park/{}/{count}", saga.id);
+        // Written again at every recovery of the parked saga: once it is in the stream (the
+        // server's duplicate window is only minutes long), it is not written twice.
+        if self.already_parked(&saga.id, &msg_id).await? {
+            return Ok(());
+        }
         let partition = sagaflow_actors::hash::partition_of(&saga.id, self.partitions);
         let subject = crate::topology::event_subject(partition, "intervene");
         let clean = header_value(reason);
@@ -250,10 +320,7 @@ impl sagaflow_actors::ports::Parker for DlqParker {
             )
             .as_str(),
         );
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("park/{}/{count}", saga.id).as_str(),
-        );
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
         self.js
             .publish_with_headers(
                 crate::topology::parked_dlq_subject(&saga.id),
@@ -367,6 +434,12 @@ impl Delivery for JsDelivery {
 
     async fn in_progress(&self) {
         let _ = self.message.ack_with(AckKind::Progress).await;
+    }
+
+    fn delivered(&self) -> u32 {
+        self.message
+            .info()
+            .map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
     }
 
     async fn dead_letter(self: Box<Self>, reason: String) {

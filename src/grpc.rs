@@ -58,14 +58,12 @@ impl std::fmt::Debug for SagaApi {
     }
 }
 
-/// Checks an id: 1 to `max` characters of `[A-Za-z0-9_-]`.
-pub fn valid_id(id: &str, max: usize) -> bool {
-    !id.is_empty()
-        && id.len() <= max
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+/// Checks an id: 1 to `max` characters of `[A-Za-z0-9_-]`, the rule every id from outside
+/// passes ([`sagaflow_actors::ids`]; the event decoder applies the same one).
+pub use sagaflow_actors::ids::valid_id;
+
+/// Largest saga input (and operator-given output) the API accepts, in bytes.
+pub const MAX_INPUT: usize = 256 * 1024;
 
 /// `INVALID_ARGUMENT` naming `field`.
 pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {

@@ -13,6 +13,9 @@
 //! | `sagaflow_step_attempts_total` | counter | `service`, `compensation` (attempts that ended) |
 //! | `sagaflow_step_errors_total` | counter | `service`, `kind` |
 //! | `sagaflow_dlq_depth` | gauge | (messages in `SAGA_DLQ`) |
+//! | `sagaflow_events_refused_total` | counter | `reason` (saga events dead-lettered: `saga_id`, `partition`, `command_id`, `unsent_attempt`, `retries_exhausted`…) |
+//! | `sagaflow_events_ignored_total` | counter | `reason` (saga events acked without effect: `duplicate`, `stale_attempt`) |
+//! | `sagaflow_nats_disconnects_total` | counter | (times the node's NATS connection was lost) |
 //! | `sagaflow_consumer_pending` | gauge | `stream`, `consumer` |
 //! | `sagaflow_consumer_ack_pending` | gauge | `stream`, `consumer` |
 //! | `sagaflow_admission_pressure` | gauge | (share of step timeouts used, see [`crate::admission`]) |
@@ -25,7 +28,7 @@
 //! process-wide family shared by every node of the process; everything else is per node.
 //! JetStream-derived gauges are polled every [`POLL_EVERY`] (see [`poll`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -85,6 +88,13 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// Labels of the refused and ignored event counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// A short stable label (never free text: bounded cardinality).
+    pub reason: String,
+}
+
 /// Labels of consumer gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerLabels {
@@ -115,15 +125,25 @@ fn step_histogram() -> Histogram {
 pub struct Readiness {
     connected: AtomicBool,
     serving: AtomicBool,
+    disconnects: AtomicU64,
     changed: tokio::sync::Notify,
 }
 
 impl Readiness {
     /// Records the NATS connection state (from the client's event callback).
     pub fn set_connected(&self, up: bool) {
-        if self.connected.swap(up, Ordering::SeqCst) != up {
+        let was = self.connected.swap(up, Ordering::SeqCst);
+        if was != up {
+            if was {
+                self.disconnects.fetch_add(1, Ordering::SeqCst);
+            }
             self.changed.notify_waiters();
         }
+    }
+
+    /// How many times the NATS connection was lost since the node started.
+    pub fn disconnects(&self) -> u64 {
+        self.disconnects.load(Ordering::SeqCst)
     }
 
     /// Records whether the node serves (after start, before shutdown).
@@ -163,6 +183,10 @@ pub struct Metrics {
     compensation_duration: Family<StepLabels, Histogram, fn() -> Histogram>,
     attempts: Family<AttemptLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    events_refused: Family<ReasonLabels, Counter>,
+    events_ignored: Family<ReasonLabels, Counter>,
+    nats_disconnects: Counter,
+    mirroring: Mutex<()>,
     /// Messages in the dead-letter stream.
     pub dlq_depth: Gauge,
     /// Per consumer: messages not yet delivered.
@@ -207,6 +231,10 @@ impl Metrics {
             compensation_duration: Family::new_with_constructor(step_histogram),
             attempts: Family::default(),
             errors: Family::default(),
+            events_refused: Family::default(),
+            events_ignored: Family::default(),
+            nats_disconnects: Counter::default(),
+            mirroring: Mutex::default(),
             dlq_depth: Gauge::default(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
@@ -221,6 +249,21 @@ impl Metrics {
             "sagas_started",
             "Sagas created through this process's API",
             SAGAS_STARTED.clone(),
+        );
+        registry.register(
+            "events_refused",
+            "Saga events refused at the edge or by their saga, and dead-lettered, by reason",
+            m.events_refused.clone(),
+        );
+        registry.register(
+            "events_ignored",
+            "Saga events acked without effect (duplicates, answers to older attempts), by reason",
+            m.events_ignored.clone(),
+        );
+        registry.register(
+            "nats_disconnects",
+            "Times this node's NATS connection was lost",
+            m.nats_disconnects.clone(),
         );
         registry.register(
             "sagas_completed",
@@ -332,11 +375,35 @@ impl Metrics {
     /// Mirrors the readiness flags into gauges.
     pub fn set_readiness(&self, r: &Readiness) {
         self.nats_connected.set(i64::from(r.connected()));
+        // Mirrored under a lock: the HTTP handler and the poller both call this.
+        if let Ok(_mirroring) = self.mirroring.lock() {
+            let lost = r.disconnects();
+            let counted = self.nats_disconnects.get();
+            if lost > counted {
+                self.nats_disconnects.inc_by(lost - counted);
+            }
+        }
         self.ready.set(i64::from(r.ready()));
     }
 }
 
 impl Observer for Metrics {
+    fn event_refused(&self, reason: &str) {
+        self.events_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    fn event_ignored(&self, reason: &str) {
+        self.events_ignored
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     fn attempt_share(&self, saga: &str, step: &str, share: f64) {
         self.admission.record(saga, step, share);
     }

@@ -120,6 +120,11 @@ impl NodeHandle {
         &self.metrics
     }
 
+    /// How many times this node's NATS connection was lost since it started.
+    pub fn nats_disconnects(&self) -> u64 {
+        self.readiness.disconnects()
+    }
+
     /// Whether the node is ready (serving, NATS connected).
     pub fn ready(&self) -> bool {
         self.readiness.ready()
@@ -177,6 +182,31 @@ impl NodeHandle {
         }
         tracing::info!(node_id = %self.node_id, "stopped");
         Ok(())
+    }
+}
+
+/// Warns of each definition whose snapshots could outgrow the server's max payload under the
+/// configured `[snapshots]` limits (a snapshot that cannot be written stops its saga: its
+/// events are dead-lettered after `consumers.event_max_deliver` tries).
+fn warn_of_unbounded_snapshots(
+    config: &NodeConfig,
+    definitions: &HashMap<String, Arc<SagaDefinition>>,
+    max_payload: usize,
+) {
+    for def in definitions.values() {
+        let bound = config.snapshots.snapshot_bound(
+            def,
+            sagaflow_actors::ids::MAX_SAGA_ID,
+            crate::grpc::MAX_INPUT,
+        );
+        if bound > max_payload {
+            tracing::warn!(
+                saga = %def.name,
+                bound,
+                max_payload,
+                "a snapshot of this saga may outgrow the NATS server's max payload: lower the [snapshots] limits or raise max_payload"
+            );
+        }
     }
 }
 
@@ -248,6 +278,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new());
     let client = connect_with(&config, readiness.clone()).await;
+    warn_of_unbounded_snapshots(&config, &definitions, client.server_info().max_payload);
     let js = jetstream::new(client.clone());
     let mut failures = 0u32;
     let sagas_kv = loop {
@@ -322,6 +353,8 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         passivate_above: config.cluster.passivate_above,
         passivate_always_after: config.cluster.passivate_always_after,
         census: std::sync::Mutex::default(),
+        event_deliveries: config.consumers.event_max_deliver,
+        limits: config.snapshots.clone(),
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)
         .await
@@ -420,7 +453,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         grpc_addr.to_string(),
         coordinator.clone(),
         view.clone(),
-        metrics.admission.clone(),
+        metrics.clone(),
     );
     let owned = membership.held_partitions();
     let membership_stop = CancellationToken::new();

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use prost::Message as _;
 use ractor::ActorRef;
+use sagaflow_actors::ids;
 use sagaflow_actors::ports::Delivery;
 use sagaflow_actors::service::{Job, ServicePoolMsg};
 use sagaflow_proto::v1;
@@ -155,6 +156,43 @@ pub async fn run_consumer(
 /// Messages asked for per pull request.
 const PULL_BATCH: usize = 256;
 
+/// Checks what of a command reaches a subject or a header: the saga id, the step, the
+/// `command_id` (the reply's `Nats-Msg-Id`) and the `reply_subject` (where the reply is
+/// published: only a saga event subject, `sagaflow.evt.<partition>.reply`). A command that
+/// fails is dead-lettered, never answered: answering it could publish anywhere.
+pub fn check_command(cmd: &v1::Command) -> Result<(), String> {
+    if let Some(problem) = ids::saga_id_problem(&cmd.saga_id) {
+        return Err(format!("command's {problem}"));
+    }
+    if !ids::valid_id(&cmd.step, ids::MAX_STEP_NAME) || cmd.attempt == 0 {
+        return Err(format!(
+            "command's step {} or attempt {} is not well-formed",
+            ids::quote(&cmd.step),
+            cmd.attempt
+        ));
+    }
+    let expected = crate::bus::command_id(&cmd.saga_id, &cmd.step, cmd.compensation, cmd.attempt);
+    if cmd.command_id != expected {
+        return Err(format!(
+            "command's command_id {} is not the id of the attempt it names (`{expected}`)",
+            ids::quote(&cmd.command_id)
+        ));
+    }
+    // Nodes before 2026-11-27 named the saga in the subject too: still a saga event subject.
+    let reply_to_event = match cmd.reply_subject.split('.').collect::<Vec<_>>().as_slice() {
+        ["sagaflow", "evt", p, "reply"] => p.parse::<u32>().is_ok(),
+        ["sagaflow", "evt", p, id, "reply"] => p.parse::<u32>().is_ok() && ids::valid_saga_id(id),
+        _ => false,
+    };
+    if !reply_to_event {
+        return Err(format!(
+            "command's reply_subject {} is not a saga event subject (`sagaflow.evt.<partition>.reply`)",
+            ids::quote(&cmd.reply_subject)
+        ));
+    }
+    Ok(())
+}
+
 /// One command being handled by an instance.
 struct CommandJob {
     /// The command; its JetStream context publishes the reply.
@@ -189,6 +227,9 @@ impl CommandJob {
                     .await
             }
         };
+        if let Err(why) = check_command(&cmd) {
+            return delivery.dead_letter(why).await;
+        }
         let headers = self.message.headers.as_ref();
         let parent = TraceParent::from_headers(headers)
             .unwrap_or_else(|| telemetry::saga_root(&cmd.saga_id));
@@ -226,14 +267,9 @@ impl CommandJob {
         tracestate: Option<String>,
     ) {
         let span = tracing::Span::current();
-        // Load shedding: the saga stopped waiting for this attempt (it timed out, and a newer
-        // attempt with the same idempotency key is or will be out). Doing it now would only
-        // delay the commands that still matter.
-        if cmd.deadline_unix_ms > 0 && crate::dlq::now_ms() > cmd.deadline_unix_ms {
-            span.record("outcome", "expired");
-            tracing::debug!(command_id = %cmd.command_id, "command expired before it was handled, skipped");
-            return delivery.ack().await;
-        }
+        // No skipping by `deadline_unix_ms`: it is the orchestrator's clock, and a participant
+        // whose clock runs ahead would skip every command. Commands whose attempt timed out are
+        // dropped by the server instead (`Nats-TTL`, measured by the server's clock alone).
         tracing::debug!("handling command");
         let outcome = match self.participant.handle(&cmd).await {
             Ok(o) => o,
@@ -299,6 +335,60 @@ impl CommandJob {
                 tracing::warn!(command_id = %cmd.command_id, error = %e, "cannot publish reply, command returned");
                 delivery.nak(Duration::from_millis(500)).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use sagaflow_actors::machine::{CommandSpec, Saga};
+
+    fn command() -> v1::Command {
+        let def = sagaflow_actors::definition::parse(
+            include_str!("../sagas/order.toml"),
+            std::path::Path::new("sagas/order.toml"),
+        )
+        .unwrap();
+        let (saga, _) = Saga::start(&def, "order-A-1".into(), b"{}".to_vec(), 1);
+        let spec = CommandSpec {
+            step: 0,
+            attempt: 1,
+            compensation: false,
+        };
+        crate::bus::build_command(&def, &saga, spec, 8).unwrap().1
+    }
+
+    #[test]
+    fn commands_the_node_builds_pass_and_forged_ones_do_not() {
+        assert_eq!(check_command(&command()), Ok(()));
+        let forged = [
+            v1::Command {
+                reply_subject: "$JS.API.STREAM.DELETE.SAGA_EVENTS".into(),
+                ..command()
+            },
+            v1::Command {
+                reply_subject: "sagaflow.evt.x.reply".into(),
+                ..command()
+            },
+            v1::Command {
+                command_id: "order-A-1/charge/1\r\nPUB x 1".into(),
+                ..command()
+            },
+            v1::Command {
+                saga_id: "Z".repeat(5_000),
+                ..command()
+            },
+            v1::Command {
+                attempt: 0,
+                ..command()
+            },
+        ];
+        for cmd in forged {
+            let why = check_command(&cmd).unwrap_err();
+            assert!(why.starts_with("command's"), "{why}");
+            assert!(!why.chars().any(char::is_control), "{why:?}");
         }
     }
 }

@@ -145,6 +145,11 @@ fn update_error(saga: &Saga, expected: Option<u64>, e: &kv::UpdateError) -> Erro
 #[async_trait]
 impl StateStore for KvStateStore {
     async fn load(&self, saga_id: &str) -> Result<Option<(Saga, u64)>, Error> {
+        // No saga is ever created with such an id, and as a key it could make the server
+        // close the connection (a line over `max_control_line`): it does not exist.
+        if !sagaflow_actors::ids::valid_saga_id(saga_id) {
+            return Ok(None);
+        }
         let entry = self
             .kv
             .entry(self.key(saga_id))

@@ -116,6 +116,21 @@ pub struct Context {
     pub passivate_always_after: Duration,
     /// What each live saga actor last persisted, for the census (kept by the actors).
     pub census: std::sync::Mutex<HashMap<String, Summary>>,
+    /// An event that fails for a transient reason (the store or NATS unavailable) is
+    /// delivered again with a growing delay ([`event_retry_delay`]) up to this many
+    /// deliveries in all, then dead-lettered with the last error: never retried forever. A
+    /// reply given up on this way costs its step a timeout (the step's retry then sends it
+    /// again); a cancel or intervention can be replayed from the dead letter.
+    pub event_deliveries: u32,
+    /// Size limits that keep every snapshot bounded ([`Saga::apply_with_limits`]).
+    pub limits: crate::machine::Limits,
+}
+
+/// How long an event that failed for a transient reason at its `delivered`-th delivery waits
+/// before the next: 1 s, doubling, at most 30 s.
+pub fn event_retry_delay(delivered: u32) -> Duration {
+    let doublings = delivered.saturating_sub(1).min(5);
+    Duration::from_secs(1u64 << doublings).min(Duration::from_secs(30))
 }
 
 /// What the census knows of one live saga.
@@ -696,6 +711,17 @@ struct Loaded {
     def: Arc<SagaDefinition>,
 }
 
+/// How a reply relates to the commands its saga sent.
+enum ReplyFit {
+    /// It answers the attempt in flight.
+    Expected,
+    /// It answers an attempt that was sent but is no longer awaited (a duplicate, or an older
+    /// attempt): acked without effect, counted under this label.
+    Ignored(&'static str),
+    /// It answers an attempt that was never sent (forged or misrouted): dead-lettered.
+    Unsent(String),
+}
+
 /// What applying an event did.
 enum Applied {
     /// The snapshot changed and was persisted.
@@ -989,18 +1015,19 @@ impl SagaState {
         match self.load().await {
             Ok(true) => {}
             Ok(false) => {
+                self.ctx.observer.event_refused("unknown_saga");
                 delivery
                     .dead_letter(format!("event for unknown saga `{}`", self.id))
                     .await;
                 return;
             }
             Err(Failure::Permanent(reason)) => {
+                self.ctx.observer.event_refused("unloadable");
                 delivery.dead_letter(reason).await;
                 return;
             }
             Err(Failure::Transient(e)) => {
-                tracing::warn!(saga_id = %self.id, error = %e, "cannot load saga, event will be retried");
-                delivery.nak(Duration::from_secs(1)).await;
+                self.retry_later(delivery, "cannot load saga", &e).await;
                 return;
             }
             Err(Failure::Conflict) => {
@@ -1008,6 +1035,8 @@ impl SagaState {
                 return;
             }
         }
+        // For a reply the machine will not apply: why, for the ignored-events metric.
+        let mut ignored = None;
         let event = match input {
             Input::Started | Input::Created { .. } => {
                 if !sent_by_creator {
@@ -1034,14 +1063,47 @@ impl SagaState {
                 outcome,
             } => {
                 let index = self.loaded.as_ref().and_then(|l| step_index(&l.def, &step));
-                let Some(step) = index else {
+                let Some(i) = index else {
+                    self.ctx.observer.event_refused("unknown_step");
+                    let definition = self.loaded.as_ref().map_or("", |l| l.def.name.as_str());
                     delivery
-                        .dead_letter(format!("reply names unknown step `{step}`"))
+                        .dead_letter(format!(
+                            "reply names unknown step `{step}`: saga `{}` (definition `{definition}`) has no such step",
+                            self.id
+                        ))
                         .await;
                     return;
                 };
+                // A reply must answer an attempt that was sent. Checked against the stored
+                // snapshot before refusing: a copy kept in memory may be behind.
+                let mut fit = self.reply_fit(i, attempt, compensation);
+                if matches!(fit, ReplyFit::Unsent(_)) && self.loaded_from_cache {
+                    self.flush().await;
+                    self.loaded = None;
+                    if let Err(f) = self.load().await {
+                        let why = match f {
+                            Failure::Transient(e) | Failure::Permanent(e) => e,
+                            Failure::Conflict => "conflict".to_string(),
+                        };
+                        self.retry_later(delivery, "cannot load saga", &why).await;
+                        return;
+                    }
+                    self.loaded_from_cache = false;
+                    fit = self.reply_fit(i, attempt, compensation);
+                }
+                if let ReplyFit::Unsent(why) = fit {
+                    self.ctx.observer.event_refused("unsent_attempt");
+                    delivery
+                        .dead_letter(format!("reply to {why} (saga `{}`)", self.id))
+                        .await;
+                    return;
+                }
+                ignored = match fit {
+                    ReplyFit::Ignored(label) => Some(label),
+                    _ => None,
+                };
                 Event::Reply {
-                    step,
+                    step: i,
                     attempt,
                     compensation,
                     outcome,
@@ -1073,6 +1135,10 @@ impl SagaState {
                     self.loaded = None;
                 }
                 Ok(Applied::Unchanged) => {
+                    if let Some(label) = ignored {
+                        tracing::debug!(saga_id = %self.id, reason = label, "reply ignored");
+                        self.ctx.observer.event_ignored(label);
+                    }
                     delivery.ack().await;
                     return;
                 }
@@ -1084,18 +1150,83 @@ impl SagaState {
                     }
                 }
                 Err(Failure::Permanent(reason)) => {
+                    self.ctx.observer.event_refused("inapplicable");
                     delivery.dead_letter(reason).await;
                     return;
                 }
                 Err(Failure::Transient(e)) => {
-                    tracing::warn!(saga_id = %self.id, error = %e, "cannot persist saga, event will be retried");
                     self.loaded = None;
-                    delivery.nak(Duration::from_secs(1)).await;
+                    self.retry_later(delivery, "cannot persist saga", &e).await;
                     return;
                 }
             }
         }
-        delivery.nak(Duration::from_millis(100)).await;
+        self.retry_later(
+            delivery,
+            "lost every compare-and-set",
+            "the snapshot kept changing under this node",
+        )
+        .await;
+    }
+
+    /// Gives an event that failed for a transient reason back to JetStream with a growing
+    /// delay, or, at its [`Context::event_deliveries`]-th delivery, dead-letters it with the
+    /// last error: an event is never retried forever.
+    async fn retry_later(&self, delivery: Box<dyn Delivery>, what: &str, error: &str) {
+        let delivered = delivery.delivered();
+        if delivered >= self.ctx.event_deliveries.max(1) {
+            tracing::error!(saga_id = %self.id, error, delivered, "{what}; giving up on the event, dead-lettered");
+            self.ctx.observer.event_refused("retries_exhausted");
+            delivery
+                .dead_letter(format!(
+                    "{what} after {delivered} deliveries (saga `{}`): {error}",
+                    self.id
+                ))
+                .await;
+            return;
+        }
+        let delay = event_retry_delay(delivered);
+        tracing::warn!(saga_id = %self.id, error, delivered, ?delay, "{what}, event will be retried");
+        delivery.nak(delay).await;
+    }
+
+    /// Whether a reply to attempt `attempt` of step slot `i` (`compensation` or forward)
+    /// answers a command this saga sent. The snapshot must be loaded.
+    fn reply_fit(&self, i: usize, attempt: u32, compensation: bool) -> ReplyFit {
+        let Some(l) = self.loaded.as_ref() else {
+            return ReplyFit::Expected;
+        };
+        let Some(s) = l.saga.steps.get(i) else {
+            return ReplyFit::Expected;
+        };
+        let name = l.def.step(i).map_or("?", |st| st.name.as_str());
+        let (sent, in_flight, direction) = if compensation {
+            let undoable = l.def.step(i).is_some_and(|st| st.compensation.is_some());
+            let sent = if undoable { s.comp_attempt } else { 0 };
+            (
+                sent,
+                s.phase == StepPhase::Compensating,
+                "compensation attempt",
+            )
+        } else {
+            (s.attempt, s.phase == StepPhase::Running, "attempt")
+        };
+        if attempt > sent {
+            let latest = if sent == 0 {
+                "none was sent".to_string()
+            } else {
+                format!("the latest sent is {sent}")
+            };
+            ReplyFit::Unsent(format!(
+                "{direction} {attempt} of step `{name}`, which was never sent ({latest})"
+            ))
+        } else if attempt < sent {
+            ReplyFit::Ignored("stale_attempt")
+        } else if in_flight {
+            ReplyFit::Expected
+        } else {
+            ReplyFit::Ignored("duplicate")
+        }
     }
 
     /// Applies `event`, persists, then carries out the effects and acks the events of the
@@ -1119,7 +1250,7 @@ impl SagaState {
         let before = Before::of(&l.saga);
         let t: Transition = l
             .saga
-            .apply(&l.def, event, now)
+            .apply_with_limits(&l.def, event, now, &self.ctx.limits)
             .map_err(|e| Failure::Permanent(e.to_string()))?;
         if !t.changed {
             return Ok(Applied::Unchanged);
@@ -1296,17 +1427,10 @@ impl SagaState {
         if l.saga.phase == Phase::NeedsAttention {
             // The dead letter may not have been written before a crash; it is idempotent on
             // (saga, parking), so writing it again is harmless.
-            let count = l
-                .saga
-                .history
-                .iter()
-                .filter(|h| matches!(h.what, Happening::Parked { .. }))
-                .count();
+            let count = l.saga.parkings();
             let reason = l.saga.reason.clone().unwrap_or_default();
             retry_forever(&self.id, "dead-letter parked saga", None, || {
-                self.ctx
-                    .parker
-                    .park(&l.saga, &reason, u32::try_from(count).unwrap_or(u32::MAX))
+                self.ctx.parker.park(&l.saga, &reason, count)
             })
             .await;
         }
@@ -1337,7 +1461,8 @@ struct Before {
     /// Per step: its phase, and when its in-flight attempt times out (its send time plus the
     /// step timeout).
     steps: Vec<(StepPhase, Option<Millis>)>,
-    history_len: usize,
+    /// History entries logged so far (compaction included).
+    logged: u64,
     phase: Phase,
 }
 
@@ -1352,7 +1477,7 @@ impl Before {
                     (s.phase, in_flight.then_some(s.due_at).flatten())
                 })
                 .collect(),
-            history_len: saga.history.len(),
+            logged: saga.logged(),
             phase: saga.phase,
         }
     }
@@ -1410,7 +1535,7 @@ fn observe(observer: &dyn Observer, def: &SagaDefinition, old: &Before, new: &Sa
         }
     }
     // Attempts that ended (answered or timed out) with this change, and the failed ones.
-    for h in new.history.iter().skip(old.history_len) {
+    for h in new.logged_since(old.logged) {
         let (compensation, kind) = match &h.what {
             Happening::Succeeded { .. } => (false, None),
             Happening::AttemptFailed { kind, .. } => (false, Some(kind.as_str())),

@@ -10,6 +10,7 @@
 //! - [`service`]: supervised pools of participant instances sharing one consumer group.
 //! - [`ports`]: the small traits through which the actors reach the outside (event log, command
 //!   bus, state store), implemented over NATS JetStream by the `sagaflow` crate.
+//! - [`ids`]: the rules every id from outside passes before it is used.
 //! - [`hash`], [`duration`]: stable hashing, human durations.
 
 pub mod cluster;
@@ -17,6 +18,7 @@ pub mod coordinator;
 pub mod definition;
 pub mod duration;
 pub mod hash;
+pub mod ids;
 pub mod machine;
 pub mod ports;
 pub mod service;

@@ -103,6 +103,11 @@ pub trait Delivery: Send + Sync + 'static {
     async fn nak(self: Box<Self>, delay: Duration);
     /// Still working: push the redelivery deadline back.
     async fn in_progress(&self) {}
+    /// How many times the message has been delivered, this delivery included (1 the first
+    /// time).
+    fn delivered(&self) -> u32 {
+        1
+    }
     /// The message can never be processed: store it in the dead-letter stream with `reason`
     /// (with its original bytes), then ack it.
     async fn dead_letter(self: Box<Self>, reason: String);
@@ -150,6 +155,12 @@ pub trait Observer: Send + Sync + 'static {
     /// `NEEDS_ATTENTION` and how many are stuck (no progress for longer than the stuck
     /// multiple of their step timeout). Every loaded definition is listed, zeros included.
     fn attention(&self, _census: &[AttentionCount]) {}
+    /// An inbound event was refused and dead-lettered; `reason` is a short stable label
+    /// (`saga_id`, `partition`, `command_id`, `unsent_attempt`, `retries_exhausted`…).
+    fn event_refused(&self, _reason: &str) {}
+    /// An inbound event was acked without effect; `reason` is a short stable label
+    /// (`duplicate`, `stale_attempt`).
+    fn event_ignored(&self, _reason: &str) {}
 }
 
 /// One line of [`Observer::attention`].

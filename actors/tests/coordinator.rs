@@ -794,6 +794,8 @@ async fn spawn_coordinator(
         passivate_above,
         passivate_always_after,
         census: Mutex::default(),
+        event_deliveries: 10,
+        limits: Default::default(),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
         .await

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{invalid, render, valid_id, BoxStream, SagaApi};
 
-const MAX_INPUT: usize = 256 * 1024;
+use super::MAX_INPUT;
 
 /// Longest `operator`, `reason` or `request_id` of an intervention.
 const MAX_TEXT: usize = 1024;
@@ -38,7 +38,7 @@ impl Sagas {
 }
 
 fn validate_saga_id(id: &str) -> Result<(), Status> {
-    if !valid_id(id, 128) {
+    if !valid_id(id, sagaflow_actors::ids::MAX_SAGA_ID) {
         return Err(invalid(
             "saga_id",
             "must be 1 to 128 characters of A-Z, a-z, 0-9, `_` or `-`",

@@ -35,6 +35,12 @@ fn exposition() -> String {
         stream: "S".into(),
         consumer: "c".into(),
     };
+    m.event_refused("saga_id");
+    m.event_ignored("duplicate");
+    let readiness = sagaflow::metrics::Readiness::default();
+    readiness.set_connected(true);
+    readiness.set_connected(false);
+    m.set_readiness(&readiness);
     m.consumer_pending.get_or_create(&labels).set(1);
     m.consumer_ack_pending.get_or_create(&labels).set(1);
     let mut text = m.encode();
