@@ -81,6 +81,19 @@ pub fn build_command(
     Some((command_subject(&action.service, &action.name), cmd))
 }
 
+/// The `Nats-TTL` of one attempt's command: its step's timeout in whole seconds, rounded up
+/// (at least 1 s). Past it the saga no longer waits for this attempt (it timed out, and its
+/// retry, with the same idempotency key, is or will be out): the server drops the command if
+/// no participant took it by then. The expiry is measured by the server alone, from when it
+/// stored the command, so no clock of a node or a participant enters into it.
+pub fn command_ttl(def: &SagaDefinition, spec: CommandSpec) -> String {
+    let timeout = def
+        .step(spec.step)
+        .map_or(std::time::Duration::from_secs(30), |s| s.timeout);
+    let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    format!("{}s", secs.max(1))
+}
+
 /// One command ready to publish, inside the span of its attempt.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -126,6 +139,10 @@ pub fn prepare(
     let trace = telemetry::continue_trace(&span, &root);
     let mut headers = HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, cmd.command_id.as_str());
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_TTL,
+        command_ttl(def, spec).as_str(),
+    );
     telemetry::inject(&mut headers, &trace, None);
     Some(Outgoing {
         subject,

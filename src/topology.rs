@@ -124,6 +124,9 @@ pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<kv::
             max_age,
             max_bytes: cfg.max_bytes,
             duplicate_window: cfg.duplicate_window,
+            // Each command carries `Nats-TTL` (its step's timeout, see `crate::bus`): the
+            // server drops a command nobody took in time, by its own clock.
+            allow_message_ttl: name == COMMANDS_STREAM,
             ..Default::default()
         };
         ensure_stream(js, config).await?;
