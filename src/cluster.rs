@@ -233,6 +233,10 @@ pub struct Membership {
     observer: Arc<dyn Observer>,
     /// The live members of the last round.
     members: BTreeMap<String, NodeInfo>,
+    /// This node's fence: kept open by its heartbeats, re-opened by a round after a lapse.
+    fence: Arc<crate::fence::Fence>,
+    /// This node's view of the cluster's time, kept by its heartbeats.
+    clock: Arc<crate::clock::ClusterClock>,
     /// Per node: the revision of its heartbeat entry last read, and when (this process's
     /// monotonic clock) that revision was first seen.
     seen: HashMap<String, (u64, std::time::Instant)>,
@@ -265,7 +269,22 @@ impl Membership {
             observer: metrics,
             members: BTreeMap::new(),
             seen: HashMap::new(),
+            fence: crate::fence::Fence::open(),
+            clock: Arc::default(),
         }
+    }
+
+    /// Keeps `fence` (the one the node's saga actors write through) with this node's
+    /// heartbeats and rounds; without it, the fence is [`Fence::open`](crate::fence::Fence::open).
+    pub fn with_fence(mut self, fence: Arc<crate::fence::Fence>) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Keeps `clock` (the node's cluster clock) estimated from this node's heartbeats.
+    pub fn with_clock(mut self, clock: Arc<crate::clock::ClusterClock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The partitions this node consumes, updated after every reconciliation round.
@@ -287,6 +306,8 @@ impl Membership {
                 started_at: self.started_at,
                 held: self.held_list.clone(),
                 admission: self.admission.clone(),
+                fence: self.fence.clone(),
+                clock: self.clock.clone(),
             },
             beating.clone(),
             first_beat,
@@ -303,8 +324,12 @@ impl Membership {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.round().await {
-                tracing::warn!(node_id = %self.cfg.node_id, error = %e, "cluster round failed; retrying next heartbeat");
+            let suspensions = self.fence.suspensions();
+            match self.round().await {
+                Ok(()) => self.fence.round_done(suspensions),
+                Err(e) => {
+                    tracing::warn!(node_id = %self.cfg.node_id, error = %e, "cluster round failed; retrying next heartbeat")
+                }
             }
             self.publish_held();
         }
@@ -866,6 +891,8 @@ struct Heartbeat {
     started_at: i64,
     held: Arc<std::sync::Mutex<Vec<u32>>>,
     admission: Arc<Admission>,
+    fence: Arc<crate::fence::Fence>,
+    clock: Arc<crate::clock::ClusterClock>,
 }
 
 /// Writes a heartbeat every interval until `stop`; `first` is told once the first write was
@@ -882,6 +909,8 @@ async fn heartbeat_loop(
         started_at,
         held,
         admission,
+        fence,
+        clock,
     } = beat;
     let mut first = Some(first);
     let mut tick = tokio::time::interval(cfg.cluster.heartbeat_interval);
@@ -896,20 +925,34 @@ async fn heartbeat_loop(
             node_id: cfg.node_id.clone(),
             grpc_addr: grpc_addr.clone(),
             started_at,
-            heartbeat_at: now_ms(),
+            heartbeat_at: clock.now_ms(),
             partitions,
             pressure_permille: (admission.pressure() * 1000.0).round() as u32,
         };
+        let sent = fence.now();
+        let sent_at = clock.local_ms();
         let put = match serde_json::to_vec(&info) {
             Ok(bytes) => nodes
                 .put(&cfg.node_id, bytes.into())
                 .await
-                .map(|_| ())
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        if let Err(e) = put {
-            tracing::warn!(node_id = %cfg.node_id, error = %e, "heartbeat failed");
+        match put {
+            Ok(revision) => {
+                let acked_at = clock.local_ms();
+                fence.heartbeat_stored(sent, cfg.cluster.node_ttl, cfg.cluster.heartbeat_interval);
+                // The server's time of this write, for the cluster clock.
+                if let Ok(Some(entry)) = nodes.entry(&cfg.node_id).await {
+                    if entry.revision == revision {
+                        let server =
+                            i64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000)
+                                .unwrap_or(i64::MAX);
+                        clock.observe(sent_at, acked_at, server);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(node_id = %cfg.node_id, error = %e, "heartbeat failed"),
         }
         if let Some(first) = first.take() {
             let _ = first.send(());

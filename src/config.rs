@@ -96,6 +96,11 @@ pub struct NodeConfig {
     /// the history; see [`sagaflow_actors::machine::Limits`]): `[snapshots]` in the file,
     /// `SAGAFLOW_SNAPSHOTS__MAX_OUTPUT_BYTES` and the like in the environment.
     pub snapshots: sagaflow_actors::machine::Limits,
+    /// Milliseconds added to this node's wall clock (its saga timings and the `heartbeat_at`
+    /// it writes): tests simulate a node whose clock is off. Never read from a file, the
+    /// environment or flags.
+    #[serde(skip)]
+    pub clock_offset_ms: i64,
     /// `text` or `json`.
     pub log_format: String,
     /// OpenTelemetry collector (`http://host:4317`) spans are exported to over OTLP/gRPC, in a
@@ -233,6 +238,7 @@ impl Default for NodeConfig {
             cluster: ClusterConfig::default(),
             admission: AdmissionConfig::default(),
             snapshots: sagaflow_actors::machine::Limits::default(),
+            clock_offset_ms: 0,
             log_format: "text".to_string(),
             otlp_endpoint: None,
         }

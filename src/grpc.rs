@@ -23,7 +23,6 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::admission::Admission;
 use crate::bus::JetStreamBus;
 use crate::cluster::SharedView;
-use crate::dlq::now_ms;
 use crate::store::KvStateStore;
 use crate::topology::event_subject;
 
@@ -48,6 +47,8 @@ pub struct SagaApi {
     /// Admission control, its limit (`admission.max_timeout_share`; 0: off) and the cluster
     /// view with the other nodes' pressures.
     admission: (Arc<Admission>, f64, SharedView),
+    /// The cluster's time (see [`crate::clock`]): new sagas are timed by it.
+    clock: Arc<crate::clock::ClusterClock>,
 }
 
 impl std::fmt::Debug for SagaApi {
@@ -92,7 +93,19 @@ impl SagaApi {
             partitions,
             shutdown,
             admission: (Arc::default(), 0.0, SharedView::default()),
+            clock: Arc::default(),
         }
+    }
+
+    /// Times new sagas and interventions by `clock` (the node's cluster clock).
+    pub fn with_clock(mut self, clock: Arc<crate::clock::ClusterClock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The cluster's time, unix ms.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Publishes the first lifecycle event of each saga as `status_events` says.
@@ -158,7 +171,7 @@ impl SagaApi {
         }
         // Create first: a new order (the common case) costs one write and no read; a repeat
         // finds the existing snapshot through the conflict.
-        let (fresh, _) = Saga::start(def, id.to_string(), input, now_ms());
+        let (fresh, _) = Saga::start(def, id.to_string(), input, self.now_ms());
         let (created, saga, revision) = match self.store.save(&fresh, None).await {
             Ok(revision) => (true, fresh, Some(revision)),
             Err(PortError::Conflict { .. }) => {
@@ -173,7 +186,7 @@ impl SagaApi {
             }
             Err(e) => return Err(unavailable(e)),
         };
-        let at = now_ms();
+        let at = self.now_ms();
         let start = async {
             if saga.is_terminal() {
                 return Ok(());

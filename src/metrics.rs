@@ -16,6 +16,7 @@
 //! | `sagaflow_events_refused_total` | counter | `reason` (saga events dead-lettered: `saga_id`, `partition`, `command_id`, `unsent_attempt`, `retries_exhausted`…) |
 //! | `sagaflow_events_ignored_total` | counter | `reason` (saga events acked without effect: `duplicate`, `stale_attempt`) |
 //! | `sagaflow_nats_disconnects_total` | counter | (times the node's NATS connection was lost) |
+//! | `sagaflow_fenced_writes_total` | counter | (writes refused because this node's heartbeat lapsed, see [`crate::fence`]) |
 //! | `sagaflow_consumer_pending` | gauge | `stream`, `consumer` |
 //! | `sagaflow_consumer_ack_pending` | gauge | `stream`, `consumer` |
 //! | `sagaflow_admission_pressure` | gauge | (share of step timeouts used, see [`crate::admission`]) |
@@ -187,6 +188,8 @@ pub struct Metrics {
     events_ignored: Family<ReasonLabels, Counter>,
     nats_disconnects: Counter,
     mirroring: Mutex<()>,
+    /// Writes refused by the node's fence ([`crate::fence`]).
+    pub fenced_writes: Counter,
     /// Messages in the dead-letter stream.
     pub dlq_depth: Gauge,
     /// Per consumer: messages not yet delivered.
@@ -235,6 +238,7 @@ impl Metrics {
             events_ignored: Family::default(),
             nats_disconnects: Counter::default(),
             mirroring: Mutex::default(),
+            fenced_writes: Counter::default(),
             dlq_depth: Gauge::default(),
             consumer_pending: Family::default(),
             consumer_ack_pending: Family::default(),
@@ -259,6 +263,11 @@ impl Metrics {
             "events_ignored",
             "Saga events acked without effect (duplicates, answers to older attempts), by reason",
             m.events_ignored.clone(),
+        );
+        registry.register(
+            "fenced_writes",
+            "Snapshot writes and publishes refused because this node's heartbeat lapsed (paused or cut off)",
+            m.fenced_writes.clone(),
         );
         registry.register(
             "nats_disconnects",

@@ -36,7 +36,7 @@ use crate::bus::JetStreamBus;
 use crate::cluster::{self, ClusterView, SharedView};
 use crate::config::NodeConfig;
 use crate::demo::{self, Demo};
-use crate::dlq::now_ms;
+use crate::fence::{Fence, FencedBus, FencedStore};
 use crate::grpc::{analytics::Analytics, orders::Orders, sagas::Sagas, SagaApi};
 use crate::metrics::{Metrics, Readiness};
 use crate::store::KvStateStore;
@@ -330,20 +330,29 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     // Commands that exhausted their deliveries become dead letters.
     tasks.spawn(crate::advisories::run(js.clone(), cancel.child_token()));
 
+    // Sagas are timed by the cluster's clock: the server's, as this node estimates it.
+    let clock = Arc::new(crate::clock::ClusterClock::new(config.clock_offset_ms));
+    // The saga actors' writes pass this node's fence (crate::fence), kept by its heartbeats.
+    let fence = Arc::new(Fence::new(metrics.fenced_writes.clone()));
     let ctx = Arc::new(Context {
         definitions: definitions
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        store: Arc::new(
-            KvStateStore::new(sagas_kv.clone(), config.partitions)
+        store: Arc::new(FencedStore {
+            inner: KvStateStore::new(sagas_kv.clone(), config.partitions)
                 .expire_finished(js.clone(), config.retention.finished_sagas),
-        ),
-        bus: Arc::new(
-            JetStreamBus::new(js.clone(), config.partitions)
+            fence: fence.clone(),
+        }),
+        bus: Arc::new(FencedBus {
+            inner: JetStreamBus::new(js.clone(), config.partitions)
                 .with_status_events(config.streams.status_events),
-        ),
-        clock: Arc::new(now_ms),
+            fence: fence.clone(),
+        }),
+        clock: {
+            let clock = clock.clone();
+            Arc::new(move || clock.now_ms())
+        },
         partitions: config.partitions,
         observer: metrics.clone(),
         parker: Arc::new(crate::dlq::DlqParker::new(js.clone(), config.partitions)),
@@ -355,6 +364,12 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         census: std::sync::Mutex::default(),
         event_deliveries: config.consumers.event_max_deliver,
         limits: config.snapshots.clone(),
+        // Stored status events are de-duplicated by the server, so announcing one again after
+        // a crash is safe; core-NATS ones are not (and are best effort anyway).
+        reannounce_within: match config.streams.status_events {
+            crate::config::StatusEvents::Stream => config.streams.duplicate_window / 2,
+            crate::config::StatusEvents::Core => Duration::ZERO,
+        },
     });
     let (coordinator, _) = Actor::spawn(None, Coordinator, ctx)
         .await
@@ -390,6 +405,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         cancel.child_token(),
     )
     .with_status_events(config.streams.status_events)
+    .with_clock(clock.clone())
     .with_admission(
         metrics.admission.clone(),
         config.admission.max_timeout_share,
@@ -454,7 +470,9 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         coordinator.clone(),
         view.clone(),
         metrics.clone(),
-    );
+    )
+    .with_fence(fence)
+    .with_clock(clock);
     let owned = membership.held_partitions();
     let membership_stop = CancellationToken::new();
     let membership_task = tokio::spawn(membership.run(membership_stop.clone()));

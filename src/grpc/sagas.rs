@@ -181,7 +181,7 @@ impl SagaService for Sagas {
                 "intervene",
                 &Control::Intervene {
                     intervention,
-                    at: crate::dlq::now_ms(),
+                    at: self.api.now_ms(),
                 },
                 format!("intervene/{}/{request_id}", req.saga_id),
             )
@@ -219,7 +219,7 @@ impl SagaService for Sagas {
             0 => 100,
             n => n.min(MAX_ATTENTION),
         } as usize;
-        let now = crate::dlq::now_ms();
+        let now = self.api.now_ms();
         let mut out = Vec::new();
         for saga in self.api.list("").await? {
             if out.len() >= limit {

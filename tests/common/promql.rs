@@ -41,6 +41,7 @@ fn exposition() -> String {
     readiness.set_connected(true);
     readiness.set_connected(false);
     m.set_readiness(&readiness);
+    m.fenced_writes.inc();
     m.consumer_pending.get_or_create(&labels).set(1);
     m.consumer_ack_pending.get_or_create(&labels).set(1);
     let mut text = m.encode();
