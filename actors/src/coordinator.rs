@@ -124,6 +124,12 @@ pub struct Context {
     pub event_deliveries: u32,
     /// Size limits that keep every snapshot bounded ([`Saga::apply_with_limits`]).
     pub limits: crate::machine::Limits,
+    /// A saga changed less than this long ago has its current status announced again when it
+    /// is recovered or one of its events comes back already applied: its owner may have died
+    /// between writing the snapshot and announcing the change. Announcements carry a message
+    /// id per (saga, status sequence), so keep this well inside the server's duplicate window
+    /// (the node uses half of `streams.duplicate_window`); zero: never.
+    pub reannounce_within: Duration,
 }
 
 /// How long an event that failed for a transient reason at its `delivered`-th delivery waits
@@ -802,7 +808,12 @@ impl Actor for SagaActor {
                     state.flush().await;
                     state.loaded = None;
                     match state.load().await {
-                        Ok(true) => state.resend_in_flight().await,
+                        Ok(true) => {
+                            // Recovered after a restart or a take-over: the previous owner
+                            // may have died before announcing its last change.
+                            state.reannounce().await;
+                            state.resend_in_flight().await;
+                        }
                         Ok(false) => {
                             tracing::warn!(saga_id = %state.id, "asked to recover a saga that does not exist")
                         }
@@ -1042,6 +1053,9 @@ impl SagaState {
                 if !sent_by_creator {
                     self.resend_in_flight().await;
                 }
+                if delivery.delivered() > 1 {
+                    self.reannounce().await;
+                }
                 delivery.ack().await;
                 return;
             }
@@ -1138,6 +1152,11 @@ impl SagaState {
                     if let Some(label) = ignored {
                         tracing::debug!(saga_id = %self.id, reason = label, "reply ignored");
                         self.ctx.observer.event_ignored(label);
+                    }
+                    if delivery.delivered() > 1 {
+                        // Delivered again although applied: whoever applied it may have died
+                        // before announcing what it changed.
+                        self.reannounce().await;
                     }
                     delivery.ack().await;
                     return;
@@ -1418,6 +1437,36 @@ impl SagaState {
                 _ => {}
             }
         }
+    }
+
+    /// Announces the saga's current status again if it changed within
+    /// [`Context::reannounce_within`] (see there); the server drops it as a duplicate if the
+    /// first announcement went out.
+    async fn reannounce(&self) {
+        let Some(l) = self.loaded.as_ref() else {
+            return;
+        };
+        let within = i64::try_from(self.ctx.reannounce_within.as_millis()).unwrap_or(i64::MAX);
+        if l.saga.status_seq == 0 || within == 0 || self.now() - l.saga.updated_at > within {
+            return;
+        }
+        let mut statuses = l.saga.history.iter().rev().filter_map(|h| match &h.what {
+            Happening::Status { status } => Some(status.as_str()),
+            _ => None,
+        });
+        // The status before the current one: the one logged before it, or the first status.
+        let from = match statuses.next() {
+            Some(last) if last == l.saga.status => {
+                statuses.next().unwrap_or(l.def.statuses.initial.as_str())
+            }
+            _ => "",
+        };
+        retry_forever(&self.id, "announce status again", None, || {
+            self.ctx
+                .bus
+                .announce(&l.saga, from, &l.saga.status, l.saga.status_seq)
+        })
+        .await;
     }
 
     async fn resend_in_flight(&self) {

@@ -334,7 +334,15 @@ impl CommandBus for MemBus {
             to: to.to_string(),
             sequence,
         };
-        self.announcements.lock().unwrap().push(a);
+        // As the server does (`Nats-Msg-Id` per saga and sequence): an announcement made
+        // again is stored once.
+        let mut announcements = self.announcements.lock().unwrap();
+        if !announcements
+            .iter()
+            .any(|b| b.saga_id == a.saga_id && b.sequence == a.sequence)
+        {
+            announcements.push(a);
+        }
         Ok(())
     }
 }
@@ -367,9 +375,19 @@ struct CensusObserver {
     last: Mutex<Vec<AttentionCount>>,
     shares: Mutex<Vec<f64>>,
     sent: Mutex<Vec<String>>,
+    refused: Mutex<Vec<String>>,
+    ignored: Mutex<Vec<String>>,
 }
 
 impl Observer for CensusObserver {
+    fn event_refused(&self, reason: &str) {
+        self.refused.lock().unwrap().push(reason.to_string());
+    }
+
+    fn event_ignored(&self, reason: &str) {
+        self.ignored.lock().unwrap().push(reason.to_string());
+    }
+
     fn attention(&self, census: &[AttentionCount]) {
         *self.last.lock().unwrap() = census.to_vec();
     }
@@ -796,6 +814,7 @@ async fn spawn_coordinator(
         census: Mutex::default(),
         event_deliveries: 10,
         limits: Default::default(),
+        reannounce_within: Duration::from_secs(60),
     };
     let (coordinator, _) = Actor::spawn(None, Coordinator, Arc::new(ctx))
         .await
@@ -1805,5 +1824,99 @@ async fn a_parked_saga_is_dead_lettered_counted_and_resumed_by_an_operator_once(
         .count();
     assert_eq!(journaled, 1);
     eventually("the census to clear", || h.census.counts("order") == (0, 0)).await;
+    h.stop().await;
+}
+
+/// A reply is bound to a command the saga sent: one to an attempt or a compensation never
+/// sent is dead-lettered (with the reason) and counted; a second answer to an answered attempt
+/// is acked without effect and counted as a duplicate.
+#[tokio::test]
+async fn replies_to_attempts_never_sent_are_dead_lettered_and_duplicates_ignored() {
+    let h = Harness::start(order(), Arc::new(|_| None)).await;
+    h.start_saga("order-7").await;
+    eventually("the charge command", || {
+        !h.bus.commands("order-7").is_empty()
+    })
+    .await;
+    let reply = |attempt: u32, compensation: bool| Input::Reply {
+        step: "charge".to_string(),
+        attempt,
+        compensation,
+        outcome: Ok(Vec::new()),
+    };
+    h.stream.deliver("order-7", reply(2, false));
+    h.stream.deliver("order-7", reply(1, true));
+    eventually("two dead letters", || h.stream.dead_letters().len() == 2).await;
+    let reasons: Vec<String> = h.stream.dead_letters().into_iter().map(|d| d.1).collect();
+    assert!(
+        reasons[0]
+            .contains("attempt 2 of step `charge`, which was never sent (the latest sent is 1)"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains(
+            "compensation attempt 1 of step `charge`, which was never sent (none was sent)"
+        ),
+        "{reasons:?}"
+    );
+    assert_eq!(h.store.get("order-7").unwrap().status, "PENDING");
+
+    h.stream.deliver("order-7", reply(1, false));
+    eventually("the charge to be applied", || {
+        h.store.get("order-7").is_some_and(|s| s.status == "PAID")
+    })
+    .await;
+    h.stream.deliver("order-7", reply(1, false));
+    eventually("every delivery to be settled", || h.stream.all_settled()).await;
+    assert_eq!(
+        h.stream.count(&Settlement::Ack),
+        3,
+        "{:?}",
+        h.stream.settled()
+    );
+    assert_eq!(
+        *h.census.refused.lock().unwrap(),
+        ["unsent_attempt", "unsent_attempt"]
+    );
+    assert_eq!(*h.census.ignored.lock().unwrap(), ["duplicate"]);
+    h.stop().await;
+}
+
+/// A node that dies after writing a status change and before announcing it: the node that
+/// recovers the saga announces the change (same sequence, so the server keeps it once).
+#[tokio::test]
+async fn a_status_change_whose_announcement_was_lost_is_announced_on_recovery() {
+    let h = Harness::start(order(), only_charge_answered()).await;
+    h.start_saga("order-8").await;
+    eventually("PAID", || {
+        h.store.get("order-8").is_some_and(|s| s.status == "PAID")
+    })
+    .await;
+    eventually("every delivery to be settled", || h.stream.all_settled()).await;
+    h.crash().await;
+    // The announcement never left the dead node.
+    h.bus.announcements.lock().unwrap().clear();
+
+    let coordinator = spawn_coordinator(
+        &h.def,
+        &h.store,
+        &h.bus,
+        &h.parker,
+        &h.census,
+        (Duration::ZERO, 0, Duration::ZERO),
+        offset_clock(&h.clock_offset),
+    )
+    .await;
+    h.stream.attach(coordinator.clone());
+    coordinator
+        .cast(CoordinatorMsg::Recover {
+            saga_id: "order-8".to_string(),
+        })
+        .unwrap();
+    eventually("the lost announcement", || {
+        h.bus.announcements("order-8") == status_changes(&[("PENDING", "PAID", 2)])
+    })
+    .await;
+    let h = Harness { coordinator, ..h };
     h.stop().await;
 }
