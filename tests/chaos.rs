@@ -213,6 +213,39 @@ async fn the_cluster_survives_node_crashes_leaves_joins_and_nats_server_loss() {
         expected_cancelled,
         "every business refusal cancels"
     );
+    // Lifecycle events reach other consumer groups at least once and are counted once, across
+    // the kill -9: the analytics consumer's completed orders are exactly the shipped ones.
+    let analytics = connect_analytics(&n3.grpc_addr().to_string())
+        .await
+        .unwrap();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let result = wait_until(
+        Duration::from_secs(60),
+        "analytics to count every shipped order",
+        || {
+            let (mut analytics, counted) = (analytics.clone(), counted.clone());
+            async move {
+                let report = analytics
+                    .get_sales(v1::GetSalesRequest {})
+                    .await
+                    .map(|r| r.into_inner().completed_orders)
+                    .unwrap_or(0);
+                counted.store(report, std::sync::atomic::Ordering::SeqCst);
+                report >= shipped as u64
+            }
+        },
+    )
+    .await;
+    let counted = counted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        result.is_ok(),
+        "analytics counted {counted} of {shipped} shipped orders"
+    );
+    assert_eq!(
+        counted, shipped as u64,
+        "analytics counted a shipped order twice"
+    );
+
     let js = jetstream::new(nats_client(&urls[0]).await.unwrap());
     let dlq = js
         .get_stream("SAGA_DLQ")

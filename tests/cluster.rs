@@ -364,3 +364,132 @@ async fn a_node_counting_partitions_otherwise_than_the_deployment_refuses_to_sta
     assert_eq!(recorded.as_deref(), Some(&b"4"[..]));
     adopted.shutdown().await.unwrap();
 }
+
+/// Two nodes whose clocks are 30 s ahead and 30 s behind share the partitions evenly, keep
+/// them (no lease changes hands once settled), and run orders placed on either to the end:
+/// liveness does not compare a peer's heartbeat time with the local clock, and no participant
+/// decides by its clock that a command is too late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_whose_clocks_are_off_by_thirty_seconds_share_the_partitions() {
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let skewed = |id: &str, offset_ms: i64| {
+        let mut c = config(&nats, id, 8);
+        c.clock_offset_ms = offset_ms;
+        node::start(c)
+    };
+    let ahead = within(TIMEOUT, "start node", skewed("ahead", 30_000))
+        .await
+        .unwrap()
+        .unwrap();
+    let behind = within(TIMEOUT, "start node", skewed("behind", -30_000))
+        .await
+        .unwrap()
+        .unwrap();
+    let split = wait_owned_by(&js, 8, &["ahead", "behind"]).await;
+    assert_eq!(
+        split.values().filter(|o| *o == "ahead").count(),
+        4,
+        "{split:?}"
+    );
+    // Settled: over ten heartbeat intervals and several ttls no lease changes hands.
+    let settled = leases(&js).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        leases(&js).await,
+        settled,
+        "leases moved between skewed nodes"
+    );
+
+    let client_ahead = connect_orders(&ahead.grpc_addr.to_string()).await.unwrap();
+    let client_behind = connect_orders(&behind.grpc_addr.to_string()).await.unwrap();
+    let mut ids = place_mix(&client_ahead, "ahead", 60).await;
+    ids.extend(place_mix(&client_behind, "behind", 60).await);
+    let orders = wait_all_terminal(&client_ahead, &ids, Duration::from_secs(120)).await;
+    check_ledgers(&orders, &ledgers(&nats).await);
+    // Every order ended as its kind does, not by timeouts (place_mix: every tenth declined,
+    // every 15th out of stock).
+    for o in &orders {
+        assert!(
+            !o.saga
+                .as_ref()
+                .is_some_and(|s| s.history.iter().any(|h| h.what.contains("timeout"))),
+            "order {} timed out: {o:?}",
+            o.order_id
+        );
+    }
+    assert_eq!(leases(&js).await, settled, "leases moved under load");
+    ahead.shutdown().await.unwrap();
+    behind.shutdown().await.unwrap();
+}
+
+/// A node stopped (SIGSTOP) for longer than its ttl while orders run: the other node takes its
+/// partitions over; when it resumes, it writes nothing for them (its writes are refused by its
+/// fence and counted) until it has checked the leases again, then takes its share back. No
+/// participant effect happens twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_ttl_writes_nothing_when_it_resumes() {
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let http_port = free_port().to_string();
+    let http_addr = format!("127.0.0.1:{http_port}");
+    let env: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .chain([
+            ("SAGAFLOW_PARTITIONS", "8"),
+            ("SAGAFLOW_DEMO__LATENCY_MS", "20"),
+        ])
+        .collect();
+    let mut opts_a =
+        NodeOptions::new("pause-a", &[nats.url()]).env("SAGAFLOW_HTTP_ADDR", &http_addr);
+    let mut opts_b = NodeOptions::new("pause-b", &[nats.url()]);
+    for (k, v) in &env {
+        opts_a = opts_a.env(k, v);
+        opts_b = opts_b.env(k, v);
+    }
+    let mut a = NodeProcess::start_with(opts_a).unwrap();
+    let b = NodeProcess::start_with(opts_b).unwrap();
+    wait_owned_by(&js, 8, &["pause-a", "pause-b"]).await;
+    let client_b = b.connect_orders().await.unwrap();
+    let mut ids = place_mix(&client_b, "before", 200).await;
+
+    // Stop it while its sagas are in flight, past the ttl (1 s): node-b takes over.
+    let pid = a.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let placing = {
+        let client_b = client_b.clone();
+        tokio::spawn(async move { place_mix(&client_b, "paused", 100).await })
+    };
+    wait_owned_by(&js, 8, &["pause-b"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal("-CONT");
+    ids.extend(placing.await.unwrap());
+
+    // It checks the leases, then takes its share back.
+    wait_owned_by(&js, 8, &["pause-a", "pause-b"]).await;
+    ids.extend(place_mix(&client_b, "after", 100).await);
+    let orders = wait_all_terminal(&client_b, &ids, Duration::from_secs(180)).await;
+    check_ledgers(&orders, &ledgers(&nats).await);
+    let http: std::net::SocketAddr = http_addr.parse().unwrap();
+    let (_, metrics) = http_get(http, "/metrics").await.unwrap();
+    let fenced = sample_sum(&metrics, "sagaflow_fenced_writes_total").unwrap_or(0.0);
+    assert!(
+        fenced > 0.0,
+        "the resumed node refused none of its writes:\n{}",
+        a.log_tail(40)
+    );
+    assert!(
+        a.log().contains("heartbeat lapsed"),
+        "the resumed node did not notice its lapse:\n{}",
+        a.log_tail(40)
+    );
+    println!("paused node: {fenced} writes refused after it resumed");
+}
