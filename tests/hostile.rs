@@ -330,7 +330,7 @@ async fn hostile_events_are_refused_while_ordinary_orders_run() {
         .count();
     let http = node.http_addr;
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(75),
         "duplicates counted",
         || async move {
             let (_, metrics) = http_get(http, "/metrics").await.unwrap_or_default();

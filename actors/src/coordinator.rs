@@ -878,10 +878,14 @@ impl Actor for SagaActor {
             }
             state.arm_timer(&myself);
             state.report();
-            // Stop once finished or unusable. After a transient failure the actor stays (with no
-            // snapshot loaded) so events already in its mailbox are not dropped; it reloads on
-            // the next one.
-            if state.unusable || state.loaded.as_ref().is_some_and(|l| l.saga.is_terminal()) {
+            // Stop once finished or unusable, but not while events of this saga wait in the
+            // mailbox: stopping drops them, and they would come back only after the consumer's
+            // `ack_wait` (a burst of duplicates at a finished saga waited 30 s). After a
+            // transient failure the actor stays (with no snapshot loaded) and reloads on the
+            // next event.
+            let done =
+                state.unusable || state.loaded.as_ref().is_some_and(|l| l.saga.is_terminal());
+            if done && state.queued.load(Ordering::SeqCst) == 0 {
                 myself.stop(None);
             }
             Ok(())
