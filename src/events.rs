@@ -81,9 +81,9 @@ pub fn decode(
             ))
         }
     };
-    let partition = partition
-        .parse::<u32>()
-        .ok()
+    let partition = Some(partition)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse::<u32>().ok())
         .filter(|p| *p < partitions.max(1))
         .ok_or_else(|| {
             Refusal::new(
@@ -425,6 +425,8 @@ mod tests {
             "subject"
         );
         assert_eq!(refusal("other.evt.3.reply", None, b"").label, "subject");
+        // A partition is digits only: `+3` parses as a u32 but no consumer reads its subject.
+        assert_eq!(refusal("sagaflow.evt.+3.reply", None, b"").label, "subject");
         let r = refusal(&old_subject("order-1", "bogus"), None, b"");
         assert!(r.detail.contains("unknown event kind"), "{r}");
         let other = reply("order-2", "charge", 1, success());

@@ -179,9 +179,14 @@ pub fn check_command(cmd: &v1::Command) -> Result<(), String> {
         ));
     }
     // Nodes before 2026-11-27 named the saga in the subject too: still a saga event subject.
+    // A partition is digits only (`u32::from_str` would also take `+5`, a subject no
+    // partition consumer reads).
+    let partition = |p: &str| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u32>().is_ok()
+    };
     let reply_to_event = match cmd.reply_subject.split('.').collect::<Vec<_>>().as_slice() {
-        ["sagaflow", "evt", p, "reply"] => p.parse::<u32>().is_ok(),
-        ["sagaflow", "evt", p, id, "reply"] => p.parse::<u32>().is_ok() && ids::valid_saga_id(id),
+        ["sagaflow", "evt", p, "reply"] => partition(p),
+        ["sagaflow", "evt", p, id, "reply"] => partition(p) && ids::valid_saga_id(id),
         _ => false,
     };
     if !reply_to_event {
@@ -370,6 +375,10 @@ mod tests {
             },
             v1::Command {
                 reply_subject: "sagaflow.evt.x.reply".into(),
+                ..command()
+            },
+            v1::Command {
+                reply_subject: "sagaflow.evt.+5.reply".into(),
                 ..command()
             },
             v1::Command {

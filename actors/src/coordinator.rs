@@ -962,6 +962,11 @@ impl SagaState {
             // Not loadable here: `load` reads the store and reports it.
             return;
         };
+        if let Err(e) = saga.consistent_with(&def) {
+            // Not what the creator wrote: read the stored snapshot instead.
+            tracing::warn!(saga_id = %self.id, error = %e, "embedded snapshot refused");
+            return;
+        }
         self.loaded = Some(Loaded {
             saga,
             revision,
@@ -984,6 +989,13 @@ impl SagaState {
                         saga.definition
                     )));
                 };
+                if let Err(e) = saga.consistent_with(&def) {
+                    self.unusable = true;
+                    return Err(Failure::Permanent(format!(
+                        "stored snapshot of saga `{}` cannot run under definition `{}`: {e}",
+                        self.id, def.name
+                    )));
+                }
                 if saga.fingerprint != def.fingerprint {
                     tracing::warn!(saga_id = %self.id, definition = %def.name, "saga started under a different version of its definition");
                 }

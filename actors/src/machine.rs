@@ -737,6 +737,61 @@ impl Saga {
             .collect()
     }
 
+    /// Whether this snapshot is one the machine can run under `def`: one step state per step
+    /// slot, a stage and a compensation plan that name stages and slots of the definition, a
+    /// plan cursor within the plan, and counters far from overflowing. Snapshots the machine
+    /// wrote always pass; one that comes from elsewhere (an event's embedded snapshot, a
+    /// bucket written by hand) must pass before it is used, or indexing into it could panic.
+    pub fn consistent_with(&self, def: &SagaDefinition) -> Result<(), String> {
+        const FAR: u32 = u32::MAX / 2;
+        let slots = def.step_slots();
+        if self.steps.len() != slots {
+            return Err(format!(
+                "snapshot has {} step states; definition `{}` has {slots} step slots",
+                self.steps.len(),
+                def.name
+            ));
+        }
+        if self.stage as usize > def.stages.len() {
+            return Err(format!(
+                "snapshot is at stage {}; definition `{}` has {}",
+                self.stage,
+                def.name,
+                def.stages.len()
+            ));
+        }
+        if let Some(plan) = &self.compensation_plan {
+            if let Some(bad) = plan.iter().find(|i| **i as usize >= slots) {
+                return Err(format!(
+                    "compensation plan names step slot {bad} of {slots}"
+                ));
+            }
+            if self.comp_cursor as usize > plan.len() {
+                return Err(format!(
+                    "compensation cursor {} is past the plan's {} entries",
+                    self.comp_cursor,
+                    plan.len()
+                ));
+            }
+        }
+        let counters = self
+            .steps
+            .iter()
+            .flat_map(|s| [s.attempt, s.comp_attempt])
+            .chain([self.stage, self.comp_cursor]);
+        if counters.into_iter().any(|n| n > FAR) || self.status_seq > u64::from(FAR) {
+            return Err("snapshot has a counter near overflow".to_string());
+        }
+        if self
+            .history
+            .iter()
+            .any(|h| h.step.is_some_and(|i| i as usize >= slots))
+        {
+            return Err(format!("history names a step slot beyond the {slots}"));
+        }
+        Ok(())
+    }
+
     /// Whether the saga has finished.
     pub fn is_terminal(&self) -> bool {
         self.phase.is_terminal()

@@ -2950,3 +2950,58 @@ proptest! {
         }
     }
 }
+
+/// A snapshot from elsewhere (an event's embedded copy, a hand-written bucket) is checked
+/// before the machine runs it: out-of-range slots, stages, cursors and counters near overflow
+/// are refused, so indexing into it cannot panic (fuzzing findings F2 and F3).
+#[test]
+fn snapshots_from_elsewhere_are_checked_against_their_definition() {
+    let def = order();
+    let (saga, _) = Saga::start(&def, "s-1".into(), b"{}".to_vec(), 0);
+    assert_eq!(saga.consistent_with(&def), Ok(()));
+    let broken: Vec<(Saga, &str)> = vec![
+        (
+            Saga {
+                compensation_plan: Some(vec![0, 99]),
+                ..saga.clone()
+            },
+            "compensation plan names step slot 99",
+        ),
+        (
+            Saga {
+                compensation_plan: Some(vec![0]),
+                comp_cursor: 2,
+                ..saga.clone()
+            },
+            "compensation cursor 2",
+        ),
+        (
+            Saga {
+                steps: saga.steps[..1].to_vec(),
+                ..saga.clone()
+            },
+            "step states",
+        ),
+        (
+            Saga {
+                stage: 40,
+                ..saga.clone()
+            },
+            "stage 40",
+        ),
+        (
+            Saga {
+                status_seq: u64::MAX,
+                ..saga.clone()
+            },
+            "near overflow",
+        ),
+    ];
+    for (s, why) in broken {
+        let err = s.consistent_with(&def).expect_err(why);
+        assert!(err.contains(why), "{err} does not say {why}");
+    }
+    let mut at_max = saga.clone();
+    at_max.steps[0].attempt = u32::MAX;
+    assert!(at_max.consistent_with(&def).is_err());
+}
