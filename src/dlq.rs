@@ -230,22 +230,35 @@ impl DlqParker {
     }
 }
 
+/// A transport error of `operation`.
+fn transport(operation: &'static str, e: &dyn std::fmt::Display) -> sagaflow_actors::ports::Error {
+    sagaflow_actors::ports::Error::Transport {
+        operation,
+        message: e.to_string(),
+    }
+}
+
 impl DlqParker {
+    /// The dead-letter stream, for `operation`.
+    async fn stream(
+        &self,
+        operation: &'static str,
+    ) -> Result<jetstream::stream::Stream, sagaflow_actors::ports::Error> {
+        self.js
+            .get_stream(crate::topology::DLQ_STREAM)
+            .await
+            .map_err(|e| transport(operation, &e))
+    }
+
     /// Whether the latest dead letter of `saga_id` is the one with id `msg_id`.
     async fn already_parked(
         &self,
         saga_id: &str,
         msg_id: &str,
     ) -> Result<bool, sagaflow_actors::ports::Error> {
-        let unavailable = |e: &dyn std::fmt::Display| sagaflow_actors::ports::Error::Transport {
-            operation: "look up parked saga's dead letter",
-            message: e.to_string(),
-        };
-        let stream = self
-            .js
-            .get_stream(crate::topology::DLQ_STREAM)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        const OPERATION: &str = "look up parked saga's dead letter";
+        let unavailable = |e: &dyn std::fmt::Display| transport(OPERATION, e);
+        let stream = self.stream(OPERATION).await?;
         let subject = crate::topology::parked_dlq_subject(saga_id);
         match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => {
@@ -340,15 +353,9 @@ impl sagaflow_actors::ports::Parker for DlqParker {
         operator: &str,
         action: &str,
     ) -> Result<(), sagaflow_actors::ports::Error> {
-        let unavailable = |e: &dyn std::fmt::Display| sagaflow_actors::ports::Error::Transport {
-            operation: "settle parked saga's dead letters",
-            message: e.to_string(),
-        };
-        let stream = self
-            .js
-            .get_stream(crate::topology::DLQ_STREAM)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        const OPERATION: &str = "settle parked saga's dead letters";
+        let unavailable = |e: &dyn std::fmt::Display| transport(OPERATION, e);
+        let stream = self.stream(OPERATION).await?;
         let subject = crate::topology::parked_dlq_subject(&saga.id);
         // A saga is parked a few times at most: this loop is short.
         loop {

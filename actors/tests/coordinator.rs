@@ -760,6 +760,28 @@ impl Harness {
     }
 
     /// Kills the node: coordinator and saga actors, without any clean-up.
+    /// After [`Harness::crash`]: a new coordinator over the same store, bus and stream
+    /// recovers `saga_id`, as a node taking the partition over does. Returns it.
+    async fn recover_on_a_new_node(&self, saga_id: &str) -> ActorRef<CoordinatorMsg> {
+        let coordinator = spawn_coordinator(
+            &self.def,
+            &self.store,
+            &self.bus,
+            &self.parker,
+            &self.census,
+            (Duration::ZERO, 0, Duration::ZERO),
+            offset_clock(&self.clock_offset),
+        )
+        .await;
+        self.stream.attach(coordinator.clone());
+        coordinator
+            .cast(CoordinatorMsg::Recover {
+                saga_id: saga_id.to_string(),
+            })
+            .unwrap();
+        coordinator
+    }
+
     async fn crash(&self) {
         let children = self.coordinator.get_children();
         self.coordinator
@@ -1519,22 +1541,7 @@ async fn recovery_after_a_restart_republishes_in_flight_commands() {
     let published = h.bus.commands("order-5").len();
 
     // A new node over the same store takes the saga over.
-    let coordinator = spawn_coordinator(
-        &h.def,
-        &h.store,
-        &h.bus,
-        &h.parker,
-        &h.census,
-        (Duration::ZERO, 0, Duration::ZERO),
-        offset_clock(&h.clock_offset),
-    )
-    .await;
-    h.stream.attach(coordinator.clone());
-    coordinator
-        .cast(CoordinatorMsg::Recover {
-            saga_id: "order-5".to_string(),
-        })
-        .unwrap();
+    let coordinator = h.recover_on_a_new_node("order-5").await;
     eventually("the in-flight commands to be republished", || {
         h.bus.commands("order-5").len() >= published + 2
     })
@@ -1897,22 +1904,7 @@ async fn a_status_change_whose_announcement_was_lost_is_announced_on_recovery() 
     // The announcement never left the dead node.
     h.bus.announcements.lock().unwrap().clear();
 
-    let coordinator = spawn_coordinator(
-        &h.def,
-        &h.store,
-        &h.bus,
-        &h.parker,
-        &h.census,
-        (Duration::ZERO, 0, Duration::ZERO),
-        offset_clock(&h.clock_offset),
-    )
-    .await;
-    h.stream.attach(coordinator.clone());
-    coordinator
-        .cast(CoordinatorMsg::Recover {
-            saga_id: "order-8".to_string(),
-        })
-        .unwrap();
+    let coordinator = h.recover_on_a_new_node("order-8").await;
     eventually("the lost announcement", || {
         h.bus.announcements("order-8") == status_changes(&[("PENDING", "PAID", 2)])
     })
