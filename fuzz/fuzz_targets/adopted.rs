@@ -1,0 +1,11 @@
+//! cargo-fuzz entry of the `adopted` target (tests/fuzz/targets.rs).
+#![no_main]
+
+#[path = "../../tests/fuzz/mod.rs"]
+mod fuzz;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Some(target) = fuzz::targets::target("adopted") {
+        let _ = (target.run)(data);
+    }
+});
