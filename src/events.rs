@@ -281,7 +281,9 @@ pub async fn ensure_consumer(
             filter_subject: partition_filter(partition),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: cfg.event_ack_wait,
-            // Saga events are never given up on: a saga must reach a terminal status.
+            // JetStream never gives up on a saga event; the node does, after
+            // `consumers.event_max_deliver` deliveries that failed for a transient reason
+            // (dead-lettered with the last error, see the coordinator's `retry_later`).
             max_deliver: -1,
             max_ack_pending: cfg.max_ack_pending,
             ..Default::default()
