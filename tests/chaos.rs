@@ -241,16 +241,38 @@ async fn the_cluster_survives_node_crashes_leaves_joins_and_nats_server_loss() {
         shipped,
         "COMPLETED events of orders not shipped"
     );
-    // The demo analytics consumer's totals, for the record (its exactly-once bookkeeping has a
-    // known gap when its pinned client dies mid-batch: see src/demo/analytics.rs).
-    if let Ok(mut analytics) = connect_analytics(&n3.grpc_addr().to_string()).await {
-        if let Ok(report) = analytics.get_sales(v1::GetSalesRequest {}).await {
-            println!(
-                "analytics counted {} of {shipped} shipped orders",
-                report.into_inner().completed_orders
-            );
-        }
-    }
+    // A consumer group counting them sees each once: the analytics totals are exactly the
+    // shipped orders (its client on the killed node died mid-batch at times).
+    let analytics = connect_analytics(&n3.grpc_addr().to_string())
+        .await
+        .unwrap();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let result = wait_until(
+        Duration::from_secs(90),
+        "analytics to count every shipped order",
+        || {
+            let (mut analytics, counted) = (analytics.clone(), counted.clone());
+            async move {
+                let report = analytics
+                    .get_sales(v1::GetSalesRequest {})
+                    .await
+                    .map(|r| r.into_inner().completed_orders)
+                    .unwrap_or(0);
+                counted.store(report, std::sync::atomic::Ordering::SeqCst);
+                report >= shipped as u64
+            }
+        },
+    )
+    .await;
+    let counted = counted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        result.is_ok(),
+        "analytics counted {counted} of {shipped} shipped orders"
+    );
+    assert_eq!(
+        counted, shipped as u64,
+        "analytics counted a shipped order twice"
+    );
 
     let dlq = js
         .get_stream("SAGA_DLQ")

@@ -14,9 +14,9 @@
 //! server delivers to one pull client at a time, so events reach the totals in stream order.
 //! The pin moves when the pinned client stops pulling for [`PIN_TIMEOUT`] (a crashed or
 //! restarted node; a restarted node may wait that long before it gets the pin back).
-//! Known limitation: if a pinned client stalls longer than that *in the middle of a batch* and
-//! another node commits later events first, the stalled batch is then skipped as already
-//! counted.
+//! A client never counts past a gap: if a pinned client died or stalled in the middle of a
+//! batch, the next one finds the gap's events still in the stream and gives its later events
+//! back until the gap's come again (after `ack_wait`), so none is skipped as already counted.
 //!
 //! Undecodable events are dead-lettered (`sagaflow.dlq.analytics`) once the batch is saved.
 
@@ -135,6 +135,19 @@ impl AnalyticsRecord {
                 })
                 .collect(),
         }
+    }
+
+    /// Passes the event at stream sequence `seq` without counting it (it cannot be read: it
+    /// is dead-lettered), so later ones are not held behind it; returns whether it was new.
+    pub fn pass(&mut self, seq: u64) -> bool {
+        let AnalyticsRecord::V1 {
+            last_stream_seq, ..
+        } = self;
+        if seq <= *last_stream_seq {
+            return false;
+        }
+        *last_stream_seq = seq;
+        true
     }
 
     /// The last stream sequence counted.
@@ -361,23 +374,44 @@ async fn process(
     batch: Vec<jetstream::Message>,
     cancel: &CancellationToken,
 ) -> bool {
+    // (stream sequence, the event or why it cannot be read, the message)
     let mut events = Vec::with_capacity(batch.len());
     let mut undecodable = Vec::new();
     for message in batch {
         let seq = message.info().map(|i| i.stream_sequence).ok();
         match (seq, v1::StatusEvent::decode(message.payload.as_ref())) {
-            (Some(seq), Ok(event)) => events.push((seq, event, message)),
+            (Some(seq), Ok(event)) => events.push((seq, Ok(event), message)),
+            // Dead-lettered once the batch is saved; its sequence is passed like a counted one.
+            (Some(seq), Err(e)) => {
+                events.push((seq, Err(format!("undecodable status event: {e}")), message))
+            }
             (None, _) => undecodable.push((message, "message without stream metadata".to_string())),
-            (_, Err(e)) => undecodable.push((message, format!("undecodable status event: {e}"))),
         }
     }
+    // Events are counted in stream order: the totals remember only the last sequence counted,
+    // so an event counted past a gap would make the gap's events look counted. A gap is an
+    // event still held by another client (one that died mid-batch, say: its events come back
+    // after `ack_wait`) or one the stream no longer has. Events past a gap that is still in
+    // the stream wait (given back below); a gap the stream no longer has is stepped over.
+    events.sort_by_key(|(seq, _, _)| *seq);
+    let stream = js.get_stream(STATUS_STREAM).await.ok();
     let mut failures = 0u32;
+    let mut held = 0usize;
     loop {
         let attempt = async {
             let (mut record, revision) = totals.load().await?;
             let mut added = 0usize;
-            for (seq, event, _) in &events {
-                added += usize::from(record.apply(*seq, event));
+            held = 0;
+            for (k, (seq, event, _)) in events.iter().enumerate() {
+                let next = record.last_stream_seq() + 1;
+                if *seq > next && still_in_stream(stream.as_ref(), next).await {
+                    held = events.len() - k;
+                    break;
+                }
+                added += usize::from(match event {
+                    Ok(event) => record.apply(*seq, event),
+                    Err(_) => record.pass(*seq),
+                });
             }
             if added == 0 {
                 return Ok(true);
@@ -407,16 +441,45 @@ async fn process(
             }
         }
     }
-    for (_, _, m) in events {
+    let counted = events.len() - held;
+    for (k, (_, event, m)) in events.into_iter().enumerate() {
+        if let (true, Err(reason)) = (k < counted, &event) {
+            undecodable.push((m, reason.clone()));
+            continue;
+        }
+        if k >= counted {
+            // Past a gap: back to JetStream, to be counted once the gap's events are.
+            let _ = m
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
+                .await;
+            continue;
+        }
         if let Err(e) = m.ack().await {
             // Redelivered later and skipped as counted.
             tracing::debug!(error = %e, "analytics ack failed");
         }
     }
+    if held > 0 {
+        tracing::debug!(held, "status events wait for earlier ones held elsewhere");
+    }
     for (m, reason) in undecodable {
         crate::dlq::dead_letter(js, "analytics", &m, &reason).await;
     }
     true
+}
+
+/// Whether the status stream still has the message at `seq` (unknown: assume it has, and wait).
+async fn still_in_stream(stream: Option<&jetstream::stream::Stream>, seq: u64) -> bool {
+    let Some(stream) = stream else {
+        return true;
+    };
+    match stream.get_raw_message(seq).await {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.kind(),
+            jetstream::stream::RawMessageErrorKind::NoMessageFound
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -426,6 +489,16 @@ mod tests {
 
     fn items(v: &[(&str, u32)]) -> Vec<(String, u32)> {
         v.iter().map(|(s, q)| (s.to_string(), *q)).collect()
+    }
+
+    #[test]
+    fn an_unreadable_event_is_passed_not_counted() {
+        let mut r = AnalyticsRecord::default();
+        assert!(r.pass(3));
+        assert!(!r.pass(3), "passed once");
+        assert!(!r.pass(2), "older sequences are behind the floor");
+        assert_eq!(r.last_stream_seq(), 3);
+        assert_eq!(r.report().events_processed, 0);
     }
 
     #[test]
