@@ -392,7 +392,8 @@ async fn process(
     // so an event counted past a gap would make the gap's events look counted. A gap is an
     // event still held by another client (one that died mid-batch, say: its events come back
     // after `ack_wait`) or one the stream no longer has. Events past a gap that is still in
-    // the stream wait (given back below); a gap the stream no longer has is stepped over.
+    // the stream and not acked wait (given back below); a gap acked already (an event passed by
+    // an older version) or gone from the stream is stepped over.
     events.sort_by_key(|(seq, _, _)| *seq);
     let stream = js.get_stream(STATUS_STREAM).await.ok();
     let mut failures = 0u32;
@@ -404,7 +405,7 @@ async fn process(
             held = 0;
             for (k, (seq, event, _)) in events.iter().enumerate() {
                 let next = record.last_stream_seq() + 1;
-                if *seq > next && still_in_stream(stream.as_ref(), next).await {
+                if *seq > next && still_pending(stream.as_ref(), next).await {
                     held = events.len() - k;
                     break;
                 }
@@ -468,11 +469,24 @@ async fn process(
     true
 }
 
-/// Whether the status stream still has the message at `seq` (unknown: assume it has, and wait).
-async fn still_in_stream(stream: Option<&jetstream::stream::Stream>, seq: u64) -> bool {
+/// Whether the event at `seq` may still come to be counted: the consumer has not acked it (a
+/// client holds it, or it waits for redelivery) and the stream still has it. Unknown: assume
+/// it may, and wait.
+async fn still_pending(stream: Option<&jetstream::stream::Stream>, seq: u64) -> bool {
     let Some(stream) = stream else {
         return true;
     };
+    match stream
+        .get_consumer::<consumer::pull::Config>(CONSUMER)
+        .await
+    {
+        Ok(mut c) => match c.info().await {
+            Ok(info) if info.ack_floor.stream_sequence >= seq => return false,
+            Ok(_) => {}
+            Err(_) => return true,
+        },
+        Err(_) => return true,
+    }
     match stream.get_raw_message(seq).await {
         Ok(_) => true,
         Err(e) => !matches!(
