@@ -838,41 +838,22 @@ async fn consume_partition(
     }
 }
 
-/// Brings back every saga stored under partition `p`; returns how many.
+/// Brings back every unfinished saga stored under partition `p`; returns how many.
+///
+/// Finished sagas are not read: the headers-only scan of [`crate::index::unfinished`] tells
+/// them apart by the index headers of their last write.
 async fn recover_partition(
     js: &jetstream::Context,
     p: u32,
     coordinator: &ActorRef<CoordinatorMsg>,
 ) -> Result<usize, String> {
-    let stream = js
-        .get_stream(format!("KV_{SAGAS_BUCKET}"))
+    let bucket = js
+        .get_key_value(SAGAS_BUCKET)
         .await
         .map_err(|e| e.to_string())?;
-    let prefix = format!("$KV.{SAGAS_BUCKET}.{p}.");
-    let subjects = stream
-        .info_with_subjects(format!("{prefix}*"))
+    let ids = crate::index::unfinished(&bucket, p)
         .await
         .map_err(|e| e.to_string())?;
-    let ids: Vec<String> = subjects
-        .filter_map(|s| {
-            let prefix = prefix.clone();
-            async move {
-                s.ok()
-                    .and_then(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_string))
-            }
-        })
-        .collect()
-        .await;
-    let (ids, foreign): (Vec<String>, Vec<String>) = ids
-        .into_iter()
-        .partition(|id| sagaflow_actors::ids::valid_saga_id(id));
-    if !foreign.is_empty() {
-        tracing::warn!(
-            partition = p,
-            keys = foreign.len(),
-            "keys in the saga bucket that are no saga id were left alone"
-        );
-    }
     let n = ids.len();
     for saga_id in ids {
         coordinator

@@ -86,7 +86,7 @@ impl SagaApi {
         shutdown: CancellationToken,
     ) -> Self {
         SagaApi {
-            store: KvStateStore::new(sagas, partitions),
+            store: KvStateStore::new(js.clone(), sagas, partitions),
             bus: JetStreamBus::new(js.clone(), partitions),
             js,
             definitions,

@@ -27,6 +27,7 @@ pub mod events;
 pub mod fence;
 pub mod grpc;
 pub mod http;
+pub mod index;
 pub mod metrics;
 pub mod nats_server;
 pub mod node;

@@ -340,8 +340,8 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         store: Arc::new(FencedStore {
-            inner: KvStateStore::new(sagas_kv.clone(), config.partitions)
-                .expire_finished(js.clone(), config.retention.finished_sagas),
+            inner: KvStateStore::new(js.clone(), sagas_kv.clone(), config.partitions)
+                .expire_finished(config.retention.finished_sagas),
             fence: fence.clone(),
         }),
         bus: Arc::new(FencedBus {

@@ -1,11 +1,17 @@
 //! Saga snapshots in the `sagaflow_sagas` KV bucket, written compare-and-set on the revision.
 //!
-//! The snapshot that finishes a saga (phase COMPLETED, COMPENSATED or FAILED) can carry a
-//! per-message TTL ([`KvStateStore::expire_finished`]): the server removes it once the TTL has
-//! passed, with no janitor. It is published on the key's subject with
+//! Every write is published on the key's subject with
 //!
 //! - `Nats-Expected-Last-Subject-Sequence: <revision>`: the same compare-and-set as a KV
-//!   `update` (a lost race is [`Error::Conflict`], exactly as for other writes);
+//!   `update` or `create` (a lost race is [`Error::Conflict`]);
+//! - the index headers ([`PHASE_HEADER`] and its siblings): phase, status, definition and
+//!   start time, so that a headers-only reader knows which sagas are unfinished without reading
+//!   a snapshot (take-over, [`crate::index`]).
+//!
+//! The snapshot that finishes a saga (phase COMPLETED, COMPENSATED or FAILED) can carry a
+//! per-message TTL ([`KvStateStore::expire_finished`]): the server removes it once the TTL has
+//! passed, with no janitor. It also carries
+//!
 //! - `Nats-TTL: <seconds>s`: the bucket's stream has `allow_msg_ttl` (see
 //!   [`crate::topology::ensure_sagas_bucket`]);
 //! - `Nats-Rollup: sub`: older revisions of the key (kept when `streams.kv_history` > 1) are
@@ -23,57 +29,62 @@ use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use sagaflow_actors::hash::partition_of;
-use sagaflow_actors::machine::Saga;
+use sagaflow_actors::machine::{Phase, Saga};
 use sagaflow_actors::ports::{Error, StateStore};
 use sagaflow_actors::wire;
 
-use crate::topology::{create_conflict, saga_key, update_conflict};
+use crate::topology::{saga_key, update_conflict};
+
+/// Header of every snapshot write: the saga's phase (`RUNNING`, `COMPLETED`, ...).
+///
+/// With [`STATUS_HEADER`], [`DEFINITION_HEADER`] and [`STARTED_HEADER`] it lets a reader that
+/// asks for headers only (a JetStream consumer with `headers_only`) know what a saga is
+/// without its snapshot: take-over finds the unfinished sagas of a partition this way, and
+/// [`crate::index`] lists sagas. Snapshots written by versions before these headers have
+/// none; readers treat them as unfinished (and read them).
+pub const PHASE_HEADER: &str = "Sagaflow-Phase";
+/// Header of every snapshot write: the saga's status label.
+pub const STATUS_HEADER: &str = "Sagaflow-Status";
+/// Header of every snapshot write: the saga's definition name.
+pub const DEFINITION_HEADER: &str = "Sagaflow-Saga";
+/// Header of every snapshot write: when the saga started (milliseconds since the epoch).
+pub const STARTED_HEADER: &str = "Sagaflow-Started";
 
 /// [`StateStore`] over a JetStream KV bucket.
 #[derive(Clone, Debug)]
 pub struct KvStateStore {
     kv: kv::Store,
-    partitions: u32,
-    expiry: Option<Expiry>,
-}
-
-/// How finished snapshots are written with a TTL.
-#[derive(Clone, Debug)]
-struct Expiry {
-    /// The context the bucket was opened with (the node's, default API prefix).
+    /// The context the bucket was opened with: writes are published through it.
     js: jetstream::Context,
-    /// Whole seconds, at least 1.
-    ttl_secs: u64,
+    partitions: u32,
+    /// TTL of finished snapshots, whole seconds (at least 1); `None`: kept forever.
+    finished_ttl: Option<u64>,
 }
 
 impl KvStateStore {
-    /// A store over `kv` with `partitions` partitions (part of every key). Finished sagas are
-    /// kept forever unless [`KvStateStore::expire_finished`] is applied.
-    pub fn new(kv: kv::Store, partitions: u32) -> Self {
+    /// A store over `kv` (opened through `js`) with `partitions` partitions (part of every
+    /// key). Finished sagas are kept forever unless [`KvStateStore::expire_finished`] is
+    /// applied.
+    pub fn new(js: jetstream::Context, kv: kv::Store, partitions: u32) -> Self {
         KvStateStore {
             kv,
+            js,
             partitions,
-            expiry: None,
+            finished_ttl: None,
         }
     }
 
     /// Writes the snapshot that finishes a saga with a TTL of `after` (rounded up to whole
-    /// seconds, at least 1 s), published through `js` (the context the bucket was opened
-    /// with). The bucket's stream must allow per-message TTLs.
-    pub fn expire_finished(mut self, js: jetstream::Context, after: Duration) -> Self {
+    /// seconds, at least 1 s). The bucket's stream must allow per-message TTLs.
+    pub fn expire_finished(mut self, after: Duration) -> Self {
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        self.expiry = Some(Expiry {
-            js,
-            ttl_secs: secs.max(1),
-        });
+        self.finished_ttl = Some(secs.max(1));
         self
     }
 
     /// The TTL of finished snapshots, if they expire.
     pub fn finished_ttl(&self) -> Option<Duration> {
-        self.expiry
-            .as_ref()
-            .map(|e| Duration::from_secs(e.ttl_secs))
+        self.finished_ttl.map(Duration::from_secs)
     }
 
     /// The bucket.
@@ -86,13 +97,21 @@ impl KvStateStore {
         saga_key(partition_of(saga_id, self.partitions), saga_id)
     }
 
-    /// Compare-and-set write of a finished snapshot with a TTL, rolling up older revisions.
-    async fn update_finished(
+    /// Compare-and-set write of `saga` (encoded as `bytes`) over revision `expected` (0: the
+    /// key must have no message), with the index headers; a finished snapshot carries the TTL
+    /// (if any) and rolls up older revisions.
+    ///
+    /// It is what KV `update` publishes (`Nats-Expected-Last-Subject-Sequence`), plus headers:
+    /// `Nats-TTL: <seconds>s` (the bucket's stream has `allow_msg_ttl`, see
+    /// [`crate::topology::ensure_sagas_bucket`]) and `Nats-Rollup: sub` (older revisions, kept
+    /// when `streams.kv_history` > 1, are removed, so none can resurface as the latest value
+    /// once the final one expires).
+    async fn write(
         &self,
-        expiry: &Expiry,
+        saga: &Saga,
         key: &str,
         bytes: Vec<u8>,
-        revision: u64,
+        expected: u64,
     ) -> Result<u64, kv::UpdateError> {
         let subject = format!(
             "{}{key}",
@@ -101,44 +120,100 @@ impl KvStateStore {
         let mut headers = HeaderMap::new();
         headers.insert(
             NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            revision.to_string().as_str(),
+            expected.to_string().as_str(),
         );
-        headers.insert(NATS_MESSAGE_TTL, format!("{}s", expiry.ttl_secs).as_str());
-        headers.insert(NATS_ROLLUP, "sub");
-        let ack = expiry
+        if saga.is_terminal() {
+            if let Some(ttl) = self.finished_ttl {
+                headers.insert(NATS_MESSAGE_TTL, format!("{ttl}s").as_str());
+                headers.insert(NATS_ROLLUP, "sub");
+            }
+        }
+        index_headers(saga, &mut headers);
+        let ack = self
             .js
             .publish_with_headers(subject, headers, bytes.into())
             .await?
             .await?;
         Ok(ack.sequence)
     }
-}
 
-fn create_error(saga: &Saga, expected: Option<u64>, e: &kv::CreateError) -> Error {
-    if create_conflict(e) {
-        Error::Conflict {
+    /// [`KvStateStore::write`] of a new key; a key whose last message deletes or purges it
+    /// (never written by Sagaflow, but possible by hand) counts as absent.
+    async fn create(&self, saga: &Saga, key: &str, bytes: Vec<u8>) -> Result<u64, Error> {
+        let conflict = || Error::Conflict {
             saga: saga.id.clone(),
-            expected,
-        }
-    } else {
-        Error::Transport {
-            operation: "create snapshot",
-            message: e.to_string(),
+            expected: None,
+        };
+        let first = match self.write(saga, key, bytes.clone(), 0).await {
+            Ok(revision) => return Ok(revision),
+            Err(e) if update_conflict(&e) => e,
+            Err(e) => return Err(transport("create snapshot", &e)),
+        };
+        match self.kv.entry(key).await {
+            Ok(Some(e)) if e.operation != kv::Operation::Put => {
+                self.write(saga, key, bytes, e.revision).await.map_err(|e| {
+                    if update_conflict(&e) {
+                        conflict()
+                    } else {
+                        transport("create snapshot", &e)
+                    }
+                })
+            }
+            Ok(Some(_)) => Err(conflict()),
+            Ok(None) => Err(transport("create snapshot", &first)),
+            Err(e) => Err(transport("create snapshot", &e)),
         }
     }
 }
 
-fn update_error(saga: &Saga, expected: Option<u64>, e: &kv::UpdateError) -> Error {
-    if update_conflict(e) {
-        Error::Conflict {
-            saga: saga.id.clone(),
-            expected,
-        }
-    } else {
-        Error::Transport {
-            operation: "update snapshot",
-            message: e.to_string(),
-        }
+/// Adds the index headers of `saga` to `headers` (see [`PHASE_HEADER`]).
+pub fn index_headers(saga: &Saga, headers: &mut HeaderMap) {
+    // Statuses and definition names are validated labels; one that is not (a snapshot decoded
+    // from elsewhere) is left out rather than risk a line break in the message's headers, and
+    // readers then treat the saga as one without index headers.
+    let label =
+        |v: &str| !v.is_empty() && v.len() <= 256 && v.bytes().all(|b| b.is_ascii_graphic());
+    if !(label(&saga.status) && label(&saga.definition)) {
+        return;
+    }
+    headers.insert(PHASE_HEADER, saga.phase.as_str());
+    headers.insert(STATUS_HEADER, saga.status.as_str());
+    headers.insert(DEFINITION_HEADER, saga.definition.as_str());
+    headers.insert(STARTED_HEADER, saga.started_at.to_string().as_str());
+}
+
+/// What the index headers of one snapshot write say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexHeaders {
+    /// The saga's phase.
+    pub phase: Phase,
+    /// Its status label.
+    pub status: String,
+    /// Its definition name.
+    pub definition: String,
+    /// When it started (ms since the epoch).
+    pub started_at: i64,
+}
+
+impl IndexHeaders {
+    /// The index headers of a snapshot message, or `None` when it has none (written by an
+    /// older version) or they do not parse.
+    pub fn read(headers: Option<&HeaderMap>) -> Option<IndexHeaders> {
+        let headers = headers?;
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+        Some(IndexHeaders {
+            phase: Phase::from_name(&get(PHASE_HEADER)?)?,
+            status: get(STATUS_HEADER)?,
+            definition: get(DEFINITION_HEADER)?,
+            started_at: get(STARTED_HEADER)?.parse().ok()?,
+        })
+    }
+}
+
+fn transport(operation: &'static str, e: &dyn std::fmt::Display) -> Error {
+    Error::Transport {
+        operation,
+        message: e.to_string(),
     }
 }
 
@@ -176,28 +251,18 @@ impl StateStore for KvStateStore {
             message: e.to_string(),
         })?;
         let key = self.key(&saga.id);
-        let expiry = self.expiry.as_ref().filter(|_| saga.is_terminal());
-        match (expected, expiry) {
-            (None, None) => self
-                .kv
-                .create(key, bytes.into())
-                .await
-                .map_err(|e| create_error(saga, expected, &e)),
-            // Sagas are created running; a finished one created directly still expires.
-            (None, Some(x)) => self
-                .kv
-                .create_with_ttl(key, bytes.into(), Duration::from_secs(x.ttl_secs))
-                .await
-                .map_err(|e| create_error(saga, expected, &e)),
-            (Some(rev), None) => self
-                .kv
-                .update(key, bytes.into(), rev)
-                .await
-                .map_err(|e| update_error(saga, expected, &e)),
-            (Some(rev), Some(x)) => self
-                .update_finished(x, &key, bytes, rev)
-                .await
-                .map_err(|e| update_error(saga, expected, &e)),
+        match expected {
+            None => self.create(saga, &key, bytes).await,
+            Some(rev) => self.write(saga, &key, bytes, rev).await.map_err(|e| {
+                if update_conflict(&e) {
+                    Error::Conflict {
+                        saga: saga.id.clone(),
+                        expected,
+                    }
+                } else {
+                    transport("update snapshot", &e)
+                }
+            }),
         }
     }
 }

@@ -428,7 +428,7 @@ async fn finished_write_keeps_compare_and_set(url: &str, replicas: usize) {
             .num_replicas,
         replicas
     );
-    let store = KvStateStore::new(bucket, PARTITIONS).expire_finished(js.clone(), KEEP);
+    let store = KvStateStore::new(js.clone(), bucket, PARTITIONS).expire_finished(KEEP);
     assert_eq!(store.finished_ttl(), Some(KEEP));
     let defs = sagaflow_actors::definition::load_dir(&repo_dir().join("sagas")).unwrap();
     let def = defs.iter().find(|d| d.name == "order").unwrap();
@@ -475,4 +475,91 @@ async fn finished_write_keeps_compare_and_set(url: &str, replicas: usize) {
     // The id can be created again.
     saga.phase = Phase::Running;
     store.save(&saga, None).await.unwrap();
+}
+
+/// Take-over reads the index headers of each key's last write, not snapshots: it finds the
+/// running sagas, a saga written by an older version (no headers: read to be safe) and skips
+/// the finished ones and keys that name no saga; the orphan sweep finds the unfinished sagas
+/// written since a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_over_finds_the_unfinished_sagas_by_their_headers() {
+    let server = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&server.url()).await.unwrap());
+    let cfg = StreamsConfig {
+        kv_history: 4,
+        ..StreamsConfig::default()
+    };
+    let bucket = topology::ensure(&js, &cfg).await.unwrap();
+    let store =
+        KvStateStore::new(js.clone(), bucket.clone(), PARTITIONS).expire_finished(KEEP * 1000);
+    let defs = sagaflow_actors::definition::load_dir(&repo_dir().join("sagas")).unwrap();
+    let def = defs.iter().find(|d| d.name == "order").unwrap();
+    // Ids of one partition: some running, some finished (written twice), one parked.
+    let ids: Vec<String> = (0..400)
+        .map(|i| format!("scan-{i}"))
+        .filter(|id| partition_of(id, PARTITIONS) == 1)
+        .take(30)
+        .collect();
+    let mut expect_unfinished = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (mut saga, _) = Saga::start(def, id.clone(), b"{}".to_vec(), 1_000 + i as i64);
+        let rev = store.save(&saga, None).await.unwrap();
+        match i % 3 {
+            0 => expect_unfinished.push(id.clone()),
+            1 => {
+                saga.phase = Phase::Completed;
+                saga.status = "SHIPPED".into();
+                store.save(&saga, Some(rev)).await.unwrap();
+            }
+            _ => {
+                saga.phase = Phase::NeedsAttention;
+                store.save(&saga, Some(rev)).await.unwrap();
+                expect_unfinished.push(id.clone());
+            }
+        }
+    }
+    // Written by a version before the index headers: a plain KV put.
+    let old_id = (0..400)
+        .map(|i| format!("old-{i}"))
+        .find(|id| partition_of(id, PARTITIONS) == 1)
+        .unwrap();
+    let (old, _) = Saga::start(def, old_id.clone(), b"{}".to_vec(), 7);
+    bucket
+        .put(
+            topology::saga_key(1, &old_id),
+            sagaflow_actors::wire::encode_snapshot(&old).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    expect_unfinished.push(old_id);
+    bucket.put("1.not a saga", "x".into()).await.ok();
+    bucket.put("1.x*y", "x".into()).await.ok();
+
+    let mut found = sagaflow::index::unfinished(&bucket, 1).await.unwrap();
+    found.sort();
+    expect_unfinished.sort();
+    assert_eq!(found, expect_unfinished);
+    assert!(
+        sagaflow::index::unfinished(&bucket, 2)
+            .await
+            .unwrap()
+            .is_empty(),
+        "another partition's sagas are not listed"
+    );
+
+    // Since a moment: only what was written after it.
+    let since = time::OffsetDateTime::now_utc() - time::Duration::milliseconds(1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let late = ids[0].clone();
+    let (saga, rev) = store.load(&late).await.unwrap().unwrap();
+    let mut saga = saga;
+    saga.updated_at += 1;
+    store.save(&saga, Some(rev)).await.unwrap();
+    let (mut done, rev) = store.load(&ids[3]).await.unwrap().unwrap();
+    done.phase = Phase::Completed;
+    store.save(&done, Some(rev)).await.unwrap();
+    let recent = sagaflow::index::recently_unfinished(&bucket, 1, since)
+        .await
+        .unwrap();
+    assert_eq!(recent, vec![late], "{} finished since", ids[3]);
 }

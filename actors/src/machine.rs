@@ -88,6 +88,20 @@ impl Phase {
             Phase::NeedsAttention => "NEEDS_ATTENTION",
         }
     }
+
+    /// The phase named `name` (as [`Phase::as_str`] spells it).
+    pub fn from_name(name: &str) -> Option<Phase> {
+        [
+            Phase::Running,
+            Phase::Compensating,
+            Phase::Completed,
+            Phase::Compensated,
+            Phase::Failed,
+            Phase::NeedsAttention,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == name)
+    }
 }
 
 /// Where one step is.
