@@ -240,6 +240,8 @@ pub struct Membership {
     /// Per node: the revision of its heartbeat entry last read, and when (this process's
     /// monotonic clock) that revision was first seen.
     seen: HashMap<String, (u64, std::time::Instant)>,
+    /// The live nodes (this one included) of the last round, to notice departures.
+    last_live: Option<BTreeSet<String>>,
 }
 
 impl Membership {
@@ -269,6 +271,7 @@ impl Membership {
             observer: metrics,
             members: BTreeMap::new(),
             seen: HashMap::new(),
+            last_live: None,
             fence: crate::fence::Fence::open(),
             clock: Arc::default(),
         }
@@ -507,6 +510,28 @@ impl Membership {
             .map(|o| o == Some(me.as_str()))
             .collect();
         let is_mine = |p: u32| assigned_to.get(p as usize).copied().unwrap_or(false);
+        // A node that left or died may have cut a saga's creation short (snapshot written,
+        // start not published): sweep the partitions kept through the change for such orphans
+        // (those acquired now get the full take-over scan instead).
+        let departed: Vec<String> = self
+            .last_live
+            .as_ref()
+            .map(|prev| prev.difference(&live).cloned().collect())
+            .unwrap_or_default();
+        self.last_live = Some(live.clone());
+        if !departed.is_empty() {
+            let kept: Vec<u32> = self.held.keys().copied().filter(|p| is_mine(*p)).collect();
+            if !kept.is_empty() {
+                tokio::spawn(sweep_orphans(
+                    self.js.clone(),
+                    kept,
+                    self.cfg.cluster.node_ttl,
+                    self.clock.clone(),
+                    self.coordinator.clone(),
+                    departed,
+                ));
+            }
+        }
         // Partitions we hold but are no longer assigned stop pulling at once (see `leave`).
         for (p, h) in &self.held {
             if !is_mine(*p) {
@@ -861,6 +886,59 @@ async fn recover_partition(
             .map_err(|e| e.to_string())?;
     }
     Ok(n)
+}
+
+/// How far back, past three node TTLs, the orphan sweep looks for interrupted creations.
+const ORPHAN_MARGIN: Duration = Duration::from_secs(30);
+
+/// Takes up the sagas of `partitions` that a departed node may have left orphaned: written
+/// recently, unfinished, and driven by no actor of this node (see `docs/semantics.md`, "No
+/// orphans").
+///
+/// It waits one `node_ttl` first, then looks at writes from `3 × node_ttl + ORPHAN_MARGIN`
+/// ago up to `node_ttl` ago: whatever the departed node wrote is at least a TTL old by the
+/// time it is judged dead, and younger writes belong to sagas whose start may still be on its
+/// way.
+async fn sweep_orphans(
+    js: jetstream::Context,
+    partitions: Vec<u32>,
+    node_ttl: Duration,
+    clock: Arc<crate::clock::ClusterClock>,
+    coordinator: ActorRef<CoordinatorMsg>,
+    departed: Vec<String>,
+) {
+    tokio::time::sleep(node_ttl).await;
+    let ttl_ms = i64::try_from(node_ttl.as_millis()).unwrap_or(i64::MAX);
+    let margin_ms = i64::try_from(ORPHAN_MARGIN.as_millis()).unwrap_or(0);
+    let now = clock.now_ms();
+    let (since, until) = (
+        now.saturating_sub(ttl_ms.saturating_mul(3).saturating_add(margin_ms)),
+        now.saturating_sub(ttl_ms),
+    );
+    let bucket = match js.get_key_value(SAGAS_BUCKET).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, ?departed, "orphan sweep skipped: cannot open the saga bucket");
+            return;
+        }
+    };
+    let mut candidates = 0;
+    for p in partitions {
+        match crate::index::recently_unfinished(&bucket, p, since, until).await {
+            Ok(ids) => {
+                candidates += ids.len();
+                for saga_id in ids {
+                    if coordinator.cast(CoordinatorMsg::Adopt { saga_id }).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, ?departed, "orphan sweep of a partition failed")
+            }
+        }
+    }
+    tracing::debug!(?departed, candidates, "orphan sweep done");
 }
 
 /// Writes this node's heartbeat every `heartbeat_interval` until `stop`.

@@ -187,23 +187,23 @@ impl SagaApi {
             Err(e) => return Err(unavailable(e)),
         };
         let at = self.now_ms();
+        // The creator hands the owner the snapshot it wrote, sparing it a read, and publishes
+        // the first commands itself (below): the owner then only arms their timers. A repeat
+        // sends a plain start: the owner reads the current snapshot and (re)publishes what is in
+        // flight.
+        let control = match revision.map(|r| wire::encode_snapshot(&saga).map(|s| (r, s))) {
+            Some(Ok((revision, snapshot))) => Control::Created {
+                at,
+                revision,
+                snapshot,
+                commands_sent: true,
+            },
+            _ => Control::Started { at },
+        };
         let start = async {
             if saga.is_terminal() {
                 return Ok(());
             }
-            // The creator hands the owner the snapshot it wrote, sparing it a read, and
-            // publishes the first commands itself (below): the owner then only arms their
-            // timers. A repeat sends a plain start: the owner reads the current snapshot and
-            // (re)publishes what is in flight.
-            let control = match revision.map(|r| wire::encode_snapshot(&saga).map(|s| (r, s))) {
-                Some(Ok((revision, snapshot))) => Control::Created {
-                    at,
-                    revision,
-                    snapshot,
-                    commands_sent: true,
-                },
-                _ => Control::Started { at },
-            };
             self.publish_control(id, "start", &control, format!("start/{id}"))
                 .await
         };
@@ -230,12 +230,41 @@ impl SagaApi {
             }
         };
         let (started, (), ()) = futures::join!(start, announce, first_commands);
-        started?;
+        if let Err(e) = started {
+            if !created {
+                return Err(e);
+            }
+            // The saga is stored: it must not be left with nothing to drive it. Keep trying
+            // in the background (the server de-duplicates by message id); should this node die
+            // first, the orphan sweep of the partition's owner takes the saga up.
+            tracing::warn!(saga_id = %id, error = %e, "cannot publish the start event; retrying in the background");
+            tokio::spawn(self.clone().republish_start(id.to_string(), control));
+        }
         if created {
             crate::metrics::saga_started(&def.name);
             tracing::info!(saga_id = %id, saga = %def.name, "saga started");
         }
         Ok((created, saga))
+    }
+
+    /// Publishes a created saga's start event until it is stored (or the node shuts down).
+    async fn republish_start(self, id: String, control: Control) {
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            if self
+                .publish_control(&id, "start", &control, format!("start/{id}"))
+                .await
+                .is_ok()
+            {
+                tracing::info!(saga_id = %id, "start event published after a retry");
+                return;
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(30));
+        }
     }
 
     pub(crate) async fn publish_control(

@@ -38,6 +38,8 @@ pub struct Seen {
     pub id: String,
     /// Its index headers; `None` for a snapshot written by an older version.
     pub headers: Option<IndexHeaders>,
+    /// When the server stored it (ms since the epoch).
+    pub written_ms: i64,
 }
 
 impl Seen {
@@ -92,9 +94,12 @@ async fn scan(
             .map_err(|e| ScanError::Read(e.to_string()))?;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| ScanError::Read(e.to_string()))?;
-            let pending = message.info().map(|i| i.pending).unwrap_or(0);
+            let (pending, written_ms) = message
+                .info()
+                .map(|i| (i.pending, unix_ms(i.published)))
+                .unwrap_or((0, 0));
             if let Some(id) = message.subject.strip_prefix(prefix.as_str()) {
-                if let Some(seen_one) = seen_of(id, message.headers.as_ref()) {
+                if let Some(seen_one) = seen_of(id, message.headers.as_ref(), written_ms) {
                     seen.insert(seen_one.id.clone(), seen_one);
                 }
             }
@@ -112,12 +117,23 @@ async fn scan(
 
 /// A key (`<partition>.<saga id>`) and its headers as a [`Seen`]; `None` for a key that names
 /// no saga (left alone).
-fn seen_of(key: &str, headers: Option<&async_nats::HeaderMap>) -> Option<Seen> {
+fn seen_of(key: &str, headers: Option<&async_nats::HeaderMap>, written_ms: i64) -> Option<Seen> {
     let (_, id) = key.split_once('.')?;
     valid_saga_id(id).then(|| Seen {
         id: id.to_string(),
         headers: IndexHeaders::read(headers),
+        written_ms,
     })
+}
+
+fn unix_ms(t: time::OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// Milliseconds since the epoch as a time for a consumer's start.
+pub fn time_of_ms(ms: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// The sagas of `partition` that are not finished (or whose last write has no index headers),
@@ -136,22 +152,25 @@ pub async fn unfinished(bucket: &kv::Store, partition: u32) -> Result<Vec<String
         .collect())
 }
 
-/// The sagas of `partition` written since `since` (by the server's clock) whose latest write
-/// there is unfinished.
+/// The sagas of `partition` last written between `since_ms` and `until_ms` (ms since the
+/// epoch, by the server's clock) and unfinished by that write.
 pub async fn recently_unfinished(
     bucket: &kv::Store,
     partition: u32,
-    since: time::OffsetDateTime,
+    since_ms: i64,
+    until_ms: i64,
 ) -> Result<Vec<String>, ScanError> {
     let seen = scan(
         bucket,
         &format!("{partition}.*"),
-        DeliverPolicy::ByStartTime { start_time: since },
+        DeliverPolicy::ByStartTime {
+            start_time: time_of_ms(since_ms),
+        },
     )
     .await?;
     Ok(seen
         .into_values()
-        .filter(Seen::unfinished)
+        .filter(|s| s.unfinished() && s.written_ms <= until_ms)
         .map(|s| s.id)
         .collect())
 }
@@ -322,9 +341,9 @@ impl SagaIndex {
             };
             let Ok(info) = message.info() else { continue };
             let (seq, pending) = (info.stream_sequence, info.pending);
-            let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+            let published_ms = unix_ms(info.published);
             if let Some(key) = message.subject.strip_prefix(prefix.as_str()) {
-                if let Some(seen) = seen_of(key, message.headers.as_ref()) {
+                if let Some(seen) = seen_of(key, message.headers.as_ref(), published_ms) {
                     let ttl_ms = message
                         .headers
                         .as_ref()

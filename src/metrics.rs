@@ -16,6 +16,7 @@
 //! | `sagaflow_events_refused_total` | counter | `reason` (saga events dead-lettered: `saga_id`, `partition`, `command_id`, `unsent_attempt`, `retries_exhausted`…) |
 //! | `sagaflow_events_ignored_total` | counter | `reason` (saga events acked without effect: `duplicate`, `stale_attempt`) |
 //! | `sagaflow_nats_disconnects_total` | counter | (times the node's NATS connection was lost) |
+//! | `sagaflow_orphans_adopted_total` | counter | (unfinished sagas nothing drove, taken up by the orphan sweep after a node left) |
 //! | `sagaflow_fenced_writes_total` | counter | (writes refused because this node's heartbeat lapsed, see [`crate::fence`]) |
 //! | `sagaflow_consumer_pending` | gauge | `stream`, `consumer` |
 //! | `sagaflow_consumer_ack_pending` | gauge | `stream`, `consumer` |
@@ -187,6 +188,7 @@ pub struct Metrics {
     events_refused: Family<ReasonLabels, Counter>,
     events_ignored: Family<ReasonLabels, Counter>,
     nats_disconnects: Counter,
+    orphans_adopted: Counter,
     mirroring: Mutex<()>,
     /// Writes refused by the node's fence ([`crate::fence`]).
     pub fenced_writes: Counter,
@@ -237,6 +239,7 @@ impl Metrics {
             events_refused: Family::default(),
             events_ignored: Family::default(),
             nats_disconnects: Counter::default(),
+            orphans_adopted: Counter::default(),
             mirroring: Mutex::default(),
             fenced_writes: Counter::default(),
             dlq_depth: Gauge::default(),
@@ -268,6 +271,11 @@ impl Metrics {
             "fenced_writes",
             "Snapshot writes and publishes refused because this node's heartbeat lapsed (paused or cut off)",
             m.fenced_writes.clone(),
+        );
+        registry.register(
+            "orphans_adopted",
+            "Unfinished sagas that nothing drove (creation interrupted), taken up by the orphan sweep",
+            m.orphans_adopted.clone(),
         );
         registry.register(
             "nats_disconnects",
@@ -403,6 +411,10 @@ impl Observer for Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    fn orphan_adopted(&self, _saga_id: &str) {
+        self.orphans_adopted.inc();
     }
 
     fn event_ignored(&self, reason: &str) {

@@ -493,3 +493,93 @@ async fn a_node_paused_past_its_ttl_writes_nothing_when_it_resumes() {
     );
     println!("paused node: {fenced} writes refused after it resumed");
 }
+
+/// A saga whose creator died between writing its snapshot and publishing its start event has
+/// nothing to drive it. When the creator leaves, the owner of each partition it kept sweeps
+/// for such orphans and takes them up (the partitions that change hands get the take-over
+/// scan): every orphan ships, and the metric counts those taken up by the sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_orphaned_at_creation_are_taken_up_when_their_creator_leaves() {
+    use sagaflow::grpc::render::{order_saga_id, OrderInput, OrderItem};
+    use sagaflow_actors::hash::partition_of;
+    use sagaflow_actors::machine::Saga;
+    use sagaflow_actors::ports::StateStore;
+
+    const PARTITIONS: u32 = 4;
+    let nats = start_nats().await.unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let a = start(&nats, "orphan-a", PARTITIONS).await;
+    let b = start(&nats, "orphan-b", PARTITIONS).await;
+    let split = wait_owned_by(&js, PARTITIONS, &["orphan-a", "orphan-b"]).await;
+    let kept: BTreeSet<u32> = split
+        .iter()
+        .filter(|(_, o)| *o == "orphan-a")
+        .map(|(p, _)| *p)
+        .collect();
+
+    // What a creator writes first: the snapshot, before the start event it never published.
+    let bucket = js.get_key_value("sagaflow_sagas").await.unwrap();
+    let store = sagaflow::store::KvStateStore::new(js.clone(), bucket, PARTITIONS);
+    let defs = sagaflow_actors::definition::load_dir(&repo_dir().join("sagas")).unwrap();
+    let def = defs.iter().find(|d| d.name == "order").unwrap();
+    let mut orphans = Vec::new();
+    let mut on_kept = 0;
+    for i in 0..12 {
+        let order_id = format!("orphan-{i}");
+        let input = OrderInput {
+            order_id: order_id.clone(),
+            customer: "ann".into(),
+            amount_cents: 1_200,
+            items: vec![OrderItem {
+                sku: "SKU-1".into(),
+                quantity: 1,
+            }],
+        };
+        let id = order_saga_id(&order_id);
+        let (saga, _) = Saga::start(
+            def,
+            id.clone(),
+            serde_json::to_vec(&input).unwrap(),
+            sagaflow::dlq::now_ms(),
+        );
+        store.save(&saga, None).await.unwrap();
+        on_kept += usize::from(kept.contains(&partition_of(&id, PARTITIONS)));
+        orphans.push(order_id);
+    }
+    assert!(on_kept > 0, "some orphans are in partitions node-a keeps");
+
+    // The creator leaves.
+    within(TIMEOUT, "shutdown", b.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_owned_by(&js, PARTITIONS, &["orphan-a"]).await;
+    let mut client = connect_orders(&a.grpc_addr.to_string()).await.unwrap();
+    for id in &orphans {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = get_order(&mut client, id).await.unwrap();
+            if o.terminal {
+                assert_eq!(o.status, "SHIPPED", "{id}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "orphan {id} still {} after 60 s",
+                o.status
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (_, metrics) = http_get(a.http_addr, "/metrics").await.unwrap();
+    let adopted: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sagaflow_orphans_adopted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        adopted >= on_kept,
+        "{adopted} adopted by the sweep, {on_kept} orphans in kept partitions"
+    );
+    a.shutdown().await.unwrap();
+}

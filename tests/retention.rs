@@ -548,7 +548,7 @@ async fn take_over_finds_the_unfinished_sagas_by_their_headers() {
     );
 
     // Since a moment: only what was written after it.
-    let since = time::OffsetDateTime::now_utc() - time::Duration::milliseconds(1);
+    let since = sagaflow::dlq::now_ms() - 1;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let late = ids[0].clone();
     let (saga, rev) = store.load(&late).await.unwrap().unwrap();
@@ -558,8 +558,15 @@ async fn take_over_finds_the_unfinished_sagas_by_their_headers() {
     let (mut done, rev) = store.load(&ids[3]).await.unwrap().unwrap();
     done.phase = Phase::Completed;
     store.save(&done, Some(rev)).await.unwrap();
-    let recent = sagaflow::index::recently_unfinished(&bucket, 1, since)
+    let recent = sagaflow::index::recently_unfinished(&bucket, 1, since, i64::MAX)
         .await
         .unwrap();
+    assert!(
+        sagaflow::index::recently_unfinished(&bucket, 1, since, since)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing was written before `since`"
+    );
     assert_eq!(recent, vec![late], "{} finished since", ids[3]);
 }

@@ -204,6 +204,12 @@ pub enum CoordinatorMsg {
         /// Saga id.
         saga_id: String,
     },
+    /// Bring back a saga found unfinished by the orphan sweep, unless this node already drives
+    /// it (a live, passivating or dormant actor): a saga whose creation was cut short.
+    Adopt {
+        /// Saga id.
+        saga_id: String,
+    },
     /// Respawn a failed saga actor.
     Respawn(String),
     /// Stop every saga actor of `partition` (it is handed to another node); replies with how
@@ -323,6 +329,25 @@ impl Actor for Coordinator {
                     // The actor stopped between lookup and send: the message is dropped with it
                     // un-acked, and JetStream redelivers it.
                     tracing::debug!(saga_id, error = %e, "saga actor gone, event will be redelivered");
+                }
+            }
+            CoordinatorMsg::Adopt { saga_id } => {
+                let driven = state.actors.contains_key(&saga_id)
+                    || state.passivating.contains_key(&saga_id)
+                    || state.dormant.contains_key(&saga_id);
+                if driven {
+                    return Ok(());
+                }
+                match state.actor_for(&myself, &saga_id).await {
+                    Ok(live) => {
+                        tracing::warn!(
+                            saga_id,
+                            "orphaned saga taken up: its creation was interrupted"
+                        );
+                        state.ctx.observer.orphan_adopted(&saga_id);
+                        let _ = live.actor.cast(SagaMsg::Recover);
+                    }
+                    Err(e) => tracing::error!(saga_id, error = %e, "cannot spawn saga actor"),
                 }
             }
             CoordinatorMsg::Recover { saga_id } | CoordinatorMsg::Respawn(saga_id) => {

@@ -161,6 +161,9 @@ pub trait Observer: Send + Sync + 'static {
     /// An inbound event was acked without effect; `reason` is a short stable label
     /// (`duplicate`, `stale_attempt`).
     fn event_ignored(&self, _reason: &str) {}
+    /// An unfinished saga that nothing drove (no actor, no event coming: its creator died
+    /// between writing it and publishing its start) was taken up by the orphan sweep.
+    fn orphan_adopted(&self, _saga_id: &str) {}
 }
 
 /// One line of [`Observer::attention`].

@@ -37,6 +37,7 @@ fn exposition() -> String {
     };
     m.event_refused("saga_id");
     m.event_ignored("duplicate");
+    m.orphan_adopted("order-1");
     let readiness = sagaflow::metrics::Readiness::default();
     readiness.set_connected(true);
     readiness.set_connected(false);
