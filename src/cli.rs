@@ -214,7 +214,7 @@ pub enum OrderCommand {
         #[command(flatten)]
         json: JsonArg,
     },
-    /// List orders (all pages).
+    /// List orders, newest first.
     List {
         /// Node.
         #[command(flatten)]
@@ -222,6 +222,9 @@ pub enum OrderCommand {
         /// Only orders in this status (`PENDING`, `SHIPPED`, `CANCELLED`…).
         #[arg(long, value_name = "S")]
         status: Option<String>,
+        /// At most this many orders (0: all of them).
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
         /// Output.
         #[command(flatten)]
         json: JsonArg,
@@ -974,6 +977,7 @@ mod tests {
 
         let Command::Order(OrderCommand::List {
             status,
+            limit,
             json,
             server,
         }) = parse(&["order", "list", "--status", "SHIPPED"])
@@ -983,6 +987,7 @@ mod tests {
             panic!("not order list")
         };
         assert_eq!(status.as_deref(), Some("SHIPPED"));
+        assert_eq!(limit, 100, "the newest 100 unless asked");
         assert!(!json.json);
         // The default applies unless SAGAFLOW_SERVER is set in the test's environment.
         if std::env::var_os("SAGAFLOW_SERVER").is_none() {

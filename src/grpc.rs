@@ -23,6 +23,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::admission::Admission;
 use crate::bus::JetStreamBus;
 use crate::cluster::SharedView;
+use crate::index::{Cursor, Listed, SagaIndex};
 use crate::store::KvStateStore;
 use crate::topology::event_subject;
 
@@ -49,6 +50,8 @@ pub struct SagaApi {
     admission: (Arc<Admission>, f64, SharedView),
     /// The cluster's time (see [`crate::clock`]): new sagas are timed by it.
     clock: Arc<crate::clock::ClusterClock>,
+    /// The list index, once a list asked for it.
+    index: Arc<tokio::sync::Mutex<Option<Arc<SagaIndex>>>>,
 }
 
 impl std::fmt::Debug for SagaApi {
@@ -94,6 +97,7 @@ impl SagaApi {
             shutdown,
             admission: (Arc::default(), 0.0, SharedView::default()),
             clock: Arc::default(),
+            index: Arc::default(),
         }
     }
 
@@ -339,43 +343,109 @@ impl SagaApi {
         Ok(stream)
     }
 
-    /// Every saga whose id starts with `prefix` (a full scan of the bucket, newest first).
-    ///
-    /// Fine for the dev cluster and tests; a production deployment would list from a
-    /// per-node view maintained by watching the bucket (tracked as a follow-up).
-    pub async fn list(&self, prefix: &str) -> Result<Vec<Saga>, Status> {
-        let keys = match self.store.bucket().keys().await {
-            Ok(k) => k,
-            Err(e) => return Err(unavailable(e)),
+    /// This node's list index (see [`crate::index::SagaIndex`]), started on first use and
+    /// after it stopped (idle, or its consumer failed); caught up with every write made before
+    /// the call.
+    async fn index(&self) -> Result<Arc<SagaIndex>, Status> {
+        let index = {
+            let mut slot = self.index.lock().await;
+            match slot.as_ref().filter(|i| i.running()) {
+                Some(i) => i.clone(),
+                None => {
+                    let started = std::time::Instant::now();
+                    let index = SagaIndex::start(self.store.bucket().clone(), &self.shutdown)
+                        .await
+                        .map_err(unavailable)?;
+                    let sagas = index.len().await;
+                    tracing::info!(
+                        sagas,
+                        took = ?started.elapsed(),
+                        "list index started"
+                    );
+                    tokio::spawn(stop_when_idle(index.clone()));
+                    *slot = Some(index.clone());
+                    index
+                }
+            }
         };
-        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
-        let ids: Vec<String> = keys
-            .into_iter()
-            .filter_map(|k| k.split_once('.').map(|(_, id)| id.to_string()))
-            .filter(|id| id.starts_with(prefix))
-            .collect();
-        let store = self.store.clone();
-        let loaded: Vec<Result<Option<(Saga, u64)>, PortError>> = futures::stream::iter(ids)
-            .map(|id| {
-                let store = store.clone();
-                async move { store.load(&id).await }
-            })
-            .buffer_unordered(64)
-            .collect()
-            .await;
-        let mut sagas = Vec::with_capacity(loaded.len());
-        for l in loaded {
-            match l {
-                Ok(Some((s, _))) => sagas.push(s),
-                Ok(None) | Err(PortError::Corrupt { .. }) => {}
-                Err(e) => return Err(unavailable(e)),
+        let mut stream = self.store.bucket().stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(unavailable)?
+            .state
+            .last_sequence;
+        index.catch_up(last).await;
+        Ok(index)
+    }
+
+    /// One page of sagas, newest first: candidates from the index that `keep` accepts by their
+    /// headers, loaded in order, and kept if `accept` accepts the snapshot. At most `n` sagas,
+    /// and at most `examine` candidates loaded; the cursor is where the next page starts
+    /// (`None`: no more).
+    pub async fn list_page(
+        &self,
+        after: Option<&Cursor>,
+        n: usize,
+        examine: usize,
+        keep: impl Fn(&Listed) -> bool,
+        accept: impl Fn(&Saga) -> bool,
+    ) -> Result<(Vec<Saga>, Option<Cursor>), Status> {
+        let index = self.index().await?;
+        let now = self.now_ms();
+        let mut out = Vec::with_capacity(n);
+        let mut cursor = after.cloned();
+        let mut examined = 0;
+        loop {
+            let want = (n - out.len()).min(examine - examined).max(1);
+            let (candidates, more) = index.page(cursor.as_ref(), want, now, &keep).await;
+            let Some(last) = candidates.last() else {
+                return Ok((out, None));
+            };
+            cursor = Some(Cursor::after(last));
+            examined += candidates.len();
+            let store = self.store.clone();
+            let loaded: Vec<(String, Loaded)> = futures::stream::iter(candidates)
+                .map(|c| {
+                    let store = store.clone();
+                    async move {
+                        let r = store.load(&c.id).await;
+                        (c.id, r)
+                    }
+                })
+                .buffered(64)
+                .collect()
+                .await;
+            for (id, l) in loaded {
+                match l {
+                    Ok(Some((s, _))) if accept(&s) => out.push(s),
+                    Ok(Some(_)) | Err(PortError::Corrupt { .. }) => {}
+                    // Expired before the index saw it go.
+                    Ok(None) => index.forget(&id).await,
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+            if !more {
+                return Ok((out, None));
+            }
+            if out.len() >= n || examined >= examine {
+                return Ok((out, cursor));
             }
         }
-        sagas.sort_by(|a, b| {
-            b.started_at
-                .cmp(&a.started_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        Ok(sagas)
+    }
+}
+
+/// A snapshot as [`StateStore::load`] returns it.
+type Loaded = Result<Option<(Saga, u64)>, PortError>;
+
+/// Stops `index` once no list has used it for [`crate::index::IDLE_STOP`].
+async fn stop_when_idle(index: Arc<SagaIndex>) {
+    let check = std::time::Duration::from_secs(30);
+    while index.running() {
+        tokio::time::sleep(check).await;
+        if index.idle() >= crate::index::IDLE_STOP {
+            tracing::info!("list index stopped: unused");
+            index.stop();
+        }
     }
 }

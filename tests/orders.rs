@@ -728,3 +728,91 @@ async fn status_events_as_core_messages_reach_subscribers_and_are_not_stored() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// `ListOrders` pages through the node's index, newest first: pages do not overlap or skip
+/// when orders are placed between them, the status filter holds on every page, and a token
+/// that no response gave is `INVALID_ARGUMENT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_listed_in_pages_newest_first() {
+    let nats = start_nats().await.unwrap();
+    let (node, mut client) = start_node(&nats, &[]).await;
+    let mut placed = Vec::new();
+    for i in 0..23 {
+        // Every fifth above the payment limit: CANCELLED.
+        let amount = if i % 5 == 0 { 150_000 } else { 1_000 };
+        let id = format!("page-{i:02}");
+        client
+            .place_order(order(&id, amount, &[("SKU-1", 1)]))
+            .await
+            .unwrap();
+        placed.push(id);
+        // Distinct start times, so newest-first is a strict order.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    for id in &placed {
+        wait_terminal(&mut client, id, Duration::from_secs(60)).await;
+    }
+    let lister = client.clone();
+    let list = |status: &str, page_size: u32, page_token: String| {
+        let mut client = lister.clone();
+        let status = status.to_string();
+        async move {
+            client
+                .list_orders(v1::ListOrdersRequest {
+                    status,
+                    page_size,
+                    page_token,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let first = list("", 10, String::new()).await.unwrap();
+    assert_eq!(first.orders.len(), 10);
+    assert!(!first.next_page_token.is_empty());
+    // Placed between pages: newer than the cursor, so on no later page.
+    client
+        .place_order(order("page-late", 1_000, &[("SKU-1", 1)]))
+        .await
+        .unwrap();
+    let mut seen: Vec<String> = first.orders.iter().map(|o| o.order_id.clone()).collect();
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let page = list("", 10, token).await.unwrap();
+        assert!(page.orders.len() <= 10);
+        seen.extend(page.orders.iter().map(|o| o.order_id.clone()));
+        token = page.next_page_token;
+    }
+    let mut newest_first = placed.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first, "every order once, newest first");
+
+    let mut cancelled = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list("cancelled", 2, token).await.unwrap();
+        assert!(page.orders.iter().all(|o| o.status == "CANCELLED"));
+        cancelled.extend(page.orders.iter().map(|o| o.order_id.clone()));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let want: Vec<String> = newest_first
+        .iter()
+        .filter(|id| id[5..].parse::<u32>().unwrap() % 5 == 0)
+        .cloned()
+        .collect();
+    assert_eq!(cancelled, want);
+
+    for bad in ["7", "x.y", "1.a b"] {
+        let err = list("", 10, bad.into()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert!(
+            err.message().starts_with("page_token:"),
+            "{}",
+            err.message()
+        );
+    }
+    node.shutdown().await.unwrap();
+}

@@ -30,7 +30,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on one unary call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Orders asked for per `ListOrders` page.
+/// Entries asked for per list page (`ListOrders`, `ListSagasNeedingAttention`).
 const PAGE_SIZE: u32 = 1000;
 
 /// Opens a channel to a node, or fails with `cannot reach sagaflow node at ADDR: ...`.
@@ -271,15 +271,22 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
         OrderCommand::List {
             server,
             status,
+            limit,
             json,
         } => {
             let mut client = OrderServiceClient::new(connect(&server.server).await?);
             let mut orders = Vec::new();
             let mut page_token = String::new();
+            let mut more = false;
             loop {
+                let want = if limit == 0 {
+                    PAGE_SIZE
+                } else {
+                    u32::try_from(limit - orders.len()).map_or(PAGE_SIZE, |n| n.min(PAGE_SIZE))
+                };
                 let request = ListOrdersRequest {
                     status: status.clone().unwrap_or_default(),
-                    page_size: PAGE_SIZE,
+                    page_size: want,
                     page_token,
                 };
                 let request_token = request.page_token.clone();
@@ -291,7 +298,17 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
                 if page.next_page_token == request_token {
                     bail!("the node returned the same page token twice ({request_token:?})");
                 }
+                if limit != 0 && orders.len() >= limit {
+                    more = true;
+                    break;
+                }
                 page_token = page.next_page_token;
+            }
+            if more {
+                eprintln!(
+                    "(the newest {} orders; more match: --limit N for more, --limit 0 for all)",
+                    orders.len()
+                );
             }
             if json.json {
                 let list: Vec<_> = orders.iter().map(render::order_json).collect();
@@ -376,13 +393,25 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut client = SagaServiceClient::new(connect(&server.server).await?);
-            let request = ListSagasNeedingAttentionRequest {
-                saga_name: saga_name.unwrap_or_default(),
-                limit: 0,
-            };
-            let sagas = call(client.list_sagas_needing_attention(request))
-                .await?
-                .sagas;
+            let mut sagas = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = ListSagasNeedingAttentionRequest {
+                    saga_name: saga_name.clone().unwrap_or_default(),
+                    limit: PAGE_SIZE,
+                    page_token,
+                };
+                let request_token = request.page_token.clone();
+                let page = call(client.list_sagas_needing_attention(request)).await?;
+                sagas.extend(page.sagas);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                if page.next_page_token == request_token {
+                    bail!("the node returned the same page token twice ({request_token:?})");
+                }
+                page_token = page.next_page_token;
+            }
             if json.json {
                 let list: Vec<_> = sagas.iter().map(render::saga_json).collect();
                 print_json(&serde_json::json!({ "sagas": list }))?;

@@ -10,6 +10,8 @@ use tonic::{Request, Response, Status};
 
 use super::render::{self, order_saga_id, OrderInput, OrderItem};
 use super::{invalid, valid_id, BoxStream, SagaApi};
+use crate::index::{Cursor, Listed};
+use sagaflow_actors::machine::Saga;
 
 /// Name of the saga definition orders run.
 pub const ORDER_SAGA: &str = "order";
@@ -197,24 +199,20 @@ impl OrderService for Orders {
             n if n > 1000 => return Err(invalid("page_size", "at most 1000")),
             n => n as usize,
         };
-        let offset: usize = if req.page_token.is_empty() {
-            0
-        } else {
-            req.page_token
-                .parse()
-                .map_err(|_| invalid("page_token", "not a token from a previous response"))?
-        };
+        let after = parse_token(&req.page_token)?;
         let status = req.status.trim().to_ascii_uppercase();
-        let sagas = self.api.list("order-").await?;
-        let matching: Vec<_> = sagas
-            .into_iter()
-            .filter(|s| status.is_empty() || s.status == status)
-            .collect();
-        let total = matching.len();
-        let orders = matching
+        let prefix = render::order_saga_id("");
+        let keep = |l: &Listed| {
+            l.id.starts_with(&prefix)
+                && (status.is_empty() || l.headers.as_ref().is_none_or(|h| h.status == status))
+        };
+        let accept = |s: &Saga| status.is_empty() || s.status == status;
+        let (sagas, next) = self
+            .api
+            .list_page(after.as_ref(), page_size, page_size, keep, accept)
+            .await?;
+        let orders = sagas
             .iter()
-            .skip(offset)
-            .take(page_size)
             .map(|s| {
                 let def = self.api.definition(&s.definition);
                 let mut o = render::order(s, 0, def.as_deref());
@@ -225,16 +223,21 @@ impl OrderService for Orders {
                 o
             })
             .collect();
-        let next = offset + page_size;
         Ok(Response::new(ListOrdersResponse {
             orders,
-            next_page_token: if next < total {
-                next.to_string()
-            } else {
-                String::new()
-            },
+            next_page_token: next.map(|c| c.token()).unwrap_or_default(),
         }))
     }
+}
+
+/// A page token from a previous response, or `INVALID_ARGUMENT`.
+pub fn parse_token(token: &str) -> Result<Option<Cursor>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    Cursor::parse(token)
+        .map(Some)
+        .ok_or_else(|| invalid("page_token", "not a token from a previous response"))
 }
 
 #[cfg(test)]

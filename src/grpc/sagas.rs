@@ -1,7 +1,7 @@
 //! `SagaService`: any saga defined in `sagas/*.toml`.
 
 use futures::StreamExt;
-use sagaflow_actors::machine::{Happening, Intervention, OperatorAction, Phase};
+use sagaflow_actors::machine::{Happening, Intervention, OperatorAction, Phase, Saga};
 use sagaflow_actors::wire::Control;
 use sagaflow_proto::v1::saga_service_server::SagaService;
 use sagaflow_proto::v1::{
@@ -12,6 +12,7 @@ use sagaflow_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{invalid, render, valid_id, BoxStream, SagaApi};
+use crate::index::Listed;
 
 use super::MAX_INPUT;
 
@@ -23,6 +24,9 @@ const INTERVENE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most sagas `ListSagasNeedingAttention` returns.
 const MAX_ATTENTION: u32 = 1000;
+/// Unfinished sagas one `ListSagasNeedingAttention` page loads at most (the page may then
+/// hold fewer than its limit, with a token for the rest).
+const ATTENTION_EXAMINED: usize = 5000;
 
 /// `SagaService` implementation.
 #[derive(Debug, Clone)]
@@ -219,26 +223,38 @@ impl SagaService for Sagas {
             0 => 100,
             n => n.min(MAX_ATTENTION),
         } as usize;
+        let after = super::orders::parse_token(&req.page_token)?;
         let now = self.api.now_ms();
-        let mut out = Vec::new();
-        for saga in self.api.list("").await? {
-            if out.len() >= limit {
-                break;
+        let name = req.saga_name.as_str();
+        // Finished sagas are never candidates: only unfinished ones are loaded.
+        let keep = |l: &Listed| {
+            l.headers
+                .as_ref()
+                .is_none_or(|h| !h.phase.is_terminal() && (name.is_empty() || h.definition == name))
+        };
+        let accept = |saga: &Saga| {
+            if !name.is_empty() && saga.definition != name {
+                return false;
             }
-            if !req.saga_name.is_empty() && saga.definition != req.saga_name {
-                continue;
-            }
-            let def = self.api.definition(&saga.definition);
-            let stuck = def
+            let stuck = self
+                .api
+                .definition(&saga.definition)
                 .as_deref()
                 .and_then(|d| saga.stuck_at(d, crate::node::STUCK_MULTIPLE))
                 .is_some_and(|at| now >= at);
-            if saga.phase == Phase::NeedsAttention || stuck {
-                out.push(render::saga(&saga, 0, def.as_deref()));
-            }
-        }
+            saga.phase == Phase::NeedsAttention || stuck
+        };
+        let (sagas, next) = self
+            .api
+            .list_page(after.as_ref(), limit, ATTENTION_EXAMINED, keep, accept)
+            .await?;
+        let out = sagas
+            .iter()
+            .map(|s| render::saga(s, 0, self.api.definition(&s.definition).as_deref()))
+            .collect();
         Ok(Response::new(ListSagasNeedingAttentionResponse {
             sagas: out,
+            next_page_token: next.map(|c| c.token()).unwrap_or_default(),
         }))
     }
 
