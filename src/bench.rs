@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// Draw throughput and latency against offered load into this SVG file.
     #[arg(long, value_name = "FILE.svg", value_parser = parse_plot)]
     pub plot: Option<PathBuf>,
+    /// Start the node's list index before measuring (one `ListOrders` call): measures a node
+    /// that serves lists, whose index follows every snapshot write.
+    #[arg(long)]
+    pub list_index: bool,
     /// Use this NATS server instead of starting one (`nats://127.0.0.1:4222`).
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
@@ -526,6 +530,14 @@ async fn bench(args: &BenchArgs, deadline: Instant) -> Result<Report, Error> {
         (Some(_), Some(_)) => "connecting to the given cluster…",
     });
     let system = System::start(&setup).await?;
+    if args.list_index {
+        system::start_list_index(&system.grpc_url)
+            .await
+            .map_err(|message| system::Error::Unreachable {
+                addr: system.grpc_url.clone(),
+                message,
+            })?;
+    }
     let client = connect_nats(&system.nats_url).await?;
     let nats_version = client.server_info().version.clone();
     let sub = client

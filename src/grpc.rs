@@ -356,7 +356,7 @@ impl SagaApi {
                     let index = SagaIndex::start(self.store.bucket().clone(), &self.shutdown)
                         .await
                         .map_err(unavailable)?;
-                    let sagas = index.len().await;
+                    let sagas = index.len();
                     tracing::info!(
                         sagas,
                         took = ?started.elapsed(),
@@ -421,7 +421,7 @@ impl SagaApi {
                     Ok(Some((s, _))) if accept(&s) => out.push(s),
                     Ok(Some(_)) | Err(PortError::Corrupt { .. }) => {}
                     // Expired before the index saw it go.
-                    Ok(None) => index.forget(&id).await,
+                    Ok(None) => index.forget(&id),
                     Err(e) => return Err(unavailable(e)),
                 }
             }
