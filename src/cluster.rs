@@ -866,7 +866,7 @@ async fn consume_partition(
 /// Brings back every unfinished saga stored under partition `p`; returns how many.
 ///
 /// Finished sagas are not read: the headers-only scan of [`crate::index::unfinished`] tells
-/// them apart by the index headers of their last write.
+/// them apart by the index header of their last write.
 async fn recover_partition(
     js: &jetstream::Context,
     p: u32,

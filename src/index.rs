@@ -1,5 +1,5 @@
-//! Which sagas exist, and in which phase, read from the index headers of the snapshot bucket
-//! ([`crate::store::PHASE_HEADER`] and its siblings) without reading snapshots.
+//! Which sagas exist, and in which phase, read from the index header of the snapshot bucket's
+//! messages ([`crate::store::INDEX_HEADER`]) without reading snapshots.
 //!
 //! - [`unfinished`]: the unfinished sagas of one partition, for take-over. A headers-only
 //!   consumer delivers the last write of each key; finished sagas cost one small message
@@ -37,14 +37,14 @@ const SCAN_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Seen {
     /// Saga id.
     pub id: String,
-    /// Its index headers; `None` for a snapshot written by an older version.
+    /// Its index header; `None` for a snapshot written by an older version.
     pub headers: Option<IndexHeaders>,
     /// When the server stored it (ms since the epoch).
     pub written_ms: i64,
 }
 
 impl Seen {
-    /// Not known to be finished (finished, or no index headers to tell).
+    /// Not known to be finished (finished, or no index header to tell).
     pub fn unfinished(&self) -> bool {
         !self.headers.as_ref().is_some_and(|h| h.phase.is_terminal())
     }
@@ -137,7 +137,7 @@ pub fn time_of_ms(ms: i64) -> time::OffsetDateTime {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// The sagas of `partition` that are not finished (or whose last write has no index headers),
+/// The sagas of `partition` that are not finished (or whose last write has no index header),
 /// from the last write of every key: snapshots of finished sagas are not read.
 pub async fn unfinished(bucket: &kv::Store, partition: u32) -> Result<Vec<String>, ScanError> {
     let seen = scan(

@@ -4,9 +4,9 @@
 //!
 //! - `Nats-Expected-Last-Subject-Sequence: <revision>`: the same compare-and-set as a KV
 //!   `update` or `create` (a lost race is [`Error::Conflict`]);
-//! - the index headers ([`PHASE_HEADER`] and its siblings): phase, status, definition and
-//!   start time, so that a headers-only reader knows which sagas are unfinished without reading
-//!   a snapshot (take-over, [`crate::index`]).
+//! - the index header ([`INDEX_HEADER`]): phase, status, start time and definition, so that a
+//!   headers-only reader knows which sagas are unfinished without reading a snapshot
+//!   (take-over, [`crate::index`]).
 //!
 //! The snapshot that finishes a saga (phase COMPLETED, COMPENSATED or FAILED) can carry a
 //! per-message TTL ([`KvStateStore::expire_finished`]): the server removes it once the TTL has
@@ -35,20 +35,16 @@ use sagaflow_actors::wire;
 
 use crate::topology::{saga_key, update_conflict};
 
-/// Header of every snapshot write: the saga's phase (`RUNNING`, `COMPLETED`, ...).
+/// Header of every snapshot write: `<phase> <status> <started ms> <definition>`, e.g.
+/// `COMPLETED SHIPPED 1765012345678 order`.
 ///
-/// With [`STATUS_HEADER`], [`DEFINITION_HEADER`] and [`STARTED_HEADER`] it lets a reader that
-/// asks for headers only (a JetStream consumer with `headers_only`) know what a saga is
-/// without its snapshot: take-over finds the unfinished sagas of a partition this way, and
-/// [`crate::index`] lists sagas. Snapshots written by versions before these headers have
-/// none; readers treat them as unfinished (and read them).
-pub const PHASE_HEADER: &str = "Sagaflow-Phase";
-/// Header of every snapshot write: the saga's status label.
-pub const STATUS_HEADER: &str = "Sagaflow-Status";
-/// Header of every snapshot write: the saga's definition name.
-pub const DEFINITION_HEADER: &str = "Sagaflow-Saga";
-/// Header of every snapshot write: when the saga started (milliseconds since the epoch).
-pub const STARTED_HEADER: &str = "Sagaflow-Started";
+/// It lets a reader that asks for headers only (a JetStream consumer with `headers_only`) know
+/// what a saga is without its snapshot: take-over finds the unfinished sagas of a partition this
+/// way, and [`crate::index`] lists sagas. One header, because the server scans every message's
+/// header block for its own headers and stores it: four separate ones cost twice the bytes.
+/// Snapshots written by versions before this header have none; readers treat them as
+/// unfinished (and read them).
+pub const INDEX_HEADER: &str = "Sagaflow-Index";
 
 /// [`StateStore`] over a JetStream KV bucket.
 #[derive(Clone, Debug)]
@@ -98,7 +94,7 @@ impl KvStateStore {
     }
 
     /// Compare-and-set write of `saga` (encoded as `bytes`) over revision `expected` (0: the
-    /// key must have no message), with the index headers; a finished snapshot carries the TTL
+    /// key must have no message), with the index header; a finished snapshot carries the TTL
     /// (if any) and rolls up older revisions.
     ///
     /// It is what KV `update` publishes (`Nats-Expected-Last-Subject-Sequence`), plus headers:
@@ -166,23 +162,27 @@ impl KvStateStore {
     }
 }
 
-/// Adds the index headers of `saga` to `headers` (see [`PHASE_HEADER`]).
+/// Adds the index header of `saga` to `headers` (see [`INDEX_HEADER`]).
 pub fn index_headers(saga: &Saga, headers: &mut HeaderMap) {
     // Statuses and definition names are validated labels; one that is not (a snapshot decoded
-    // from elsewhere) is left out rather than risk a line break in the message's headers, and
-    // readers then treat the saga as one without index headers.
+    // from elsewhere) is left out rather than risk a line break or a space in the header, and
+    // readers then treat the saga as one without the header.
     let label =
         |v: &str| !v.is_empty() && v.len() <= 256 && v.bytes().all(|b| b.is_ascii_graphic());
     if !(label(&saga.status) && label(&saga.definition)) {
         return;
     }
-    headers.insert(PHASE_HEADER, saga.phase.as_str());
-    headers.insert(STATUS_HEADER, saga.status.as_str());
-    headers.insert(DEFINITION_HEADER, saga.definition.as_str());
-    headers.insert(STARTED_HEADER, saga.started_at.to_string().as_str());
+    let value = format!(
+        "{} {} {} {}",
+        saga.phase.as_str(),
+        saga.status,
+        saga.started_at,
+        saga.definition
+    );
+    headers.insert(INDEX_HEADER, value.as_str());
 }
 
-/// What the index headers of one snapshot write say.
+/// What the index header of one snapshot write says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexHeaders {
     /// The saga's phase.
@@ -196,16 +196,23 @@ pub struct IndexHeaders {
 }
 
 impl IndexHeaders {
-    /// The index headers of a snapshot message, or `None` when it has none (written by an
-    /// older version) or they do not parse.
+    /// The index header of a snapshot message, or `None` when it has none (written by an
+    /// older version) or it does not parse.
     pub fn read(headers: Option<&HeaderMap>) -> Option<IndexHeaders> {
-        let headers = headers?;
-        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+        let value = headers?.get(INDEX_HEADER)?.as_str();
+        let mut parts = value.split(' ');
+        let phase = Phase::from_name(parts.next()?)?;
+        let status = parts.next()?.to_string();
+        let started_at = parts.next()?.parse().ok()?;
+        let definition = parts.next()?.to_string();
+        if parts.next().is_some() {
+            return None;
+        }
         Some(IndexHeaders {
-            phase: Phase::from_name(&get(PHASE_HEADER)?)?,
-            status: get(STATUS_HEADER)?,
-            definition: get(DEFINITION_HEADER)?,
-            started_at: get(STARTED_HEADER)?.parse().ok()?,
+            phase,
+            status,
+            definition,
+            started_at,
         })
     }
 }
@@ -264,5 +271,71 @@ impl StateStore for KvStateStore {
                 }
             }),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_header_round_trips_and_refuses_what_does_not_parse() {
+        let def = sagaflow_actors::definition::parse(
+            r#"
+version = 1
+name = "order"
+[statuses]
+initial = "PENDING"
+completed = "SHIPPED"
+compensated = "CANCELLED"
+failed = "FAILED"
+[[stage]]
+name = "one"
+[[stage.step]]
+name = "charge"
+action = "payment.charge"
+read_only = true
+"#,
+            std::path::Path::new("t.toml"),
+        );
+        let def = match def {
+            Ok(d) => d,
+            Err(e) => panic!("{e:?}"),
+        };
+        let (mut saga, _) = Saga::start(&def, "order-1".into(), b"{}".to_vec(), 1_765_012_345_678);
+        saga.phase = Phase::Completed;
+        saga.status = "SHIPPED".into();
+        let mut headers = HeaderMap::new();
+        index_headers(&saga, &mut headers);
+        assert_eq!(
+            headers.get(INDEX_HEADER).unwrap().as_str(),
+            "COMPLETED SHIPPED 1765012345678 order"
+        );
+        assert_eq!(
+            IndexHeaders::read(Some(&headers)),
+            Some(IndexHeaders {
+                phase: Phase::Completed,
+                status: "SHIPPED".into(),
+                definition: "order".into(),
+                started_at: 1_765_012_345_678,
+            })
+        );
+        saga.status = "NOT A LABEL".into();
+        let mut none = HeaderMap::new();
+        index_headers(&saga, &mut none);
+        assert!(none.get(INDEX_HEADER).is_none());
+        for bad in [
+            "",
+            "DONE SHIPPED 1 order",
+            "COMPLETED SHIPPED x order",
+            "COMPLETED SHIPPED 1",
+            "COMPLETED SHIPPED 1 order extra",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(INDEX_HEADER, bad);
+            assert_eq!(IndexHeaders::read(Some(&h)), None, "{bad:?}");
+        }
+        assert_eq!(IndexHeaders::read(None), None);
     }
 }
