@@ -7,7 +7,7 @@
 #
 # Sourced (`. scripts/install-nats-server.sh`), it also exports NATS_SERVER_BIN and PATH.
 # Debian's nats-server (2.9) is too old: async-nats' KV calls and the JetStream features we use
-# need 2.11 or later (see DESIGN.md, section 8).
+# need 2.11 or later (per-message TTLs; see docs/deployment.md).
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     # Run, not sourced: strict mode here must not leak into a caller's interactive shell.
     set -euo pipefail

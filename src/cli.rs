@@ -92,9 +92,17 @@ pub struct DevArgs {
     /// Orders placed as a demo once the node is up (0: none).
     #[arg(long, value_name = "N", default_value_t = 6)]
     pub demo_orders: usize,
-    /// Folder of saga definitions.
-    #[arg(long, value_name = "DIR", default_value = "sagas")]
+    /// Folder of saga definitions (without it, and no `sagas` folder here: the definitions
+    /// built into the binary).
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_SAGA_DIR)]
     pub saga_dir: PathBuf,
+    /// Where the first node's HTTP endpoint (metrics, probes) listens; node i listens on the
+    /// port + i - 1.
+    #[arg(long, value_name = "ADDR", default_value_t = crate::config::DEFAULT_HTTP_ADDR)]
+    pub http_addr: SocketAddr,
+    /// Show the nodes' info logs (default: warnings and errors only; `RUST_LOG` overrides).
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 /// `sagaflow node`: flags override the file and the `SAGAFLOW_*` environment.
@@ -195,8 +203,8 @@ pub enum OrderCommand {
         /// Customer name.
         #[arg(long, value_name = "NAME")]
         customer: String,
-        /// Total in cents, > 0.
-        #[arg(long, value_name = "CENTS", value_parser = clap::value_parser!(i64).range(1..))]
+        /// Total in cents, a whole number ≥ 1 (19.99 → 1999).
+        #[arg(long, value_name = "CENTS", allow_negative_numbers = true, value_parser = parse_amount)]
         amount: i64,
         /// An item, `SKU:QTY`; repeat for several.
         #[arg(long = "item", value_name = "SKU:QTY", required = true, value_parser = parse_item)]
@@ -466,6 +474,37 @@ pub struct Item {
     pub quantity: u32,
 }
 
+/// `--amount`: cents, a whole number ≥ 1; a decimal amount is refused with its value in cents.
+fn parse_amount(s: &str) -> Result<i64, String> {
+    const HINT: &str = "the amount is in cents, a whole number ≥ 1 (19.99 → 1999)";
+    let s = s.trim();
+    match s.parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(n) => Err(format!("{n} is not an amount: {HINT}")),
+        Err(_) => match decimal_cents(s) {
+            Some(cents) => Err(format!(
+                "{s} is not in cents: {HINT}; here --amount {cents}"
+            )),
+            None => Err(format!("{s:?} is not a whole number: {HINT}")),
+        },
+    }
+}
+
+/// `19.99` → 1999, `5.5` → 550, `7.` → 700; `None` for anything else.
+fn decimal_cents(s: &str) -> Option<i64> {
+    let (whole, fraction) = s.split_once('.')?;
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(fraction) || fraction.len() > 2 {
+        return None;
+    }
+    let cents: i64 = format!("{fraction:0<2}").parse().ok()?;
+    whole
+        .parse::<i64>()
+        .ok()?
+        .checked_mul(100)?
+        .checked_add(cents)
+}
+
 /// Parses `--item SKU:QTY`.
 pub fn parse_item(s: &str) -> Result<Item, String> {
     let Some((sku, qty)) = s.rsplit_once(':') else {
@@ -572,6 +611,8 @@ impl Cli {
                 nats_cluster: args.nats_cluster,
                 demo_orders: args.demo_orders,
                 saga_dir: args.saga_dir,
+                http_addr: args.http_addr,
+                verbose: args.verbose,
             }),
             Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
             Command::Bench(args) => Plan::Bench(args),
@@ -613,9 +654,14 @@ impl Plan {
         };
         crate::telemetry::Settings {
             log_format: self.log_format(),
-            // The bench's stderr is its progress: only warnings, unless RUST_LOG says otherwise.
-            log_filter: (matches!(self, Plan::Bench(_)) && std::env::var_os("RUST_LOG").is_none())
-                .then(|| "warn".to_string()),
+            // The bench's stderr is its progress, and `dev` prints its own summary: only
+            // warnings, unless `dev -v` or RUST_LOG says otherwise.
+            log_filter: match self {
+                _ if std::env::var_os("RUST_LOG").is_some() => None,
+                Plan::Bench(_) => Some("warn".to_string()),
+                Plan::Dev(opts) if !opts.verbose => Some("warn".to_string()),
+                _ => None,
+            },
             otlp_endpoint,
             service_instance,
         }
@@ -956,6 +1002,23 @@ mod tests {
         ])
         .is_err());
         assert_eq!(err.exit_code(), 2);
+        // Amounts: every mistake says the unit and the fix.
+        for (amount, says) in [
+            ("-5", "-5 is not an amount: the amount is in cents"),
+            ("0", "0 is not an amount"),
+            ("19.99", "19.99 is not in cents: the amount is in cents, a whole number ≥ 1 (19.99 → 1999); here --amount 1999"),
+            ("5.5", "here --amount 550"),
+            ("ten", "\"ten\" is not a whole number"),
+        ] {
+            let err = parse(&[&base[..], &["--item", "A:1"]].concat().iter().map(|a| if *a == "5" { amount } else { a }).collect::<Vec<_>>()).unwrap_err();
+            assert!(err.to_string().contains(says), "{amount}: {err}");
+        }
+        assert!(matches!(
+            parse(&[&base[..], &["--item", "A:1"]].concat())
+                .unwrap()
+                .command,
+            Command::Order(OrderCommand::Place { amount: 5, .. })
+        ));
     }
 
     #[test]

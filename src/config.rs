@@ -45,6 +45,11 @@ fn invalid(origin: Option<String>, message: impl Into<String>) -> Error {
 pub const DEFAULT_HTTP_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
+/// The saga definitions folder when none is set (relative to the working directory; a node
+/// started elsewhere runs the definitions built into the binary instead, see
+/// [`crate::node::load_definitions`]).
+pub const DEFAULT_SAGA_DIR: &str = "sagas";
+
 /// Partitions of a new deployment when `partitions` is not set. Each partition is a durable
 /// consumer on `SAGA_EVENTS`, and nats-server pays for every one: on one node, 32 partitions
 /// cost the server 15 % more CPU per saga than 8, and 9 % of the throughput; on an R3
@@ -227,7 +232,7 @@ impl Default for NodeConfig {
             nats: vec!["nats://127.0.0.1:4222".to_string()],
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_addr: DEFAULT_HTTP_ADDR,
-            saga_dir: PathBuf::from("sagas"),
+            saga_dir: PathBuf::from(DEFAULT_SAGA_DIR),
             partitions: DEFAULT_PARTITIONS,
             partitions_set: false,
             demo_services: false,

@@ -37,6 +37,10 @@ pub async fn pull_forever<O, OF, H, HF>(
     HF: Future<Output = Flow>,
 {
     let mut failures = 0u32;
+    // Reopenings since the last message handled: the first few for "no responders" are what a
+    // consumer whose stream or leader is still being set up answers (a cluster starting), and
+    // are not worth a warning.
+    let mut quiet_reopens = 0u32;
     while !cancel.is_cancelled() {
         let consumer = match open().await {
             Ok(c) => c,
@@ -75,6 +79,7 @@ pub async fn pull_forever<O, OF, H, HF>(
             };
             match next {
                 Some(Ok(message)) => {
+                    quiet_reopens = 0;
                     if let Flow::Stop = handle(message).await {
                         give_back(what, &mut messages).await;
                         return;
@@ -84,7 +89,12 @@ pub async fn pull_forever<O, OF, H, HF>(
                 // dead (its server went away, the consumer leader moved). Open a fresh one
                 // rather than wait on it.
                 Some(Err(e)) => {
-                    tracing::warn!(consumer = what, error = %e, "pull stream error, reopening");
+                    if e.to_string().contains("no responders") && quiet_reopens < QUIET_REOPENS {
+                        tracing::debug!(consumer = what, error = %e, "consumer not served yet, reopening");
+                    } else {
+                        tracing::warn!(consumer = what, error = %e, "pull stream error, reopening");
+                    }
+                    quiet_reopens += 1;
                     break;
                 }
                 None => break,
@@ -92,6 +102,9 @@ pub async fn pull_forever<O, OF, H, HF>(
         }
     }
 }
+
+/// "No responders" reopenings in a row logged at debug before they are warned about.
+const QUIET_REOPENS: u32 = 10;
 
 /// Naks the messages already delivered to this pull subscription but not yet handed on, so
 /// JetStream redelivers them at once (to another instance) instead of after `ack_wait`.

@@ -35,6 +35,10 @@ pub struct DevOptions {
     pub demo_orders: usize,
     /// Folder of saga definitions.
     pub saga_dir: PathBuf,
+    /// HTTP address of the first node; node i listens on its port + i - 1 (port 0: free ports).
+    pub http_addr: SocketAddr,
+    /// Info logs on the console (otherwise warnings only).
+    pub verbose: bool,
 }
 
 /// Why the dev cluster failed.
@@ -49,9 +53,19 @@ pub enum Error {
     /// Configuration.
     #[error(transparent)]
     Config(#[from] crate::config::Error),
-    /// `--grpc-addr` port + `--nodes` runs past 65535.
-    #[error("--grpc-addr {0}: no room for {1} consecutive ports")]
+    /// `--grpc-addr` or `--http-addr` port + `--nodes` runs past 65535.
+    #[error("{0}: no room for {1} consecutive ports")]
     Ports(SocketAddr, usize),
+    /// An address a node would listen on is taken (checked before anything starts).
+    #[error("{addr} is already in use (another `sagaflow dev` or node?): choose another with {flag}, e.g. {flag} {suggestion}")]
+    Taken {
+        /// The address.
+        addr: SocketAddr,
+        /// The flag that sets it.
+        flag: &'static str,
+        /// A free-looking alternative.
+        suggestion: SocketAddr,
+    },
 }
 
 /// The gRPC address of node `i` (0-based): the base port + i, or port 0 (a free port) if the
@@ -73,6 +87,7 @@ pub fn node_config(
     replicas: usize,
 ) -> Result<NodeConfig, Error> {
     let grpc_addr = node_addr(opts.grpc_addr, i).ok_or(Error::Ports(opts.grpc_addr, opts.nodes))?;
+    let http_addr = node_addr(opts.http_addr, i).ok_or(Error::Ports(opts.http_addr, opts.nodes))?;
     let overrides = Overrides {
         nats: nats.to_vec(),
         grpc_addr: Some(grpc_addr),
@@ -88,7 +103,33 @@ pub fn node_config(
         replicas.to_string(),
     )]
     .into();
-    Ok(NodeConfig::load(None, &env, &overrides)?)
+    Ok(NodeConfig::load(None, &env, &overrides)?.with_http_addr(Some(http_addr)))
+}
+
+/// Checks that every address the nodes will listen on is free, before anything starts, and
+/// says which flag moves a taken one.
+pub fn check_ports(opts: &DevOptions) -> Result<(), Error> {
+    for (base, flag) in [
+        (opts.grpc_addr, "--grpc-addr"),
+        (opts.http_addr, "--http-addr"),
+    ] {
+        if base.port() == 0 {
+            continue;
+        }
+        for i in 0..opts.nodes.max(1) {
+            let addr = node_addr(base, i).ok_or(Error::Ports(base, opts.nodes))?;
+            if std::net::TcpListener::bind(addr).is_err() {
+                let step = u16::try_from(opts.nodes.max(1)).unwrap_or(1).max(10);
+                let suggestion = SocketAddr::new(base.ip(), base.port().saturating_add(step));
+                return Err(Error::Taken {
+                    addr,
+                    flag,
+                    suggestion,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn join_error(e: tokio::task::JoinError) -> crate::nats_server::Error {
@@ -117,6 +158,7 @@ async fn stop_all(nodes: Vec<NodeHandle>, servers: Vec<NatsServer>) -> Result<()
 /// Runs the dev cluster until `shutdown` resolves.
 pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let nodes_wanted = opts.nodes.max(1);
+    check_ports(&opts)?;
     let (servers, replicas) = if opts.nats_cluster {
         let servers =
             tokio::task::spawn_blocking(|| crate::nats_server::start_cluster(NATS_CLUSTER_SIZE))
@@ -173,6 +215,11 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
         }
     }
     println!();
+    if !opts.verbose {
+        println!(
+            "(the nodes log warnings and errors only; `sagaflow dev -v` shows their info logs)"
+        );
+    }
     println!("try:  sagaflow order place --server {addr} --order-id my-1 --customer ann --amount 1999 --item SKU-1:2");
     println!("      sagaflow order get --server {addr} my-1");
     println!("      sagaflow order list --server {addr}");
@@ -269,6 +316,8 @@ mod tests {
             nats_cluster: false,
             demo_orders: 0,
             saga_dir: PathBuf::from("sagas"),
+            http_addr: "127.0.0.1:9464".parse().unwrap(),
+            verbose: false,
         }
     }
 
@@ -290,5 +339,25 @@ mod tests {
             0
         );
         assert!(node_addr("127.0.0.1:65535".parse().unwrap(), 1).is_none());
+        assert_eq!(node_config(&o, 2, &urls, 3).unwrap().http_addr.port(), 9466);
+    }
+
+    #[test]
+    fn taken_ports_are_found_before_anything_starts_and_name_their_flag() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let mut o = opts(&format!("127.0.0.1:{port}"), 1);
+        o.http_addr = "127.0.0.1:0".parse().unwrap();
+        let err = check_ports(&o).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("127.0.0.1:{port} is already in use"))
+                && err.contains("choose another with --grpc-addr"),
+            "{err}"
+        );
+        let mut o = opts("127.0.0.1:0", 1);
+        o.http_addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let err = check_ports(&o).unwrap_err().to_string();
+        assert!(err.contains("--http-addr"), "{err}");
+        drop(taken);
     }
 }

@@ -175,6 +175,7 @@ impl SagaApi {
         }
         // Create first: a new order (the common case) costs one write and no read; a repeat
         // finds the existing snapshot through the conflict.
+        let requested = input.clone();
         let (fresh, _) = Saga::start(def, id.to_string(), input, self.now_ms());
         let (created, saga, revision) = match self.store.save(&fresh, None).await {
             Ok(revision) => (true, fresh, Some(revision)),
@@ -190,6 +191,16 @@ impl SagaApi {
             }
             Err(e) => return Err(unavailable(e)),
         };
+        if !created {
+            // A repeat is idempotent only if it asks for the same thing.
+            let differ = differing_fields(&saga.input, &requested);
+            if !differ.is_empty() {
+                return Err(Status::already_exists(format!(
+                    "`{id}` already exists with a different input ({} differ); repeat the request unchanged, or use another id",
+                    differ.join(", ")
+                )));
+            }
+        }
         let at = self.now_ms();
         // The creator hands the owner the snapshot it wrote, sparing it a read, and publishes
         // the first commands itself (below): the owner then only arms their timers. A repeat
@@ -432,6 +443,26 @@ impl SagaApi {
                 return Ok((out, cursor));
             }
         }
+    }
+}
+
+/// The top-level fields in which two JSON inputs differ (`["input"]` if either is not a JSON
+/// object); empty if they are equal as JSON (key order and spacing aside).
+pub fn differing_fields(old: &[u8], new: &[u8]) -> Vec<String> {
+    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+    match (parse(old), parse(new)) {
+        (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .filter(|k| a.get(*k) != b.get(*k))
+                .map(|k| k.to_string())
+                .collect()
+        }
+        (Some(a), Some(b)) if a == b => Vec::new(),
+        _ if old == new => Vec::new(),
+        _ => vec!["input".to_string()],
     }
 }
 

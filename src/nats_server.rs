@@ -17,8 +17,9 @@
 //! The API is blocking (process spawn, short polls): async callers with other work on the
 //! runtime should call it through `tokio::task::spawn_blocking`.
 //!
-//! We support NATS ≥ 2.11 only (see `DESIGN.md` §8): [`find_binary`] checks the version and
-//! refuses older servers such as Debian's 2.9.
+//! We support NATS ≥ 2.11 only (per-message TTLs, and async-nats cannot create KV buckets on
+//! older servers): [`find_binary`] checks the version and refuses older servers such as
+//! Debian's 2.9 (`docs/deployment.md`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -96,7 +97,10 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The server process exited while we waited for it to become ready.
-    #[error("nats-server {name} exited during start ({status}); last log lines:\n{log_tail}")]
+    #[error(
+        "nats-server {name} exited during start ({status}); {}",
+        last_lines(log_tail)
+    )]
     Exited {
         /// Server name.
         name: String,
@@ -249,7 +253,10 @@ pub fn check_version(binary: &Path) -> Result<String, Error> {
     );
     let version = parse_version(&text).ok_or_else(|| Error::Version {
         binary: binary.to_path_buf(),
-        message: format!("unexpected `--version` output {:?}", text.trim()),
+        message: format!(
+            "it is not a nats-server: `--version` printed {:?}, not `nats-server: v2.x.y`",
+            text.trim().chars().take(200).collect::<String>()
+        ),
     })?;
     if (version.0, version.1) < MIN_VERSION {
         return Err(Error::TooOld {
@@ -263,6 +270,10 @@ pub fn check_version(binary: &Path) -> Result<String, Error> {
 /// Parses `nats-server: v2.15.1` (also tolerates a missing `v` or patch, and suffixes such as
 /// `-beta.1`).
 fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    // Another program's version (`true (GNU coreutils) 9.1`) is not a nats-server's.
+    if !text.contains("nats-server") {
+        return None;
+    }
     let word = text.split_whitespace().find(|w| {
         w.trim_start_matches('v')
             .starts_with(|c: char| c.is_ascii_digit())
@@ -402,6 +413,15 @@ impl Builder {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The end of a server's log for an error message, or what an empty one means.
+fn last_lines(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        "it wrote no log at all: is it a nats-server? (check NATS_SERVER_BIN)".to_string()
+    } else {
+        format!("last log lines:\n{tail}")
     }
 }
 
@@ -841,6 +861,16 @@ mod tests {
         );
         assert_eq!(parse_version("nats-server version 2.10"), Some((2, 10, 0)));
         assert_eq!(parse_version("garbage"), None);
+        assert_eq!(parse_version("true (GNU coreutils) 9.1"), None);
+        let empty = Error::Exited {
+            name: "n1".into(),
+            status: "exit status: 0".into(),
+            log_tail: String::new(),
+        };
+        assert!(
+            empty.to_string().contains("is it a nats-server?"),
+            "{empty}"
+        );
     }
 
     #[test]

@@ -57,9 +57,20 @@ pub enum Error {
     /// No saga definitions found.
     #[error("no saga definitions in {0}")]
     NoDefinitions(String),
-    /// The gRPC address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// The saga definitions folder does not exist.
+    #[error("no saga definitions folder {0}: name yours with --saga-dir DIR (or `saga_dir` in the node's file)")]
+    SagaDir(String),
+    /// The gRPC address could not be bound (the OS error is its source).
+    #[error("cannot listen on {addr} (is another sagaflow node or `sagaflow dev` running? choose another address with --grpc-addr)")]
     Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The HTTP address (metrics, probes) could not be bound.
+    #[error("cannot listen on {addr} for HTTP (is another sagaflow node or `sagaflow dev` running? choose another address with --http-addr)")]
+    HttpBind {
         /// Address.
         addr: SocketAddr,
         /// Cause.
@@ -210,11 +221,55 @@ fn warn_of_unbounded_snapshots(
     }
 }
 
-/// Loads and validates the saga definitions of `dir`.
+/// The saga definitions built into the binary (the repository's `sagas/`): a node or
+/// `sagaflow dev` started where the default folder `sagas` does not exist runs these.
+pub const BUILT_IN_DEFINITIONS: &[(&str, &str)] = &[
+    ("sagas/order.toml", include_str!("../sagas/order.toml")),
+    ("sagas/trip.toml", include_str!("../sagas/trip.toml")),
+];
+
+/// Loads and validates the saga definitions of `dir`. The default folder (`sagas`, relative)
+/// falls back to [`BUILT_IN_DEFINITIONS`] when it does not exist; any other folder must exist.
 pub fn load_definitions(
     dir: &std::path::Path,
 ) -> Result<HashMap<String, Arc<SagaDefinition>>, Error> {
-    let defs = definition::load_dir(dir).map_err(Error::Definitions)?;
+    load_definitions_in(dir, std::path::Path::new("."))
+}
+
+/// [`load_definitions`] with relative paths taken from `cwd`.
+fn load_definitions_in(
+    dir: &std::path::Path,
+    cwd: &std::path::Path,
+) -> Result<HashMap<String, Arc<SagaDefinition>>, Error> {
+    let default = dir == std::path::Path::new(crate::config::DEFAULT_SAGA_DIR);
+    let joined;
+    let dir = if cwd == std::path::Path::new(".") {
+        dir
+    } else {
+        joined = cwd.join(dir);
+        &joined
+    };
+    let defs = if default && !dir.exists() {
+        tracing::info!(
+            "no `sagas` folder here: running the saga definitions built into the binary (order, trip); --saga-dir DIR loads your own"
+        );
+        let mut defs = Vec::new();
+        let mut errors = Vec::new();
+        for (file, source) in BUILT_IN_DEFINITIONS {
+            match definition::parse(source, std::path::Path::new(file)) {
+                Ok(d) => defs.push(d),
+                Err(e) => errors.extend(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::Definitions(errors));
+        }
+        defs
+    } else if !dir.is_dir() {
+        return Err(Error::SagaDir(dir.display().to_string()));
+    } else {
+        definition::load_dir(dir).map_err(Error::Definitions)?
+    };
     if defs.is_empty() {
         return Err(Error::NoDefinitions(dir.display().to_string()));
     }
@@ -423,15 +478,24 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     })?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, readiness.connected()).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sagaflow_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: v1 for current clients, v1alpha for grpcurl before 1.9, many
+    // IDE plugins and Postman, which know only that one.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sagaflow_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
+        .map_err(|e| Error::Actor(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
         .map_err(|e| Error::Actor(format!("reflection: {e}")))?;
     const MAX_MESSAGE: usize = 1024 * 1024;
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             v1::order_service_server::OrderServiceServer::new(Orders::new(api.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
@@ -540,12 +604,12 @@ async fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
             tracing::warn!(%addr, error = %e, "default http address taken, using a free port");
             tokio::net::TcpListener::bind(fallback)
                 .await
-                .map_err(|source| Error::Bind {
+                .map_err(|source| Error::HttpBind {
                     addr: fallback,
                     source,
                 })
         }
-        Err(source) => Err(Error::Bind { addr, source }),
+        Err(source) => Err(Error::HttpBind { addr, source }),
     }
 }
 
@@ -633,4 +697,30 @@ pub async fn run(
     };
     shutdown.await;
     handle.shutdown().await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_sagas_folder_the_built_in_definitions_run_and_a_named_folder_must_exist() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let defs = load_definitions_in(
+            std::path::Path::new(crate::config::DEFAULT_SAGA_DIR),
+            elsewhere.path(),
+        )
+        .unwrap();
+        let mut names: Vec<&str> = defs.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["order", "trip"]);
+        // The same definitions as the repository's files.
+        let here = load_definitions(std::path::Path::new("sagas")).unwrap();
+        assert_eq!(defs["order"].fingerprint, here["order"].fingerprint);
+        let err = load_definitions_in(std::path::Path::new("my-sagas"), elsewhere.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--saga-dir DIR"), "{err}");
+    }
 }

@@ -1,7 +1,7 @@
 //! Chaos: three Sagaflow nodes over a three-node NATS JetStream cluster with R3 streams and
 //! buckets. While at least 2,000 mixed orders run, one node is killed (`kill -9`) and
 //! restarted, one leaves gracefully (SIGTERM), a fourth joins, and one NATS server is killed
-//! and restarted. A checker then asserts the guarantees of DESIGN.md section 6 from the
+//! and restarted. A checker then asserts the guarantees of `docs/semantics.md` from the
 //! participants' ledgers, every order's history and the dead-letter stream.
 //!
 //! It takes a few minutes on a 2-core machine; it runs in the default `cargo test`.

@@ -479,7 +479,9 @@ async fn saga_validate_names_file_line_and_column_of_each_error() {
     // The valid file is still reported as valid.
     assert_eq!(
         run.stdout_lines(),
-        [format!("ok: {good} (saga order, 4 steps)")],
+        [format!(
+            "ok: {good} (saga order, 4 steps, and `notify_cancellation` after a compensation)"
+        )],
         "{run:#?}"
     );
 

@@ -152,6 +152,26 @@ impl SagaDefinition {
         }
     }
 
+    /// Every status label a saga of this definition can have, in the order a saga meets them:
+    /// the initial one, each stage's, then the outcomes (each once).
+    pub fn status_labels(&self) -> Vec<&str> {
+        let mut labels: Vec<&str> = Vec::new();
+        let all = std::iter::once(self.statuses.initial.as_str())
+            .chain(self.stages.iter().filter_map(|s| s.status.as_deref()))
+            .chain([
+                self.statuses.completed.as_str(),
+                self.statuses.compensated.as_str(),
+                self.statuses.failed.as_str(),
+                self.statuses.needs_attention.as_str(),
+            ]);
+        for label in all {
+            if !labels.contains(&label) {
+                labels.push(label);
+            }
+        }
+        labels
+    }
+
     /// Number of step slots a saga of this definition tracks (forward steps + after-compensation).
     pub fn step_slots(&self) -> usize {
         self.steps.len() + usize::from(self.after_compensation.is_some())

@@ -61,8 +61,13 @@ fn validate_file(file: &Path) -> bool {
     };
     match sagaflow_actors::definition::parse(&source, file) {
         Ok(def) => {
+            let after = def
+                .after_compensation
+                .as_ref()
+                .map(|s| format!(", and `{}` after a compensation", s.name))
+                .unwrap_or_default();
             let line = format!(
-                "ok: {} (saga {}, {} steps)\n",
+                "ok: {} (saga {}, {} steps{after})\n",
                 file.display(),
                 def.name,
                 def.steps.len()

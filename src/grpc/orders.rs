@@ -134,7 +134,19 @@ impl OrderService for Orders {
         })?;
         let saga_id = order_saga_id(&input.order_id);
         let bytes = serde_json::to_vec(&input).map_err(|e| Status::internal(e.to_string()))?;
-        let (created, saga) = self.api.start(&def, &saga_id, bytes).await?;
+        let (created, saga) =
+            self.api
+                .start(&def, &saga_id, bytes)
+                .await
+                .map_err(|e| match e.code() {
+                    // Said in the order's terms.
+                    tonic::Code::AlreadyExists => Status::already_exists(e.message().replacen(
+                        &format!("`{saga_id}`"),
+                        &format!("order `{}`", input.order_id),
+                        1,
+                    )),
+                    _ => e,
+                })?;
         Ok(Response::new(PlaceOrderResponse {
             order_id: input.order_id,
             saga_id,
@@ -201,6 +213,21 @@ impl OrderService for Orders {
         };
         let after = parse_token(&req.page_token)?;
         let status = req.status.trim().to_ascii_uppercase();
+        if !status.is_empty() {
+            if let Some(def) = self.api.definition(ORDER_SAGA) {
+                let labels = def.status_labels();
+                if !labels.contains(&status.as_str()) {
+                    return Err(invalid(
+                        "status",
+                        format!(
+                            "no order status {:?}; one of {}",
+                            req.status.chars().take(64).collect::<String>(),
+                            labels.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
         let prefix = render::order_saga_id("");
         let keep = |l: &Listed| {
             l.id.starts_with(&prefix)

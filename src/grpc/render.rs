@@ -15,10 +15,18 @@ pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
         def.and_then(|d| d.step(i))
             .map_or_else(|| format!("step-{i}"), |st| st.name.clone())
     };
+    // The after-compensation step is listed once the saga compensates (or it ran): an order
+    // that shipped never needed it, and listing it PENDING read as if it still might run.
+    let after_compensation_unneeded = |i: usize, st: &sagaflow_actors::machine::StepState| {
+        def.is_some_and(|d| d.after_compensation.is_some() && i == d.steps.len())
+            && st.phase == StepPhase::Pending
+            && s.compensation_plan.is_none()
+    };
     let steps = s
         .steps
         .iter()
         .enumerate()
+        .filter(|(i, st)| !after_compensation_unneeded(*i, st))
         .map(|(i, st)| {
             let d = def.and_then(|d| d.step(i));
             let stage = match (def, d) {
