@@ -842,6 +842,15 @@ mod tests {
         };
         assert_eq!(opts.nodes, 3);
         assert!(opts.nats_cluster);
+        // `dev` prints its own summary: the nodes log warnings only, unless -v (or RUST_LOG).
+        if std::env::var_os("RUST_LOG").is_none() {
+            assert_eq!(
+                Plan::Dev(opts).telemetry().log_filter.as_deref(),
+                Some("warn")
+            );
+            let verbose = parse(&["dev", "-v"]).unwrap().plan().unwrap();
+            assert_eq!(verbose.telemetry().log_filter, None);
+        }
         assert!(parse(&["dev", "--nodes", "0"]).is_err());
         assert!(parse(&["dev", "--nodes", "17"]).is_err());
     }
