@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
         .context("no order definition")?;
 
     let t = Instant::now();
-    let now = sagaflow::dlq::now_ms();
+    let now = sagaflow::clock::now_ms();
     let total = finished + running;
     let writes = futures::stream::iter(0..total)
         .map(|i| {

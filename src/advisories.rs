@@ -15,9 +15,10 @@ use async_nats::HeaderMap;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::config::StreamsConfig;
 use crate::consume::{pull_forever, Flow};
-use crate::dlq::{copy_user_headers, now_ms, AT, ORIGIN, REASON, SOURCE, SUBJECT};
+use crate::dlq::{copy_user_headers, AT, ORIGIN, REASON, SOURCE, SUBJECT};
 use crate::topology::{self, dlq_subject, COMMANDS_STREAM};
 
 /// Stream capturing max-deliveries advisories of the command stream.

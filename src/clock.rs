@@ -21,10 +21,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 
-use crate::dlq::now_ms;
-
 /// Estimates kept; the one with the shortest round trip wins.
 pub const SAMPLES: usize = 16;
+
+/// Unix milliseconds now, by this machine's clock (see [`ClusterClock`] for the cluster's).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// This node's view of the cluster's time (see the module doc).
 #[derive(Debug, Default)]

@@ -12,13 +12,14 @@
 //! they did is journaled as JSON [`JournalRecord`]s on [`JOURNAL_SUBJECT`], inside `SAGA_DLQ`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use sagaflow_actors::ports::Delivery;
 
+use crate::clock::now_ms;
 use crate::topology::dlq_subject;
 
 /// Header: why the message was dead-lettered.
@@ -133,13 +134,6 @@ fn header_value(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(1024)
         .collect()
-}
-
-/// Unix milliseconds now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Publishes `message` to the DLQ with `reason`, then acks it (or naks it if that failed).

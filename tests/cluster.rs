@@ -540,7 +540,7 @@ async fn sagas_orphaned_at_creation_are_taken_up_when_their_creator_leaves() {
             def,
             id.clone(),
             serde_json::to_vec(&input).unwrap(),
-            sagaflow::dlq::now_ms(),
+            sagaflow::clock::now_ms(),
         );
         store.save(&saga, None).await.unwrap();
         on_kept += usize::from(kept.contains(&partition_of(&id, PARTITIONS)));

@@ -429,7 +429,7 @@ async fn a_replayed_dead_letter_reaches_its_consumer() {
     );
     let cancel = wire::encode_control(&Control::Cancel {
         reason: "customer changed their mind".into(),
-        at: sagaflow::dlq::now_ms(),
+        at: sagaflow::clock::now_ms(),
     })
     .unwrap();
     publish(&js, &subject, cancel).await;

@@ -548,7 +548,7 @@ async fn take_over_finds_the_unfinished_sagas_by_their_headers() {
     );
 
     // Since a moment: only what was written after it.
-    let since = sagaflow::dlq::now_ms() - 1;
+    let since = sagaflow::clock::now_ms() - 1;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let late = ids[0].clone();
     let (saga, rev) = store.load(&late).await.unwrap().unwrap();

@@ -20,7 +20,7 @@ use sagaflow_proto::v1;
 use serde::{Deserialize, Serialize};
 
 use super::{unavailable, Error};
-use crate::dlq::now_ms;
+use crate::clock::now_ms;
 use crate::participant::{Outcome, Unavailable};
 use crate::topology::ensure_bucket;
 

@@ -458,7 +458,7 @@ impl Admin {
                 action: dlq::ACTION_REPLAY.to_string(),
                 operator: operator.clone(),
                 reason: String::new(),
-                at: dlq::now_ms(),
+                at: crate::clock::now_ms(),
                 source: entry.source.clone(),
                 subject: entry.subject.clone(),
             })
@@ -489,7 +489,7 @@ impl Admin {
                 action: dlq::ACTION_DISCARD.to_string(),
                 operator: operator.clone(),
                 reason: reason.clone(),
-                at: dlq::now_ms(),
+                at: crate::clock::now_ms(),
                 source: entry.source,
                 subject: entry.subject,
             })

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 /// A saga as the API shows it. `def` names the steps; without it, steps are shown by index.
 pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
-    let now = crate::dlq::now_ms();
+    let now = crate::clock::now_ms();
     let stuck_at = def.and_then(|d| s.stuck_at(d, crate::node::STUCK_MULTIPLE));
     let step_name = |i: usize| {
         def.and_then(|d| d.step(i))
