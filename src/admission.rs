@@ -46,7 +46,14 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::metrics::SagaLabels;
+use prometheus_client::encoding::EncodeLabelSet;
+
+/// Labels of per-saga counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaLabels {
+    /// Saga definition name.
+    pub saga: String,
+}
 
 /// The averaging window.
 pub const WINDOW: Duration = Duration::from_secs(1);

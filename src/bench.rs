@@ -43,7 +43,7 @@ use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{JsonArg, Server};
+use crate::client::{JsonArg, Server};
 
 pub mod baseline;
 pub mod load;
@@ -106,7 +106,7 @@ pub struct BenchArgs {
     pub nats: Option<String>,
     /// Use this node instead of starting one (`host:port`); needs --nats (the bench watches
     /// the orders' status events there).
-    #[arg(long, value_name = "ADDR", requires = "nats", value_parser = crate::cli::parse_server)]
+    #[arg(long, value_name = "ADDR", requires = "nats", value_parser = crate::client::parse_server)]
     pub server: Option<Server>,
     /// Allow --nats and --server addresses that are not loopback.
     #[arg(long)]
@@ -317,7 +317,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, Error> {
             let report = r?;
             finish(&args, &report)
         }
-        _ = crate::cli::shutdown_signal() => Err(Error::Interrupted),
+        _ = crate::client::shutdown_signal() => Err(Error::Interrupted),
     }
 }
 

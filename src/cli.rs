@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{NodeConfig, Overrides};
 use crate::dev::DevOptions;
@@ -144,25 +144,10 @@ fn parse_otlp_endpoint(s: &str) -> Result<String, String> {
     crate::telemetry::check_endpoint(s.trim()).map(|()| s.trim().to_string())
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+/// Log output format (defined with the logs, [`crate::telemetry`]).
+pub use crate::telemetry::LogFormat;
 
-impl LogFormat {
-    /// The name the config file uses (`text`, `json`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
-    }
-}
+pub use crate::client::{parse_server, shutdown_signal, JsonArg, Server};
 
 /// The node to talk to: `host:port` or an `http://` URL.
 #[derive(Debug, Clone, Args)]
@@ -170,23 +155,6 @@ pub struct ServerArg {
     /// Node address, `host:port` or `http://host:port`.
     #[arg(long, value_name = "ADDR", env = "SAGAFLOW_SERVER", default_value = DEFAULT_SERVER, value_parser = parse_server)]
     pub server: Server,
-}
-
-/// A normalised node address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Server {
-    /// As the user wrote it (for messages).
-    pub given: String,
-    /// `http://host:port`, for the gRPC channel.
-    pub url: String,
-}
-
-/// `--json`: print one JSON object instead of text.
-#[derive(Debug, Clone, Copy, Args)]
-pub struct JsonArg {
-    /// Print exactly one JSON object.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// `sagaflow order ...`.
@@ -525,41 +493,6 @@ pub fn parse_item(s: &str) -> Result<Item, String> {
     }
 }
 
-/// Normalises a node address: `host:port` becomes `http://host:port`; `http://` URLs are kept
-/// (without a trailing `/`).
-pub fn parse_server(s: &str) -> Result<Server, String> {
-    let given = s.trim();
-    if given.is_empty() {
-        return Err("empty node address: expected host:port or an http:// URL".to_string());
-    }
-    if given.starts_with("https://") {
-        return Err(format!(
-            "{given}: tls is not supported, use http://host:port"
-        ));
-    }
-    let rest = given.strip_prefix("http://").unwrap_or(given);
-    let rest = rest.trim_end_matches('/');
-    if rest.contains("://") || rest.contains('/') {
-        return Err(format!("{given}: expected host:port or an http:// URL"));
-    }
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{given}: expected host:port (no port given)"))?;
-    let host_ok =
-        !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
-    if !host_ok {
-        return Err(format!(
-            "{given}: expected host:port (write IPv6 hosts as [::1]:50051)"
-        ));
-    }
-    port.parse::<u16>()
-        .map_err(|_| format!("{given}: {port:?} is not a port number"))?;
-    Ok(Server {
-        given: given.to_string(),
-        url: format!("http://{host}:{port}"),
-    })
-}
-
 /// Checks `--input` is a JSON object.
 fn parse_input(s: &str) -> Result<String, String> {
     match serde_json::from_str::<serde_json::Value>(s) {
@@ -700,27 +633,6 @@ fn node_env() -> BTreeMap<String, String> {
 /// nothing if a subscriber is already set. Shut the guard down before exiting.
 pub fn init_tracing(settings: &crate::telemetry::Settings) -> crate::telemetry::Guard {
     crate::telemetry::init(settings)
-}
-
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut interrupt = signal(SignalKind::interrupt());
-    let mut terminate = signal(SignalKind::terminate());
-    let (interrupt, terminate) = match (&mut interrupt, &mut terminate) {
-        (Ok(i), Ok(t)) => (i, t),
-        (Err(e), _) | (_, Err(e)) => {
-            // Without signal handlers the process cannot shut down gracefully; keep running
-            // until killed rather than stopping at once.
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return std::future::pending().await;
-        }
-    };
-    let name = tokio::select! {
-        _ = interrupt.recv() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
-    };
-    tracing::info!(signal = name, "shutdown requested");
 }
 
 /// Writes `text` to stdout. A closed pipe (`sagaflow order list | head`) is not an error: the

@@ -243,7 +243,7 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// A reconciler for this node; `metrics` gives its admission pressure (heartbeats) and
+    /// A reconciler for this node; `admission` gives its pressure (heartbeats) and `observer`
     /// counts refused events.
     pub fn new(
         js: jetstream::Context,
@@ -252,7 +252,7 @@ impl Membership {
         grpc_addr: String,
         coordinator: ActorRef<CoordinatorMsg>,
         view: SharedView,
-        metrics: Arc<crate::metrics::Metrics>,
+        (admission, observer): (Arc<Admission>, Arc<dyn Observer>),
     ) -> Self {
         Membership {
             js,
@@ -265,8 +265,8 @@ impl Membership {
             held: HashMap::new(),
             held_list: Arc::default(),
             view,
-            admission: metrics.admission.clone(),
-            observer: metrics,
+            admission,
+            observer,
             members: BTreeMap::new(),
             seen: HashMap::new(),
             last_live: None,

@@ -45,6 +45,10 @@ fn invalid(origin: Option<String>, message: impl Into<String>) -> Error {
 pub const DEFAULT_HTTP_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
+/// A saga with no progress for this many times its step timeout (after its next due time) is
+/// flagged stuck (census, metrics, `ListSagasNeedingAttention`).
+pub const STUCK_MULTIPLE: u32 = 3;
+
 /// The saga definitions folder when none is set (relative to the working directory; a node
 /// started elsewhere runs the definitions built into the binary instead, see
 /// [`crate::node::load_definitions`]).

@@ -25,6 +25,7 @@
 //!
 //! The binaries' side:
 //! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
+//! - [`client`]: what the CLI and the bench share as clients (node address, `--json`).
 //! - [`dev`]: `sagaflow dev`, a local NATS + node + demo in one command.
 //! - [`bench`](mod@bench): `sagaflow bench`, sagas per second and latency against the bare JetStream pattern.
 //! - [`nats_server`]: finding, starting and stopping `nats-server` processes (dev, bench and tests).
@@ -34,6 +35,7 @@ pub mod advisories;
 pub mod bench;
 pub mod bus;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -54,3 +56,141 @@ pub mod partition;
 pub mod store;
 pub mod telemetry;
 pub mod topology;
+
+/// The layers of this crate, lowest first. A module may use modules of its own layer or below,
+/// never above, and no two modules may use each other (directly or around a circle).
+/// `docs/architecture.md` draws them.
+pub const LAYERS: &[(&str, &[&str])] = &[
+    (
+        "base",
+        &[
+            "clock",
+            "client",
+            "config",
+            "consume",
+            "nats_server",
+            "telemetry",
+        ],
+    ),
+    (
+        "NATS adapters",
+        &[
+            "topology",
+            "store",
+            "index",
+            "bus",
+            "events",
+            "dlq",
+            "advisories",
+            "fence",
+            "admission",
+            "participant",
+            "partition",
+            "cluster",
+        ],
+    ),
+    ("node", &["metrics", "http", "grpc", "demo", "node"]),
+    ("binaries", &["cli", "dev", "bench"]),
+];
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod layers {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    use super::LAYERS;
+
+    /// `crate::<module>` paths used by the code (not comments, not test modules) of each
+    /// top-level module of `src/`.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        walk(&src, &mut files);
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in files {
+            let rel = file.strip_prefix(&src).unwrap().with_extension("");
+            let module = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy()
+                .to_string();
+            if module == "main" || module == "lib" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            let uses = graph.entry(module.clone()).or_default();
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (i, _) in line.match_indices("crate::") {
+                    let name: String = line[i + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && name != module {
+                        uses.insert(name);
+                    }
+                }
+            }
+        }
+        graph
+    }
+
+    #[test]
+    fn every_module_has_a_layer_and_no_arrow_points_up_or_around_a_circle() {
+        let layer_of: BTreeMap<&str, usize> = LAYERS
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, mods))| mods.iter().map(move |m| (*m, i)))
+            .collect();
+        let graph = imports();
+        for module in graph.keys() {
+            assert!(
+                layer_of.contains_key(module.as_str()),
+                "src/{module} is in no layer: add it to LAYERS in src/lib.rs"
+            );
+        }
+        for (module, uses) in &graph {
+            for used in uses {
+                let (from, to) = (layer_of[module.as_str()], layer_of[used.as_str()]);
+                assert!(
+                    to <= from,
+                    "{module} ({}) uses {used} ({}), a layer above it",
+                    LAYERS[from].0,
+                    LAYERS[to].0
+                );
+            }
+        }
+        // No circle: repeatedly remove modules that use nothing left.
+        let mut left: BTreeMap<&str, BTreeSet<&str>> = graph
+            .iter()
+            .map(|(m, u)| (m.as_str(), u.iter().map(String::as_str).collect()))
+            .collect();
+        loop {
+            let free: Vec<&str> = left
+                .iter()
+                .filter(|(_, u)| u.iter().all(|d| !left.contains_key(d)))
+                .map(|(m, _)| *m)
+                .collect();
+            if free.is_empty() {
+                break;
+            }
+            for m in free {
+                left.remove(m);
+            }
+        }
+        assert!(left.is_empty(), "modules that use each other: {left:?}");
+    }
+}

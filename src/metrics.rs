@@ -54,12 +54,8 @@ pub const POLL_EVERY: Duration = Duration::from_secs(5);
 /// At most this many `svc-*` consumers are reported (bounded cardinality).
 pub const MAX_SERVICE_CONSUMERS: usize = 64;
 
-/// Labels of per-saga counters.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SagaLabels {
-    /// Saga definition name.
-    pub saga: String,
-}
+/// Labels of per-saga counters (defined with admission control, which counts refusals).
+pub use crate::admission::SagaLabels;
 
 /// Labels of the step latency histograms.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

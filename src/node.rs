@@ -42,9 +42,8 @@ use crate::metrics::{Metrics, Readiness};
 use crate::store::KvStateStore;
 use crate::topology;
 
-/// A saga with no progress for this many times its step timeout (after its next due time) is
-/// flagged stuck.
-pub const STUCK_MULTIPLE: u32 = 3;
+/// A saga with no progress for this many times its step timeout is flagged stuck.
+pub use crate::config::STUCK_MULTIPLE;
 /// How often each node counts its parked and stuck sagas (for metrics and logs).
 pub const CENSUS_EVERY: Duration = Duration::from_secs(5);
 
@@ -544,7 +543,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         grpc_addr.to_string(),
         coordinator.clone(),
         view.clone(),
-        metrics.clone(),
+        (metrics.admission.clone(), metrics.clone()),
     )
     .with_fence(fence)
     .with_clock(clock);

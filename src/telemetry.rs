@@ -33,7 +33,25 @@ use async_nats::HeaderMap;
 use sagaflow_actors::hash::fnv1a_parts;
 use sagaflow_actors::machine::Saga;
 
-use crate::cli::LogFormat;
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name the config file uses (`text`, `json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
 
 /// Header carrying the W3C trace context (`00-<trace id>-<parent id>-<flags>`).
 pub const TRACEPARENT: &str = "traceparent";

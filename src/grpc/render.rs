@@ -3,14 +3,14 @@
 use sagaflow_actors::definition::SagaDefinition;
 use sagaflow_actors::machine::{Happening, Millis, Phase, Saga, StepPhase};
 
-use crate::cli::render::time;
+use crate::clock::format_ms as time;
 use sagaflow_proto::v1;
 use serde::Deserialize;
 
 /// A saga as the API shows it. `def` names the steps; without it, steps are shown by index.
 pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
     let now = crate::clock::now_ms();
-    let stuck_at = def.and_then(|d| s.stuck_at(d, crate::node::STUCK_MULTIPLE));
+    let stuck_at = def.and_then(|d| s.stuck_at(d, crate::config::STUCK_MULTIPLE));
     let step_name = |i: usize| {
         def.and_then(|d| d.step(i))
             .map_or_else(|| format!("step-{i}"), |st| st.name.clone())
@@ -155,7 +155,7 @@ pub fn progress(s: &Saga, def: &SagaDefinition, now: Millis) -> String {
         Phase::Running | Phase::Compensating => {}
     }
     let mut parts = Vec::new();
-    if s.stuck_at(def, crate::node::STUCK_MULTIPLE)
+    if s.stuck_at(def, crate::config::STUCK_MULTIPLE)
         .is_some_and(|at| now >= at)
     {
         parts.push(format!("STUCK: no progress since {}", time(s.updated_at)));
@@ -343,7 +343,7 @@ mod tests {
     fn saga_at(s: &Saga, def: &SagaDefinition, now: Millis) -> v1::Saga {
         let mut v = saga(s, 1, Some(def));
         v.stuck = s
-            .stuck_at(def, crate::node::STUCK_MULTIPLE)
+            .stuck_at(def, crate::config::STUCK_MULTIPLE)
             .is_some_and(|at| now >= at);
         v
     }

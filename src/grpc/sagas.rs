@@ -240,7 +240,7 @@ impl SagaService for Sagas {
                 .api
                 .definition(&saga.definition)
                 .as_deref()
-                .and_then(|d| saga.stuck_at(d, crate::node::STUCK_MULTIPLE))
+                .and_then(|d| saga.stuck_at(d, crate::config::STUCK_MULTIPLE))
                 .is_some_and(|at| now >= at);
             saga.phase == Phase::NeedsAttention || stuck
         };
