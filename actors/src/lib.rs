@@ -6,11 +6,13 @@
 //!   cannot be invalid.
 //! - [`machine`]: the pure saga state machine, `(state, event, now) -> (state, effects)`.
 //! - [`wire`]: versioned postcard envelopes for everything stored or sent.
-//! - [`coordinator`]: the ractor actors hosting the machine (one per live saga, under a supervisor).
+//! - [`coordinator`]: the ractor actors hosting the machine: the coordinator routes events and
+//!   supervises, one saga actor (`coordinator/saga.rs`) per live saga drives it.
 //! - [`service`]: supervised pools of participant instances sharing one consumer group.
 //! - [`ports`]: the small traits through which the actors reach the outside (event log, command
 //!   bus, state store), implemented over NATS JetStream by the `sagaflow` crate.
 //! - [`ids`]: the rules every id from outside passes before it is used.
+//! - [`cluster`]: the cluster's pure logic: which node owns which partition, lease steps.
 //! - [`hash`], [`duration`]: stable hashing, human durations.
 
 pub mod cluster;
