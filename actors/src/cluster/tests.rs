@@ -511,9 +511,10 @@ struct Node {
     /// Partition → epoch of the lease it believes it holds.
     held: BTreeMap<u32, u64>,
     consuming: BTreeSet<u32>,
-    /// Decided but not yet written: partition → (revision read, step). A read and its
-    /// compare-and-set are two separate moves, so that anything can happen in between.
-    pending: BTreeMap<u32, (u64, LeaseStep)>,
+    /// Decided but not yet written: partition → (revision read, step, the view decided on). A
+    /// read and its compare-and-set are two separate moves, so that anything can happen in
+    /// between (the node may even take a newer view meanwhile).
+    pending: BTreeMap<u32, (u64, LeaseStep, u64)>,
     /// When its last heartbeat was stored (time, event sequence).
     beat: Option<(u64, u64)>,
     /// Its fence: writes pass until this time (0: no heartbeat yet) unless suspended.
@@ -689,7 +690,7 @@ impl World {
         if !self.nodes[i].up {
             return;
         }
-        if let Some((revision, step)) = self.nodes[i].pending.remove(&p) {
+        if let Some((revision, step, decided_on)) = self.nodes[i].pending.remove(&p) {
             let before = self.store[p as usize].lease.clone();
             match step {
                 LeaseStep::Acquire(l) => {
@@ -705,7 +706,7 @@ impl World {
                             epoch,
                             Acquisition {
                                 seq: self.seq,
-                                view_seq: self.nodes[i].view_seq,
+                                view_seq: decided_on,
                             },
                         );
                         let node = &mut self.nodes[i];
@@ -755,13 +756,13 @@ impl World {
             LeaseStep::Acquire(ref l) => {
                 assert_eq!(l.owner.as_deref(), Some(node.id.as_str()));
                 assert_eq!(l.epoch, stored_epoch + 1);
-                node.pending.insert(p, (revision, step));
+                node.pending.insert(p, (revision, step, node.view_seq));
             }
             LeaseStep::Release(ref l) => {
                 assert_eq!(l.owner, None);
                 assert_eq!(l.epoch, stored_epoch);
                 node.consuming.remove(&p);
-                node.pending.insert(p, (revision, step));
+                node.pending.insert(p, (revision, step, node.view_seq));
             }
             LeaseStep::Hold => {
                 // `Hold` is only ever said to the node that wrote the stored lease, and it is
@@ -1325,4 +1326,64 @@ fn paused_holder_resumes_with_a_stale_belief_and_writes_nothing() {
     w.converge();
     assert_eq!(w.store[p as usize].lease, Some(lease(Some("node-0"), 3)));
     assert_eq!(w.stats.overlaps, 0);
+}
+
+/// Found by the property test: a taker decides on an old view, takes a newer view (in which the
+/// holder is alive again) before its compare-and-set lands. The overlap that follows is judged
+/// by the view the taker decided on, which predates the holder's heartbeat.
+#[test]
+fn a_decision_is_judged_by_the_view_it_was_taken_on() {
+    let ops = [
+        Op::Step {
+            node: 1,
+            partition: 2,
+        },
+        Op::Step {
+            node: 1,
+            partition: 1,
+        },
+        Op::Advance { ms: 1202 },
+        Op::Advance { ms: 1798 },
+        Op::Step {
+            node: 1,
+            partition: 2,
+        },
+        Op::ViewSync { at: 0 },
+        Op::Step {
+            node: 0,
+            partition: 2,
+        },
+        Op::Step {
+            node: 1,
+            partition: 1,
+        },
+        Op::Beat { node: 1 },
+        Op::RoundStart { node: 1 },
+        Op::Step {
+            node: 1,
+            partition: 1,
+        },
+        Op::Step {
+            node: 1,
+            partition: 2,
+        },
+        Op::ViewSync { at: 0 },
+        Op::Step {
+            node: 1,
+            partition: 0,
+        },
+        Op::Step {
+            node: 0,
+            partition: 2,
+        },
+        Op::Tick,
+    ];
+    let stats = simulate(&Scenario {
+        nodes: 2,
+        joiners: 0,
+        partitions: 3,
+        ops: ops.to_vec(),
+        resume_all: false,
+    });
+    assert_eq!(stats.overlaps, 1, "{stats:?}");
 }
