@@ -659,8 +659,13 @@ async fn follow_readiness(
     loop {
         let ready = readiness.ready();
         if last != Some(ready) {
-            if !ready {
-                tracing::warn!("not ready: gRPC health NOT_SERVING");
+            if !ready && readiness.connected() {
+                // Starting or shutting down: expected, not a warning.
+                tracing::info!(
+                    "not ready (not serving yet, or shutting down): gRPC health NOT_SERVING"
+                );
+            } else if !ready {
+                tracing::warn!("not ready: NATS disconnected, gRPC health NOT_SERVING");
             } else if last.is_some() {
                 tracing::info!("ready again: gRPC health SERVING");
             }
