@@ -55,9 +55,8 @@ pub const STUCK_MULTIPLE: u32 = 3;
 pub const DEFAULT_SAGA_DIR: &str = "sagas";
 
 /// Partitions of a new deployment when `partitions` is not set. Each partition is a durable
-/// consumer on `SAGA_EVENTS`, and nats-server pays for every one: on one node, 32 partitions
-/// cost the server 15 % more CPU per saga than 8, and 9 % of the throughput; on an R3
-/// cluster, 70 % more and nearly 40 % of the throughput (docs/benchmarks.md, *Fewer
+/// consumer on `SAGA_EVENTS`, and nats-server pays for every one: more partitions cost the
+/// server measurably more CPU per saga, most on an R3 cluster (docs/benchmarks.md, *Fewer
 /// partitions by default*). Eight serve up to eight nodes.
 pub const DEFAULT_PARTITIONS: u32 = 8;
 
@@ -123,8 +122,8 @@ pub struct NodeConfig {
 pub struct DemoConfig {
     /// Instances (actors) per service on this node, all sharing the service's consumer group.
     /// Each handles one command at a time, so this is also each demo service's concurrency on
-    /// the node: with 4, four round trips to NATS at a time per service held the bench to
-    /// about 720 sagas/s; with 64 it is not the limit (docs/benchmarks.md).
+    /// the node: too few hold the bench back on round trips to NATS; 64 are not the limit
+    /// (docs/benchmarks.md).
     pub instances: usize,
     /// Payment declines any amount above this (cents).
     pub payment_limit_cents: i64,

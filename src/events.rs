@@ -56,7 +56,7 @@ impl std::fmt::Display for Refusal {
 /// `partitions` partitions.
 ///
 /// Subjects are `sagaflow.evt.<partition>.<kind>`: a reply names its saga in its payload, a
-/// control event in the [`SAGA_ID_HEADER`] header. Events published before 2026-11-27 named the
+/// control event in the [`SAGA_ID_HEADER`] header. Events published by older versions named the
 /// saga in the subject too (`sagaflow.evt.<partition>.<saga_id>.<kind>`) and still decode.
 ///
 /// Nothing of an event is used before it passed every check: the saga id by the API's rule

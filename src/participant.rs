@@ -178,7 +178,8 @@ pub fn check_command(cmd: &v1::Command) -> Result<(), String> {
             ids::quote(&cmd.command_id)
         ));
     }
-    // Nodes before 2026-11-27 named the saga in the subject too: still a saga event subject.
+    // Older nodes named the saga in the subject too (a 5-token subject): still a saga event
+    // subject.
     // A partition is digits only (`u32::from_str` would also take `+5`, a subject no
     // partition consumer reads).
     let partition = |p: &str| {

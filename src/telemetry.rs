@@ -388,8 +388,8 @@ pub fn init(settings: &Settings) -> Guard {
     }
     .with_filter(filter.and(tracing_subscriber::filter::filter_fn(|meta| {
         // The per-message spans are for traces, not for log lines: formatting their dozen
-        // fields for the log layer at every command cost ~15 % of a node's CPU under load
-        // (docs/benchmarks.md). Events inside them are still logged, with their own fields.
+        // fields for the log layer at every command cost a large share of a node's CPU under
+        // load (docs/benchmarks.md). Events inside them are still logged, with their own fields.
         !(meta.is_span() && HOT_SPANS.contains(&meta.name()))
     })));
     let registry = tracing_subscriber::registry().with(logs);

@@ -24,7 +24,7 @@ const PREPARE: StepIndex = 2;
 const NOTIFY: StepIndex = 3;
 const AFTER: StepIndex = 4;
 
-/// The order saga with notify as its pivot (as shipped until 2026-11-27), parsed from
+/// The order saga with notify as its pivot (as an earlier version shipped it), parsed from
 /// `actors/tests/fixtures/order_with_pivot.toml`.
 fn order() -> SagaDefinition {
     let def = crate::definition::parse(
