@@ -31,6 +31,29 @@ use crate::clock::now_ms;
 use crate::config::{NodeConfig, MAX_PARTITIONS};
 use crate::topology;
 
+/// Why a membership round failed (it is retried at the next heartbeat interval).
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// A read or write of the nodes or leases bucket failed.
+    #[error("cannot {what}")]
+    Kv {
+        /// What was being done.
+        what: &'static str,
+        /// The bucket's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stored lease does not decode (or a lease does not encode).
+    #[error("lease p{partition} unreadable")]
+    Unreadable {
+        /// Its partition.
+        partition: u32,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// Membership heartbeats.
 pub const NODES_BUCKET: &str = "sagaflow_nodes";
 /// Partition leases.
@@ -329,7 +352,7 @@ impl Membership {
             match self.round().await {
                 Ok(()) => self.fence.round_done(suspensions),
                 Err(e) => {
-                    tracing::warn!(node_id = %self.cfg.node_id, error = %e, "cluster round failed; retrying next heartbeat")
+                    tracing::warn!(node_id = %self.cfg.node_id, error = %crate::telemetry::error_chain(&e), "cluster round failed; retrying next heartbeat")
                 }
             }
             self.publish_held();
@@ -359,12 +382,15 @@ impl Membership {
     /// seven times in the first seconds. A member of the last round missing from the listing
     /// is therefore read directly: gone only if its entry is gone or stale (a node that left
     /// deleted it), kept on a read error while its last heartbeat is within the ttl.
-    async fn members(&mut self) -> Result<BTreeMap<String, NodeInfo>, String> {
+    async fn members(&mut self) -> Result<BTreeMap<String, NodeInfo>, MembershipError> {
         let keys: Vec<String> = self
             .nodes
             .keys()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| MembershipError::Kv {
+                what: "list the members",
+                source: Box::new(e),
+            })?
             .filter_map(|k| async move { k.ok() })
             .collect()
             .await;
@@ -383,7 +409,7 @@ impl Membership {
                 Ok(None) => {}
                 Err(e) => {
                     if let Some(last) = self.members.get(k).filter(|_| self.seen_within_ttl(k)) {
-                        tracing::debug!(node_id = %k, error = %e, "cannot read a member's heartbeat; keeping its last one");
+                        tracing::debug!(node_id = %k, error = %crate::telemetry::error_chain(&e), "cannot read a member's heartbeat; keeping its last one");
                         out.insert(k.clone(), last.clone());
                     }
                 }
@@ -409,8 +435,16 @@ impl Membership {
     /// (a node that stopped writing, but whose entry has not expired yet, goes stale). The
     /// `heartbeat_at` a peer writes is only displayed: a peer whose clock runs ahead or behind
     /// is judged like any other.
-    async fn heartbeat(&mut self, node: &str) -> Result<Option<NodeInfo>, String> {
-        let Some(entry) = self.nodes.entry(node).await.map_err(|e| e.to_string())? else {
+    async fn heartbeat(&mut self, node: &str) -> Result<Option<NodeInfo>, MembershipError> {
+        let entry = self
+            .nodes
+            .entry(node)
+            .await
+            .map_err(|e| MembershipError::Kv {
+                what: "read a member's heartbeat",
+                source: Box::new(e),
+            })?;
+        let Some(entry) = entry else {
             self.seen.remove(node);
             return Ok(None);
         };
@@ -433,16 +467,22 @@ impl Membership {
             .filter(|_| self.seen_within_ttl(node)))
     }
 
-    async fn read_lease(&self, p: u32) -> Result<(Option<Lease>, Option<u64>), String> {
+    async fn read_lease(&self, p: u32) -> Result<(Option<Lease>, Option<u64>), MembershipError> {
         match self
             .leases
             .entry(lease_key(p))
             .await
-            .map_err(|e| e.to_string())?
-        {
+            .map_err(|e| MembershipError::Kv {
+                what: "read a partition lease",
+                source: Box::new(e),
+            })? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let lease = serde_json::from_slice::<Lease>(&e.value)
-                    .map_err(|err| format!("lease p{p} unreadable: {err}"))?;
+                let lease = serde_json::from_slice::<Lease>(&e.value).map_err(|source| {
+                    MembershipError::Unreadable {
+                        partition: p,
+                        source,
+                    }
+                })?;
                 Ok((Some(lease), Some(e.revision)))
             }
             Some(e) => Ok((None, Some(e.revision))),
@@ -455,31 +495,34 @@ impl Membership {
         p: u32,
         lease: &Lease,
         revision: Option<u64>,
-    ) -> Result<bool, String> {
-        let bytes: bytes::Bytes = serde_json::to_vec(lease).map_err(|e| e.to_string())?.into();
-        let result = match revision {
-            Some(r) => self
-                .leases
-                .update(lease_key(p), bytes, r)
-                .await
-                .map(|_| ())
-                .map_err(|e| (topology::update_conflict(&e), e.to_string())),
-            None => self
-                .leases
-                .create(lease_key(p), bytes)
-                .await
-                .map(|_| ())
-                .map_err(|e| (topology::create_conflict(&e), e.to_string())),
+    ) -> Result<bool, MembershipError> {
+        let bytes: bytes::Bytes = serde_json::to_vec(lease)
+            .map_err(|source| MembershipError::Unreadable {
+                partition: p,
+                source,
+            })?
+            .into();
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| MembershipError::Kv {
+            what: "write a partition lease",
+            source,
         };
-        match result {
-            Ok(()) => Ok(true),
-            Err((true, _)) => Ok(false), // lost the race: decide again next round
-            Err((false, e)) => Err(e),
+        match revision {
+            Some(r) => match self.leases.update(lease_key(p), bytes, r).await {
+                Ok(_) => Ok(true),
+                // Lost the race: decide again next round.
+                Err(e) if topology::update_conflict(&e) => Ok(false),
+                Err(e) => Err(failed(Box::new(e))),
+            },
+            None => match self.leases.create(lease_key(p), bytes).await {
+                Ok(_) => Ok(true),
+                Err(e) if topology::create_conflict(&e) => Ok(false),
+                Err(e) => Err(failed(Box::new(e))),
+            },
         }
     }
 
     /// One heartbeat and one reconciliation of every partition.
-    async fn round(&mut self) -> Result<(), String> {
+    async fn round(&mut self) -> Result<(), MembershipError> {
         let mut members = self.members().await?;
         let me = self.cfg.node_id.clone();
         let mut stored = Vec::with_capacity(self.cfg.partitions as usize);
@@ -773,6 +816,28 @@ async fn heartbeat_loop(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_round_says_what_failed_and_why() {
+        let source = serde_json::from_slice::<Lease>(b"{").unwrap_err();
+        let e = MembershipError::Unreadable {
+            partition: 3,
+            source,
+        };
+        let text = crate::telemetry::error_chain(&e);
+        assert!(
+            text.starts_with("lease p3 unreadable: EOF while parsing"),
+            "{text}"
+        );
+        let e = MembershipError::Kv {
+            what: "read a partition lease",
+            source: "timed out".into(),
+        };
+        assert_eq!(
+            crate::telemetry::error_chain(&e),
+            "cannot read a partition lease: timed out"
+        );
+    }
 
     fn node(id: &str, pressure_permille: u32) -> NodeInfo {
         NodeInfo {

@@ -33,6 +33,18 @@ use async_nats::HeaderMap;
 use sagaflow_actors::hash::fnv1a_parts;
 use sagaflow_actors::machine::Saga;
 
+/// An error and its sources, `outer: inner: innermost`, for a log line.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
