@@ -1,7 +1,8 @@
 //! What a node exports, for the tests that check PromQL written against it: the alert rules
 //! (`tests/metrics.rs`) and the Grafana dashboard (`tests/dashboards.rs`). Included with
 //! `#[path = "common/promql.rs"] mod promql;` (it needs none of the process harness).
-#![allow(unreachable_pub)] // support code shared by several test binaries
+// Support code shared by several test binaries: its `pub` items are for them.
+#![allow(unreachable_pub)]
 // Each test uses part of it.
 #![allow(dead_code)]
 

@@ -1,8 +1,8 @@
 //! Fuzzing of the decoders that take bytes from outside (see `README.md` beside this file).
 //! Included by path from the driver (`examples/fuzz.rs`) and the replay test
 //! (`tests/fuzz_corpus.rs`).
-#![allow(unreachable_pub)] // support code shared by several test binaries
-
+// Support code shared by several test binaries: its `pub` items are for them.
+#![allow(unreachable_pub)]
 // Each includer uses a different part (the driver writes seeds, the test does not).
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
