@@ -59,21 +59,21 @@ pub async fn ensure(js: &jetstream::Context, cfg: &StreamsConfig) -> Result<(), 
     .await
 }
 
-async fn open(js: &jetstream::Context) -> Result<consumer::PullConsumer, String> {
-    let stream = js
-        .get_stream(ADVISORIES_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    stream
-        .create_consumer(consumer::pull::Config {
+async fn open(
+    js: &jetstream::Context,
+) -> Result<consumer::PullConsumer, crate::consume::OpenError> {
+    crate::consume::open_durable(
+        js,
+        ADVISORIES_STREAM,
+        consumer::pull::Config {
             durable_name: Some("dead-letterer".to_string()),
             description: Some("turns max-deliveries advisories into dead letters".to_string()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
             ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())
+        },
+    )
+    .await
 }
 
 /// Dead-letters the command an advisory names. Returns an error to retry later.

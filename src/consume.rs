@@ -14,6 +14,53 @@ use futures::{FutureExt, StreamExt};
 use sagaflow_actors::service::restart_backoff;
 use tokio_util::sync::CancellationToken;
 
+/// Why a durable pull consumer could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The stream could not be looked up.
+    #[error("cannot find stream `{stream}`")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// The server's or the connection's error.
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+    /// The consumer could not be created or updated.
+    #[error("cannot create consumer `{consumer}` on stream `{stream}`")]
+    Consumer {
+        /// The stream.
+        stream: String,
+        /// The consumer's durable name.
+        consumer: String,
+        /// The server's or the connection's error.
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+}
+
+/// Creates (or updates to `config`) the durable pull consumer of `stream`.
+pub async fn open_durable(
+    js: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::Config,
+) -> Result<PullConsumer, OpenError> {
+    let consumer = config.durable_name.clone().unwrap_or_default();
+    js.get_stream(stream)
+        .await
+        .map_err(|source| OpenError::Stream {
+            stream: stream.to_string(),
+            source,
+        })?
+        .create_consumer(config)
+        .await
+        .map_err(|source| OpenError::Consumer {
+            stream: stream.to_string(),
+            consumer,
+            source,
+        })
+}
+
 /// What the message handler wants next.
 pub enum Flow {
     /// Keep pulling.
@@ -24,7 +71,7 @@ pub enum Flow {
 
 /// Pulls from the consumer `open` returns, `batch` messages per pull request, passing each to
 /// `handle`, until `cancel` fires or `handle` says [`Flow::Stop`].
-pub async fn pull_forever<O, OF, H, HF>(
+pub async fn pull_forever<O, OF, E, H, HF>(
     what: &str,
     batch: usize,
     cancel: CancellationToken,
@@ -32,7 +79,8 @@ pub async fn pull_forever<O, OF, H, HF>(
     mut handle: H,
 ) where
     O: FnMut() -> OF,
-    OF: Future<Output = Result<PullConsumer, String>>,
+    OF: Future<Output = Result<PullConsumer, E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
     H: FnMut(jetstream::Message) -> HF,
     HF: Future<Output = Flow>,
 {
@@ -47,7 +95,8 @@ pub async fn pull_forever<O, OF, H, HF>(
             Err(e) => {
                 failures += 1;
                 let delay = restart_backoff(failures);
-                tracing::warn!(consumer = what, error = %e, ?delay, "cannot open consumer, retrying");
+                let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                tracing::warn!(consumer = what, error = %crate::telemetry::error_chain(&*e), ?delay, "cannot open consumer, retrying");
                 tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
             }
         };

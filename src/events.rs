@@ -269,13 +269,11 @@ pub async fn ensure_consumer(
     js: &jetstream::Context,
     partition: u32,
     cfg: &ConsumerConfig,
-) -> Result<consumer::PullConsumer, String> {
-    let stream = js
-        .get_stream(EVENTS_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    stream
-        .create_consumer(consumer::pull::Config {
+) -> Result<consumer::PullConsumer, crate::consume::OpenError> {
+    crate::consume::open_durable(
+        js,
+        EVENTS_STREAM,
+        consumer::pull::Config {
             durable_name: Some(consumer_name(partition)),
             description: Some(format!("saga events of partition {partition}")),
             filter_subject: partition_filter(partition),
@@ -287,9 +285,9 @@ pub async fn ensure_consumer(
             max_deliver: -1,
             max_ack_pending: cfg.max_ack_pending,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

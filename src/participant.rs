@@ -64,13 +64,11 @@ pub async fn ensure_consumer(
     js: &jetstream::Context,
     service: &str,
     cfg: &ConsumerConfig,
-) -> Result<consumer::PullConsumer, String> {
-    let stream = js
-        .get_stream(COMMANDS_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    stream
-        .create_consumer(consumer::pull::Config {
+) -> Result<consumer::PullConsumer, crate::consume::OpenError> {
+    crate::consume::open_durable(
+        js,
+        COMMANDS_STREAM,
+        consumer::pull::Config {
             durable_name: Some(format!("svc-{service}")),
             description: Some(format!(
                 "consumer group of the `{service}` participant service"
@@ -81,9 +79,9 @@ pub async fn ensure_consumer(
             max_deliver: cfg.command_max_deliver,
             max_ack_pending: cfg.max_ack_pending,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())
+        },
+    )
+    .await
 }
 
 /// Pulls `service`'s commands and hands them to `pool` until `cancel` fires.

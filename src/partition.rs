@@ -95,7 +95,7 @@ pub(crate) async fn consume_partition(
                 Err(e) => {
                     failures += 1;
                     let delay = sagaflow_actors::service::restart_backoff(failures);
-                    tracing::warn!(partition = p, error = %e, ?delay, "cannot open partition consumer, retrying");
+                    tracing::warn!(partition = p, error = %crate::telemetry::error_chain(&e), ?delay, "cannot open partition consumer, retrying");
                     tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(delay) => continue }
                 }
             },

@@ -282,13 +282,11 @@ pub async fn sales(js: &jetstream::Context) -> Result<v1::SalesReport, Error> {
 async fn ensure_consumer(
     js: &jetstream::Context,
     cfg: &ConsumerConfig,
-) -> Result<consumer::PullConsumer, String> {
-    let stream = js
-        .get_stream(STATUS_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    stream
-        .create_consumer(consumer::pull::Config {
+) -> Result<consumer::PullConsumer, crate::consume::OpenError> {
+    crate::consume::open_durable(
+        js,
+        STATUS_STREAM,
+        consumer::pull::Config {
             durable_name: Some(CONSUMER.to_string()),
             description: Some("demo analytics: sales from lifecycle events".to_string()),
             filter_subject: "sagaflow.status.>".to_string(),
@@ -299,9 +297,9 @@ async fn ensure_consumer(
             priority_groups: vec![CONSUMER.to_string()],
             priority_timeout: PIN_TIMEOUT,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())
+        },
+    )
+    .await
 }
 
 /// Runs the analytics consumer until `cancel` fires.
@@ -323,7 +321,7 @@ pub async fn run(
                 .messages()
                 .await
                 .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Err(e) => Err(crate::telemetry::error_chain(&e)),
         };
         let mut messages = match messages {
             Ok(m) => m,
