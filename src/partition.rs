@@ -105,7 +105,7 @@ pub(crate) async fn consume_partition(
             match recover_partition(&js, p, &coordinator).await {
                 Ok(n) => tracing::info!(partition = p, sagas = n, "partition recovered"),
                 Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "cannot list partition sagas, retrying");
+                    tracing::warn!(partition = p, error = %crate::telemetry::error_chain(&e), "cannot list partition sagas, retrying");
                     tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => continue }
                 }
             }
@@ -198,21 +198,36 @@ async fn recover_partition(
     js: &jetstream::Context,
     p: u32,
     coordinator: &ActorRef<CoordinatorMsg>,
-) -> Result<usize, String> {
+) -> Result<usize, RecoverError> {
     let bucket = js
         .get_key_value(SAGAS_BUCKET)
         .await
-        .map_err(|e| e.to_string())?;
-    let ids = crate::index::unfinished(&bucket, p)
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(RecoverError::Bucket)?;
+    let ids = crate::index::unfinished(&bucket, p).await?;
     let n = ids.len();
     for saga_id in ids {
-        coordinator
+        if coordinator
             .cast(CoordinatorMsg::Recover { saga_id })
-            .map_err(|e| e.to_string())?;
+            .is_err()
+        {
+            return Err(RecoverError::CoordinatorGone);
+        }
     }
     Ok(n)
+}
+
+/// Why a partition's unfinished sagas could not be brought back (retried after a second).
+#[derive(Debug, thiserror::Error)]
+enum RecoverError {
+    /// The snapshot bucket could not be opened.
+    #[error("cannot open the saga bucket")]
+    Bucket(#[source] async_nats::jetstream::context::KeyValueError),
+    /// The headers-only scan failed.
+    #[error(transparent)]
+    Scan(#[from] crate::index::ScanError),
+    /// The coordinator stopped (the node is shutting down).
+    #[error("the coordinator has stopped")]
+    CoordinatorGone,
 }
 
 /// How far back, past three node TTLs, the orphan sweep looks for interrupted creations.
