@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use sagaflow_actors::ids::valid_saga_id;
 use tokio::sync::watch;
@@ -65,6 +65,27 @@ fn key_filter(bucket: &kv::Store, keys: &str) -> String {
     format!("{}{keys}", bucket.prefix)
 }
 
+/// An ordered, headers-only consumer of the writes of the keys matching `keys` (a KV key
+/// pattern such as `3.*`), from `policy` on.
+async fn headers_consumer(
+    bucket: &kv::Store,
+    keys: &str,
+    policy: DeliverPolicy,
+    description: &str,
+) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>, ScanError> {
+    bucket
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: key_filter(bucket, keys),
+            deliver_policy: policy,
+            headers_only: true,
+            description: Some(description.into()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ScanError::Read(e.to_string()))
+}
+
 /// The latest write of every key matching `keys` (a KV key pattern such as `3.*`) from
 /// `policy` on, headers only, read until the consumer has nothing pending.
 async fn scan(
@@ -73,17 +94,7 @@ async fn scan(
     policy: DeliverPolicy,
 ) -> Result<HashMap<String, Seen>, ScanError> {
     let prefix = bucket.prefix.clone();
-    let consumer = bucket
-        .stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: key_filter(bucket, keys),
-            deliver_policy: policy,
-            headers_only: true,
-            description: Some("sagaflow headers scan".into()),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ScanError::Read(e.to_string()))?;
+    let consumer = headers_consumer(bucket, keys, policy, "sagaflow headers scan").await?;
     let mut seen = HashMap::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(seen);
@@ -280,17 +291,13 @@ impl SagaIndex {
         shutdown: &CancellationToken,
     ) -> Result<Arc<SagaIndex>, ScanError> {
         let prefix = bucket.prefix.clone();
-        let consumer = bucket
-            .stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: key_filter(&bucket, ">"),
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                headers_only: true,
-                description: Some("sagaflow list index".into()),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ScanError::Read(e.to_string()))?;
+        let consumer = headers_consumer(
+            &bucket,
+            ">",
+            DeliverPolicy::LastPerSubject,
+            "sagaflow list index",
+        )
+        .await?;
         let initial = consumer.cached_info().num_pending;
         let messages = consumer
             .messages()
