@@ -27,10 +27,10 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use sagaflow::config::{NodeConfig, Overrides, StreamsConfig};
 use sagaflow::grpc::render::{order_saga_id, OrderInput, OrderItem};
-use sagaflow::nats_server::NatsServer;
 use sagaflow::store::KvStateStore;
 use sagaflow_actors::machine::{Phase, Saga};
 use sagaflow_actors::ports::StateStore;
+use sagaflow_devkit::nats_server::NatsServer;
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::{GetOrderRequest, ListOrdersRequest};
 

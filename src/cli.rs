@@ -11,9 +11,9 @@
 //! sagaflow analytics sales --server ADDR [--json]
 //! sagaflow cluster status --server ADDR [--json]
 //! sagaflow dlq list|show|replay|discard --server ADDR ...
-//! sagaflow bench [--orders N | --duration D] [--concurrency C | --rate R | --sweep R1,R2,...]
-//!                [--mix] [--baseline] [--plot FILE.svg] [--json]
 //! ```
+//!
+//! The benchmark is a binary of its own, `sagaflow-bench` (crate `bench/`).
 //!
 //! `main.rs` parses a [`Cli`], turns it into a [`Plan`] (which loads the node configuration,
 //! so the log format can come from the file), initialises tracing and runs the plan. Errors
@@ -71,9 +71,13 @@ pub enum Command {
     /// Dead letters: list, show, replay and discard them.
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Measure completed sagas per second and end-to-end latency, against the bare JetStream
-    /// pattern with --baseline (starts its own NATS and node unless told otherwise).
-    Bench(Box<crate::bench::BenchArgs>),
+    /// The benchmark moved to its own binary; this only says so.
+    #[command(hide = true)]
+    Bench {
+        /// Whatever was passed.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// `sagaflow dev`.
@@ -514,8 +518,6 @@ pub enum Plan {
     Validate(Vec<PathBuf>),
     /// A gRPC client command.
     Remote(Command),
-    /// `sagaflow bench`.
-    Bench(Box<crate::bench::BenchArgs>),
 }
 
 impl Cli {
@@ -548,7 +550,10 @@ impl Cli {
                 verbose: args.verbose,
             }),
             Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
-            Command::Bench(args) => Plan::Bench(args),
+            Command::Bench { .. } => anyhow::bail!(
+                "the bench is its own binary: `cargo build --release --workspace`, then \
+                 `target/release/sagaflow-bench --help` (docs/benchmarks.md)"
+            ),
             other => Plan::Remote(other),
         })
     }
@@ -587,11 +592,10 @@ impl Plan {
         };
         crate::telemetry::Settings {
             log_format: self.log_format(),
-            // The bench's stderr is its progress, and `dev` prints its own summary: only
-            // warnings, unless `dev -v` or RUST_LOG says otherwise.
+            // `dev` prints its own summary: only warnings, unless `dev -v` or RUST_LOG says
+            // otherwise.
             log_filter: match self {
                 _ if std::env::var_os("RUST_LOG").is_some() => None,
-                Plan::Bench(_) => Some("warn".to_string()),
                 Plan::Dev(opts) if !opts.verbose => Some("warn".to_string()),
                 _ => None,
             },
@@ -614,7 +618,6 @@ impl Plan {
             }
             Plan::Validate(files) => Ok(validate::run(&files)),
             Plan::Remote(command) => remote::run(command).await.map(|()| ExitCode::SUCCESS),
-            Plan::Bench(args) => Ok(crate::bench::run(*args).await?),
         }
     }
 }

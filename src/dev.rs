@@ -16,8 +16,8 @@ use sagaflow_proto::v1::{GetOrderRequest, OrderItem, PlaceOrderRequest};
 use tonic_types::StatusExt;
 
 use crate::config::{NodeConfig, Overrides};
-use crate::nats_server::NatsServer;
 use crate::node::{self, NodeHandle};
+use sagaflow_devkit::nats_server::NatsServer;
 
 /// Servers of the `--nats-cluster` NATS cluster.
 pub const NATS_CLUSTER_SIZE: usize = 3;
@@ -46,7 +46,7 @@ pub struct DevOptions {
 pub enum Error {
     /// nats-server could not be found or started.
     #[error(transparent)]
-    NatsServer(#[from] crate::nats_server::Error),
+    NatsServer(#[from] sagaflow_devkit::nats_server::Error),
     /// A node failed.
     #[error(transparent)]
     Node(#[from] node::Error),
@@ -132,8 +132,8 @@ pub fn check_ports(opts: &DevOptions) -> Result<(), Error> {
     Ok(())
 }
 
-fn join_error(e: tokio::task::JoinError) -> crate::nats_server::Error {
-    crate::nats_server::Error::Io {
+fn join_error(e: tokio::task::JoinError) -> sagaflow_devkit::nats_server::Error {
+    sagaflow_devkit::nats_server::Error::Io {
         what: "starting nats-server".into(),
         source: std::io::Error::other(e),
     }
@@ -160,10 +160,11 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
     let nodes_wanted = opts.nodes.max(1);
     check_ports(&opts)?;
     let (servers, replicas) = if opts.nats_cluster {
-        let servers =
-            tokio::task::spawn_blocking(|| crate::nats_server::start_cluster(NATS_CLUSTER_SIZE))
-                .await
-                .map_err(join_error)??;
+        let servers = tokio::task::spawn_blocking(|| {
+            sagaflow_devkit::nats_server::start_cluster(NATS_CLUSTER_SIZE)
+        })
+        .await
+        .map_err(join_error)??;
         let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
         println!(
             "nats-server cluster ({NATS_CLUSTER_SIZE} servers, JetStream, R{NATS_CLUSTER_SIZE}) listening on {}",

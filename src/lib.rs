@@ -25,14 +25,15 @@
 //!
 //! The binaries' side:
 //! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
-//! - [`client`]: what the CLI and the bench share as clients (node address, `--json`).
-//! - [`dev`]: `sagaflow dev`, a local NATS + node + demo in one command.
-//! - [`bench`](mod@bench): `sagaflow bench`, sagas per second and latency against the bare JetStream pattern.
-//! - [`nats_server`]: finding, starting and stopping `nats-server` processes (dev, bench and tests).
+//! - [`client`]: what the CLI and `sagaflow-bench` share as clients (node address, `--json`).
+//! - [`dev`]: `sagaflow dev`, a local NATS + node + demo in one command (its `nats-server`
+//!   processes come from the `sagaflow-devkit` crate).
+//!
+//! The bench is its own crate and binary (`bench/`, `sagaflow-bench`), so the node binary links
+//! neither its plotting nor its progress bar.
 
 pub mod admission;
 pub mod advisories;
-pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod client;
@@ -49,7 +50,6 @@ pub mod grpc;
 pub mod http;
 pub mod index;
 pub mod metrics;
-pub mod nats_server;
 pub mod node;
 pub mod participant;
 pub mod partition;
@@ -63,14 +63,7 @@ pub mod topology;
 pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "base",
-        &[
-            "clock",
-            "client",
-            "config",
-            "consume",
-            "nats_server",
-            "telemetry",
-        ],
+        &["clock", "client", "config", "consume", "telemetry"],
     ),
     (
         "NATS adapters",
@@ -90,7 +83,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("node", &["metrics", "http", "grpc", "demo", "node"]),
-    ("binaries", &["cli", "dev", "bench"]),
+    ("binaries", &["cli", "dev"]),
 ];
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ mod tests {
         use prost::Message as _;
         use sagaflow_proto::v1;
 
-        let nats = tokio::task::spawn_blocking(crate::nats_server::NatsServer::start)
+        let nats = tokio::task::spawn_blocking(sagaflow_devkit::nats_server::NatsServer::start)
             .await
             .unwrap()
             .unwrap();

@@ -109,7 +109,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(c) => dlq(c).await,
-        Command::Node(_) | Command::Dev(_) | Command::Bench(_) => bail!("not a client command"),
+        Command::Node(_) | Command::Dev(_) | Command::Bench { .. } => bail!("not a client command"),
     }
 }
 

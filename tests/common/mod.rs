@@ -1,5 +1,5 @@
 //! The shared integration-test harness: real `nats-server` processes (re-exported from
-//! [`sagaflow::nats_server`]), real `sagaflow node` processes, bounded polling, gRPC clients.
+//! [`sagaflow_devkit::nats_server`]), real `sagaflow node` processes, bounded polling, gRPC clients.
 //!
 //! Every await in a test is bounded: use [`within`] (or `tokio::time::timeout`) around single
 //! calls and [`wait_until`] for conditions; nothing here sleeps for a fixed time to "let things
@@ -19,7 +19,7 @@ use sagaflow_proto::v1::saga_service_client::SagaServiceClient;
 use sagaflow_proto::v1::{ListDefinitionsRequest, ListOrdersRequest};
 use tonic::transport::Channel;
 
-pub use sagaflow::nats_server::{start_cluster, NatsServer};
+pub use sagaflow_devkit::nats_server::{start_cluster, NatsServer};
 
 pub mod checks;
 
@@ -63,7 +63,7 @@ where
 /// A free loopback port (bind 127.0.0.1:0, read it, close). Panics if none can be bound.
 pub fn free_port() -> u16 {
     #[allow(clippy::expect_used)]
-    sagaflow::nats_server::free_port().expect("bind a free loopback port")
+    sagaflow_devkit::nats_server::free_port().expect("bind a free loopback port")
 }
 
 /// Starts a single JetStream `nats-server` on free ports with a temporary store, off the async

@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use super::load::{Done, Kind, StartError, StartFuture, Target};
 use super::orders::Current;
-use crate::consume::{pull_forever, Flow};
+use sagaflow::consume::{pull_forever, Flow};
 
 /// Stream of the baseline's commands.
 pub const COMMANDS_STREAM: &str = "SAGABENCH_CMD";

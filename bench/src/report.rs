@@ -459,7 +459,7 @@ impl Report {
         let e = &self.environment;
         let _ = writeln!(
             out,
-            "sagaflow bench: sagaflow {} · nats-server {} ({}) · {} × {} · {} GiB",
+            "sagaflow-bench: sagaflow {} · nats-server {} ({}) · {} × {} · {} GiB",
             e.sagaflow_version, e.nats_server_version, e.cluster, e.cpus, e.cpu, e.memory_gib
         );
         let mix = if self.mix.declined + self.mix.out_of_stock > 0.0 {

@@ -203,7 +203,7 @@ fn trim_ms(v: f64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::bench::load::{Samples, Shape};
+    use crate::load::{Samples, Shape};
 
     fn run(system: &'static str, rate: f64, got: f64, p50: u64, p99: u64) -> RunReport {
         let t0 = tokio::time::Instant::now();

@@ -123,7 +123,7 @@ impl Target for Orders {
                 .map_err(|s| {
                     let e = format!(
                         "PlaceOrder: {}: {}",
-                        crate::client::code_name(s.code()),
+                        sagaflow::client::code_name(s.code()),
                         s.message()
                     );
                     if s.code() == tonic::Code::ResourceExhausted {

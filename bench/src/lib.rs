@@ -1,8 +1,8 @@
-//! `sagaflow bench`: how many order sagas per second a node completes, and how long each
+//! `sagaflow-bench`: how many order sagas per second a node completes, and how long each
 //! takes, measured side by side with the bare JetStream pattern underneath.
 //!
 //! ```text
-//! sagaflow bench [--orders N | --duration D] [--concurrency C | --rate R | --sweep R1,R2,…]
+//! sagaflow-bench [--orders N | --duration D] [--concurrency C | --rate R | --sweep R1,R2,…]
 //!                [--warmup N] [--mix [DECLINED,OUT_OF_STOCK]] [--baseline] [--plot FILE.svg]
 //!                [--nats URL [--server ADDR]] [--node-env KEY=VALUE]… [--json]
 //! ```
@@ -43,7 +43,7 @@ use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{JsonArg, Server};
+use sagaflow::client::{JsonArg, Server};
 
 pub mod baseline;
 pub mod load;
@@ -64,7 +64,7 @@ pub const DEFAULT_ORDERS: u64 = 10_000;
 /// Default length of each step of a sweep.
 pub const DEFAULT_SWEEP_STEP: Duration = Duration::from_secs(10);
 
-/// `sagaflow bench`.
+/// `sagaflow-bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Measured orders (after the warm-up) [default: 10000].
@@ -106,11 +106,15 @@ pub struct BenchArgs {
     pub nats: Option<String>,
     /// Use this node instead of starting one (`host:port`); needs --nats (the bench watches
     /// the orders' status events there).
-    #[arg(long, value_name = "ADDR", requires = "nats", value_parser = crate::client::parse_server)]
+    #[arg(long, value_name = "ADDR", requires = "nats", value_parser = sagaflow::client::parse_server)]
     pub server: Option<Server>,
     /// Allow --nats and --server addresses that are not loopback.
     #[arg(long)]
     pub allow_remote: bool,
+    /// The `sagaflow` binary of the node the bench starts [default: `sagaflow` next to
+    /// `sagaflow-bench`].
+    #[arg(long, value_name = "FILE", conflicts_with = "server")]
+    pub node_bin: Option<PathBuf>,
     /// Environment of the node the bench starts (`SAGAFLOW_DEMO__LATENCY_MS=5`,
     /// `RUST_LOG=warn`); repeat for several.
     #[arg(long = "node-env", value_name = "KEY=VALUE", value_parser = parse_env, conflicts_with = "server")]
@@ -317,7 +321,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, Error> {
             let report = r?;
             finish(&args, &report)
         }
-        _ = crate::client::shutdown_signal() => Err(Error::Interrupted),
+        _ = sagaflow::client::shutdown_signal() => Err(Error::Interrupted),
     }
 }
 
@@ -325,7 +329,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, Error> {
 fn finish(args: &BenchArgs, report: &Report) -> Result<ExitCode, Error> {
     if let Some(path) = &args.plot {
         let title = format!(
-            "sagaflow bench · {} × {} · nats-server {}",
+            "sagaflow-bench · {} × {} · nats-server {}",
             report.environment.cpus, report.environment.cpu, report.environment.nats_server_version
         );
         plot::draw(path, &title, &report.points)?;
@@ -428,7 +432,7 @@ impl Watches {
         let nats_pid = system
             .nats
             .as_ref()
-            .and_then(crate::nats_server::NatsServer::pid)
+            .and_then(sagaflow_devkit::nats_server::NatsServer::pid)
             .or(system.nats_pid);
         let rss = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sampler = tokio::spawn({
@@ -518,6 +522,10 @@ async fn bench(args: &BenchArgs, deadline: Instant) -> Result<Report, Error> {
     let setup = Setup {
         nats: args.nats.clone(),
         server: args.server.as_ref().map(|s| s.url.clone()),
+        node_bin: match &args.server {
+            Some(_) => PathBuf::new(),
+            None => system::node_binary(args.node_bin.as_deref())?,
+        },
         node_env: args.node_env.clone(),
         node_pid: args.node_pid,
         nats_pid: args.nats_pid,

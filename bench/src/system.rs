@@ -11,7 +11,7 @@
 //! normal end), and the temporary folders removed.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use sagaflow_proto::v1::{ClusterStatusRequest, GetOrderRequest};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::nats_server::NatsServer;
+use sagaflow_devkit::nats_server::NatsServer;
 
 /// The reference order saga, given to the node the bench starts.
 const ORDER_SAGA: &str = include_str!("../../sagas/order.toml");
@@ -43,7 +43,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Error {
     /// nats-server could not be found or started.
     #[error(transparent)]
-    NatsServer(#[from] crate::nats_server::Error),
+    NatsServer(#[from] sagaflow_devkit::nats_server::Error),
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -62,6 +62,13 @@ pub enum Error {
         /// The end of its log.
         tail: String,
     },
+    /// The node binary is not where it was looked for.
+    #[error(
+        "no sagaflow node binary at {}: build it with `cargo build --release --workspace` \
+         (it lands next to sagaflow-bench), or name one with --node-bin",
+        .0.display()
+    )]
+    NodeBinary(PathBuf),
     /// An existing node did not answer.
     #[error("cannot reach the node at {addr}: {message}")]
     Unreachable {
@@ -163,6 +170,22 @@ pub struct System {
     _dir: tempfile::TempDir,
 }
 
+/// The node binary to start: `explicit`, else `sagaflow` next to this binary (both are built
+/// into the same `target/<profile>/` folder by `cargo build --workspace`).
+pub fn node_binary(explicit: Option<&Path>) -> Result<PathBuf, Error> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(io("cannot find the bench's own binary"))?
+            .with_file_name(format!("sagaflow{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::NodeBinary(path))
+    }
+}
+
 /// How to set the system up.
 #[derive(Debug, Clone, Default)]
 pub struct Setup {
@@ -170,6 +193,8 @@ pub struct Setup {
     pub nats: Option<String>,
     /// An existing node's gRPC URL (else one is started; needs `nats`).
     pub server: Option<String>,
+    /// The `sagaflow` binary the started node runs.
+    pub node_bin: PathBuf,
     /// Environment for the started node.
     pub node_env: Vec<(String, String)>,
     /// pid of an existing node.
@@ -218,7 +243,7 @@ impl System {
                 wait_ready(&system.grpc_url, None, false).await?;
             }
             None => {
-                let (node, addr) = system.spawn_node(&setup.node_env)?;
+                let (node, addr) = system.spawn_node(&setup.node_bin, &setup.node_env)?;
                 system.grpc_url = format!("http://{addr}");
                 system.node = Some(node);
                 let node = system.node.as_mut();
@@ -229,22 +254,25 @@ impl System {
         Ok(system)
     }
 
-    fn spawn_node(&self, env: &[(String, String)]) -> Result<(NodeProcess, SocketAddr), Error> {
+    fn spawn_node(
+        &self,
+        exe: &Path,
+        env: &[(String, String)],
+    ) -> Result<(NodeProcess, SocketAddr), Error> {
         let dir = self._dir.path();
         let sagas = dir.join("sagas");
         std::fs::create_dir_all(&sagas).map_err(io("cannot create the saga folder"))?;
         std::fs::write(sagas.join("order.toml"), ORDER_SAGA)
             .map_err(io("cannot write the order saga"))?;
         let ports = (
-            crate::nats_server::free_port()?,
-            crate::nats_server::free_port()?,
+            sagaflow_devkit::nats_server::free_port()?,
+            sagaflow_devkit::nats_server::free_port()?,
         );
         let grpc = SocketAddr::from(([127, 0, 0, 1], ports.0));
         let http = SocketAddr::from(([127, 0, 0, 1], ports.1));
         let log = dir.join("node.log");
         let out = std::fs::File::create(&log).map_err(io("cannot create the node log"))?;
         let err = out.try_clone().map_err(io("cannot create the node log"))?;
-        let exe = std::env::current_exe().map_err(io("cannot find the sagaflow binary"))?;
         let mut cmd = Command::new(exe);
         cmd.arg("node")
             .arg("--nats")

@@ -1,4 +1,4 @@
-//! `sagaflow bench` in smoke mode: the built binary starts its own NATS and node, places 40
+//! `sagaflow-bench` in smoke mode: the built binary starts its own NATS and node, places 40
 //! orders, runs the baseline, and prints one JSON object. No thresholds: this proves the bench
 //! works and its output parses, not how fast anything is.
 
@@ -11,19 +11,20 @@ use anyhow::{bail, Context};
 /// Bound on the whole bench run (it has its own `--max-time` below it).
 const TIMEOUT: Duration = Duration::from_secs(150);
 
-/// Runs `sagaflow bench ARGS`, killing it after [`TIMEOUT`]; returns (exit ok, stdout, stderr).
+/// Runs `sagaflow-bench ARGS`, killing it after [`TIMEOUT`]; returns (exit ok, stdout, stderr).
 fn bench(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
     let dir = tempfile::tempdir()?;
     let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sagaflow"))
-        .arg("bench")
+    // The node runs the `sagaflow` binary built next to this one (`cargo test --workspace`
+    // builds both); the bench finds it there itself.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagaflow-bench"))
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path)?)
         .stderr(std::fs::File::create(&err_path)?)
         .spawn()
-        .context("spawn sagaflow bench")?;
+        .context("spawn sagaflow-bench")?;
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -33,7 +34,7 @@ fn bench(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "sagaflow bench did not finish within {TIMEOUT:?}; stderr:\n{}",
+                "sagaflow-bench did not finish within {TIMEOUT:?}; stderr:\n{}",
                 std::fs::read_to_string(&err_path).unwrap_or_default()
             );
         }
