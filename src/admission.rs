@@ -214,6 +214,8 @@ impl std::fmt::Display for Overloaded {
     }
 }
 
+impl std::error::Error for Overloaded {}
+
 impl Default for Admission {
     fn default() -> Self {
         Self::new(WINDOW)

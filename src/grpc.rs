@@ -1,31 +1,17 @@
-//! The gRPC API (tonic): orders, generic sagas, analytics, plus health and reflection.
+//! The gRPC API (tonic): orders, generic sagas, analytics, the cluster's administration, plus
+//! health and reflection.
 //!
-//! Every service is a thin edge over [`SagaApi`]: it validates the request (`INVALID_ARGUMENT`
-//! naming the field), calls the core, and maps errors to `tonic::Status` here and only here.
-//! Status reads go straight to the snapshot bucket, so any node answers for any saga.
+//! Every service is a thin edge over [`SagaApi`] (in [`crate::api`]): it validates the request
+//! (`INVALID_ARGUMENT` naming the field), calls the core, and translates the core's
+//! [`ApiError`] into a `tonic::Status` here, the only place that builds one.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 
-use async_nats::jetstream::{self, kv};
-use async_nats::HeaderMap;
-use futures::{Stream, StreamExt};
-use sagaflow_actors::definition::SagaDefinition;
-use sagaflow_actors::hash::partition_of;
-use sagaflow_actors::machine::Saga;
-use sagaflow_actors::ports::{CommandBus, Error as PortError, StateStore};
-use sagaflow_actors::wire::{self, Control};
-use tokio_util::sync::CancellationToken;
+use futures::Stream;
 use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::admission::Admission;
-use crate::bus::JetStreamBus;
-use crate::cluster::SharedView;
-use crate::index::{Cursor, Listed, SagaIndex};
-use crate::store::KvStateStore;
-use crate::topology::event_subject;
+pub use crate::api::{valid_id, ApiError, SagaApi, MAX_INPUT};
 
 pub mod admin;
 pub mod analytics;
@@ -36,447 +22,80 @@ pub mod sagas;
 /// A boxed server stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The core the gRPC services share.
-#[derive(Clone)]
-pub struct SagaApi {
-    js: jetstream::Context,
-    store: KvStateStore,
-    bus: JetStreamBus,
-    definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
-    partitions: u32,
-    shutdown: CancellationToken,
-    /// Admission control, its limit (`admission.max_timeout_share`; 0: off) and the cluster
-    /// view with the other nodes' pressures.
-    admission: (Arc<Admission>, f64, SharedView),
-    /// The cluster's time (see [`crate::clock`]): new sagas are timed by it.
-    clock: Arc<crate::clock::ClusterClock>,
-    /// The list index, once a list asked for it.
-    index: Arc<tokio::sync::Mutex<Option<Arc<SagaIndex>>>>,
-}
-
-impl std::fmt::Debug for SagaApi {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SagaApi")
-            .field("partitions", &self.partitions)
-            .finish()
-    }
-}
-
-/// Checks an id: 1 to `max` characters of `[A-Za-z0-9_-]`, the rule every id from outside
-/// passes ([`sagaflow_actors::ids`]; the event decoder applies the same one).
-pub use sagaflow_actors::ids::valid_id;
-
-/// Largest saga input (and operator-given output) the API accepts, in bytes.
-pub const MAX_INPUT: usize = 256 * 1024;
-
 /// `INVALID_ARGUMENT` naming `field`.
 pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
-    tracing::warn!(error = %e, "storage unavailable");
-    Status::unavailable(e.to_string())
-}
-
-impl SagaApi {
-    /// A core over the node's JetStream context and snapshot bucket.
-    pub fn new(
-        js: jetstream::Context,
-        sagas: kv::Store,
-        definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
-        partitions: u32,
-        shutdown: CancellationToken,
-    ) -> Self {
-        SagaApi {
-            store: KvStateStore::new(js.clone(), sagas, partitions),
-            bus: JetStreamBus::new(js.clone(), partitions),
-            js,
-            definitions,
-            partitions,
-            shutdown,
-            admission: (Arc::default(), 0.0, SharedView::default()),
-            clock: Arc::default(),
-            index: Arc::default(),
-        }
-    }
-
-    /// Times new sagas and interventions by `clock` (the node's cluster clock).
-    pub fn with_clock(mut self, clock: Arc<crate::clock::ClusterClock>) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// The cluster's time, unix ms.
-    pub fn now_ms(&self) -> i64 {
-        self.clock.now_ms()
-    }
-
-    /// Publishes the first lifecycle event of each saga as `status_events` says.
-    pub fn with_status_events(mut self, status_events: crate::config::StatusEvents) -> Self {
-        self.bus = self.bus.with_status_events(status_events);
-        self
-    }
-
-    /// Refuses new sagas while `admission` measures more than `limit`, or the node owning
-    /// the saga's partition reported more in its last heartbeat (`view`); see
-    /// [`crate::admission`]. A `limit` of 0: never.
-    pub fn with_admission(
-        mut self,
-        admission: Arc<Admission>,
-        limit: f64,
-        view: SharedView,
-    ) -> Self {
-        self.admission = (admission, limit, view);
-        self
-    }
-
-    /// A loaded definition.
-    pub fn definition(&self, name: &str) -> Option<Arc<SagaDefinition>> {
-        self.definitions.get(name).cloned()
-    }
-
-    /// Every loaded definition, by name.
-    pub fn definitions(&self) -> &HashMap<String, Arc<SagaDefinition>> {
-        &self.definitions
-    }
-
-    /// Starts saga `id` of `def` with `input` (JSON), idempotently: returns whether it was created.
-    ///
-    /// The snapshot is created here (create-only, so a repeat finds it), then a `start` event
-    /// tells the partition's owner to publish the first commands. A repeat of an unfinished
-    /// saga publishes the `start` event again (de-duplicated by `Nats-Msg-Id` within the
-    /// window, harmless beyond it), which also repairs a crash between the two writes.
-    ///
-    /// While the node is overloaded ([`crate::admission`]) it answers `RESOURCE_EXHAUSTED`
-    /// with a retry delay and writes nothing, repeats included (retrying later is safe).
-    pub async fn start(
-        &self,
-        def: &SagaDefinition,
-        id: &str,
-        input: Vec<u8>,
-    ) -> Result<(bool, Saga), Status> {
-        // Overloaded: refuse before writing anything, so a refused saga costs one check.
-        let (admission, limit, view) = &self.admission;
-        let owner = if *limit > 0.0 {
-            view.read()
-                .await
-                .owner_pressure(partition_of(id, self.partitions))
-        } else {
-            0.0
-        };
-        if let Err(e) = admission.admit(&def.name, *limit, owner) {
-            tracing::debug!(saga_id = %id, pressure = e.pressure, "saga refused: overloaded");
-            return Err(Status::with_error_details(
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        match e {
+            ApiError::Overloaded(e) => Status::with_error_details(
                 tonic::Code::ResourceExhausted,
                 e.to_string(),
                 ErrorDetails::with_retry_info(Some(crate::admission::RETRY_AFTER)),
-            ));
-        }
-        // Create first: a new order (the common case) costs one write and no read; a repeat
-        // finds the existing snapshot through the conflict.
-        let requested = input.clone();
-        let (fresh, _) = Saga::start(def, id.to_string(), input, self.now_ms());
-        let (created, saga, revision) = match self.store.save(&fresh, None).await {
-            Ok(revision) => (true, fresh, Some(revision)),
-            Err(PortError::Conflict { .. }) => {
-                match self.store.load(id).await.map_err(unavailable)? {
-                    Some((saga, _)) => (false, saga, None),
-                    None => {
-                        return Err(Status::aborted(
-                            "saga was created and removed concurrently; retry",
-                        ))
-                    }
-                }
+            ),
+            e @ ApiError::DifferentInput { .. } => Status::already_exists(e.to_string()),
+            e @ ApiError::Raced => Status::aborted(e.to_string()),
+            e @ ApiError::NotFound(_) => Status::not_found(e.to_string()),
+            ApiError::Corrupt(message) => Status::data_loss(message),
+            e @ ApiError::Unavailable(_) => {
+                tracing::warn!(error = %crate::telemetry::error_chain(&e), "storage unavailable");
+                Status::unavailable(e.to_string())
             }
-            Err(e) => return Err(unavailable(e)),
-        };
-        if !created {
-            // A repeat is idempotent only if it asks for the same thing.
-            let differ = differing_fields(&saga.input, &requested);
-            if !differ.is_empty() {
-                return Err(Status::already_exists(format!(
-                    "`{id}` already exists with a different input ({} differ); repeat the request unchanged, or use another id",
-                    differ.join(", ")
-                )));
-            }
-        }
-        let at = self.now_ms();
-        // The creator hands the owner the snapshot it wrote, sparing it a read, and publishes
-        // the first commands itself (below): the owner then only arms their timers. A repeat
-        // sends a plain start: the owner reads the current snapshot and (re)publishes what is in
-        // flight.
-        let control = match revision.map(|r| wire::encode_snapshot(&saga).map(|s| (r, s))) {
-            Some(Ok((revision, snapshot))) => Control::Created {
-                at,
-                revision,
-                snapshot,
-                commands_sent: true,
-            },
-            _ => Control::Started { at },
-        };
-        let start = async {
-            if saga.is_terminal() {
-                return Ok(());
-            }
-            self.publish_control(id, "start", &control, format!("start/{id}"))
-                .await
-        };
-        // The snapshot just written lists them as in flight, so they may go out now, without
-        // waiting for the owner (the owner's copy, and any later republish, carry the same
-        // command ids: the server de-duplicates). If this publish fails the start still stands:
-        // the step's timeout retries the command.
-        let first_commands = async {
-            if !created {
-                return;
-            }
-            let in_flight = saga.in_flight();
-            if let Err(e) = self.bus.send(def, &saga, &in_flight).await {
-                tracing::warn!(saga_id = %id, error = %e, "cannot publish the first commands; the step timeout retries them");
-            }
-        };
-        // The first lifecycle event (status `initial`); later ones come from the owner. Sent
-        // alongside the start event: neither waits for the other.
-        let announce = async {
-            if created {
-                if let Err(e) = self.bus.announce(&saga, "", &saga.status, 1).await {
-                    tracing::warn!(saga_id = %id, error = %e, "cannot announce initial status");
-                }
-            }
-        };
-        let (started, (), ()) = futures::join!(start, announce, first_commands);
-        if let Err(e) = started {
-            if !created {
-                return Err(e);
-            }
-            // The saga is stored: it must not be left with nothing to drive it. Keep trying
-            // in the background (the server de-duplicates by message id); should this node die
-            // first, the orphan sweep of the partition's owner takes the saga up.
-            tracing::warn!(saga_id = %id, error = %e, "cannot publish the start event; retrying in the background");
-            tokio::spawn(self.clone().republish_start(id.to_string(), control));
-        }
-        if created {
-            crate::metrics::saga_started(&def.name);
-            tracing::info!(saga_id = %id, saga = %def.name, "saga started");
-        }
-        Ok((created, saga))
-    }
-
-    /// Publishes a created saga's start event until it is stored (or the node shuts down).
-    async fn republish_start(self, id: String, control: Control) {
-        let mut delay = std::time::Duration::from_millis(200);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            if self
-                .publish_control(&id, "start", &control, format!("start/{id}"))
-                .await
-                .is_ok()
-            {
-                tracing::info!(saga_id = %id, "start event published after a retry");
-                return;
-            }
-            delay = (delay * 2).min(std::time::Duration::from_secs(30));
-        }
-    }
-
-    pub(crate) async fn publish_control(
-        &self,
-        id: &str,
-        kind: &str,
-        control: &Control,
-        msg_id: String,
-    ) -> Result<(), Status> {
-        let payload = wire::encode_control(control).map_err(|e| Status::internal(e.to_string()))?;
-        let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-        headers.insert(crate::topology::SAGA_ID_HEADER, id);
-        let subject = event_subject(partition_of(id, self.partitions), kind);
-        self.js
-            .publish_with_headers(subject, headers, payload.into())
-            .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
-    /// The saga's snapshot and revision, or `NOT_FOUND`.
-    pub async fn get(&self, id: &str) -> Result<(Saga, u64), Status> {
-        match self.store.load(id).await {
-            Ok(Some(s)) => Ok(s),
-            Ok(None) => Err(Status::not_found(format!("no saga with id `{id}`"))),
-            Err(PortError::Corrupt { message, .. }) => Err(Status::data_loss(message)),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    /// Every change of the saga's snapshot, starting with the current one, until terminal.
-    pub async fn watch(
-        &self,
-        id: &str,
-    ) -> Result<impl Stream<Item = Result<(Saga, u64), Status>> + Send + 'static, Status> {
-        // Existence check first, so an unknown id is NOT_FOUND rather than a silent wait.
-        self.get(id).await?;
-        let watch = self
-            .store
-            .bucket()
-            .watch_with_history(self.store.key(id))
-            .await
-            .map_err(unavailable)?;
-        let stream = watch
-            .filter_map(|entry| async move {
-                match entry {
-                    Ok(e) if e.operation == kv::Operation::Put => Some(
-                        wire::decode_snapshot(&e.value)
-                            .map(|s| (s, e.revision))
-                            .map_err(|e| Status::data_loss(e.to_string())),
-                    ),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(unavailable(e))),
-                }
-            })
-            // Watchers end when the node shuts down, so they do not hold the server open.
-            .take_until(self.shutdown.clone().cancelled_owned());
-        // Yield up to and including the first terminal snapshot, then end at once (not on the
-        // next update, which never comes).
-        let stream =
-            futures::stream::unfold((Box::pin(stream), false), |(mut s, done)| async move {
-                if done {
-                    return None;
-                }
-                let item = s.next().await?;
-                let terminal = matches!(&item, Ok((saga, _)) if saga.is_terminal());
-                Some((item, (s, terminal)))
-            });
-        Ok(stream)
-    }
-
-    /// This node's list index (see [`crate::index::SagaIndex`]), started on first use and
-    /// after it stopped (idle, or its consumer failed); caught up with every write made before
-    /// the call.
-    async fn index(&self) -> Result<Arc<SagaIndex>, Status> {
-        let index = {
-            let mut slot = self.index.lock().await;
-            match slot.as_ref().filter(|i| i.running()) {
-                Some(i) => i.clone(),
-                None => {
-                    let started = std::time::Instant::now();
-                    let index = SagaIndex::start(self.store.bucket().clone(), &self.shutdown)
-                        .await
-                        .map_err(unavailable)?;
-                    let sagas = index.len();
-                    tracing::info!(
-                        sagas,
-                        took = ?started.elapsed(),
-                        "list index started"
-                    );
-                    tokio::spawn(stop_when_idle(index.clone()));
-                    *slot = Some(index.clone());
-                    index
-                }
-            }
-        };
-        let mut stream = self.store.bucket().stream.clone();
-        let last = stream
-            .info()
-            .await
-            .map_err(unavailable)?
-            .state
-            .last_sequence;
-        index.catch_up(last).await;
-        Ok(index)
-    }
-
-    /// One page of sagas, newest first: candidates from the index that `keep` accepts by their
-    /// headers, loaded in order, and kept if `accept` accepts the snapshot. At most `n` sagas,
-    /// and at most `examine` candidates loaded; the cursor is where the next page starts
-    /// (`None`: no more).
-    pub async fn list_page(
-        &self,
-        after: Option<&Cursor>,
-        n: usize,
-        examine: usize,
-        keep: impl Fn(&Listed) -> bool,
-        accept: impl Fn(&Saga) -> bool,
-    ) -> Result<(Vec<Saga>, Option<Cursor>), Status> {
-        let index = self.index().await?;
-        let now = self.now_ms();
-        let mut out = Vec::with_capacity(n);
-        let mut cursor = after.cloned();
-        let mut examined = 0;
-        loop {
-            let want = (n - out.len()).min(examine - examined).max(1);
-            let (candidates, more) = index.page(cursor.as_ref(), want, now, &keep).await;
-            let Some(last) = candidates.last() else {
-                return Ok((out, None));
-            };
-            cursor = Some(Cursor::after(last));
-            examined += candidates.len();
-            let store = self.store.clone();
-            let loaded: Vec<(String, Loaded)> = futures::stream::iter(candidates)
-                .map(|c| {
-                    let store = store.clone();
-                    async move {
-                        let r = store.load(&c.id).await;
-                        (c.id, r)
-                    }
-                })
-                .buffered(64)
-                .collect()
-                .await;
-            for (id, l) in loaded {
-                match l {
-                    Ok(Some((s, _))) if accept(&s) => out.push(s),
-                    Ok(Some(_)) | Err(PortError::Corrupt { .. }) => {}
-                    // Expired before the index saw it go.
-                    Ok(None) => index.forget(&id),
-                    Err(e) => return Err(unavailable(e)),
-                }
-            }
-            if !more {
-                return Ok((out, None));
-            }
-            if out.len() >= n || examined >= examine {
-                return Ok((out, cursor));
-            }
+            e @ ApiError::Encode(_) => Status::internal(e.to_string()),
         }
     }
 }
 
-/// The top-level fields in which two JSON inputs differ (`["input"]` if either is not a JSON
-/// object); empty if they are equal as JSON (key order and spacing aside).
-pub fn differing_fields(old: &[u8], new: &[u8]) -> Vec<String> {
-    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
-    match (parse(old), parse(new)) {
-        (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            keys.into_iter()
-                .filter(|k| a.get(*k) != b.get(*k))
-                .map(|k| k.to_string())
-                .collect()
-        }
-        (Some(a), Some(b)) if a == b => Vec::new(),
-        _ if old == new => Vec::new(),
-        _ => vec!["input".to_string()],
-    }
-}
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::admission::Overloaded;
+    use tonic::Code;
 
-/// A snapshot as [`StateStore::load`] returns it.
-type Loaded = Result<Option<(Saga, u64)>, PortError>;
+    #[test]
+    fn api_errors_become_the_status_codes_they_name_with_their_messages() {
+        let overloaded = Status::from(ApiError::Overloaded(Overloaded {
+            pressure: 0.9,
+            limit: 0.5,
+        }));
+        assert_eq!(overloaded.code(), Code::ResourceExhausted);
+        assert!(overloaded.message().contains("90 %"), "{overloaded:?}");
+        let retry = overloaded.get_details_retry_info().expect("a retry delay");
+        assert_eq!(retry.retry_delay, Some(crate::admission::RETRY_AFTER));
 
-/// Stops `index` once no list has used it for [`crate::index::IDLE_STOP`].
-async fn stop_when_idle(index: Arc<SagaIndex>) {
-    let check = std::time::Duration::from_secs(30);
-    while index.running() {
-        tokio::time::sleep(check).await;
-        if index.idle() >= crate::index::IDLE_STOP {
-            tracing::info!("list index stopped: unused");
-            index.stop();
+        let cases = [
+            (
+                ApiError::DifferentInput {
+                    id: "s-1".into(),
+                    fields: vec!["a".into(), "b".into()],
+                },
+                Code::AlreadyExists,
+                "`s-1` already exists with a different input (a, b differ)",
+            ),
+            (ApiError::Raced, Code::Aborted, "retry"),
+            (
+                ApiError::NotFound("s-2".into()),
+                Code::NotFound,
+                "no saga with id `s-2`",
+            ),
+            (
+                ApiError::Corrupt("bad bytes".into()),
+                Code::DataLoss,
+                "bad bytes",
+            ),
+            (
+                ApiError::Unavailable(Box::new(std::io::Error::other("nats is gone"))),
+                Code::Unavailable,
+                "nats is gone",
+            ),
+        ];
+        for (error, code, text) in cases {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(text), "{status:?}");
         }
     }
 }

@@ -19,7 +19,9 @@
 //! The node:
 //! - [`config`]: node configuration, layered defaults → file → env → CLI.
 //! - [`node`]: one node: NATS connection, topology, coordinators, demo services, gRPC.
-//! - [`grpc`], [`http`]: the API edges; [`admission`]: refusing sagas when overloaded.
+//! - [`api`]: the core of every API call ([`api::SagaApi`], failing with [`api::ApiError`]).
+//! - [`grpc`], [`http`]: the API edges, which only translate; [`admission`]: refusing sagas
+//!   when overloaded.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and traces.
 //! - [`demo`]: the demo participant services.
 //!
@@ -34,6 +36,7 @@
 
 pub mod admission;
 pub mod advisories;
+pub mod api;
 pub mod bus;
 pub mod cli;
 pub mod client;
@@ -82,7 +85,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "cluster",
         ],
     ),
-    ("node", &["metrics", "http", "grpc", "demo", "node"]),
+    ("node", &["metrics", "api", "http", "grpc", "demo", "node"]),
     ("binaries", &["cli", "dev"]),
 ];
 

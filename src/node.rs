@@ -32,12 +32,13 @@ use sagaflow_proto::v1;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::SagaApi;
 use crate::bus::JetStreamBus;
 use crate::cluster::{self, ClusterView, SharedView};
 use crate::config::NodeConfig;
 use crate::demo::{self, Demo};
 use crate::fence::{Fence, FencedBus, FencedStore};
-use crate::grpc::{analytics::Analytics, orders::Orders, sagas::Sagas, SagaApi};
+use crate::grpc::{analytics::Analytics, orders::Orders, sagas::Sagas};
 use crate::metrics::{Metrics, Readiness};
 use crate::store::KvStateStore;
 use crate::topology;
@@ -207,7 +208,7 @@ fn warn_of_unbounded_snapshots(
         let bound = config.snapshots.snapshot_bound(
             def,
             sagaflow_actors::ids::MAX_SAGA_ID,
-            crate::grpc::MAX_INPUT,
+            crate::api::MAX_INPUT,
         );
         if bound > max_payload {
             tracing::warn!(

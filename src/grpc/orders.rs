@@ -9,7 +9,7 @@ use sagaflow_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::render::{self, order_saga_id, OrderInput, OrderItem};
-use super::{invalid, valid_id, BoxStream, SagaApi};
+use super::{invalid, valid_id, ApiError, BoxStream, SagaApi};
 use crate::index::{Cursor, Listed};
 use sagaflow_actors::machine::Saga;
 
@@ -134,19 +134,11 @@ impl OrderService for Orders {
         })?;
         let saga_id = order_saga_id(&input.order_id);
         let bytes = serde_json::to_vec(&input).map_err(|e| Status::internal(e.to_string()))?;
-        let (created, saga) =
-            self.api
-                .start(&def, &saga_id, bytes)
-                .await
-                .map_err(|e| match e.code() {
-                    // Said in the order's terms.
-                    tonic::Code::AlreadyExists => Status::already_exists(e.message().replacen(
-                        &format!("`{saga_id}`"),
-                        &format!("order `{}`", input.order_id),
-                        1,
-                    )),
-                    _ => e,
-                })?;
+        let (created, saga) = self
+            .api
+            .start(&def, &saga_id, bytes)
+            .await
+            .map_err(|e| order_error(e, &input.order_id))?;
         Ok(Response::new(PlaceOrderResponse {
             order_id: input.order_id,
             saga_id,
@@ -160,16 +152,11 @@ impl OrderService for Orders {
         request: Request<GetOrderRequest>,
     ) -> Result<Response<v1::Order>, Status> {
         let id = validate_order_id(&request.into_inner().order_id)?;
-        let (saga, rev) = self.api.get(&id).await.map_err(|s| {
-            if s.code() == tonic::Code::NotFound {
-                Status::not_found(format!(
-                    "no order with id `{}`",
-                    id.trim_start_matches("order-")
-                ))
-            } else {
-                s
-            }
-        })?;
+        let (saga, rev) = self
+            .api
+            .get(&id)
+            .await
+            .map_err(|e| order_error(e, order_id_of(&id)))?;
         let def = self.api.definition(&saga.definition);
         Ok(Response::new(render::order(&saga, rev, def.as_deref())))
     }
@@ -182,18 +169,13 @@ impl OrderService for Orders {
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let id = validate_order_id(&request.into_inner().order_id)?;
         let api = self.api.clone();
-        let stream = self.api.watch(&id).await.map_err(|s| {
-            if s.code() == tonic::Code::NotFound {
-                Status::not_found(format!(
-                    "no order with id `{}`",
-                    id.trim_start_matches("order-")
-                ))
-            } else {
-                s
-            }
-        })?;
+        let stream = self
+            .api
+            .watch(&id)
+            .await
+            .map_err(|e| order_error(e, order_id_of(&id)))?;
         let stream = stream.map(move |item| {
-            item.map(|(saga, rev)| {
+            item.map_err(Status::from).map(|(saga, rev)| {
                 let def = api.definition(&saga.definition);
                 render::order(&saga, rev, def.as_deref())
             })
@@ -265,6 +247,24 @@ pub fn parse_token(token: &str) -> Result<Option<Cursor>, Status> {
     Cursor::parse(token)
         .map(Some)
         .ok_or_else(|| invalid("page_token", "not a token from a previous response"))
+}
+
+/// The order id of an order's saga id (`order-A-1` → `A-1`).
+fn order_id_of(saga_id: &str) -> &str {
+    saga_id.trim_start_matches("order-")
+}
+
+/// An error about an order's saga, said in the order's terms.
+fn order_error(e: ApiError, order_id: &str) -> Status {
+    match e {
+        ApiError::NotFound(_) => Status::not_found(format!("no order with id `{order_id}`")),
+        e @ ApiError::DifferentInput { .. } => Status::already_exists(e.to_string().replacen(
+            &format!("`{}`", order_saga_id(order_id)),
+            &format!("order `{order_id}`"),
+            1,
+        )),
+        e => e.into(),
+    }
 }
 
 #[cfg(test)]

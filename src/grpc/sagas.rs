@@ -317,7 +317,7 @@ impl SagaService for Sagas {
         validate_saga_id(&id)?;
         let api = self.api.clone();
         let stream = self.api.watch(&id).await?.map(move |item| {
-            item.map(|(saga, rev)| {
+            item.map_err(Status::from).map(|(saga, rev)| {
                 let def = api.definition(&saga.definition);
                 render::saga(&saga, rev, def.as_deref())
             })
