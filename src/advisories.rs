@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now_ms;
 use crate::config::StreamsConfig;
 use crate::consume::{pull_forever, Flow};
-use crate::dlq::{copy_user_headers, AT, ORIGIN, REASON, SOURCE, SUBJECT};
+use crate::dlq::{copy_user_headers, CallError, AT, ORIGIN, REASON, SOURCE, SUBJECT};
 use crate::topology::{self, dlq_subject, COMMANDS_STREAM};
 
 /// Stream capturing max-deliveries advisories of the command stream.
@@ -80,11 +80,11 @@ async fn open(
 pub async fn dead_letter_exhausted(
     js: &jetstream::Context,
     advisory: &MaxDeliveries,
-) -> Result<(), String> {
+) -> Result<(), CallError> {
     let stream = js
         .get_stream(&advisory.stream)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CallError::of("look up the command's stream"))?;
     let (subject, original_headers, payload) = match stream
         .get_raw_message(advisory.stream_seq)
         .await
@@ -114,11 +114,12 @@ pub async fn dead_letter_exhausted(
         async_nats::header::NATS_MESSAGE_ID,
         format!("dlq/{}/{}", advisory.stream, advisory.stream_seq).as_str(),
     );
+    let what = "publish the dead letter";
     js.publish_with_headers(dlq_subject("commands"), headers, payload)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(CallError::of(what))?
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CallError::of(what))?;
     tracing::warn!(consumer = %advisory.consumer, seq = advisory.stream_seq, deliveries = advisory.deliveries, "exhausted command dead-lettered");
     Ok(())
 }
@@ -134,7 +135,7 @@ pub async fn run(js: jetstream::Context, cancel: CancellationToken) {
                         let _ = message.ack().await;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot dead-letter an exhausted command, retrying");
+                        tracing::warn!(error = %crate::telemetry::error_chain(&e), "cannot dead-letter an exhausted command, retrying");
                         let _ = message.ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(2)))).await;
                     }
                 },

@@ -211,7 +211,7 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
     };
     if opts.demo_orders > 0 {
         tokio::select! {
-            r = demo(addr, opts.demo_orders) => if let Err(e) = r { eprintln!("demo: {e}") },
+            r = demo(addr, opts.demo_orders) => if let Err(e) = r { eprintln!("demo: {}", crate::telemetry::error_chain(&e)) },
             _ = &mut shutdown => return stop_all(nodes, servers).await,
         }
     }
@@ -234,11 +234,27 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
     stop_all(nodes, servers).await
 }
 
+/// Why the demo orders stopped.
+#[derive(Debug, thiserror::Error)]
+enum DemoError {
+    /// The first node did not take a connection.
+    #[error("cannot connect to the node")]
+    Connect(#[source] tonic::transport::Error),
+    /// A call was refused (the status's message says why).
+    #[error("{call} failed: {}", .status.message())]
+    Call {
+        /// The RPC.
+        call: &'static str,
+        /// Its answer.
+        status: tonic::Status,
+    },
+}
+
 /// Places `n` orders (a mix of outcomes) and prints how each ended.
-async fn demo(addr: SocketAddr, n: usize) -> Result<(), String> {
+async fn demo(addr: SocketAddr, n: usize) -> Result<(), DemoError> {
     let mut client = OrderServiceClient::connect(format!("http://{addr}"))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(DemoError::Connect)?;
     let run = rand::random::<u16>();
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
@@ -274,7 +290,12 @@ async fn demo(addr: SocketAddr, n: usize) -> Result<(), String> {
                         .unwrap_or(Duration::from_secs(1));
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) => return Err(e.message().to_string()),
+                Err(e) => {
+                    return Err(DemoError::Call {
+                        call: "PlaceOrder",
+                        status: e,
+                    })
+                }
             }
         }
         println!("placed order {order_id}: {amount} cents of {sku}");
@@ -288,7 +309,10 @@ async fn demo(addr: SocketAddr, n: usize) -> Result<(), String> {
                     order_id: id.clone(),
                 })
                 .await
-                .map_err(|e| e.message().to_string())?
+                .map_err(|status| DemoError::Call {
+                    call: "GetOrder",
+                    status,
+                })?
                 .into_inner();
             if order.terminal || tokio::time::Instant::now() > deadline {
                 let reason = if order.reason.is_empty() {

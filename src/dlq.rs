@@ -378,7 +378,7 @@ impl sagaflow_actors::ports::Parker for DlqParker {
                 },
             )
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| unavailable(&crate::telemetry::error_chain(&e)))?;
             match stream.delete_message(m.sequence).await {
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(ref j) if j.error_code() == async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
@@ -389,21 +389,47 @@ impl sagaflow_actors::ports::Parker for DlqParker {
     }
 }
 
+/// A NATS call of the dead-letter paths failed: what was being done, and the server's or
+/// client's error as its source.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what}")]
+pub struct CallError {
+    /// What was being done (`publish the journal record`).
+    pub what: &'static str,
+    /// Why it failed.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl CallError {
+    /// Wraps an error of the call doing `what`, for `map_err`.
+    pub fn of<E>(what: &'static str) -> impl FnOnce(E) -> CallError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        move |e| CallError {
+            what,
+            source: Box::new(e),
+        }
+    }
+}
+
 /// Writes `record` to the journal (de-duplicated per dead letter and action); returns its
 /// sequence in `SAGA_DLQ`.
-pub async fn journal(js: &jetstream::Context, record: &JournalRecord) -> Result<u64, String> {
-    let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+pub async fn journal(js: &jetstream::Context, record: &JournalRecord) -> Result<u64, CallError> {
+    let payload = serde_json::to_vec(record).map_err(CallError::of("encode the journal record"))?;
     let mut headers = HeaderMap::new();
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
         format!("journal/{}/{}", record.action, record.seq).as_str(),
     );
+    let what = "publish the journal record";
     let ack = js
         .publish_with_headers(JOURNAL_SUBJECT, headers, payload.into())
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(CallError::of(what))?
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CallError::of(what))?;
     Ok(ack.sequence)
 }
 

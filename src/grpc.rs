@@ -40,8 +40,9 @@ impl From<ApiError> for Status {
             e @ ApiError::NotFound(_) => Status::not_found(e.to_string()),
             ApiError::Corrupt(message) => Status::data_loss(message),
             e @ ApiError::Unavailable(_) => {
-                tracing::warn!(error = %crate::telemetry::error_chain(&e), "storage unavailable");
-                Status::unavailable(e.to_string())
+                let chain = crate::telemetry::error_chain(&e);
+                tracing::warn!(error = %chain, "storage unavailable");
+                Status::unavailable(chain)
             }
             e @ ApiError::Encode(_) => Status::internal(e.to_string()),
         }

@@ -54,8 +54,11 @@ impl Seen {
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     /// The consumer could not be created or its messages read.
-    #[error("cannot read the snapshot bucket's headers: {0}")]
-    Read(String),
+    #[error("cannot read the snapshot bucket's headers")]
+    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The list index ended before it had read what was there when it started.
+    #[error("the list index stopped while starting")]
+    Stopped,
     /// The scan took longer than its bound.
     #[error("reading the snapshot bucket's headers took longer than {0:?}")]
     TimedOut(Duration),
@@ -83,7 +86,7 @@ async fn headers_consumer(
             ..Default::default()
         })
         .await
-        .map_err(|e| ScanError::Read(e.to_string()))
+        .map_err(|e| ScanError::Read(Box::new(e)))
 }
 
 /// The latest write of every key matching `keys` (a KV key pattern such as `3.*`) from
@@ -103,9 +106,9 @@ async fn scan(
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| ScanError::Read(e.to_string()))?;
+            .map_err(|e| ScanError::Read(Box::new(e)))?;
         while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| ScanError::Read(e.to_string()))?;
+            let message = message.map_err(|e| ScanError::Read(Box::new(e)))?;
             let (pending, written_ms) = message
                 .info()
                 .map(|i| (i.pending, unix_ms(i.published)))
@@ -302,7 +305,7 @@ impl SagaIndex {
         let messages = consumer
             .messages()
             .await
-            .map_err(|e| ScanError::Read(e.to_string()))?;
+            .map_err(|e| ScanError::Read(Box::new(e)))?;
         let index = Arc::new(SagaIndex {
             state: RwLock::default(),
             applied: watch::channel(0).0,
@@ -315,7 +318,7 @@ impl SagaIndex {
         match tokio::time::timeout(SCAN_TIMEOUT, ready).await {
             Ok(Ok(Ok(()))) => Ok(index),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(ScanError::Read("the index stopped while starting".into())),
+            Ok(Err(_)) => Err(ScanError::Stopped),
             Err(_) => {
                 index.stop.cancel();
                 Err(ScanError::TimedOut(SCAN_TIMEOUT))
@@ -348,7 +351,7 @@ impl SagaIndex {
                     // here is final for this index. The next list call starts a new one.
                     tracing::warn!(error = %e, "list index stopped");
                     if let Some(r) = ready.take() {
-                        let _ = r.send(Err(ScanError::Read(e.to_string())));
+                        let _ = r.send(Err(ScanError::Read(Box::new(e))));
                     }
                     break;
                 }

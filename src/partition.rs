@@ -276,7 +276,7 @@ pub(crate) async fn sweep_orphans(
                 }
             }
             Err(e) => {
-                tracing::warn!(partition = p, error = %e, ?departed, "orphan sweep of a partition failed")
+                tracing::warn!(partition = p, error = %crate::telemetry::error_chain(&e), ?departed, "orphan sweep of a partition failed")
             }
         }
     }

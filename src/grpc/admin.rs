@@ -309,7 +309,7 @@ impl Admin {
         bounded(what, async {
             dlq::journal(&self.js, record)
                 .await
-                .map_err(|e| unavailable(what, e))
+                .map_err(|e| unavailable(what, crate::telemetry::error_chain(&e)))
         })
         .await
     }
