@@ -18,7 +18,10 @@ use sagaflow_actors::ports::{CommandBus, Error as PortError, StateStore};
 use sagaflow_actors::wire::{self, Control};
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{Admission, Overloaded};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::admission::{Admission, Overloaded, SagaLabels};
 use crate::bus::JetStreamBus;
 use crate::cluster::SharedView;
 use crate::index::{Cursor, Listed, SagaIndex};
@@ -41,6 +44,8 @@ pub struct SagaApi {
     clock: Arc<crate::clock::ClusterClock>,
     /// The list index, once a list asked for it.
     index: Arc<tokio::sync::Mutex<Option<Arc<SagaIndex>>>>,
+    /// Sagas created here, by definition (the node's `sagaflow_sagas_started_total`).
+    started: Family<SagaLabels, Counter>,
 }
 
 impl std::fmt::Debug for SagaApi {
@@ -125,7 +130,14 @@ impl SagaApi {
             admission: (Arc::default(), 0.0, SharedView::default()),
             clock: Arc::default(),
             index: Arc::default(),
+            started: Family::default(),
         }
+    }
+
+    /// Counts the sagas this core creates in `started` (the node's metric).
+    pub fn with_started_counter(mut self, started: Family<SagaLabels, Counter>) -> Self {
+        self.started = started;
+        self
     }
 
     /// Times new sagas and interventions by `clock` (the node's cluster clock).
@@ -275,7 +287,11 @@ impl SagaApi {
             tokio::spawn(self.clone().republish_start(id.to_string(), control));
         }
         if created {
-            crate::metrics::saga_started(&def.name);
+            self.started
+                .get_or_create(&SagaLabels {
+                    saga: def.name.clone(),
+                })
+                .inc();
             tracing::info!(saga_id = %id, saga = %def.name, "saga started");
         }
         Ok((created, saga))

@@ -26,12 +26,12 @@
 //! | `sagaflow_nats_connected` | gauge | |
 //! | `sagaflow_ready` | gauge | |
 //!
-//! Saga starts are counted where the gRPC front creates the saga ([`saga_started`]), in a
-//! process-wide family shared by every node of the process; everything else is per node.
-//! JetStream-derived gauges are polled every [`POLL_EVERY`] (see [`poll`]).
+//! Every metric is per node, saga starts included (counted where the API core creates the
+//! saga, [`crate::api::SagaApi::start`]), so several nodes in one process (tests) never mix
+//! their counts. JetStream-derived gauges are polled every [`POLL_EVERY`] (see [`poll`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -100,17 +100,6 @@ pub struct ConsumerLabels {
     pub stream: String,
     /// Durable consumer name.
     pub consumer: String,
-}
-
-static SAGAS_STARTED: LazyLock<Family<SagaLabels, Counter>> = LazyLock::new(Family::default);
-
-/// Counts a saga created by this process (called by the gRPC front, once per creation).
-pub fn saga_started(saga: &str) {
-    SAGAS_STARTED
-        .get_or_create(&SagaLabels {
-            saga: saga.to_string(),
-        })
-        .inc();
 }
 
 fn step_histogram() -> Histogram {
@@ -202,6 +191,8 @@ pub struct Metrics {
     reported_events: Mutex<Vec<String>>,
     /// Admission control's measure of overload, fed by the attempts that end on this node.
     pub admission: Arc<Admission>,
+    /// Sagas created through this node's API (counted by [`crate::api::SagaApi::start`]).
+    pub sagas_started: Family<SagaLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -246,12 +237,13 @@ impl Metrics {
             ready: Gauge::default(),
             reported_events: Mutex::default(),
             admission: Arc::default(),
+            sagas_started: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
             "sagas_started",
-            "Sagas created through this process's API",
-            SAGAS_STARTED.clone(),
+            "Sagas created through this node's API",
+            m.sagas_started.clone(),
         );
         registry.register(
             "events_refused",

@@ -460,6 +460,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         cancel.child_token(),
     )
     .with_status_events(config.streams.status_events)
+    .with_started_counter(metrics.sagas_started.clone())
     .with_clock(clock.clone())
     .with_admission(
         metrics.admission.clone(),
