@@ -1,6 +1,7 @@
 //! What a node exports, for the tests that check PromQL written against it: the alert rules
-//! (`tests/metrics.rs`) and the Grafana dashboard (`tests/dashboards.rs`). Included with
-//! `#[path = "common/promql.rs"] mod promql;` (it needs none of the process harness).
+//! (`tests/integration/metrics.rs`) and the Grafana dashboard
+//! (`tests/integration/dashboards.rs`). A module of its own in `tests/integration/main.rs`
+//! (it needs none of the process harness).
 // Support code shared by several test binaries: its `pub` items are for them.
 #![allow(unreachable_pub)]
 // Each test uses part of it.

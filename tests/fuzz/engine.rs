@@ -1,5 +1,5 @@
 //! The fuzzing loop shared by the driver (`examples/fuzz.rs`) and the replay test
-//! (`tests/fuzz_corpus.rs`): picking inputs (generated, mutated corpus entries, or both),
+//! (`tests/integration/fuzz_corpus.rs`): picking inputs (generated, mutated corpus entries, or both),
 //! running a target with panics caught, minimizing a crashing input, reading the corpus.
 //!
 //! Everything random comes from one [`StdRng`] seeded per target (`seed` mixed with the

@@ -1,6 +1,6 @@
 //! Fuzzing of the decoders that take bytes from outside (see `README.md` beside this file).
 //! Included by path from the driver (`examples/fuzz.rs`) and the replay test
-//! (`tests/fuzz_corpus.rs`).
+//! (`tests/integration/fuzz_corpus.rs`).
 // Support code shared by several test binaries: its `pub` items are for them.
 #![allow(unreachable_pub)]
 // Each includer uses a different part (the driver writes seeds, the test does not).

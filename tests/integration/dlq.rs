@@ -1,9 +1,7 @@
 //! Dead letters operators can see and act on, against a real `nats-server` and an in-process
 //! node with the demo services: `AdminService` `ListDeadLetters` / `GetDeadLetter` /
 //! `ReplayDeadLetter` / `DiscardDeadLetter`, the journal, and the `sagaflow dlq` commands.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use common::checks::*;
 

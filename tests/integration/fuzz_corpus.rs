@@ -2,8 +2,7 @@
 //! a short deterministic fuzzing round of each target so the generators and mutators are
 //! exercised by every `cargo test`. No NATS needed. See `tests/fuzz/README.md`.
 
-#[path = "fuzz/mod.rs"]
-mod fuzz;
+use crate::fuzz;
 
 use fuzz::engine::{self, hex};
 use fuzz::targets::{Target, TARGETS};

@@ -9,9 +9,7 @@
 //!   and counted (duplicates), and the refused ones are counted by reason;
 //! - the node never lost its NATS connection nor its readiness;
 //! - nothing is still being retried afterwards (every partition consumer is drained).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -3,9 +3,7 @@
 //! (`retention.finished_sagas`) and rolls up the key's older revisions; the server removes it
 //! with no janitor, while a running saga's snapshot is kept. Also: a bucket created by an older
 //! version is upgraded in place, and the finished write keeps the compare-and-set.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant, SystemTime};
 

@@ -2,9 +2,7 @@
 //! this process (8 partitions, fast heartbeats). Either node answers with both nodes and every
 //! partition owned, split between them; the CLI's `--json` carries the same figures; both
 //! nodes report the same partition table.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;

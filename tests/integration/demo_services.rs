@@ -1,9 +1,7 @@
 //! The demo participant services and analytics against a real `nats-server`: commands are
 //! published straight to `sagaflow.cmd.<service>.<action>` (no saga running) and the replies
 //! read with a core subscription on the reply subject, which `SAGA_EVENTS` also stores.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,8 +1,6 @@
 //! The harness itself: a real `nats-server` starts, restarts on the same port with its store,
 //! and answers JetStream requests; `wait_until` polls and times out.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

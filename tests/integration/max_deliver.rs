@@ -1,9 +1,7 @@
 //! A command no instance can handle (every handler panics) is redelivered up to the
 //! consumer's `max_deliver`, then JetStream's max-deliveries advisory turns it into a dead
 //! letter with the original bytes and the reason, instead of it silently stopping.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

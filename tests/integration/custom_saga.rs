@@ -3,9 +3,7 @@
 //! (`docs/participants.md`): plain `async_nats`, `prost` and `sagaflow_proto::v1`, none of
 //! Sagaflow's own participant code. The node runs WITHOUT the demo services, so every command of
 //! the trip saga is answered by this participant.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

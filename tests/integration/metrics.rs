@@ -1,11 +1,8 @@
 //! Metrics and HTTP probes: `/metrics` after a batch of orders, `/healthz` and `/readyz`
 //! through a NATS outage, gRPC health following readiness, and the alert rules in
 //! `deploy/prometheus/alerts.yml` referring only to exported metrics.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-#[path = "common/promql.rs"]
-mod promql;
+use crate::common;
+use crate::promql;
 
 use common::checks::*;
 

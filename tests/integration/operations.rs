@@ -8,9 +8,7 @@
 //! participant written here against the raw wire protocol (`docs/participants.md`: a pull
 //! consumer per service, `v1::Command` in, `v1::Reply` to `reply_subject`), whose behaviour per
 //! action can be switched while a test runs.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Output;

@@ -2,9 +2,7 @@
 //! stdout and stderr, one JSON object per `--json` call. One `nats-server` and one
 //! `sagaflow node --demo-services` process back the client commands; `saga validate` and the
 //! usage errors need no node.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Output, Stdio};

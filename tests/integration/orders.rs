@@ -1,8 +1,6 @@
 //! The order saga end to end on one node, against a real `nats-server`: outcomes, ledgers,
 //! bad input, poison messages, a panicking participant, NATS restarts and a killed node.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use common::checks::*;
 

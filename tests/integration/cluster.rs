@@ -1,8 +1,6 @@
 //! A cluster of Sagaflow nodes over one NATS server: partitions spread over the live nodes,
 //! move on join, graceful leave and crash, and nothing is lost or doubled on the way.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -5,10 +5,7 @@
 //!
 //! No PromQL parser runs here (CI has no `promtool`): the queries are checked for the metric
 //! names, labels and variables they use.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-#[path = "common/promql.rs"]
-mod promql;
+use crate::promql;
 
 use std::collections::{BTreeMap, BTreeSet};
 
