@@ -23,7 +23,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use sagaflow::node;
 use sagaflow::telemetry::{self, TraceParent, TRACEPARENT};
 use sagaflow::topology::{command_subject, event_subject, COMMANDS_STREAM, EVENTS_STREAM};
 use sagaflow_proto::v1::GetOrderRequest;
@@ -144,10 +143,11 @@ async fn one_trace_per_saga_holds_every_step_and_participant_span() {
     assert!(guard.exporting(), "the otlp layer is installed");
 
     let nats = start_nats().await.unwrap();
-    let config = node_config(&[nats.url()], "trace-node", &[("SAGAFLOW_PARTITIONS", "4")]);
-    let node = within(TIMEOUT, "start node", node::start(config))
+    let node = TestNode::on(&nats)
+        .id("trace-node")
+        .partitions(4)
+        .start()
         .await
-        .unwrap()
         .unwrap();
     let mut client = connect_orders(&node.grpc_addr.to_string()).await.unwrap();
     let placed = within(

@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 pub use sagaflow_devkit::nats_server::{start_cluster, NatsServer};
 
 pub mod checks;
+pub mod participant;
 
 /// Default bound for one await in a test.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -426,28 +427,131 @@ pub async fn nats_client(url: &str) -> anyhow::Result<async_nats::Client> {
     Ok(within(TIMEOUT, "connect to nats", async_nats::connect(url)).await??)
 }
 
-/// The configuration of an in-process test node: demo services on, gRPC on a free loopback
-/// port, the repository's sagas, and `env` given as `SAGAFLOW_*` variables.
-pub fn node_config(
-    nats_urls: &[String],
-    node_id: &str,
-    env: &[(&str, &str)],
-) -> sagaflow::config::NodeConfig {
-    let env: std::collections::BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let overrides = sagaflow::config::Overrides {
-        nats: nats_urls.to_vec(),
-        grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some(node_id.to_string()),
-        log_format: None,
-    };
-    #[allow(clippy::expect_used)]
-    sagaflow::config::NodeConfig::load(None, &env, &overrides)
-        .expect("valid test node configuration")
+/// Cluster timings short enough for tests that watch nodes come and go: heartbeats every
+/// 200 ms, a node lost after 1 s, drained within 3 s.
+pub const FAST_CLUSTER: &[(&str, &str)] = &[
+    ("SAGAFLOW_CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
+    ("SAGAFLOW_CLUSTER__NODE_TTL", "1s"),
+    ("SAGAFLOW_CLUSTER__DRAIN_TIMEOUT", "3s"),
+];
+
+/// A saga folder of the test fixtures (`tests/fixtures/sagas/<name>`).
+pub fn fixture_sagas(name: &str) -> PathBuf {
+    repo_dir().join("tests/fixtures/sagas").join(name)
+}
+
+/// An in-process node for a test, configured step by step and started with a bound:
+///
+/// ```ignore
+/// let node = TestNode::on(&nats).id("a").partitions(8).fast_cluster().start().await?;
+/// ```
+///
+/// Defaults: node id `test-1`, the demo services, the repository's `sagas/`, gRPC on a free
+/// loopback port, the configuration's own defaults for everything else (as `SAGAFLOW_*`
+/// variables would set them, so [`TestNode::config`] is what a node started that way reads).
+#[derive(Debug, Clone)]
+pub struct TestNode {
+    nats: Vec<String>,
+    id: String,
+    env: std::collections::BTreeMap<String, String>,
+    saga_dir: PathBuf,
+    demo: bool,
+}
+
+impl TestNode {
+    /// A node on `nats`.
+    pub fn on(nats: &NatsServer) -> Self {
+        Self::on_urls(&[nats.url()])
+    }
+
+    /// A node on the NATS servers at `urls` (a cluster: any of them).
+    pub fn on_urls(urls: &[String]) -> Self {
+        TestNode {
+            nats: urls.to_vec(),
+            id: "test-1".to_string(),
+            env: Default::default(),
+            saga_dir: repo_dir().join("sagas"),
+            demo: true,
+        }
+    }
+
+    /// The node id.
+    pub fn id(mut self, id: &str) -> Self {
+        self.id = id.to_string();
+        self
+    }
+
+    /// `partitions` (unset: the configuration's default, and `partitions_set` false).
+    pub fn partitions(self, n: u32) -> Self {
+        self.env("SAGAFLOW_PARTITIONS", &n.to_string())
+    }
+
+    /// [`FAST_CLUSTER`] timings.
+    pub fn fast_cluster(self) -> Self {
+        self.envs(FAST_CLUSTER)
+    }
+
+    /// The metrics and probe endpoint on a free loopback port.
+    pub fn http(self) -> Self {
+        self.env("SAGAFLOW_HTTP_ADDR", "127.0.0.1:0")
+    }
+
+    /// One setting, as its `SAGAFLOW_*` variable (`SAGAFLOW_STREAMS__KV_HISTORY`, `64`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// Several settings (see [`TestNode::env`]).
+    pub fn envs(self, pairs: &[(&str, &str)]) -> Self {
+        pairs.iter().fold(self, |n, (k, v)| n.env(k, v))
+    }
+
+    /// The saga definitions' folder.
+    pub fn saga_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.saga_dir = dir.into();
+        self
+    }
+
+    /// No demo services: the test's own participants answer the commands.
+    pub fn without_demo(mut self) -> Self {
+        self.demo = false;
+        self
+    }
+
+    /// The configuration this node starts with.
+    pub fn config(&self) -> sagaflow::config::NodeConfig {
+        let overrides = sagaflow::config::Overrides {
+            nats: self.nats.clone(),
+            grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            demo_services: Some(self.demo),
+            saga_dir: Some(self.saga_dir.clone()),
+            node_id: Some(self.id.clone()),
+            log_format: None,
+        };
+        #[allow(clippy::expect_used)]
+        sagaflow::config::NodeConfig::load(None, &self.env, &overrides)
+            .expect("valid test node configuration")
+    }
+
+    /// Starts the node (bounded by [`TIMEOUT`]).
+    pub async fn start(self) -> anyhow::Result<sagaflow::node::NodeHandle> {
+        start_node(self.config()).await
+    }
+}
+
+/// Starts a node from `config`, bounded by [`TIMEOUT`].
+pub async fn start_node(
+    config: sagaflow::config::NodeConfig,
+) -> anyhow::Result<sagaflow::node::NodeHandle> {
+    // Boxed: the start future is large, and a test's runtime may poll it on the test thread's
+    // stack.
+    Ok(within(
+        TIMEOUT,
+        "start node",
+        Box::pin(sagaflow::node::start(config)),
+    )
+    .await??)
 }
 
 /// A plain HTTP/1.1 GET: (status, body).

@@ -398,60 +398,15 @@ async fn saga_validate_accepts_the_shipped_sagas() {
     assert_eq!(run.stdout_lines().len(), 2, "{run:#?}");
 }
 
-const UNKNOWN_KEY: &str = r#"version = 1
-name = "typo"
-colour = "red"
-
-[statuses]
-initial = "PENDING"
-completed = "DONE"
-compensated = "CANCELLED"
-failed = "FAILED"
-
-[[stage]]
-name = "pay"
-
-[[stage.step]]
-name = "charge"
-action = "payment.charge"
-compensation = "payment.refund"
-"#;
-
-// The second step's header is indented by two spaces: its column is 3.
-const NO_COMPENSATION: &str = r#"version = 1
-name = "uncompensated"
-
-[statuses]
-initial = "PENDING"
-completed = "DONE"
-compensated = "CANCELLED"
-failed = "FAILED"
-
-[[stage]]
-name = "pay"
-
-[[stage.step]]
-name = "charge"
-action = "payment.charge"
-compensation = "payment.refund"
-
-[[stage]]
-name = "ship"
-
-  [[stage.step]]
-  name = "ship"
-  action = "shipping.prepare"
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_validate_names_file_line_and_column_of_each_error() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("unknown_key.toml"), UNKNOWN_KEY).unwrap();
-    std::fs::write(dir.path().join("no_compensation.toml"), NO_COMPENSATION).unwrap();
+    // Two invalid files; in the second, the second step's header is indented by two spaces
+    // (its column is 3).
+    let dir = repo_dir().join("tests/fixtures/invalid");
     let good = repo_dir().join("sagas/order.toml");
     let good = good.to_str().unwrap();
     let run = sagaflow_in(
-        dir.path(),
+        &dir,
         &[
             "saga",
             "validate",
@@ -484,10 +439,10 @@ async fn saga_validate_names_file_line_and_column_of_each_error() {
     );
 
     // Each bad file alone fails too; a missing file is one error line.
-    let run = sagaflow_in(dir.path(), &["saga", "validate", "no_compensation.toml"]).await;
+    let run = sagaflow_in(&dir, &["saga", "validate", "no_compensation.toml"]).await;
     assert_eq!(run.code, Some(1), "{run:#?}");
     assert!(run.stdout.is_empty(), "{run:#?}");
-    let run = sagaflow_in(dir.path(), &["saga", "validate", "missing.toml"]).await;
+    let run = sagaflow_in(&dir, &["saga", "validate", "missing.toml"]).await;
     assert_eq!(run.code, Some(1), "{run:#?}");
     assert_eq!(run.stderr_lines().len(), 1, "{run:#?}");
     assert!(run.stderr.contains("missing.toml"), "{run:#?}");

@@ -9,43 +9,29 @@ use async_nats::jetstream;
 use common::checks::*;
 use common::*;
 use futures::StreamExt;
-use sagaflow::config::NodeConfig;
 use sagaflow::node::{self, NodeHandle};
 use sagaflow_actors::cluster::{assignment, Lease};
 use sagaflow_proto::v1::GetOrderRequest;
 
-const FAST: &[(&str, &str)] = &[
-    ("SAGAFLOW_CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
-    ("SAGAFLOW_CLUSTER__NODE_TTL", "1s"),
-    ("SAGAFLOW_CLUSTER__DRAIN_TIMEOUT", "3s"),
-];
+const FAST: &[(&str, &str)] = FAST_CLUSTER;
 
-fn config(nats: &NatsServer, id: &str, partitions: u32) -> NodeConfig {
-    let partitions = partitions.to_string();
-    let mut env = FAST.to_vec();
-    env.push(("SAGAFLOW_PARTITIONS", partitions.as_str()));
-    node_config(&[nats.url()], id, &env)
+/// Node `id` with `partitions` and the fast cluster timings.
+fn test_node(nats: &NatsServer, id: &str, partitions: u32) -> TestNode {
+    TestNode::on(nats)
+        .id(id)
+        .partitions(partitions)
+        .fast_cluster()
 }
 
 async fn start(nats: &NatsServer, id: &str, partitions: u32) -> NodeHandle {
-    within(
-        TIMEOUT,
-        "start node",
-        node::start(config(nats, id, partitions)),
-    )
-    .await
-    .unwrap()
-    .unwrap()
+    test_node(nats, id, partitions).start().await.unwrap()
 }
 
 /// Starts a node that leaves `partitions` unset.
 async fn start_unset(nats: &NatsServer, id: &str) -> NodeHandle {
-    let config = node_config(&[nats.url()], id, FAST);
-    assert!(!config.partitions_set);
-    within(TIMEOUT, "start node", node::start(config))
-        .await
-        .unwrap()
-        .unwrap()
+    let node = TestNode::on(nats).id(id).fast_cluster();
+    assert!(!node.config().partitions_set);
+    node.start().await.unwrap()
 }
 
 /// The stored leases, read straight from the bucket.
@@ -288,7 +274,7 @@ async fn refused_start(nats: &NatsServer, id: &str, partitions: u32) -> String {
     match within(
         TIMEOUT,
         "start node",
-        node::start(config(nats, id, partitions)),
+        Box::pin(node::start(test_node(nats, id, partitions).config())),
     )
     .await
     .unwrap()
@@ -372,9 +358,9 @@ async fn nodes_whose_clocks_are_off_by_thirty_seconds_share_the_partitions() {
     let nats = start_nats().await.unwrap();
     let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
     let skewed = |id: &str, offset_ms: i64| {
-        let mut c = config(&nats, id, 8);
+        let mut c = test_node(&nats, id, 8).config();
         c.clock_offset_ms = offset_ms;
-        node::start(c)
+        Box::pin(node::start(c))
     };
     let ahead = within(TIMEOUT, "start node", skewed("ahead", 30_000))
         .await

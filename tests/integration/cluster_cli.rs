@@ -20,22 +20,20 @@ const PARTITIONS: u32 = 8;
 const SETTLE: Duration = Duration::from_secs(45);
 
 async fn start_node(node_id: &str, nats_url: &str) -> NodeHandle {
-    let env: BTreeMap<String, String> = [
-        ("SAGAFLOW_PARTITIONS", "8"),
-        ("SAGAFLOW_CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
-        ("SAGAFLOW_CLUSTER__NODE_TTL", "1s"),
-        ("SAGAFLOW_CLUSTER__DRAIN_TIMEOUT", "2s"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let config = node_config(&[nats_url.to_string()], node_id, &env);
-    assert_eq!(config.partitions, PARTITIONS);
-    within(Duration::from_secs(60), "start node", node::start(config))
-        .await
-        .unwrap()
-        .unwrap()
+    let config = TestNode::on_urls(&[nats_url.to_string()])
+        .id(node_id)
+        .partitions(PARTITIONS)
+        .fast_cluster()
+        .env("SAGAFLOW_CLUSTER__DRAIN_TIMEOUT", "2s")
+        .config();
+    within(
+        Duration::from_secs(60),
+        "start node",
+        Box::pin(node::start(config)),
+    )
+    .await
+    .unwrap()
+    .unwrap()
 }
 
 /// One `ClusterStatus` call on `addr` (bounded); `None` if it fails.

@@ -5,20 +5,16 @@
 //! the trip saga is answered by this participant.
 use crate::common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
-use async_nats::HeaderMap;
+use common::participant::{failure, Handling, RawParticipant};
 use common::*;
 use futures::StreamExt;
-use prost::Message as _;
-use sagaflow::config::{NodeConfig, Overrides};
-use sagaflow::node::{self, NodeHandle};
+use sagaflow::node::NodeHandle;
 use sagaflow_proto::v1::saga_service_client::SagaServiceClient;
 use sagaflow_proto::v1::{self, GetSagaRequest, ListDefinitionsRequest, StartSagaRequest};
-use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 /// Bound on a whole saga run (its steps time out after 15 s at most when nobody answers).
@@ -281,156 +277,53 @@ impl Ledger {
     }
 }
 
-/// A participant for a set of services: one pull loop per service consumer.
+/// A participant for a set of services ([`RawParticipant`], in order): the ledger decides
+/// each answer as the command arrives.
 struct TestParticipant {
     ledger: Arc<Mutex<Ledger>>,
-    _tasks: JoinSet<()>,
+    raw: RawParticipant,
 }
 
 impl TestParticipant {
-    /// Creates the durable consumer `svc-<service>` of each service (filter
-    /// `sagaflow.cmd.<service>.>`, explicit ack) on `SAGA_COMMANDS`, then pulls from each.
     async fn start(
         nats_url: &str,
         services: &BTreeSet<String>,
         rules: HashMap<String, Rule>,
     ) -> TestParticipant {
-        let js = jetstream::new(nats_client(nats_url).await.unwrap());
-        let stream = within(TIMEOUT, "get SAGA_COMMANDS", js.get_stream("SAGA_COMMANDS"))
-            .await
-            .unwrap()
-            .unwrap();
         let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let rules = Arc::new(rules);
-        let mut tasks = JoinSet::new();
-        for service in services {
-            let name = format!("svc-{service}");
-            let consumer: consumer::PullConsumer = within(
-                TIMEOUT,
-                "create service consumer",
-                stream.get_or_create_consumer(
-                    &name,
-                    consumer::pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: format!("sagaflow.cmd.{service}.>"),
-                        ack_policy: consumer::AckPolicy::Explicit,
-                        ..Default::default()
-                    },
-                ),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-            let messages = within(TIMEOUT, "pull commands", consumer.messages())
-                .await
-                .unwrap()
-                .unwrap();
-            tasks.spawn(serve(
-                js.clone(),
-                service.clone(),
-                messages,
-                ledger.clone(),
-                rules.clone(),
-            ));
-        }
-        TestParticipant {
-            ledger,
-            _tasks: tasks,
-        }
+        let deciding = ledger.clone();
+        let raw = RawParticipant::start(
+            nats_url,
+            services,
+            Handling::InOrder,
+            |_| {},
+            move |cmd| {
+                let answer = deciding.lock().unwrap().decide(&cmd, &rules);
+                async move {
+                    match answer {
+                        Answer::Success(output) => {
+                            Some(v1::reply::Outcome::Success(v1::Success { output }))
+                        }
+                        Answer::Failure { kind, message } => failure(&kind, message),
+                    }
+                }
+            },
+        )
+        .await;
+        TestParticipant { ledger, raw }
     }
 
     /// A copy of the ledger as it is now.
     fn ledger(&self) -> Ledger {
-        self.ledger.lock().unwrap().clone()
-    }
-}
-
-/// One service's loop: decode, decide, reply through JetStream (awaiting the publish ack), ack.
-async fn serve(
-    js: jetstream::Context,
-    service: String,
-    mut messages: consumer::pull::Stream,
-    ledger: Arc<Mutex<Ledger>>,
-    rules: Arc<HashMap<String, Rule>>,
-) {
-    while let Some(message) = messages.next().await {
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("participant {service}: pull error: {e}");
-                continue;
-            }
-        };
-        let cmd = match v1::Command::decode(message.payload.as_ref()) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("participant {service}: undecodable command: {e}");
-                ledger.lock().unwrap().undecodable += 1;
-                let _ = message.ack().await;
-                continue;
-            }
-        };
-        let answer = ledger.lock().unwrap().decide(&cmd, &rules);
-        let outcome = match answer {
-            Answer::Success(output) => v1::reply::Outcome::Success(v1::Success { output }),
-            Answer::Failure { kind, message } => {
-                v1::reply::Outcome::Failure(v1::Failure { kind, message })
-            }
-        };
-        let reply = v1::Reply {
-            command_id: cmd.command_id.clone(),
-            saga_id: cmd.saga_id.clone(),
-            step: cmd.step.clone(),
-            attempt: cmd.attempt,
-            compensation: cmd.compensation,
-            outcome: Some(outcome),
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("reply/{}", cmd.command_id).as_str());
-        let published = async {
-            js.publish_with_headers(
-                cmd.reply_subject.clone(),
-                headers,
-                reply.encode_to_vec().into(),
-            )
-            .await?
-            .await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(10), published).await {
-            Ok(Ok(())) => {
-                // Only once the reply is stored.
-                if let Err(e) = message.ack().await {
-                    eprintln!("participant {service}: ack failed: {e}");
-                }
-            }
-            // Not acked: JetStream redelivers the command after ack_wait, and the ledger answers
-            // the repeat the same way.
-            Ok(Err(e)) => eprintln!("participant {service}: reply not stored: {e}"),
-            Err(_) => eprintln!("participant {service}: reply publish timed out"),
-        }
+        let mut ledger = self.ledger.lock().unwrap().clone();
+        ledger.undecodable = self.raw.undecodable();
+        ledger
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The node and the gRPC client.
 // ---------------------------------------------------------------------------------------------
-
-fn config(nats: &NatsServer) -> NodeConfig {
-    let env: BTreeMap<String, String> = [("SAGAFLOW_PARTITIONS".to_string(), "4".to_string())]
-        .into_iter()
-        .collect();
-    let overrides = Overrides {
-        nats: vec![nats.url()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        // Only the test participant answers commands.
-        demo_services: Some(false),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some("custom-saga-1".into()),
-        log_format: None,
-    };
-    NodeConfig::load(None, &env, &overrides).unwrap()
-}
 
 /// A node without demo services, the test participant for every trip service, a saga client.
 struct Setup {
@@ -444,9 +337,13 @@ struct Setup {
 async fn setup(rules: &[(&str, Rule)]) -> Setup {
     let trip = TripFile::load();
     let nats = start_nats().await.unwrap();
-    let node = within(TIMEOUT, "start node", node::start(config(&nats)))
+    // Only the test participant answers commands.
+    let node = TestNode::on(&nats)
+        .id("custom-saga-1")
+        .partitions(4)
+        .without_demo()
+        .start()
         .await
-        .unwrap()
         .unwrap();
     assert!(node.demo().is_none(), "the node must not run demo services");
     let rules = rules

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
-use sagaflow::config::NodeConfig;
-use sagaflow::node::{self, NodeHandle};
+use sagaflow::node::NodeHandle;
 use sagaflow_actors::hash::partition_of;
 use sagaflow_actors::wire::{self, Control};
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
@@ -25,13 +24,6 @@ use tonic::Code;
 
 const PARTITIONS: u32 = 4;
 
-fn config(nats: &NatsServer, env: &[(&str, &str)]) -> NodeConfig {
-    let partitions = PARTITIONS.to_string();
-    let mut env = env.to_vec();
-    env.push(("SAGAFLOW_PARTITIONS", partitions.as_str()));
-    node_config(&[nats.url()], "dlq-1", &env)
-}
-
 async fn start_node(
     nats: &NatsServer,
     env: &[(&str, &str)],
@@ -40,9 +32,12 @@ async fn start_node(
     OrderServiceClient<Channel>,
     AdminServiceClient<Channel>,
 ) {
-    let node = within(TIMEOUT, "start node", node::start(config(nats, env)))
+    let node = TestNode::on(nats)
+        .id("dlq-1")
+        .envs(env)
+        .partitions(PARTITIONS)
+        .start()
         .await
-        .unwrap()
         .unwrap();
     let addr = node.grpc_addr.to_string();
     let orders = connect_orders(&addr).await.unwrap();

@@ -22,7 +22,6 @@ use common::checks::*;
 use common::*;
 use prost::Message as _;
 use sagaflow::bus::command_id;
-use sagaflow::node;
 use sagaflow::topology::{event_subject, SAGA_ID_HEADER};
 use sagaflow_actors::hash::partition_of;
 use sagaflow_actors::wire::{self, Control};
@@ -58,15 +57,12 @@ fn home(saga_id: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_events_are_refused_while_ordinary_orders_run() {
     let nats = start_nats().await.unwrap();
-    let config = node_config(
-        &[nats.url()],
-        "hostile-1",
-        &[("SAGAFLOW_PARTITIONS", &PARTITIONS.to_string())],
-    );
     let node = Arc::new(
-        within(TIMEOUT, "start node", node::start(config))
+        TestNode::on(&nats)
+            .id("hostile-1")
+            .partitions(PARTITIONS)
+            .start()
             .await
-            .unwrap()
             .unwrap(),
     );
     let addr = node.grpc_addr.to_string();

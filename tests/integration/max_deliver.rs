@@ -12,20 +12,17 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_exhausts_its_deliveries_is_dead_lettered() {
     let nats = start_nats().await.unwrap();
-    let config = node_config(
-        &[nats.url()],
-        "md-1",
-        &[
-            ("SAGAFLOW_PARTITIONS", "2"),
+    let node = TestNode::on(&nats)
+        .id("md-1")
+        .partitions(2)
+        .envs(&[
             ("SAGAFLOW_DEMO__PANIC_RATE", "1.0"),
             ("SAGAFLOW_CONSUMERS__COMMAND_MAX_DELIVER", "2"),
             ("SAGAFLOW_CONSUMERS__COMMAND_ACK_WAIT", "1"),
-        ],
-    )
-    .with_http_addr(Some("127.0.0.1:0".parse().unwrap()));
-    let node = within(TIMEOUT, "start node", sagaflow::node::start(config))
+        ])
+        .http()
+        .start()
         .await
-        .unwrap()
         .unwrap();
     let mut client = connect_orders(&node.grpc_addr.to_string()).await.unwrap();
     client

@@ -12,25 +12,11 @@ use std::time::Duration;
 
 use common::*;
 use promql::{exported_names, metric_refs};
-use sagaflow::config::NodeConfig;
-use sagaflow::node;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 const PARTITIONS: u32 = 4;
-
-fn config(nats: &NatsServer) -> NodeConfig {
-    let partitions = PARTITIONS.to_string();
-    node_config(
-        &[nats.url()],
-        "metrics-1",
-        &[
-            ("SAGAFLOW_PARTITIONS", partitions.as_str()),
-            ("SAGAFLOW_HTTP_ADDR", "127.0.0.1:0"),
-        ],
-    )
-}
 
 async fn status_of(addr: SocketAddr, path: &str) -> u16 {
     within(Duration::from_secs(5), path, http_get(addr, path))
@@ -57,9 +43,12 @@ async fn health_of(client: &mut HealthClient<tonic::transport::Channel>) -> Opti
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_and_probes_follow_orders_and_nats() {
     let nats = start_nats().await.unwrap();
-    let node = within(TIMEOUT, "start node", node::start(config(&nats)))
+    let node = TestNode::on(&nats)
+        .id("metrics-1")
+        .partitions(PARTITIONS)
+        .http()
+        .start()
         .await
-        .unwrap()
         .unwrap();
     let http = node.http_addr;
     assert_ne!(http.port(), 0);

@@ -15,22 +15,18 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
-use async_nats::HeaderMap;
+use common::participant::{Handling, RawParticipant};
 use common::*;
 use futures::StreamExt;
-use prost::Message as _;
 use sagaflow::cli::render::time;
 use sagaflow::clock::now_ms;
-use sagaflow::config::{NodeConfig, Overrides};
-use sagaflow::node::{self, NodeHandle};
+use sagaflow::node::NodeHandle;
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
 use sagaflow_proto::v1::saga_service_client::SagaServiceClient;
 use sagaflow_proto::v1::{
     self, DeadLetterEntry, GetDeadLetterRequest, GetSagaRequest, InterveneSagaRequest,
     ListDeadLettersRequest, StartSagaRequest,
 };
-use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -43,130 +39,6 @@ const SERVICES: [&str; 4] = ["pay", "stock", "ship", "notify"];
 // ---------------------------------------------------------------------------------------------
 // The sagas under test (written to a temporary saga directory).
 // ---------------------------------------------------------------------------------------------
-
-/// The main saga: charge, reserve, ship (the pivot), and a notification after compensation.
-/// Forward retries: 5 attempts, 300 ms × 2ⁿ up to 2 s. The refund gets only 2 attempts.
-const OPS_TOML: &str = r#"
-version = 1
-name = "ops"
-description = "charge, reserve, ship; for the operations tests"
-deadline = "30m"
-
-[statuses]
-initial = "STARTED"
-completed = "DONE"
-compensated = "UNDONE"
-failed = "GAVE_UP"
-
-[defaults]
-timeout = "10s"
-
-[defaults.retry]
-max_attempts = 5
-initial_backoff = "300ms"
-max_backoff = "2s"
-multiplier = 2.0
-non_retryable = ["declined", "out_of_stock"]
-
-[defaults.compensation_retry]
-max_attempts = 3
-initial_backoff = "50ms"
-max_backoff = "200ms"
-
-[[stage]]
-name = "pay"
-status = "PAID"
-
-[[stage.step]]
-name = "charge"
-action = "pay.charge"
-compensation = "pay.refund"
-compensation_retry = { max_attempts = 2, initial_backoff = "50ms", max_backoff = "100ms" }
-
-[[stage]]
-name = "stock"
-status = "RESERVED"
-
-[[stage.step]]
-name = "reserve"
-action = "stock.reserve"
-compensation = "stock.release"
-timeout = "5s"
-
-[[stage]]
-name = "ship"
-
-[[stage.step]]
-name = "ship"
-action = "ship.send"
-pivot = true
-timeout = "30s"
-
-[after_compensation]
-name = "notify"
-action = "notify.customer"
-"#;
-
-/// A charge whose retry waits up to an hour: an operator's retry is the only way on.
-const OPS_SLOW_TOML: &str = r#"
-version = 1
-name = "ops_slow"
-deadline = "3h"
-
-[statuses]
-initial = "STARTED"
-completed = "DONE"
-compensated = "UNDONE"
-failed = "GAVE_UP"
-
-[[stage]]
-name = "pay"
-
-[[stage.step]]
-name = "charge"
-action = "pay.charge"
-compensation = "pay.refund"
-retry = { max_attempts = 3, initial_backoff = "1h", max_backoff = "1h" }
-
-[[stage]]
-name = "stock"
-
-[[stage.step]]
-name = "reserve"
-action = "stock.reserve"
-compensation = "stock.release"
-"#;
-
-/// A reservation with one attempt of 6 s: its timeout compensates the saga.
-const OPS_TIMEOUT_TOML: &str = r#"
-version = 1
-name = "ops_timeout"
-deadline = "30m"
-
-[statuses]
-initial = "STARTED"
-completed = "DONE"
-compensated = "UNDONE"
-failed = "GAVE_UP"
-
-[[stage]]
-name = "pay"
-
-[[stage.step]]
-name = "charge"
-action = "pay.charge"
-compensation = "pay.refund"
-
-[[stage]]
-name = "stock"
-
-[[stage.step]]
-name = "reserve"
-action = "stock.reserve"
-compensation = "stock.release"
-timeout = "6s"
-retry = { max_attempts = 1 }
-"#;
 
 /// `ops.toml`'s forward retry ceiling before attempt `n + 1` (300 ms × 2ⁿ⁻¹, at most 2 s).
 fn ops_ceiling_ms(n: u32) -> i64 {
@@ -225,7 +97,6 @@ struct ParticipantState {
     received: Vec<Received>,
     /// When the reply to a command id was first sent (unix ms, just before publishing).
     answered_ms: HashMap<String, i64>,
-    undecodable: u32,
 }
 
 impl ParticipantState {
@@ -275,50 +146,36 @@ impl ParticipantState {
     }
 }
 
-/// The test participant: a durable pull consumer `svc-<service>` per service, each command
-/// handled in its own task.
+/// The test participant ([`RawParticipant`]): each command handled in its own task, so a held
+/// or silent command never delays the others.
 struct Participant {
     state: Arc<Mutex<ParticipantState>>,
-    _tasks: JoinSet<()>,
+    raw: RawParticipant,
 }
 
 impl Participant {
     async fn start(nats_url: &str) -> Participant {
-        let js = jetstream::new(nats_client(nats_url).await.unwrap());
-        let stream = within(TIMEOUT, "get SAGA_COMMANDS", js.get_stream("SAGA_COMMANDS"))
-            .await
-            .unwrap()
-            .unwrap();
         let state = Arc::new(Mutex::new(ParticipantState::default()));
-        let mut tasks = JoinSet::new();
-        for service in SERVICES {
-            let name = format!("svc-{service}");
-            let consumer: consumer::PullConsumer = within(
-                TIMEOUT,
-                "create service consumer",
-                stream.get_or_create_consumer(
-                    &name,
-                    consumer::pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: format!("sagaflow.cmd.{service}.>"),
-                        ack_policy: consumer::AckPolicy::Explicit,
-                        ..Default::default()
-                    },
-                ),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-            let messages = within(TIMEOUT, "pull commands", consumer.messages())
-                .await
-                .unwrap()
-                .unwrap();
-            tasks.spawn(serve(js.clone(), messages, state.clone()));
-        }
-        Participant {
-            state,
-            _tasks: tasks,
-        }
+        let (receiving, answering) = (state.clone(), state.clone());
+        let raw = RawParticipant::start(
+            nats_url,
+            SERVICES,
+            Handling::Concurrent,
+            move |cmd| {
+                receiving.lock().unwrap().received.push(Received {
+                    command_id: cmd.command_id.clone(),
+                    saga_id: cmd.saga_id.clone(),
+                    step: cmd.step.clone(),
+                    action: format!("{}.{}", cmd.service, cmd.action),
+                    attempt: cmd.attempt,
+                    compensation: cmd.compensation,
+                    at_ms: now_ms(),
+                });
+            },
+            move |cmd| answer(cmd, answering.clone()),
+        )
+        .await;
+        Participant { state, raw }
     }
 
     /// Answers `action` (`service.action`) this way from now on, for every saga.
@@ -410,120 +267,45 @@ impl Participant {
     }
 }
 
-/// One service's pull loop: each command is handled in its own task, so a held or silent
-/// command never delays the others.
-async fn serve(
-    js: jetstream::Context,
-    mut messages: consumer::pull::Stream,
-    state: Arc<Mutex<ParticipantState>>,
-) {
-    let mut handlers = JoinSet::new();
-    while let Some(message) = messages.next().await {
-        let Ok(message) = message else { continue };
-        let cmd = match v1::Command::decode(message.payload.as_ref()) {
-            Ok(c) => c,
-            Err(_) => {
-                state.lock().unwrap().undecodable += 1;
-                let _ = message.ack().await;
-                continue;
-            }
-        };
-        let action = format!("{}.{}", cmd.service, cmd.action);
-        state.lock().unwrap().received.push(Received {
-            command_id: cmd.command_id.clone(),
-            saga_id: cmd.saga_id.clone(),
-            step: cmd.step.clone(),
-            action: action.clone(),
-            attempt: cmd.attempt,
-            compensation: cmd.compensation,
-            at_ms: now_ms(),
-        });
-        handlers.spawn(handle(js.clone(), message, cmd, action, state.clone()));
-        // Reap finished handlers as we go.
-        while handlers.try_join_next().is_some() {}
-    }
-}
-
-async fn handle(
-    js: jetstream::Context,
-    message: jetstream::Message,
+/// The answer to `cmd`: once its action is no longer held (bounded), what the state decides.
+async fn answer(
     cmd: v1::Command,
-    action: String,
     state: Arc<Mutex<ParticipantState>>,
-) {
-    // Held: wait (bounded) until the test releases the action.
+) -> Option<v1::reply::Outcome> {
+    let action = format!("{}.{}", cmd.service, cmd.action);
     let held_until = tokio::time::Instant::now() + SAGA_TIMEOUT;
     while state.lock().unwrap().held.contains(&action) && tokio::time::Instant::now() < held_until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let answer = state.lock().unwrap().decide(&cmd, &action);
-    let outcome = match answer {
+    let mut s = state.lock().unwrap();
+    let outcome = match s.decide(&cmd, &action) {
         Answer::Success(output) => v1::reply::Outcome::Success(v1::Success { output }),
         Answer::Failure { kind, message } => {
             v1::reply::Outcome::Failure(v1::Failure { kind, message })
         }
-        Answer::Silence => {
-            // Taken, never answered: the node's step timeout decides.
-            let _ = message.ack().await;
-            return;
-        }
+        // Taken, never answered: the node's step timeout decides.
+        Answer::Silence => return None,
     };
-    let reply = v1::Reply {
-        command_id: cmd.command_id.clone(),
-        saga_id: cmd.saga_id.clone(),
-        step: cmd.step.clone(),
-        attempt: cmd.attempt,
-        compensation: cmd.compensation,
-        outcome: Some(outcome),
-    };
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("reply/{}", cmd.command_id).as_str());
-    state
-        .lock()
-        .unwrap()
-        .answered_ms
+    s.answered_ms
         .entry(cmd.command_id.clone())
         .or_insert_with(now_ms);
-    let published = async {
-        js.publish_with_headers(
-            cmd.reply_subject.clone(),
-            headers,
-            reply.encode_to_vec().into(),
-        )
-        .await?
-        .await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    };
-    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(10), published).await {
-        // Acked only once the reply is stored; otherwise JetStream redelivers the command and
-        // it is answered the same way.
-        let _ = message.ack().await;
-    }
+    Some(outcome)
 }
 
 // ---------------------------------------------------------------------------------------------
 // The node, its clients, the CLI.
 // ---------------------------------------------------------------------------------------------
 
-/// A node without demo services over `saga_dir`. Every revision of a saga is kept
-/// (`kv_history` 64), so `WatchSaga` sees each one, however quickly they follow each other.
-fn config(nats: &NatsServer, saga_dir: &std::path::Path) -> NodeConfig {
-    let env = [
-        ("SAGAFLOW_PARTITIONS", "4"),
-        ("SAGAFLOW_STREAMS__KV_HISTORY", "64"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let overrides = Overrides {
-        nats: vec![nats.url()],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(false),
-        saga_dir: Some(saga_dir.to_path_buf()),
-        node_id: Some("ops-1".into()),
-        log_format: None,
-    };
-    NodeConfig::load(None, &env, &overrides).unwrap()
+/// A node without demo services over the `ops*` sagas (`tests/fixtures/sagas/ops/`). Every
+/// revision of a saga is kept (`kv_history` 64), so `WatchSaga` sees each one, however
+/// quickly they follow each other.
+fn test_node(nats: &NatsServer) -> TestNode {
+    TestNode::on(nats)
+        .id("ops-1")
+        .partitions(4)
+        .env("SAGAFLOW_STREAMS__KV_HISTORY", "64")
+        .saga_dir(fixture_sagas("ops"))
+        .without_demo()
 }
 
 /// NATS, a node over the `ops*` sagas, the participant, and gRPC clients.
@@ -532,25 +314,13 @@ struct Ops {
     sagas: SagaServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
     node: Option<NodeHandle>,
-    saga_dir: tempfile::TempDir,
     nats: NatsServer,
 }
 
 impl Ops {
     async fn start() -> Ops {
-        let saga_dir = tempfile::Builder::new()
-            .prefix("sagaflow-ops-sagas-")
-            .tempdir()
-            .unwrap();
-        for (file, text) in [
-            ("ops.toml", OPS_TOML),
-            ("ops_slow.toml", OPS_SLOW_TOML),
-            ("ops_timeout.toml", OPS_TIMEOUT_TOML),
-        ] {
-            std::fs::write(saga_dir.path().join(file), text).unwrap();
-        }
         let nats = start_nats().await.unwrap();
-        let node = Self::start_node(&nats, saga_dir.path()).await;
+        let node = Self::start_node(&nats).await;
         let participant = Participant::start(&nats.url()).await;
         let addr = node.grpc_addr.to_string();
         let sagas = connect_sagas(&addr).await.unwrap();
@@ -560,16 +330,12 @@ impl Ops {
             sagas,
             admin,
             node: Some(node),
-            saga_dir,
             nats,
         }
     }
 
-    async fn start_node(nats: &NatsServer, saga_dir: &std::path::Path) -> NodeHandle {
-        let node = within(TIMEOUT, "start node", node::start(config(nats, saga_dir)))
-            .await
-            .unwrap()
-            .unwrap();
+    async fn start_node(nats: &NatsServer) -> NodeHandle {
+        let node = test_node(nats).start().await.unwrap();
         assert!(node.demo().is_none(), "the node must not run demo services");
         node
     }
@@ -590,7 +356,7 @@ impl Ops {
 
     /// Starts a new node on the same NATS and saga directory, and reconnects the clients.
     async fn start_new_node(&mut self) {
-        let node = Self::start_node(&self.nats, self.saga_dir.path()).await;
+        let node = Self::start_node(&self.nats).await;
         let addr = node.grpc_addr.to_string();
         self.sagas = connect_sagas(&addr).await.unwrap();
         self.admin = AdminServiceClient::new(channel(&addr).await.unwrap());
@@ -598,7 +364,7 @@ impl Ops {
     }
 
     async fn stop(mut self) {
-        let undecodable = self.participant.state.lock().unwrap().undecodable;
+        let undecodable = self.participant.raw.undecodable();
         assert_eq!(undecodable, 0, "every command decodes as a v1::Command");
         if self.node.is_some() {
             self.shutdown_node().await;

@@ -4,13 +4,11 @@ use crate::common;
 
 use common::checks::*;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use common::*;
 use futures::StreamExt;
-use sagaflow::config::{NodeConfig, Overrides};
 use sagaflow::node::{self, NodeHandle};
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::{
@@ -19,22 +17,16 @@ use sagaflow_proto::v1::{
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn config(nats: &NatsServer, env: &[(&str, &str)]) -> NodeConfig {
-    let mut env = env.to_vec();
-    if !env.iter().any(|(k, _)| *k == "SAGAFLOW_PARTITIONS") {
-        env.push(("SAGAFLOW_PARTITIONS", "4"));
-    }
-    node_config(&[nats.url()], "test-1", &env)
+/// A node of these tests: 4 partitions unless `env` says otherwise.
+fn test_node(nats: &NatsServer, env: &[(&str, &str)]) -> TestNode {
+    TestNode::on(nats).partitions(4).envs(env)
 }
 
 async fn start_node(
     nats: &NatsServer,
     env: &[(&str, &str)],
 ) -> (NodeHandle, OrderServiceClient<Channel>) {
-    let node = within(TIMEOUT, "start node", node::start(config(nats, env)))
-        .await
-        .unwrap()
-        .unwrap();
+    let node = test_node(nats, env).start().await.unwrap();
     let client = connect_orders(&node.grpc_addr.to_string()).await.unwrap();
     (node, client)
 }
@@ -573,17 +565,7 @@ async fn the_node_waits_for_nats_at_start() {
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let env: BTreeMap<String, String> =
-        [("SAGAFLOW_PARTITIONS".to_string(), "2".to_string())].into();
-    let overrides = Overrides {
-        nats: vec![url],
-        grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
-        demo_services: Some(true),
-        saga_dir: Some(repo_dir().join("sagas")),
-        node_id: Some("late".into()),
-        log_format: None,
-    };
-    let cfg = NodeConfig::load(None, &env, &overrides).unwrap();
+    let cfg = TestNode::on_urls(&[url]).id("late").partitions(2).config();
     let starting = tokio::spawn(node::start(cfg));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
@@ -676,11 +658,10 @@ async fn an_overloaded_node_refuses_new_orders_until_it_recovers() {
         order_saga.replace("timeout = \"10s\"", "timeout = \"1s\""),
     )
     .unwrap();
-    let mut cfg = config(&nats, &[("SAGAFLOW_DEMO__LATENCY_MS", "400")]);
-    cfg.saga_dir = sagas.path().to_path_buf();
-    let node = within(TIMEOUT, "start node", node::start(cfg))
+    let node = test_node(&nats, &[("SAGAFLOW_DEMO__LATENCY_MS", "400")])
+        .saga_dir(sagas.path())
+        .start()
         .await
-        .unwrap()
         .unwrap();
     let mut client = connect_orders(&node.grpc_addr.to_string()).await.unwrap();
 

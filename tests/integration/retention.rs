@@ -30,31 +30,6 @@ const REMOVAL_TIMEOUT: Duration = Duration::from_secs(60);
 const ORDER_TIMEOUT: Duration = Duration::from_secs(60);
 const PARTITIONS: u32 = 4;
 
-/// A saga nobody answers: its one step waits an hour, so it stays RUNNING for the whole test.
-const HOLD_SAGA: &str = r#"
-version = 1
-name = "hold"
-description = "One step no participant answers: stays RUNNING for an hour"
-deadline = "2h"
-
-[statuses]
-initial = "WAITING"
-completed = "DONE"
-compensated = "UNDONE"
-failed = "GIVEN_UP"
-
-[defaults]
-timeout = "1h"
-
-[[stage]]
-name = "wait"
-
-[[stage.step]]
-name = "wait"
-action = "nobody.wait"
-read_only = true
-"#;
-
 /// The subject of a saga's snapshot in the bucket's stream.
 fn kv_subject(saga_id: &str) -> String {
     format!(
@@ -143,25 +118,25 @@ async fn finished_orders_expire_after_the_retention_and_running_sagas_stay() {
         sagas_dir.path().join("order.toml"),
     )
     .unwrap();
-    std::fs::write(sagas_dir.path().join("hold.toml"), HOLD_SAGA).unwrap();
-    let mut config = node_config(
-        &[nats.url()],
-        "retention-1",
-        &[
-            ("SAGAFLOW_PARTITIONS", "4"),
+    // A saga nobody answers, which stays RUNNING for the whole test.
+    std::fs::copy(
+        fixture_sagas("hold.toml"),
+        sagas_dir.path().join("hold.toml"),
+    )
+    .unwrap();
+    let node = TestNode::on(&nats)
+        .id("retention-1")
+        .partitions(PARTITIONS)
+        .envs(&[
             ("SAGAFLOW_RETENTION__FINISHED_SAGAS", "2s"),
             // The retention may not be shorter than the duplicate window.
             ("SAGAFLOW_STREAMS__DUPLICATE_WINDOW", "1s"),
             // Several revisions per key are kept, so the final write's rollup is visible.
             ("SAGAFLOW_STREAMS__KV_HISTORY", "8"),
-        ],
-    );
-    config.saga_dir = sagas_dir.path().to_path_buf();
-    assert_eq!(config.retention.finished_sagas, KEEP);
-    let node = within(TIMEOUT, "start node", sagaflow::node::start(config))
-        .await
-        .unwrap()
-        .unwrap();
+        ])
+        .saga_dir(sagas_dir.path());
+    assert_eq!(node.config().retention.finished_sagas, KEEP);
+    let node = node.start().await.unwrap();
     let addr = node.grpc_addr.to_string();
     let mut orders = connect_orders(&addr).await.unwrap();
     let mut sagas = connect_sagas(&addr).await.unwrap();
