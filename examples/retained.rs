@@ -174,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
         saga_dir: Some(repo.join("sagas")),
         node_id: Some("retained-1".into()),
         log_format: None,
+        auth_tokens: None,
     };
     let config = NodeConfig::load(None, &env, &overrides)?
         .with_http_addr(Some(SocketAddr::from(([127, 0, 0, 1], 0))));

@@ -141,6 +141,10 @@ pub struct NodeArgs {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`. Needs a build with `--features otel`.
     #[arg(long, value_name = "URL", value_parser = parse_otlp_endpoint)]
     pub otlp_endpoint: Option<String>,
+    /// Require a token on every call but health checks: the tokens file (`[[token]]` entries
+    /// of name, role and the secret's SHA-256; see docs/security.md). Also `auth.tokens`.
+    #[arg(long, value_name = "FILE")]
+    pub auth_tokens: Option<PathBuf>,
 }
 
 /// Checks `--otlp-endpoint`.
@@ -532,6 +536,7 @@ impl Cli {
                     saga_dir: args.saga_dir,
                     node_id: args.node_id,
                     log_format: args.log_format.map(|f| f.as_str().to_string()),
+                    auth_tokens: args.auth_tokens,
                 };
                 let mut config = NodeConfig::load(args.config.as_deref(), &node_env(), &overrides)?
                     .with_http_addr(args.http_addr);

@@ -114,6 +114,27 @@ pub struct NodeConfig {
     /// OpenTelemetry collector (`http://host:4317`) spans are exported to over OTLP/gRPC, in a
     /// build with the `otel` feature; unset: no export.
     pub otlp_endpoint: Option<String>,
+    /// Who may call the gRPC API (see [`crate::auth`]).
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: tokens and reflection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The tokens file (`--auth-tokens`); unset: no authentication (every call is allowed).
+    pub tokens: Option<PathBuf>,
+    /// Serve gRPC reflection (open to anyone, like health checks).
+    pub reflection: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            tokens: None,
+            reflection: true,
+        }
+    }
 }
 
 /// Knobs of the demo participant services.
@@ -249,6 +270,7 @@ impl Default for NodeConfig {
             clock_offset_ms: 0,
             log_format: "text".to_string(),
             otlp_endpoint: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -381,6 +403,8 @@ pub struct Overrides {
     pub node_id: Option<String>,
     /// `--log-format`.
     pub log_format: Option<String>,
+    /// `--auth-tokens`.
+    pub auth_tokens: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -458,6 +482,14 @@ impl NodeConfig {
         }
         if let Some(f) = &overrides.log_format {
             root.insert("log_format".into(), toml::Value::String(f.clone()));
+        }
+        if let Some(tokens) = &overrides.auth_tokens {
+            set_path(
+                &mut root,
+                &["auth".to_string(), "tokens".to_string()],
+                toml::Value::String(tokens.display().to_string()),
+            )
+            .map_err(|m| invalid(Some("--auth-tokens".into()), m))?;
         }
         let partitions_set = root.contains_key("partitions");
         let mut config: NodeConfig = NodeConfig::deserialize(toml::Value::Table(root))

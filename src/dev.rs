@@ -95,6 +95,7 @@ pub fn node_config(
         saga_dir: Some(opts.saga_dir.clone()),
         node_id: Some(format!("dev-{}", i + 1)),
         log_format: None,
+        auth_tokens: None,
     };
     // The dev cluster ignores the caller's SAGAFLOW_* settings, as it always did; only the
     // replication factor is set here.

@@ -20,6 +20,8 @@
 //! - [`config`]: node configuration, layered defaults → file → env → CLI.
 //! - [`node`]: one node: NATS connection, topology, coordinators, demo services, gRPC.
 //! - [`api`]: the core of every API call ([`api::SagaApi`], failing with [`api::ApiError`]).
+//! - [`auth`]: tokens, roles and the layer that checks every call; [`reload`]: files read
+//!   again on `SIGHUP` or change.
 //! - [`grpc`], [`http`]: the API edges, which only translate; [`admission`]: refusing sagas
 //!   when overloaded.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and traces.
@@ -37,6 +39,7 @@
 pub mod admission;
 pub mod advisories;
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod client;
@@ -56,6 +59,7 @@ pub mod metrics;
 pub mod node;
 pub mod participant;
 pub mod partition;
+pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod topology;
@@ -85,7 +89,10 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "cluster",
         ],
     ),
-    ("node", &["metrics", "api", "http", "grpc", "demo", "node"]),
+    (
+        "node",
+        &["metrics", "api", "auth", "http", "grpc", "demo", "node"],
+    ),
     ("binaries", &["cli", "dev"]),
 ];
 

@@ -79,6 +79,9 @@ pub enum Error {
     /// An actor could not be spawned.
     #[error("cannot start actor: {0}")]
     Actor(String),
+    /// The tokens file was refused.
+    #[error("auth: {0}")]
+    Auth(#[source] crate::auth::TokensError),
     /// The configured `partitions` is not the deployment's.
     #[error("{0}")]
     Partitions(String),
@@ -486,6 +489,33 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
             .register_encoded_file_descriptor_set(sagaflow_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    // Who may call what (no tokens file: everyone, everything).
+    let auth = match &config.auth.tokens {
+        Some(path) => {
+            let auth = Arc::new(
+                crate::auth::Auth::load(path, config.auth.reflection).map_err(Error::Auth)?,
+            );
+            let reloading = auth.clone();
+            // Ends with the node (its stop token).
+            drop(crate::reload::watch(
+                "auth tokens",
+                vec![path.clone()],
+                crate::reload::POLL_EVERY,
+                cancel.child_token(),
+                move || match reloading.reload() {
+                    Ok(n) => {
+                        tracing::info!(tokens = n, file = %reloading.path().display(), "auth tokens reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %crate::telemetry::error_chain(&e), "auth tokens not reloaded; the previous ones stay in force")
+                    }
+                },
+            ));
+            tracing::info!(file = %path.display(), "gRPC calls need a token");
+            Some(auth)
+        }
+        None => None,
+    };
     let reflection = reflection_builder()
         .build_v1()
         .map_err(|e| Error::Actor(format!("reflection: {e}")))?;
@@ -493,10 +523,13 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         .build_v1alpha()
         .map_err(|e| Error::Actor(format!("reflection: {e}")))?;
     const MAX_MESSAGE: usize = 1024 * 1024;
+    let reflection = config.auth.reflection.then_some(reflection);
+    let reflection_v1alpha = config.auth.reflection.then_some(reflection_v1alpha);
     let router = tonic::transport::Server::builder()
+        .layer(crate::auth::AuthLayer::new(auth))
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection)
+        .add_optional_service(reflection_v1alpha)
         .add_service(
             v1::order_service_server::OrderServiceServer::new(Orders::new(api.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),

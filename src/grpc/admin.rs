@@ -7,6 +7,7 @@
 //! Dead letters (`SAGA_DLQ`) are read, replayed and discarded straight in JetStream: see
 //! [`Admin::list_dead_letters`] and friends, and `docs/operations.md`.
 
+use crate::auth::Identity;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -240,6 +241,15 @@ fn header_map(headers: &HeaderMap) -> std::collections::HashMap<String, String> 
 }
 
 /// A required text field: trimmed, non-empty, bounded; the error names the field.
+/// Who acts on a dead letter: the token's name when the node authenticates, else the
+/// `operator` the caller gives.
+fn operator(identity: Option<Identity>, typed: &str) -> Result<String, Status> {
+    match identity {
+        Some(id) => Ok(id.name),
+        None => required("operator", typed),
+    }
+}
+
 fn required(field: &str, value: &str) -> Result<String, Status> {
     let v = value.trim();
     if v.is_empty() {
@@ -423,8 +433,9 @@ impl Admin {
     pub async fn replay_dead_letter(
         &self,
         req: ReplayDeadLetterRequest,
+        identity: Option<Identity>,
     ) -> Result<ReplayDeadLetterResponse, Status> {
-        let operator = required("operator", &req.operator)?;
+        let operator = operator(identity, &req.operator)?;
         let stream = self.dlq_stream().await?;
         let m = self.dead_letter_at(&stream, req.seq).await?;
         let entry = entry_of(&m);
@@ -477,8 +488,9 @@ impl Admin {
     pub async fn discard_dead_letter(
         &self,
         req: DiscardDeadLetterRequest,
+        identity: Option<Identity>,
     ) -> Result<DiscardDeadLetterResponse, Status> {
-        let operator = required("operator", &req.operator)?;
+        let operator = operator(identity, &req.operator)?;
         let reason = required("reason", &req.reason)?;
         let stream = self.dlq_stream().await?;
         let m = self.dead_letter_at(&stream, req.seq).await?;
@@ -568,7 +580,8 @@ impl AdminService for Admin {
         &self,
         request: Request<ReplayDeadLetterRequest>,
     ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
-        self.replay_dead_letter(request.into_inner())
+        let identity = request.extensions().get::<Identity>().cloned();
+        self.replay_dead_letter(request.into_inner(), identity)
             .await
             .map(Response::new)
     }
@@ -577,7 +590,8 @@ impl AdminService for Admin {
         &self,
         request: Request<DiscardDeadLetterRequest>,
     ) -> Result<Response<DiscardDeadLetterResponse>, Status> {
-        self.discard_dead_letter(request.into_inner())
+        let identity = request.extensions().get::<Identity>().cloned();
+        self.discard_dead_letter(request.into_inner(), identity)
             .await
             .map(Response::new)
     }

@@ -11,6 +11,8 @@ use sagaflow_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::auth::Identity;
+
 use super::{invalid, render, valid_id, BoxStream, SagaApi};
 use crate::index::Listed;
 
@@ -95,9 +97,15 @@ impl SagaService for Sagas {
         &self,
         request: Request<InterveneSagaRequest>,
     ) -> Result<Response<InterveneSagaResponse>, Status> {
+        // With authentication, the operator is whoever the token names; without, the caller
+        // says who they are.
+        let identity = request.extensions().get::<Identity>().cloned();
         let req = request.into_inner();
         validate_saga_id(&req.saga_id)?;
-        let operator = text("operator", req.operator, true)?;
+        let operator = match identity {
+            Some(id) => id.name,
+            None => text("operator", req.operator, true)?,
+        };
         let reason = text("reason", req.reason, false)?;
         let request_id = text("request_id", req.request_id, false)?;
         let request_id = if request_id.is_empty() {

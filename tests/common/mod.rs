@@ -528,6 +528,7 @@ impl TestNode {
             saga_dir: Some(self.saga_dir.clone()),
             node_id: Some(self.id.clone()),
             log_format: None,
+            auth_tokens: None,
         };
         #[allow(clippy::expect_used)]
         sagaflow::config::NodeConfig::load(None, &self.env, &overrides)
