@@ -163,6 +163,10 @@ pub struct ServerArg {
     /// Node address, `host:port` or `http://host:port`.
     #[arg(long, value_name = "ADDR", env = "SAGAFLOW_SERVER", default_value = DEFAULT_SERVER, value_parser = parse_server)]
     pub server: Server,
+    /// Read the token for a node that requires one from this file (its first line); else the
+    /// token is taken from SAGAFLOW_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `sagaflow order ...`.

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 use tokio_stream::StreamExt;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
@@ -21,7 +24,7 @@ use sagaflow_proto::v1::{
 
 use super::{
     emit, render, AnalyticsCommand, ClusterCommand, Command, DlqCommand, OrderCommand, SagaCommand,
-    Server,
+    Server, ServerArg,
 };
 
 /// Bound on connecting to a node.
@@ -33,8 +36,66 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Entries asked for per list page (`ListOrders`, `ListSagasNeedingAttention`).
 const PAGE_SIZE: u32 = 1000;
 
+/// A connection to a node that sends the caller's token (if any) with every call.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The token to send: the first line of `--token-file`, else `SAGAFLOW_TOKEN`, else none.
+fn token(arg: &ServerArg) -> anyhow::Result<Bearer> {
+    let (secret, from) = match &arg.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the token file {} (--token-file): {e}",
+                    path.display()
+                )
+            })?;
+            let secret = text.lines().next().unwrap_or("").trim().to_string();
+            if secret.is_empty() {
+                bail!("the token file {} (--token-file) is empty", path.display());
+            }
+            (secret, "--token-file")
+        }
+        None => match std::env::var("SAGAFLOW_TOKEN") {
+            Ok(v) if !v.trim().is_empty() => (v.trim().to_string(), "SAGAFLOW_TOKEN"),
+            _ => return Ok(Bearer(None)),
+        },
+    };
+    let value = format!("Bearer {secret}")
+        .parse::<MetadataValue<Ascii>>()
+        .map_err(|_| {
+            anyhow::anyhow!("the token from {from} has characters a header cannot carry")
+        })?;
+    Ok(Bearer(Some(value)))
+}
+
+/// Opens a connection to a node that sends the caller's token, or fails with `cannot reach
+/// sagaflow node at ADDR: ...`.
+pub async fn connect(arg: &ServerArg) -> anyhow::Result<Conn> {
+    let bearer = token(arg)?;
+    let channel = connect_channel(&arg.server).await?;
+    Ok(InterceptedService::new(channel, bearer))
+}
+
 /// Opens a channel to a node, or fails with `cannot reach sagaflow node at ADDR: ...`.
-pub async fn connect(server: &Server) -> anyhow::Result<Channel> {
+async fn connect_channel(server: &Server) -> anyhow::Result<Channel> {
     let unreachable =
         |why: String| anyhow::anyhow!("cannot reach sagaflow node at {}: {why}", server.given);
     let endpoint = Endpoint::from_shared(server.url.clone())
@@ -89,7 +150,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Order(c) => order(c).await,
         Command::Saga(c) => saga(c).await,
         Command::Analytics(AnalyticsCommand::Sales { server, json }) => {
-            let mut client = AnalyticsServiceClient::new(connect(&server.server).await?);
+            let mut client = AnalyticsServiceClient::new(connect(&server).await?);
             let report = call(client.get_sales(GetSalesRequest {})).await?;
             if json.json {
                 print_json(&render::sales_json(&report))?;
@@ -99,7 +160,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster(ClusterCommand::Status { server, json }) => {
-            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let mut client = AdminServiceClient::new(connect(&server).await?);
             let status = call(client.cluster_status(ClusterStatusRequest {})).await?;
             if json.json {
                 print_json(&render::cluster_json(&status))?;
@@ -124,7 +185,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             journal,
             json,
         } => {
-            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let mut client = AdminServiceClient::new(connect(&server).await?);
             let mut entries = Vec::new();
             let mut start_seq = 0;
             loop {
@@ -155,7 +216,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             Ok(())
         }
         DlqCommand::Show { server, seq, json } => {
-            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let mut client = AdminServiceClient::new(connect(&server).await?);
             let d = call(client.get_dead_letter(GetDeadLetterRequest { seq })).await?;
             if json.json {
                 print_json(&render::dead_letter_json(&d))?;
@@ -169,7 +230,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             seq,
             operator,
         } => {
-            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let mut client = AdminServiceClient::new(connect(&server).await?);
             let r =
                 call(client.replay_dead_letter(ReplayDeadLetterRequest { seq, operator })).await?;
             emit(&format!(
@@ -183,7 +244,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             operator,
             reason,
         } => {
-            let mut client = AdminServiceClient::new(connect(&server.server).await?);
+            let mut client = AdminServiceClient::new(connect(&server).await?);
             let r = call(client.discard_dead_letter(DiscardDeadLetterRequest {
                 seq,
                 operator,
@@ -207,7 +268,7 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             amount,
             items,
         } => {
-            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let mut client = OrderServiceClient::new(connect(&server).await?);
             let request = PlaceOrderRequest {
                 order_id,
                 customer,
@@ -237,7 +298,7 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             order_id,
             json,
         } => {
-            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let mut client = OrderServiceClient::new(connect(&server).await?);
             let o = call(client.get_order(GetOrderRequest { order_id })).await?;
             if json.json {
                 print_json(&render::order_json(&o))?;
@@ -252,7 +313,7 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let mut client = OrderServiceClient::new(connect(&server).await?);
             let mut orders = Vec::new();
             let mut page_token = String::new();
             let mut more = false;
@@ -297,7 +358,7 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
             Ok(())
         }
         OrderCommand::Watch { server, order_id } => {
-            let mut client = OrderServiceClient::new(connect(&server.server).await?);
+            let mut client = OrderServiceClient::new(connect(&server).await?);
             let mut stream = call(client.watch_order(GetOrderRequest {
                 order_id: order_id.clone(),
             }))
@@ -318,7 +379,7 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
     match command {
         SagaCommand::Validate { .. } => bail!("`saga validate` runs locally"),
         SagaCommand::List { server, json } => {
-            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let mut client = SagaServiceClient::new(connect(&server).await?);
             let defs = call(client.list_definitions(ListDefinitionsRequest {}))
                 .await?
                 .definitions;
@@ -336,7 +397,7 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             input,
             saga_id,
         } => {
-            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let mut client = SagaServiceClient::new(connect(&server).await?);
             let request = StartSagaRequest {
                 saga_name: name.clone(),
                 saga_id: saga_id.unwrap_or_default(),
@@ -356,7 +417,7 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             saga_id,
             json,
         } => {
-            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let mut client = SagaServiceClient::new(connect(&server).await?);
             let s = call(client.get_saga(GetSagaRequest { saga_id })).await?;
             if json.json {
                 print_json(&render::saga_json(&s))?;
@@ -370,7 +431,7 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             saga_name,
             json,
         } => {
-            let mut client = SagaServiceClient::new(connect(&server.server).await?);
+            let mut client = SagaServiceClient::new(connect(&server).await?);
             let mut sagas = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -425,7 +486,7 @@ async fn intervene(
     step: String,
     output_json: String,
 ) -> anyhow::Result<()> {
-    let mut client = SagaServiceClient::new(connect(&target.server.server).await?);
+    let mut client = SagaServiceClient::new(connect(&target.server).await?);
     let request = InterveneSagaRequest {
         saga_id: target.saga_id,
         action: action.to_string(),
@@ -475,7 +536,7 @@ mod tests {
             .unwrap()
             .port();
         let server = super::super::parse_server(&format!("127.0.0.1:{port}")).unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(10), connect(&server))
+        let err = tokio::time::timeout(Duration::from_secs(10), connect_channel(&server))
             .await
             .unwrap()
             .unwrap_err();

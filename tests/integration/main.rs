@@ -16,6 +16,7 @@ mod fuzz;
 #[path = "../common/promql.rs"]
 mod promql;
 
+mod auth;
 mod cli;
 mod cluster;
 mod cluster_cli;
