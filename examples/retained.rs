@@ -175,6 +175,8 @@ async fn main() -> anyhow::Result<()> {
         node_id: Some("retained-1".into()),
         log_format: None,
         auth_tokens: None,
+        tls: Default::default(),
+        insecure: false,
     };
     let config = NodeConfig::load(None, &env, &overrides)?
         .with_http_addr(Some(SocketAddr::from(([127, 0, 0, 1], 0))));

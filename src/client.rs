@@ -20,22 +20,24 @@ pub struct JsonArg {
     pub json: bool,
 }
 
-/// Normalises a node address: `host:port` becomes `http://host:port`; `http://` URLs are kept
-/// (without a trailing `/`).
+/// Normalises a node address: `host:port` becomes `http://host:port`; `http://` and
+/// `https://` (TLS) URLs are kept (without a trailing `/`).
 pub fn parse_server(s: &str) -> Result<Server, String> {
     let given = s.trim();
     if given.is_empty() {
-        return Err("empty node address: expected host:port or an http:// URL".to_string());
+        return Err(
+            "empty node address: expected host:port or an http:// or https:// URL".to_string(),
+        );
     }
-    if given.starts_with("https://") {
-        return Err(format!(
-            "{given}: tls is not supported, use http://host:port"
-        ));
-    }
-    let rest = given.strip_prefix("http://").unwrap_or(given);
+    let (scheme, rest) = match given.strip_prefix("https://") {
+        Some(rest) => ("https", rest),
+        None => ("http", given.strip_prefix("http://").unwrap_or(given)),
+    };
     let rest = rest.trim_end_matches('/');
     if rest.contains("://") || rest.contains('/') {
-        return Err(format!("{given}: expected host:port or an http:// URL"));
+        return Err(format!(
+            "{given}: expected host:port or an http:// or https:// URL"
+        ));
     }
     let (host, port) = rest
         .rsplit_once(':')
@@ -51,7 +53,7 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
         .map_err(|_| format!("{given}: {port:?} is not a port number"))?;
     Ok(Server {
         given: given.to_string(),
-        url: format!("http://{host}:{port}"),
+        url: format!("{scheme}://{host}:{port}"),
     })
 }
 

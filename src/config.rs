@@ -116,6 +116,23 @@ pub struct NodeConfig {
     pub otlp_endpoint: Option<String>,
     /// Who may call the gRPC API (see [`crate::auth`]).
     pub auth: AuthConfig,
+    /// TLS for the gRPC API (see [`crate::tls`]).
+    pub tls: TlsConfig,
+    /// Listen on a non-loopback address without TLS and tokens (`--insecure`): only behind
+    /// something else that secures the port.
+    pub insecure: bool,
+}
+
+/// `[tls]`: the gRPC API's certificate, key and client CA (PEM files).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain (`--tls-cert`).
+    pub cert: Option<PathBuf>,
+    /// Private key (`--tls-key`).
+    pub key: Option<PathBuf>,
+    /// CA that client certificates must chain to (`--tls-client-ca`); set: mutual TLS.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `[auth]`: tokens and reflection.
@@ -271,6 +288,8 @@ impl Default for NodeConfig {
             log_format: "text".to_string(),
             otlp_endpoint: None,
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
+            insecure: false,
         }
     }
 }
@@ -405,6 +424,10 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `--auth-tokens`.
     pub auth_tokens: Option<PathBuf>,
+    /// `--tls-cert`, `--tls-key`, `--tls-client-ca`.
+    pub tls: TlsConfig,
+    /// `--insecure`.
+    pub insecure: bool,
 }
 
 impl NodeConfig {
@@ -490,6 +513,23 @@ impl NodeConfig {
                 toml::Value::String(tokens.display().to_string()),
             )
             .map_err(|m| invalid(Some("--auth-tokens".into()), m))?;
+        }
+        for (key, flag, value) in [
+            ("cert", "--tls-cert", &overrides.tls.cert),
+            ("key", "--tls-key", &overrides.tls.key),
+            ("client_ca", "--tls-client-ca", &overrides.tls.client_ca),
+        ] {
+            if let Some(path) = value {
+                set_path(
+                    &mut root,
+                    &["tls".to_string(), key.to_string()],
+                    toml::Value::String(path.display().to_string()),
+                )
+                .map_err(|m| invalid(Some(flag.into()), m))?;
+            }
+        }
+        if overrides.insecure {
+            root.insert("insecure".into(), toml::Value::Boolean(true));
         }
         let partitions_set = root.contains_key("partitions");
         let mut config: NodeConfig = NodeConfig::deserialize(toml::Value::Table(root))
@@ -577,8 +617,36 @@ impl NodeConfig {
                 self.log_format
             ));
         }
+        self.validate_security()?;
         if let Some(endpoint) = &self.otlp_endpoint {
             crate::telemetry::check_endpoint(endpoint).map_err(|m| invalid(None, m))?;
+        }
+        Ok(())
+    }
+
+    /// TLS files come as a pair; a node listens beyond loopback only with TLS and tokens, or
+    /// when told `insecure`.
+    fn validate_security(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(invalid(None, m));
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => return bad("`tls.cert` is set but not `tls.key` (--tls-key)".into()),
+            (None, Some(_)) => {
+                return bad("`tls.key` is set but not `tls.cert` (--tls-cert)".into())
+            }
+            (None, None) if self.tls.client_ca.is_some() => {
+                return bad(
+                    "`tls.client_ca` needs `tls.cert` and `tls.key` (--tls-cert, --tls-key)".into(),
+                )
+            }
+            _ => {}
+        }
+        let exposed = !self.grpc_addr.ip().is_loopback();
+        let secured = self.tls.cert.is_some() && self.auth.tokens.is_some();
+        if exposed && !secured && !self.insecure {
+            return bad(format!(
+                "refusing to serve gRPC on {} without TLS and tokens: give --tls-cert, --tls-key and --auth-tokens (docs/security.md), listen on 127.0.0.1, or pass --insecure",
+                self.grpc_addr
+            ));
         }
         Ok(())
     }
@@ -705,6 +773,43 @@ mod tests {
         );
         assert_eq!(c.demo.stock.get("SKU-OUT"), Some(&0));
         assert_eq!(c.demo.stock.get("SKU-9"), Some(&1_000_000));
+    }
+
+    #[test]
+    fn a_node_listens_beyond_loopback_only_with_tls_and_tokens_or_when_told_insecure() {
+        let load = |grpc: &str, extra: &[(&str, &str)], insecure: bool| {
+            let mut env: BTreeMap<String, String> =
+                [("SAGAFLOW_GRPC_ADDR".to_string(), grpc.to_string())].into();
+            env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            NodeConfig::load(
+                None,
+                &env,
+                &Overrides {
+                    insecure,
+                    ..Default::default()
+                },
+            )
+        };
+        assert!(load("127.0.0.1:50051", &[], false).is_ok());
+        let open = load("0.0.0.0:50051", &[], false).unwrap_err().to_string();
+        assert!(
+            open.contains("--insecure") && open.contains("0.0.0.0:50051"),
+            "{open}"
+        );
+        assert!(load("0.0.0.0:50051", &[], true).is_ok());
+        let tls = [
+            ("SAGAFLOW_TLS__CERT", "c.pem"),
+            ("SAGAFLOW_TLS__KEY", "k.pem"),
+        ];
+        // TLS alone is not enough: anyone could still call.
+        assert!(load("0.0.0.0:50051", &tls, false).is_err());
+        let mut both = tls.to_vec();
+        both.push(("SAGAFLOW_AUTH__TOKENS", "tokens.toml"));
+        assert!(load("0.0.0.0:50051", &both, false).is_ok());
+        let half = load("127.0.0.1:1", &[("SAGAFLOW_TLS__CERT", "c.pem")], false)
+            .unwrap_err()
+            .to_string();
+        assert!(half.contains("tls.key"), "{half}");
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub fn node_config(
         node_id: Some(format!("dev-{}", i + 1)),
         log_format: None,
         auth_tokens: None,
+        tls: Default::default(),
+        insecure: false,
     };
     // The dev cluster ignores the caller's SAGAFLOW_* settings, as it always did; only the
     // replication factor is set here.

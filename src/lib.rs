@@ -20,7 +20,7 @@
 //! - [`config`]: node configuration, layered defaults → file → env → CLI.
 //! - [`node`]: one node: NATS connection, topology, coordinators, demo services, gRPC.
 //! - [`api`]: the core of every API call ([`api::SagaApi`], failing with [`api::ApiError`]).
-//! - [`auth`]: tokens, roles and the layer that checks every call; [`reload`]: files read
+//! - [`auth`]: tokens, roles and the layer that checks every call; [`tls`]: the API's TLS; [`reload`]: files read
 //!   again on `SIGHUP` or change.
 //! - [`grpc`], [`http`]: the API edges, which only translate; [`admission`]: refusing sagas
 //!   when overloaded.
@@ -62,6 +62,7 @@ pub mod partition;
 pub mod reload;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 
 /// The layers of this crate, lowest first. A module may use modules of its own layer or below,
@@ -70,7 +71,14 @@ pub mod topology;
 pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "base",
-        &["clock", "client", "config", "consume", "telemetry"],
+        &[
+            "clock",
+            "client",
+            "config",
+            "consume",
+            "reload",
+            "telemetry",
+        ],
     ),
     (
         "NATS adapters",
@@ -91,7 +99,9 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "node",
-        &["metrics", "api", "auth", "http", "grpc", "demo", "node"],
+        &[
+            "metrics", "api", "auth", "tls", "http", "grpc", "demo", "node",
+        ],
     ),
     ("binaries", &["cli", "dev"]),
 ];

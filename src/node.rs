@@ -79,6 +79,9 @@ pub enum Error {
     /// An actor could not be spawned.
     #[error("cannot start actor: {0}")]
     Actor(String),
+    /// The TLS files were refused.
+    #[error(transparent)]
+    Tls(crate::tls::TlsError),
     /// The tokens file was refused.
     #[error("auth: {0}")]
     Auth(#[source] crate::auth::TokensError),
@@ -550,7 +553,46 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
             ),
         ));
     let stop = cancel.child_token();
+    // TLS (reloaded on SIGHUP or change), or plain TCP.
+    let tls = match crate::tls::TlsFiles::from_config(&config.tls) {
+        Some(files) => {
+            let tls = Arc::new(crate::tls::ServerTls::load(files).map_err(Error::Tls)?);
+            let reloading = tls.clone();
+            // Ends with the node (its stop token).
+            drop(crate::reload::watch(
+                "tls certificate",
+                tls.files().paths(),
+                crate::reload::POLL_EVERY,
+                cancel.child_token(),
+                move || match reloading.reload() {
+                    Ok(()) => {
+                        tracing::info!(cert = %reloading.files().cert.display(), "tls certificate reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %crate::telemetry::error_chain(&e), "tls certificate not reloaded; the previous one stays in use")
+                    }
+                },
+            ));
+            tracing::info!(
+                cert = %tls.files().cert.display(),
+                mutual = tls.files().client_ca.is_some(),
+                "gRPC over TLS"
+            );
+            Some(tls)
+        }
+        None => None,
+    };
     tasks.spawn(async move {
+        if let Some(tls) = tls {
+            let incoming = crate::tls::incoming(listener, tls, stop.clone());
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "grpc server failed");
+            }
+            return;
+        }
         // tonic sets TCP_NODELAY only on connections it accepts itself: without it, a response
         // of more than one segment (a page of orders) waited ~40 ms for the client's delayed
         // ACK (Nagle).

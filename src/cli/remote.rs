@@ -9,7 +9,7 @@ use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
 use sagaflow_proto::v1::analytics_service_client::AnalyticsServiceClient;
@@ -90,17 +90,61 @@ fn token(arg: &ServerArg) -> anyhow::Result<Bearer> {
 /// sagaflow node at ADDR: ...`.
 pub async fn connect(arg: &ServerArg) -> anyhow::Result<Conn> {
     let bearer = token(arg)?;
-    let channel = connect_channel(&arg.server).await?;
+    let tls = client_tls(arg)?;
+    let channel = connect_channel(&arg.server, tls).await?;
     Ok(InterceptedService::new(channel, bearer))
 }
 
+/// The TLS settings of an `https://` node (`--ca`, `--cert`/`--key`); `None` for `http://`.
+fn client_tls(arg: &ServerArg) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {} ({flag}): {e}", path.display()))
+    };
+    if !arg.server.url.starts_with("https://") {
+        if arg.ca.is_some() || arg.cert.is_some() {
+            bail!(
+                "--ca and --cert are for TLS: write the node's address as https://{}",
+                arg.server.url.trim_start_matches("http://")
+            );
+        }
+        return Ok(None);
+    }
+    let mut tls = ClientTlsConfig::new();
+    tls = match &arg.ca {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca, "--ca")?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&arg.cert, &arg.key) {
+        tls = tls.identity(Identity::from_pem(
+            read(cert, "--cert")?,
+            read(key, "--key")?,
+        ));
+    }
+    Ok(Some(tls))
+}
+
 /// Opens a channel to a node, or fails with `cannot reach sagaflow node at ADDR: ...`.
-async fn connect_channel(server: &Server) -> anyhow::Result<Channel> {
-    let unreachable =
-        |why: String| anyhow::anyhow!("cannot reach sagaflow node at {}: {why}", server.given);
-    let endpoint = Endpoint::from_shared(server.url.clone())
+async fn connect_channel(server: &Server, tls: Option<ClientTlsConfig>) -> anyhow::Result<Channel> {
+    let unreachable = |why: String| {
+        let hint = if server.url.starts_with("https://") && why.contains("certificate") {
+            " (is --ca the CA that signed the node's certificate, and does the certificate name this host?)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!(
+            "cannot reach sagaflow node at {}: {why}{hint}",
+            server.given
+        )
+    };
+    let mut endpoint = Endpoint::from_shared(server.url.clone())
         .map_err(|e| unreachable(error_chain(&e)))?
         .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| unreachable(error_chain(&e)))?;
+    }
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(unreachable(error_chain(&e))),
@@ -536,7 +580,7 @@ mod tests {
             .unwrap()
             .port();
         let server = super::super::parse_server(&format!("127.0.0.1:{port}")).unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(10), connect_channel(&server))
+        let err = tokio::time::timeout(Duration::from_secs(10), connect_channel(&server, None))
             .await
             .unwrap()
             .unwrap_err();

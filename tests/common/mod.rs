@@ -529,6 +529,8 @@ impl TestNode {
             node_id: Some(self.id.clone()),
             log_format: None,
             auth_tokens: None,
+            tls: Default::default(),
+            insecure: false,
         };
         #[allow(clippy::expect_used)]
         sagaflow::config::NodeConfig::load(None, &self.env, &overrides)

@@ -32,3 +32,4 @@ mod metrics;
 mod operations;
 mod orders;
 mod retention;
+mod tls;

@@ -1,0 +1,234 @@
+//! gRPC over TLS: the CLI reaches a node over `https://` with `--ca`, fails clearly without it
+//! or over plain HTTP, follows a certificate replaced on disk without a restart, and presents a
+//! client certificate to a node that requires one. Certificates come from `openssl`.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+use sagaflow::auth::sha256_hex;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (installed by .ci/run)");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// A CA `name` (`name.crt`, `name.key`) in `dir`.
+fn ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// A certificate `name` signed by CA `by`, for a server (127.0.0.1) or a client.
+fn leaf(dir: &Path, name: &str, by: &str, server: bool) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    let ext = if server {
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    } else {
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+    };
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{by}.crt"),
+            "-CAkey",
+            &format!("{by}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+/// `sagaflow cluster status ARGS` with the reader's token; (success, stdout + stderr).
+async fn status(args: Vec<String>) -> (bool, String) {
+    let out: Output = within(
+        Duration::from_secs(60),
+        "sagaflow cluster status",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sagaflow"))
+                .args(["cluster", "status"])
+                .args(&args)
+                .env("SAGAFLOW_TOKEN", "secret-of-rita")
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn args(server: &str, extra: &[&Path]) -> Vec<String> {
+    let mut v = vec!["--server".to_string(), server.to_string()];
+    let mut flags = ["--ca", "--cert", "--key"].iter();
+    for path in extra {
+        v.push(flags.next().unwrap().to_string());
+        v.push(path.display().to_string());
+    }
+    v
+}
+
+fn p(dir: &Path, file: &str) -> PathBuf {
+    dir.join(file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d, "ca1");
+    leaf(d, "node", "ca1", true);
+    leaf(d, "client", "ca1", false);
+    std::fs::write(
+        p(d, "tokens.toml"),
+        format!(
+            "[[token]]\nname = \"rita\"\nrole = \"reader\"\nsha256 = \"{}\"\n",
+            sha256_hex("secret-of-rita")
+        ),
+    )
+    .unwrap();
+    // The node reads its certificate from these two files, replaced below.
+    std::fs::copy(p(d, "node.crt"), p(d, "serving.crt")).unwrap();
+    std::fs::copy(p(d, "node.key"), p(d, "serving.key")).unwrap();
+
+    let nats = start_nats().await.unwrap();
+    let node = TestNode::on(&nats)
+        .id("tls-1")
+        .partitions(2)
+        .env("SAGAFLOW_TLS__CERT", p(d, "serving.crt").to_str().unwrap())
+        .env("SAGAFLOW_TLS__KEY", p(d, "serving.key").to_str().unwrap())
+        .env(
+            "SAGAFLOW_AUTH__TOKENS",
+            p(d, "tokens.toml").to_str().unwrap(),
+        )
+        .start()
+        .await
+        .unwrap();
+    let https = format!("https://{}", node.grpc_addr);
+    let plain = node.grpc_addr.to_string();
+
+    let (ok, text) = status(args(&https, &[&p(d, "ca1.crt")])).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("tls-1"), "{text}");
+    // Without the CA the system roots do not know it; plain HTTP is not spoken.
+    let (ok, text) = status(args(&https, &[])).await;
+    assert!(!ok && text.contains("cannot reach sagaflow node"), "{text}");
+    assert!(text.contains("--ca"), "{text}");
+    let (ok, text) = status(args(&plain, &[])).await;
+    assert!(!ok, "{text}");
+    // --ca with a plain address is a mistake worth saying.
+    let (ok, text) = status(args(&plain, &[&p(d, "ca1.crt")])).await;
+    assert!(!ok && text.contains("https://"), "{text}");
+
+    // A new certificate from another CA, written over the old one: picked up without a
+    // restart.
+    ca(d, "ca2");
+    leaf(d, "node2", "ca2", true);
+    std::fs::copy(p(d, "node2.key"), p(d, "serving.key.new")).unwrap();
+    std::fs::copy(p(d, "node2.crt"), p(d, "serving.crt.new")).unwrap();
+    std::fs::rename(p(d, "serving.key.new"), p(d, "serving.key")).unwrap();
+    std::fs::rename(p(d, "serving.crt.new"), p(d, "serving.crt")).unwrap();
+    let ca2 = p(d, "ca2.crt");
+    let https2 = https.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "the new certificate served",
+        || {
+            let (https, ca2) = (https2.clone(), ca2.clone());
+            async move { status(args(&https, &[&ca2])).await.0 }
+        },
+    )
+    .await
+    .unwrap();
+    let (ok, text) = status(args(&https, &[&p(d, "ca1.crt")])).await;
+    assert!(!ok, "the old CA no longer verifies the node: {text}");
+    node.shutdown().await.unwrap();
+
+    // Mutual TLS: a node that requires client certificates signed by ca1.
+    let node = TestNode::on(&nats)
+        .id("tls-2")
+        .partitions(2)
+        .env("SAGAFLOW_TLS__CERT", p(d, "node.crt").to_str().unwrap())
+        .env("SAGAFLOW_TLS__KEY", p(d, "node.key").to_str().unwrap())
+        .env("SAGAFLOW_TLS__CLIENT_CA", p(d, "ca1.crt").to_str().unwrap())
+        .env(
+            "SAGAFLOW_AUTH__TOKENS",
+            p(d, "tokens.toml").to_str().unwrap(),
+        )
+        .start()
+        .await
+        .unwrap();
+    let https = format!("https://{}", node.grpc_addr);
+    let (ok, text) = status(args(&https, &[&p(d, "ca1.crt")])).await;
+    assert!(!ok, "no client certificate: {text}");
+    let (ok, text) = status(args(
+        &https,
+        &[&p(d, "ca1.crt"), &p(d, "client.crt"), &p(d, "client.key")],
+    ))
+    .await;
+    assert!(ok, "{text}");
+    assert!(text.contains("tls-2"), "{text}");
+    node.shutdown().await.unwrap();
+}
