@@ -71,6 +71,9 @@ pub enum Command {
     /// Dead letters: list, show, replay and discard them.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Security helpers: make a token for the tokens file.
+    #[command(subcommand)]
+    Security(SecurityCommand),
     /// The benchmark moved to its own binary; this only says so.
     #[command(hide = true)]
     Bench {
@@ -190,6 +193,21 @@ pub struct ServerArg {
     /// …and its private key (PEM).
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+}
+
+/// `sagaflow security ...`.
+#[derive(Debug, Subcommand)]
+pub enum SecurityCommand {
+    /// Make a random secret and print it with the `[[token]]` entry (its SHA-256) to add to the
+    /// node's tokens file; the secret itself is stored nowhere.
+    GenToken {
+        /// The identity recorded in journals and logs.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// reader, client, operator or admin.
+        #[arg(long, value_name = "ROLE", value_parser = ["reader", "client", "operator", "admin"])]
+        role: String,
+    },
 }
 
 /// `sagaflow order ...`.
@@ -547,6 +565,13 @@ pub enum Plan {
     Dev(DevOptions),
     /// `sagaflow saga validate`.
     Validate(Vec<PathBuf>),
+    /// `sagaflow security gen-token`.
+    GenToken {
+        /// Its name.
+        name: String,
+        /// Its role.
+        role: String,
+    },
     /// A gRPC client command.
     Remote(Command),
 }
@@ -588,6 +613,9 @@ impl Cli {
                 verbose: args.verbose,
             }),
             Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
+            Command::Security(SecurityCommand::GenToken { name, role }) => {
+                Plan::GenToken { name, role }
+            }
             Command::Bench { .. } => anyhow::bail!(
                 "the bench is its own binary: `cargo build --release --workspace`, then \
                  `target/release/sagaflow-bench --help` (docs/benchmarks.md)"
@@ -655,9 +683,37 @@ impl Plan {
                 Ok(ExitCode::SUCCESS)
             }
             Plan::Validate(files) => Ok(validate::run(&files)),
+            Plan::GenToken { name, role } => {
+                emit(&gen_token(&name, &role)?)?;
+                Ok(ExitCode::SUCCESS)
+            }
             Plan::Remote(command) => remote::run(command).await.map(|()| ExitCode::SUCCESS),
         }
     }
+}
+
+/// `sagaflow security gen-token`: a random secret (32 bytes from the OS-seeded generator, as
+/// hex) and the `[[token]]` entry that admits it.
+fn gen_token(name: &str, role: &str) -> anyhow::Result<String> {
+    if name.is_empty()
+        || name.len() > 100
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
+        anyhow::bail!("--name: 1 to 100 of letters, digits, `-_.@`, got {name:?}");
+    }
+    let secret: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!(
+        "# The secret for `{name}`: give it to the caller (SAGAFLOW_TOKEN or --token-file); it is not stored anywhere.\n\
+         {secret}\n\
+         # Add to the node's tokens file (reloaded on change or SIGHUP):\n\
+         [[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+        crate::auth::sha256_hex(&secret)
+    ))
 }
 
 /// The `SAGAFLOW_*` environment, for [`NodeConfig::load`]. `SAGAFLOW_SERVER` belongs to the
@@ -700,6 +756,34 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("sagaflow").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn a_generated_token_is_admitted_by_its_entry_and_by_nothing_else() {
+        let text = gen_token("ann", "operator").unwrap();
+        let secret = text.lines().nth(1).unwrap().to_string();
+        let entry: String = text.lines().skip(3).map(|l| format!("{l}\n")).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        std::fs::write(&path, entry).unwrap();
+        let tokens = crate::auth::Tokens::load(&path).unwrap();
+        let who = tokens.identify(&secret).unwrap();
+        assert_eq!(
+            (who.name.as_str(), who.role),
+            ("ann", crate::auth::Role::Operator)
+        );
+        assert!(tokens
+            .identify(&gen_token("ann", "operator").unwrap())
+            .is_none());
+        assert_ne!(
+            secret,
+            gen_token("ann", "operator")
+                .unwrap()
+                .lines()
+                .nth(1)
+                .unwrap()
+        );
+        assert!(gen_token("a b", "reader").is_err());
     }
 
     #[test]

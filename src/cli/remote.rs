@@ -214,7 +214,9 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(c) => dlq(c).await,
-        Command::Node(_) | Command::Dev(_) | Command::Bench { .. } => bail!("not a client command"),
+        Command::Node(_) | Command::Dev(_) | Command::Security(_) | Command::Bench { .. } => {
+            bail!("not a client command")
+        }
     }
 }
 
