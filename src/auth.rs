@@ -29,10 +29,10 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
+use futures::future::{Either, Ready};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -392,18 +392,15 @@ pub struct AuthService<S> {
     auth: Option<Arc<Auth>>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
-
 impl<S, B, RB> tower::Service<http::Request<B>> for AuthService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    RB: Default + Send + 'static,
-    S::Error: Send + 'static,
+    RB: Default,
 {
     type Response = http::Response<RB>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    // No allocation per call: the inner call's future, or the refusal, ready at once.
+    type Future = Either<S::Future, Ready<Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -411,19 +408,18 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let Some(auth) = &self.auth else {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         };
         match auth.check(req.uri().path(), req.headers()) {
             Ok(identity) => {
                 if let Some(identity) = identity {
                     req.extensions_mut().insert(identity);
                 }
-                Box::pin(self.inner.call(req))
+                Either::Left(self.inner.call(req))
             }
             Err(status) => {
                 tracing::info!(path = %req.uri().path(), code = ?status.code(), reason = %status.message(), "call refused");
-                let response = status.into_http::<RB>();
-                Box::pin(async move { Ok(response) })
+                Either::Right(futures::future::ready(Ok(status.into_http::<RB>())))
             }
         }
     }
