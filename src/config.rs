@@ -121,6 +121,77 @@ pub struct NodeConfig {
     /// Listen on a non-loopback address without TLS and tokens (`--insecure`): only behind
     /// something else that secures the port.
     pub insecure: bool,
+    /// How the node (and the participants it hosts) authenticates to NATS.
+    pub nats_credentials: NatsCredentials,
+    /// TLS to NATS.
+    pub nats_tls: NatsTls,
+}
+
+/// A secret from the configuration: never printed (`Debug` shows `***`).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `[nats_credentials]`: at most one way of authenticating to NATS.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsCredentials {
+    /// A `.creds` file (user JWT and nkey seed), as `nsc` writes them.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU…`).
+    pub nkey_file: Option<PathBuf>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`); prefer `SAGAFLOW_NATS_CREDENTIALS__PASSWORD` to the file.
+    pub password: Option<Secret>,
+    /// A token.
+    pub token: Option<Secret>,
+}
+
+/// `[nats_tls]`: TLS to the NATS servers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTls {
+    /// CA certificates (PEM) that the servers' certificates chain to.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients…
+    pub cert: Option<PathBuf>,
+    /// …and its key.
+    pub key: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS (on whenever any of the above is set).
+    pub required: bool,
+}
+
+/// Text with the credentials of every URL in it hidden: `nats://user:password@host:4222`
+/// becomes `nats://***@host:4222`. URLs in logs and answers never carry credentials.
+pub fn redact_url(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first `/`, whitespace, quote or comma.
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || "\"',".contains(c))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `[tls]`: the gRPC API's certificate, key and client CA (PEM files).
@@ -290,6 +361,8 @@ impl Default for NodeConfig {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             insecure: false,
+            nats_credentials: NatsCredentials::default(),
+            nats_tls: NatsTls::default(),
         }
     }
 }
@@ -640,6 +713,24 @@ impl NodeConfig {
             }
             _ => {}
         }
+        let c = &self.nats_credentials;
+        let kinds = [
+            c.creds_file.is_some(),
+            c.nkey_file.is_some(),
+            c.user.is_some() || c.password.is_some(),
+            c.token.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            return bad("`nats_credentials`: give one of `creds_file`, `nkey_file`, `user` + `password`, `token`".into());
+        }
+        if c.user.is_some() != c.password.is_some() {
+            return bad(
+                "`nats_credentials.user` and `nats_credentials.password` go together".into(),
+            );
+        }
+        if self.nats_tls.cert.is_some() != self.nats_tls.key.is_some() {
+            return bad("`nats_tls.cert` and `nats_tls.key` go together".into());
+        }
         let exposed = !self.grpc_addr.ip().is_loopback();
         let secured = self.tls.cert.is_some() && self.auth.tokens.is_some();
         if exposed && !secured && !self.insecure {
@@ -810,6 +901,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(half.contains("tls.key"), "{half}");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_hidden() {
+        assert_eq!(redact_url("nats://ann:pw@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(
+            redact_url("failed: tls://t0k3n@a:1, nats://b:2 (x@y)"),
+            "failed: tls://***@a:1, nats://b:2 (x@y)"
+        );
+        assert_eq!(redact_url("no url at all"), "no url at all");
+    }
+
+    #[test]
+    fn nats_credentials_are_one_kind_and_never_printed() {
+        let load = |pairs: &[(&str, &str)]| {
+            let env: BTreeMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            NodeConfig::load(None, &env, &Overrides::default())
+        };
+        let c = load(&[
+            ("SAGAFLOW_NATS_CREDENTIALS__USER", "node"),
+            ("SAGAFLOW_NATS_CREDENTIALS__PASSWORD", "hunter2"),
+        ])
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(load(&[("SAGAFLOW_NATS_CREDENTIALS__USER", "node")]).is_err());
+        assert!(load(&[
+            ("SAGAFLOW_NATS_CREDENTIALS__TOKEN", "t"),
+            ("SAGAFLOW_NATS_CREDENTIALS__NKEY_FILE", "k"),
+        ])
+        .is_err());
+        assert!(load(&[("SAGAFLOW_NATS_TLS__CERT", "c")]).is_err());
     }
 
     #[test]

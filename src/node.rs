@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::SagaApi;
 use crate::bus::JetStreamBus;
 use crate::cluster::{self, ClusterView, SharedView};
-use crate::config::NodeConfig;
+use crate::config::{redact_url, NodeConfig};
 use crate::demo::{self, Demo};
 use crate::fence::{Fence, FencedBus, FencedStore};
 use crate::grpc::{analytics::Analytics, orders::Orders, sagas::Sagas};
@@ -79,6 +79,17 @@ pub enum Error {
     /// An actor could not be spawned.
     #[error("cannot start actor: {0}")]
     Actor(String),
+    /// A NATS credentials file could not be read.
+    #[error("cannot read the NATS {what} {}", path.display())]
+    NatsCredentials {
+        /// Which file.
+        what: &'static str,
+        /// Where.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The TLS files were refused.
     #[error(transparent)]
     Tls(crate::tls::TlsError),
@@ -286,13 +297,56 @@ fn load_definitions_in(
 }
 
 /// Connects to NATS, retrying with capped backoff while no server is reachable.
-pub async fn connect(config: &NodeConfig) -> async_nats::Client {
+pub async fn connect(config: &NodeConfig) -> Result<async_nats::Client, Error> {
     connect_with(config, Arc::new(Readiness::default())).await
 }
 
+/// Applies `[nats_credentials]` and `[nats_tls]` to `options`.
+async fn secure(
+    mut options: async_nats::ConnectOptions,
+    config: &NodeConfig,
+) -> Result<async_nats::ConnectOptions, Error> {
+    let c = &config.nats_credentials;
+    let file_error = |what: &'static str, path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| Error::NatsCredentials { what, path, source }
+    };
+    if let Some(path) = &c.creds_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(file_error("creds file", path))?;
+    }
+    if let Some(path) = &c.nkey_file {
+        let seed = std::fs::read_to_string(path).map_err(file_error("nkey seed file", path))?;
+        options = options.nkey(seed.trim().to_string());
+    }
+    if let (Some(user), Some(password)) = (&c.user, &c.password) {
+        options = options.user_and_password(user.clone(), password.0.clone());
+    }
+    if let Some(token) = &c.token {
+        options = options.token(token.0.clone());
+    }
+    let t = &config.nats_tls;
+    if let Some(ca) = &t.ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if t.required || t.ca.is_some() || t.cert.is_some() {
+        options = options.require_tls(true);
+    }
+    Ok(options)
+}
+
 /// [`connect`], keeping `readiness` informed of the connection state.
-pub async fn connect_with(config: &NodeConfig, readiness: Arc<Readiness>) -> async_nats::Client {
+pub async fn connect_with(
+    config: &NodeConfig,
+    readiness: Arc<Readiness>,
+) -> Result<async_nats::Client, Error> {
     let mut failures = 0u32;
+    let servers: Vec<String> = config.nats.iter().map(|u| redact_url(u)).collect();
     loop {
         let events = readiness.clone();
         let options = async_nats::ConnectOptions::new()
@@ -315,17 +369,19 @@ pub async fn connect_with(config: &NodeConfig, readiness: Arc<Readiness>) -> asy
                     }
                 }
             });
+        let options = secure(options, config).await?;
         match options.connect(config.nats.as_slice()).await {
             Ok(client) => {
                 if client.connection_state() == async_nats::connection::State::Connected {
                     readiness.set_connected(true);
                 }
-                return client;
+                return Ok(client);
             }
             Err(e) => {
                 failures += 1;
                 let delay = restart_backoff(failures).max(Duration::from_millis(500));
-                tracing::warn!(servers = %config.nats.join(","), error = %e, retry_in = ?delay, "cannot reach nats, retrying");
+                let error = redact_url(&e.to_string());
+                tracing::warn!(servers = %servers.join(","), %error, retry_in = ?delay, "cannot reach nats, retrying");
                 tokio::time::sleep(delay).await;
             }
         }
@@ -338,7 +394,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     tracing::info!(node_id = %config.node_id, sagas = ?definitions.keys().collect::<Vec<_>>(), "definitions loaded");
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new());
-    let client = connect_with(&config, readiness.clone()).await;
+    let client = connect_with(&config, readiness.clone()).await?;
     warn_of_unbounded_snapshots(&config, &definitions, client.server_info().max_payload);
     let js = jetstream::new(client.clone());
     let mut failures = 0u32;

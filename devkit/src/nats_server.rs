@@ -318,6 +318,7 @@ pub struct Builder {
     binary: Option<PathBuf>,
     server_name: Option<String>,
     ready_timeout: Duration,
+    extra: String,
 }
 
 impl Default for Builder {
@@ -329,11 +330,19 @@ impl Default for Builder {
             binary: None,
             server_name: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            extra: String::new(),
         }
     }
 }
 
 impl Builder {
+    /// Configuration appended to the generated file, as nats-server reads it (an
+    /// `authorization { … }` or `tls { … }` block); kept across restarts.
+    pub fn config(mut self, text: impl Into<String>) -> Self {
+        self.extra = text.into();
+        self
+    }
+
     /// Client port on 127.0.0.1; 0 (the default) picks a free one.
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
@@ -401,7 +410,8 @@ impl Builder {
                 None,
                 &store,
                 self.ready_timeout,
-            );
+            )
+            .with_extra(self.extra.clone());
             server.write_config()?;
             server.spawn()?;
             match server.wait_ready() {
@@ -482,6 +492,7 @@ pub struct NatsServer {
     cluster: Option<ClusterMember>,
     dir: PathBuf,
     ready_timeout: Duration,
+    extra: String,
     child: Mutex<Option<Child>>,
     // Last field: dropped after the process is killed.
     store: Option<Store>,
@@ -515,9 +526,15 @@ impl NatsServer {
             cluster,
             dir: store.path().to_path_buf(),
             ready_timeout,
+            extra: String::new(),
             child: Mutex::new(None),
             store: None,
         }
+    }
+
+    fn with_extra(mut self, extra: String) -> Self {
+        self.extra = extra;
+        self
     }
 
     fn owning(mut self, store: Store) -> Self {
@@ -632,6 +649,10 @@ impl NatsServer {
                 cluster.port,
                 routes.join(", ")
             ));
+        }
+        if !self.extra.is_empty() {
+            conf.push_str(&self.extra);
+            conf.push('\n');
         }
         std::fs::write(self.config_file(), conf)
             .map_err(io(format!("cannot write {}", self.config_file().display())))
