@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 pub use sagaflow_devkit::nats_server::{start_cluster, NatsServer};
 
+pub mod certs;
 pub mod checks;
 pub mod participant;
 

@@ -29,6 +29,7 @@ mod harness_smoke;
 mod hostile;
 mod max_deliver;
 mod metrics;
+mod nats_auth;
 mod operations;
 mod orders;
 mod retention;
