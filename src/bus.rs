@@ -25,7 +25,7 @@ use tracing::Instrument as _;
 
 use crate::config::StatusEvents;
 use crate::telemetry;
-use crate::topology::{command_subject, event_subject, status_subject};
+use crate::topology::{command_subject, reply_subject, status_subject};
 
 /// The command id of one attempt (`Nats-Msg-Id`).
 pub fn command_id(saga_id: &str, step: &str, compensation: bool, attempt: u32) -> String {
@@ -75,7 +75,7 @@ pub fn build_command(
             String::new()
         },
         input: saga.input.clone(),
-        reply_subject: event_subject(partition_of(&saga.id, partitions), "reply"),
+        reply_subject: reply_subject(partition_of(&saga.id, partitions), &action.service),
         deadline_unix_ms: state.due_at.unwrap_or_default(),
     };
     Some((command_subject(&action.service, &action.name), cmd))

@@ -52,6 +52,9 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// Control events: the kinds that name their saga in a header.
+const CONTROL_KINDS: [&str; 3] = ["start", "cancel", "intervene"];
+
 /// Decodes and checks a saga event from its subject, headers and payload, for a deployment of
 /// `partitions` partitions.
 ///
@@ -71,8 +74,23 @@ pub fn decode(
     partitions: u32,
 ) -> Result<(String, Input), Refusal> {
     let tokens: Vec<&str> = subject.split('.').collect();
+    let mut service = None;
     let (partition, in_subject, kind) = match tokens.as_slice() {
         ["sagaflow", "evt", p, kind] => (*p, None, *kind),
+        // A reply naming its service (`sagaflow.evt.<p>.reply.<service>`).
+        ["sagaflow", "evt", p, "reply", s] if !CONTROL_KINDS.contains(s) && *s != "reply" => {
+            if !ids::valid_id(s, ids::MAX_STEP_NAME) {
+                return Err(Refusal::new(
+                    "subject",
+                    format!(
+                        "reply subject {} names no valid service",
+                        ids::quote(subject)
+                    ),
+                ));
+            }
+            service = Some(s.to_string());
+            (*p, None, "reply")
+        }
         ["sagaflow", "evt", p, saga_id, kind] => (*p, Some(*saga_id), *kind),
         _ => {
             return Err(Refusal::new(
@@ -152,6 +170,7 @@ pub fn decode(
             (
                 saga_id,
                 Input::Reply {
+                    service,
                     step: reply.step,
                     attempt: reply.attempt,
                     compensation: reply.compensation,
@@ -326,6 +345,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_subject_names_its_service() {
+        let home = partition_of("order-1", P);
+        let ok = v1::Reply {
+            command_id: crate::bus::command_id("order-1", "charge", false, 1),
+            saga_id: "order-1".into(),
+            step: "charge".into(),
+            attempt: 1,
+            compensation: false,
+            outcome: Some(v1::reply::Outcome::Success(v1::Success { output: vec![] })),
+        }
+        .encode_to_vec();
+        let subject = crate::topology::reply_subject(home, "payment");
+        assert_eq!(subject, format!("sagaflow.evt.{home}.reply.payment"));
+        let (_, input) = decode(&subject, None, &ok, P).unwrap();
+        assert!(
+            matches!(&input, Input::Reply { service: Some(s), .. } if s == "payment"),
+            "{input:?}"
+        );
+        // The older subject names no service.
+        let (_, input) =
+            decode(&crate::topology::event_subject(home, "reply"), None, &ok, P).unwrap();
+        assert!(matches!(input, Input::Reply { service: None, .. }));
+        // A service token that is not a name is refused.
+        let bad = format!("sagaflow.evt.{home}.reply.pay$ment");
+        assert_eq!(refusal(&bad, None, &ok).label, "subject");
+    }
+
+    #[test]
     fn decodes_replies_and_controls() {
         let declined = reply(
             "order-1",
@@ -347,6 +394,7 @@ mod tests {
         assert_eq!(
             input,
             Input::Reply {
+                service: None,
                 step: "charge".into(),
                 attempt: 2,
                 compensation: false,

@@ -156,8 +156,9 @@ const PULL_BATCH: usize = 256;
 
 /// Checks what of a command reaches a subject or a header: the saga id, the step, the
 /// `command_id` (the reply's `Nats-Msg-Id`) and the `reply_subject` (where the reply is
-/// published: only a saga event subject, `sagaflow.evt.<partition>.reply`). A command that
-/// fails is dead-lettered, never answered: answering it could publish anywhere.
+/// published: only this service's reply subject, `sagaflow.evt.<partition>.reply.<service>`,
+/// or the older `sagaflow.evt.<partition>.reply` that names no service). A command that fails
+/// is dead-lettered, never answered: answering it could publish anywhere.
 pub fn check_command(cmd: &v1::Command) -> Result<(), String> {
     if let Some(problem) = ids::saga_id_problem(&cmd.saga_id) {
         return Err(format!("command's {problem}"));
@@ -184,13 +185,25 @@ pub fn check_command(cmd: &v1::Command) -> Result<(), String> {
         !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u32>().is_ok()
     };
     let reply_to_event = match cmd.reply_subject.split('.').collect::<Vec<_>>().as_slice() {
+        ["sagaflow", "evt", p, "reply", service]
+            if !["start", "cancel", "intervene", "reply"].contains(service) =>
+        {
+            if *service != cmd.service {
+                return Err(format!(
+                    "command's reply_subject {} is another service's (this command is for `{}`)",
+                    ids::quote(&cmd.reply_subject),
+                    cmd.service
+                ));
+            }
+            partition(p)
+        }
         ["sagaflow", "evt", p, "reply"] => partition(p),
         ["sagaflow", "evt", p, id, "reply"] => partition(p) && ids::valid_saga_id(id),
         _ => false,
     };
     if !reply_to_event {
         return Err(format!(
-            "command's reply_subject {} is not a saga event subject (`sagaflow.evt.<partition>.reply`)",
+            "command's reply_subject {} is not a saga reply subject (`sagaflow.evt.<partition>.reply.<service>`)",
             ids::quote(&cmd.reply_subject)
         ));
     }
@@ -366,8 +379,25 @@ mod tests {
 
     #[test]
     fn commands_the_node_builds_pass_and_forged_ones_do_not() {
-        assert_eq!(check_command(&command()), Ok(()));
+        let built = command();
+        assert_eq!(check_command(&built), Ok(()));
+        assert!(
+            built.reply_subject.ends_with(".reply.payment"),
+            "{}",
+            built.reply_subject
+        );
+        // The older subject without the service is still answered (a node not yet upgraded).
+        let older = v1::Command {
+            reply_subject: built.reply_subject.trim_end_matches(".payment").into(),
+            ..command()
+        };
+        assert_eq!(check_command(&older), Ok(()));
         let forged = [
+            // Another service's reply subject.
+            v1::Command {
+                reply_subject: built.reply_subject.replace(".payment", ".shipping"),
+                ..command()
+            },
             v1::Command {
                 reply_subject: "$JS.API.STREAM.DELETE.SAGA_EVENTS".into(),
                 ..command()

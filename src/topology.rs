@@ -2,7 +2,7 @@
 //!
 //! | name | kind | subjects / keys |
 //! | --- | --- | --- |
-//! | `SAGA_EVENTS` | stream | `sagaflow.evt.<partition>.<start\|reply\|cancel\|intervene>` (the saga id is in a reply's payload, and in the `Sagaflow-Saga-Id` header of the others) |
+//! | `SAGA_EVENTS` | stream | `sagaflow.evt.<partition>.<start\|cancel\|intervene>`, and replies on `sagaflow.evt.<partition>.reply.<service>` (the saga id is in a reply's payload, and in the `Sagaflow-Saga-Id` header of the others) |
 //! | `SAGA_COMMANDS` | stream | `sagaflow.cmd.<service>.<action>` |
 //! | `SAGA_STATUS` | stream | `sagaflow.status.<saga_name>.<saga_id>` (lifecycle events) |
 //! | `SAGA_DLQ` | stream | `sagaflow.dlq.<source>` (original bytes + reason headers) |
@@ -32,6 +32,15 @@ pub const SAGAS_BUCKET: &str = "sagaflow_sagas";
 /// with a million subjects), and the server kept state for every saga's subject.
 pub fn event_subject(partition: u32, kind: &str) -> String {
     format!("sagaflow.evt.{partition}.{kind}")
+}
+
+/// Where `service` replies to a command of a saga of `partition`:
+/// `sagaflow.evt.<partition>.reply.<service>`. The subject names the service, so NATS
+/// permissions can let each service publish only its own replies
+/// (`sagaflow.evt.*.reply.<service>`), and the orchestrator refuses a reply whose service is
+/// not the one the command went to.
+pub fn reply_subject(partition: u32, service: &str) -> String {
+    format!("sagaflow.evt.{partition}.reply.{service}")
 }
 
 /// Header naming the saga of a control event (`start`, `cancel`, `intervene`); a reply names

@@ -59,6 +59,10 @@ pub enum Input {
     },
     /// A participant's reply.
     Reply {
+        /// The service the reply came from, as its subject names it
+        /// (`sagaflow.evt.<partition>.reply.<service>`); `None` on the older subject that names
+        /// none. A reply from another service than the one the command went to is refused.
+        service: Option<String>,
         /// Step name.
         step: String,
         /// Attempt answered.

@@ -651,6 +651,7 @@ impl Harness {
             while let Some(c) = commands.recv().await {
                 if let Some(outcome) = behaviour(&c) {
                     let input = Input::Reply {
+                        service: Some(c.action.split('.').next().unwrap_or_default().to_string()),
                         step: c.step.clone(),
                         attempt: c.spec.attempt,
                         compensation: c.spec.compensation,
@@ -972,6 +973,7 @@ async fn many_sagas_run_side_by_side() {
 async fn a_reply_for_an_unknown_saga_is_dead_lettered() {
     let h = Harness::start(order(), always_succeed()).await;
     let reply = Input::Reply {
+        service: None,
         step: "charge".to_string(),
         attempt: 1,
         compensation: false,
@@ -992,6 +994,46 @@ async fn a_reply_for_an_unknown_saga_is_dead_lettered() {
 }
 
 #[tokio::test]
+async fn a_reply_from_another_service_than_the_commands_is_dead_lettered() {
+    // The participants never answer on their own: the test plays them.
+    let h = Harness::start(order(), Arc::new(|_| None)).await;
+    h.start_saga("order-3").await;
+    eventually("the charge command", || {
+        !h.bus.commands("order-3").is_empty()
+    })
+    .await;
+    let before = h.store.get("order-3").unwrap();
+    let reply = |service: Option<&str>| Input::Reply {
+        service: service.map(str::to_string),
+        step: "charge".to_string(),
+        attempt: 1,
+        compensation: false,
+        outcome: Ok(b"{}".to_vec()),
+    };
+    // `charge` went to the payment service: shipping may not answer for it.
+    h.stream.deliver("order-3", reply(Some("shipping")));
+    eventually("the dead letter", || !h.stream.dead_letters().is_empty()).await;
+    let (saga_id, reason) = h.stream.dead_letters().remove(0);
+    assert_eq!(saga_id, "order-3");
+    assert!(
+        reason.contains("came from service `shipping`")
+            && reason.contains("went to service `payment`"),
+        "{reason}"
+    );
+    assert_eq!(
+        h.store.get("order-3").unwrap(),
+        before,
+        "the saga did not move"
+    );
+    // Payment's own reply is applied.
+    h.stream.deliver("order-3", reply(Some("payment")));
+    eventually("the charge to be applied", || {
+        h.store.get("order-3").is_some_and(|s| s.status == "PAID")
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_reply_naming_an_unknown_step_is_dead_lettered() {
     // The participants never answer on their own: the test plays them.
     let h = Harness::start(order(), Arc::new(|_| None)).await;
@@ -1003,6 +1045,7 @@ async fn a_reply_naming_an_unknown_step_is_dead_lettered() {
     let before = h.store.get("order-2").unwrap();
 
     let bogus = Input::Reply {
+        service: None,
         step: "teleport".to_string(),
         attempt: 1,
         compensation: false,
@@ -1021,6 +1064,7 @@ async fn a_reply_naming_an_unknown_step_is_dead_lettered() {
 
     // The saga is still served: a genuine reply is applied and acked.
     let charged = Input::Reply {
+        service: None,
         step: "charge".to_string(),
         attempt: 1,
         compensation: false,
@@ -1139,6 +1183,7 @@ async fn when_the_creator_sent_the_first_commands_the_owner_only_arms_their_time
     h.stream.deliver(
         "order-c3",
         Input::Reply {
+            service: None,
             step: "charge".into(),
             attempt: 1,
             compensation: false,
@@ -1176,6 +1221,7 @@ async fn an_idle_saga_passivates_and_its_next_event_brings_it_back() {
     h.stream.deliver(
         "order-p1",
         Input::Reply {
+            service: None,
             step: "charge".into(),
             attempt: 1,
             compensation: false,
@@ -1342,6 +1388,7 @@ fn only_charge_answered() -> Behaviour {
 
 fn success(step: &str) -> Input {
     Input::Reply {
+        service: None,
         step: step.into(),
         attempt: 1,
         compensation: false,
@@ -1674,6 +1721,7 @@ async fn a_cancel_event_compensates_a_running_saga() {
     .await;
     for step in ["reserve", "prepare_shipment"] {
         let reply = Input::Reply {
+            service: None,
             step: step.to_string(),
             attempt: 1,
             compensation: false,
@@ -1733,6 +1781,7 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
     stream_b.deliver(
         id,
         Input::Reply {
+            service: None,
             step: "charge".into(),
             attempt: 1,
             compensation: false,
@@ -1748,6 +1797,7 @@ async fn a_reply_that_looks_stale_on_a_cached_copy_is_checked_against_the_store(
     h.stream.deliver(
         id,
         Input::Reply {
+            service: None,
             step: "reserve".into(),
             attempt: 1,
             compensation: false,
@@ -1846,6 +1896,7 @@ async fn replies_to_attempts_never_sent_are_dead_lettered_and_duplicates_ignored
     })
     .await;
     let reply = |attempt: u32, compensation: bool| Input::Reply {
+        service: None,
         step: "charge".to_string(),
         attempt,
         compensation,

@@ -598,12 +598,14 @@ fn gen_control(g: &mut G) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // command: `sagaflow::participant::check_command`.
 
-/// Whether `subject` is `sagaflow.evt.<digits>.reply`, or the older form that names the saga
-/// too, `sagaflow.evt.<digits>.<saga id>.reply` (still accepted from nodes before 2026-11-27).
-fn is_reply_subject(subject: &str) -> bool {
+/// Whether `subject` is `service`'s reply subject, `sagaflow.evt.<digits>.reply.<service>`,
+/// or one of the older forms that name no service: `sagaflow.evt.<digits>.reply`, and
+/// `sagaflow.evt.<digits>.<saga id>.reply` (which named the saga too).
+fn is_reply_subject(subject: &str, service: &str) -> bool {
     let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
     match subject.split('.').collect::<Vec<_>>().as_slice() {
         ["sagaflow", "evt", p, "reply"] => digits(p),
+        ["sagaflow", "evt", p, "reply", s] if *s == service => digits(p),
         ["sagaflow", "evt", p, id, "reply"] => digits(p) && ids::valid_saga_id(id),
         _ => false,
     }
@@ -618,9 +620,10 @@ pub fn command(data: &[u8]) -> String {
     match sagaflow::participant::check_command(&cmd) {
         Ok(()) => {
             assert!(
-                is_reply_subject(&cmd.reply_subject),
-                "accepted reply_subject {:?}, not sagaflow.evt.<digits>.reply",
-                cmd.reply_subject
+                is_reply_subject(&cmd.reply_subject, &cmd.service),
+                "accepted reply_subject {:?}, not sagaflow.evt.<digits>.reply[.{}]",
+                cmd.reply_subject,
+                cmd.service
             );
             assert!(
                 ids::valid_saga_id(&cmd.saga_id),

@@ -446,6 +446,7 @@ impl SagaState {
                 Event::Intervene(intervention)
             }
             Input::Reply {
+                service,
                 step,
                 attempt,
                 compensation,
@@ -463,6 +464,29 @@ impl SagaState {
                         .await;
                     return;
                 };
+                // A reply comes from the service its command went to: NATS permissions let each
+                // service publish only on its own reply subject, and this holds them to it.
+                let sent_to = self.loaded.as_ref().and_then(|l| {
+                    let s = l.def.step(i)?;
+                    let action = if compensation {
+                        s.compensation.as_ref()?
+                    } else {
+                        &s.action
+                    };
+                    Some(action.service.clone())
+                });
+                if let (Some(from), Some(to)) = (&service, &sent_to) {
+                    if from != to {
+                        self.ctx.observer.event_refused("wrong_service");
+                        delivery
+                            .dead_letter(format!(
+                                "reply for step `{step}` of saga `{}` came from service `{from}`; its command went to service `{to}`",
+                                self.id
+                            ))
+                            .await;
+                        return;
+                    }
+                }
                 // A reply must answer an attempt that was sent. Checked against the stored
                 // snapshot before refusing: a copy kept in memory may be behind.
                 let mut fit = self.reply_fit(i, attempt, compensation);
