@@ -665,6 +665,9 @@ struct Live {
 
 impl Live {
     /// Sends the actor an event, counting it as queued until the actor takes it.
+    // The error hands the message back (the actor is gone: rare); boxing it would cost an
+    // allocation on every send instead.
+    #[allow(clippy::result_large_err)]
     fn deliver(
         &self,
         input: Input,
