@@ -35,6 +35,7 @@ use crate::dev::DevOptions;
 
 pub mod remote;
 pub mod render;
+pub mod security;
 pub mod validate;
 
 /// Default node address of the client commands.
@@ -207,6 +208,16 @@ pub enum SecurityCommand {
         /// reader, client, operator or admin.
         #[arg(long, value_name = "ROLE", value_parser = ["reader", "client", "operator", "admin"])]
         role: String,
+    },
+    /// Write a nats-server authorization block with one nkey user for the nodes and one per
+    /// participant service (only its own consumer, replies and bucket), and the users' seeds.
+    NatsConfig {
+        /// A participant service (repeat for each).
+        #[arg(long = "service", value_name = "NAME", required = true)]
+        services: Vec<String>,
+        /// Folder to write `authorization.conf` and the `<user>.nk` seed files into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -565,6 +576,13 @@ pub enum Plan {
     Dev(DevOptions),
     /// `sagaflow saga validate`.
     Validate(Vec<PathBuf>),
+    /// `sagaflow security nats-config`.
+    NatsConfig {
+        /// The services.
+        services: Vec<String>,
+        /// Where to write.
+        out: PathBuf,
+    },
     /// `sagaflow security gen-token`.
     GenToken {
         /// Its name.
@@ -615,6 +633,9 @@ impl Cli {
             Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
             Command::Security(SecurityCommand::GenToken { name, role }) => {
                 Plan::GenToken { name, role }
+            }
+            Command::Security(SecurityCommand::NatsConfig { services, out }) => {
+                Plan::NatsConfig { services, out }
             }
             Command::Bench { .. } => anyhow::bail!(
                 "the bench is its own binary: `cargo build --release --workspace`, then \
@@ -683,6 +704,10 @@ impl Plan {
                 Ok(ExitCode::SUCCESS)
             }
             Plan::Validate(files) => Ok(validate::run(&files)),
+            Plan::NatsConfig { services, out } => {
+                emit(&write_nats_config(&services, &out)?)?;
+                Ok(ExitCode::SUCCESS)
+            }
             Plan::GenToken { name, role } => {
                 emit(&gen_token(&name, &role)?)?;
                 Ok(ExitCode::SUCCESS)
@@ -690,6 +715,48 @@ impl Plan {
             Plan::Remote(command) => remote::run(command).await.map(|()| ExitCode::SUCCESS),
         }
     }
+}
+
+/// `sagaflow security nats-config`: writes the block and the seeds (owner-only), and says
+/// what to do with them.
+fn write_nats_config(services: &[String], out: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let a = security::nats_authorization(services)?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    let write = |name: &str, text: &str, mode: u32| -> anyhow::Result<std::path::PathBuf> {
+        let path = out.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
+    };
+    let conf = write("authorization.conf", &a.config, 0o644)?;
+    let mut lines = vec![format!(
+        "wrote {} (add `include ./authorization.conf` to nats-server.conf)",
+        conf.display()
+    )];
+    for (user, seed) in &a.seeds {
+        let path = write(&format!("{user}.nk"), &format!("{seed}\n"), 0o600)?;
+        let how = if user == "node" {
+            "nodes: nats_credentials.nkey_file".to_string()
+        } else {
+            format!(
+                "service {}: nkey seed, inbox prefix {}",
+                user.trim_start_matches("svc-"),
+                security::inbox_prefix(user.trim_start_matches("svc-"))
+            )
+        };
+        lines.push(format!("wrote {} ({how})", path.display()));
+    }
+    Ok(lines.join("\n") + "\n")
 }
 
 /// `sagaflow security gen-token`: a random secret (32 bytes from the OS-seeded generator, as

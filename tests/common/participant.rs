@@ -68,7 +68,24 @@ impl RawParticipant {
         F: Future<Output = Option<v1::reply::Outcome>> + Send + 'static,
     {
         #[allow(clippy::expect_used)]
-        let js = jetstream::new(nats_client(nats_url).await.expect("connect to nats"));
+        let client = nats_client(nats_url).await.expect("connect to nats");
+        Self::start_on(client, services, handling, on_receive, answer).await
+    }
+
+    /// The same over a connection the test made (its own credentials, inbox prefix…).
+    pub async fn start_on<R, A, F>(
+        client: async_nats::Client,
+        services: impl IntoIterator<Item = impl AsRef<str>>,
+        handling: Handling,
+        on_receive: R,
+        answer: A,
+    ) -> RawParticipant
+    where
+        R: Fn(&v1::Command) + Send + Sync + 'static,
+        A: Fn(v1::Command) -> F + Send + Sync + 'static,
+        F: Future<Output = Option<v1::reply::Outcome>> + Send + 'static,
+    {
+        let js = jetstream::new(client);
         #[allow(clippy::expect_used)]
         let stream = within(TIMEOUT, "get SAGA_COMMANDS", js.get_stream("SAGA_COMMANDS"))
             .await

@@ -30,6 +30,7 @@ mod hostile;
 mod max_deliver;
 mod metrics;
 mod nats_auth;
+mod nats_permissions;
 mod operations;
 mod orders;
 mod retention;
