@@ -280,33 +280,52 @@ fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The node's authenticator: its tokens (reloadable) and whether reflection is open.
+/// The node's authenticator: its tokens (reloadable), the roles of client certificates, and
+/// whether reflection is open.
 #[derive(Debug)]
 pub struct Auth {
     tokens: RwLock<Arc<Tokens>>,
-    path: PathBuf,
+    path: Option<PathBuf>,
+    certificates: Vec<(String, Identity)>,
     reflection_open: bool,
 }
 
 impl Auth {
     /// Loads the tokens file at `path`.
     pub fn load(path: &Path, reflection_open: bool) -> Result<Auth, TokensError> {
-        let tokens = Tokens::load(path)?;
+        Auth::new(Some(path), &[], reflection_open)
+    }
+
+    /// An authenticator from a tokens file (if any) and certificate roles: `(common name,
+    /// identity)` of mutual-TLS clients, for calls that carry no token.
+    pub fn new(
+        path: Option<&Path>,
+        certificates: &[(String, Identity)],
+        reflection_open: bool,
+    ) -> Result<Auth, TokensError> {
+        let tokens = match path {
+            Some(p) => Tokens::load(p)?,
+            None => Tokens::default(),
+        };
         Ok(Auth {
             tokens: RwLock::new(Arc::new(tokens)),
-            path: path.to_path_buf(),
+            path: path.map(Path::to_path_buf),
+            certificates: certificates.to_vec(),
             reflection_open,
         })
     }
 
-    /// The tokens file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The tokens file, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Reads the tokens file again; on error the tokens in force stay.
     pub fn reload(&self) -> Result<usize, TokensError> {
-        let tokens = Tokens::load(&self.path)?;
+        let Some(path) = &self.path else {
+            return Ok(0);
+        };
+        let tokens = Tokens::load(path)?;
         let n = tokens.len();
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
         Ok(n)
@@ -319,18 +338,39 @@ impl Auth {
             .clone()
     }
 
-    /// Checks a call to `path` with `headers`: `Ok(None)` for an open RPC, `Ok(Some(identity))`
-    /// for an allowed one, else the status to answer with.
-    pub fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Identity>, Status> {
+    /// Checks a call to `path` with `headers` (and the common name of the client certificate,
+    /// under mutual TLS): `Ok(None)` for an open RPC, `Ok(Some(identity))` for an allowed one,
+    /// else the status to answer with. A token wins over a certificate.
+    pub fn check(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        common_name: Option<&str>,
+    ) -> Result<Option<Identity>, Status> {
         let Access::Role(needed) = required_role(path, self.reflection_open) else {
             return Ok(None);
         };
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Err(Status::unauthenticated(
-                "this node requires a token: send `authorization: Bearer <secret>` \
-                 (the CLI reads SAGAFLOW_TOKEN or --token-file)",
-            ));
+        let identity = match headers.get(http::header::AUTHORIZATION) {
+            Some(value) => self.by_token(value)?,
+            None => self.by_certificate(common_name).ok_or_else(|| {
+                Status::unauthenticated(
+                    "this node requires a token: send `authorization: Bearer <secret>` \
+                     (the CLI reads SAGAFLOW_TOKEN or --token-file)",
+                )
+            })?,
         };
+        if identity.role < needed {
+            return Err(Status::permission_denied(format!(
+                "`{}` has role {}; {} needs role {needed}",
+                identity.name,
+                identity.role,
+                path.trim_start_matches('/')
+            )));
+        }
+        Ok(Some(identity))
+    }
+
+    fn by_token(&self, value: &http::HeaderValue) -> Result<Identity, Status> {
         let secret = value
             .to_str()
             .ok()
@@ -343,20 +383,31 @@ impl Auth {
             .ok_or_else(|| {
                 Status::unauthenticated("the authorization header must be `Bearer <secret>`")
             })?;
-        let identity = self
-            .tokens()
+        self.tokens()
             .identify(secret)
-            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
-        if identity.role < needed {
-            return Err(Status::permission_denied(format!(
-                "`{}` has role {}; {} needs role {needed}",
-                identity.name,
-                identity.role,
-                path.trim_start_matches('/')
-            )));
-        }
-        Ok(Some(identity))
+            .ok_or_else(|| Status::unauthenticated("unknown token"))
     }
+
+    /// The identity a client certificate's common name gives, if it is mapped.
+    fn by_certificate(&self, common_name: Option<&str>) -> Option<Identity> {
+        let cn = common_name?;
+        self.certificates
+            .iter()
+            .find(|(mapped, _)| mapped == cn)
+            .map(|(_, identity)| identity.clone())
+    }
+}
+
+/// The subject common name of the client certificate of a mutual-TLS connection.
+fn client_common_name<B>(req: &http::Request<B>) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// The tower layer that checks every call with an [`Auth`] before the services see it, and
@@ -410,7 +461,8 @@ where
         let Some(auth) = &self.auth else {
             return Either::Left(self.inner.call(req));
         };
-        match auth.check(req.uri().path(), req.headers()) {
+        let common_name = client_common_name(&req);
+        match auth.check(req.uri().path(), req.headers(), common_name.as_deref()) {
             Ok(identity) => {
                 if let Some(identity) = identity {
                     req.extensions_mut().insert(identity);
@@ -534,30 +586,34 @@ mod tests {
         let get = "/sagaflow.v1.OrderService/GetOrder";
         let code = |r: Result<Option<Identity>, Status>| r.map_err(|s| s.code());
         assert_eq!(
-            code(auth.check(get, &headers(None))),
+            code(auth.check(get, &headers(None), None)),
             Err(tonic::Code::Unauthenticated)
         );
         assert_eq!(
-            code(auth.check(get, &headers(Some("nope")))),
+            code(auth.check(get, &headers(Some("nope")), None)),
             Err(tonic::Code::Unauthenticated)
         );
         assert_eq!(
-            auth.check(get, &headers(Some("r"))).unwrap().unwrap().name,
+            auth.check(get, &headers(Some("r")), None)
+                .unwrap()
+                .unwrap()
+                .name,
             "rita"
         );
-        let denied = auth.check(place, &headers(Some("r"))).unwrap_err();
+        let denied = auth.check(place, &headers(Some("r")), None).unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
         assert!(denied.message().contains("needs role client"), "{denied:?}");
-        assert!(auth.check(place, &headers(Some("o"))).is_ok());
+        assert!(auth.check(place, &headers(Some("o")), None).is_ok());
         // Health is open; reflection as configured.
         assert_eq!(
-            code(auth.check("/grpc.health.v1.Health/Check", &headers(None))),
+            code(auth.check("/grpc.health.v1.Health/Check", &headers(None), None)),
             Ok(None)
         );
         assert_eq!(
             code(auth.check(
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                &headers(None)
+                &headers(None),
+                None
             )),
             Ok(None)
         );
@@ -565,18 +621,19 @@ mod tests {
         assert!(closed
             .check(
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                &headers(Some("o"))
+                &headers(Some("o")),
+                None
             )
             .is_err());
 
         // Rotation: a new file replaces the tokens; a broken one leaves them in force.
         std::fs::write(&path, file(&[("rita", "admin", "r2")])).unwrap();
         assert_eq!(auth.reload().unwrap(), 1);
-        assert!(auth.check(get, &headers(Some("r"))).is_err());
-        assert!(auth.check(place, &headers(Some("r2"))).is_ok());
+        assert!(auth.check(get, &headers(Some("r")), None).is_err());
+        assert!(auth.check(place, &headers(Some("r2")), None).is_ok());
         std::fs::write(&path, "[[token]\n").unwrap();
         assert!(auth.reload().is_err());
-        assert!(auth.check(place, &headers(Some("r2"))).is_ok());
+        assert!(auth.check(place, &headers(Some("r2")), None).is_ok());
     }
 
     #[test]

@@ -214,6 +214,21 @@ pub struct AuthConfig {
     pub tokens: Option<PathBuf>,
     /// Serve gRPC reflection (open to anyone, like health checks).
     pub reflection: bool,
+    /// Roles of mutual-TLS clients by their certificate's common name (`[[auth.certificate]]`),
+    /// for calls that carry no token.
+    pub certificate: Vec<CertificateRole>,
+}
+
+/// `[[auth.certificate]]`: a client certificate's common name and the role it gives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRole {
+    /// The certificate's subject common name (`CN`).
+    pub common_name: String,
+    /// reader, client, operator or admin.
+    pub role: String,
+    /// The identity recorded in journals (default: the common name).
+    pub name: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -221,6 +236,7 @@ impl Default for AuthConfig {
         AuthConfig {
             tokens: None,
             reflection: true,
+            certificate: Vec::new(),
         }
     }
 }
@@ -731,8 +747,23 @@ impl NodeConfig {
         if self.nats_tls.cert.is_some() != self.nats_tls.key.is_some() {
             return bad("`nats_tls.cert` and `nats_tls.key` go together".into());
         }
+        for (i, c) in self.auth.certificate.iter().enumerate() {
+            if !matches!(c.role.as_str(), "reader" | "client" | "operator" | "admin") {
+                return bad(format!(
+                    "`auth.certificate[{i}].role` must be reader, client, operator or admin, got {:?}",
+                    c.role
+                ));
+            }
+            if c.common_name.trim().is_empty() {
+                return bad(format!("`auth.certificate[{i}].common_name` is empty"));
+            }
+        }
+        if !self.auth.certificate.is_empty() && self.tls.client_ca.is_none() {
+            return bad("`auth.certificate` maps client certificates, which needs `tls.client_ca` (--tls-client-ca)".into());
+        }
         let exposed = !self.grpc_addr.ip().is_loopback();
-        let secured = self.tls.cert.is_some() && self.auth.tokens.is_some();
+        let authenticated = self.auth.tokens.is_some() || !self.auth.certificate.is_empty();
+        let secured = self.tls.cert.is_some() && authenticated;
         if exposed && !secured && !self.insecure {
             return bad(format!(
                 "refusing to serve gRPC on {} without TLS and tokens: give --tls-cert, --tls-key and --auth-tokens (docs/security.md), listen on 127.0.0.1, or pass --insecure",
@@ -901,6 +932,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(half.contains("tls.key"), "{half}");
+        // Certificate roles need client certificates, and a real role.
+        let cert_roles = (
+            "SAGAFLOW_AUTH__CERTIFICATE",
+            r#"[{ common_name = "bot", role = "reader" }]"#,
+        );
+        let no_ca = load("127.0.0.1:1", &[cert_roles], false)
+            .unwrap_err()
+            .to_string();
+        assert!(no_ca.contains("tls.client_ca"), "{no_ca}");
+        let bad_role = load(
+            "127.0.0.1:1",
+            &[(
+                "SAGAFLOW_AUTH__CERTIFICATE",
+                r#"[{ common_name = "bot", role = "root" }]"#,
+            )],
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad_role.contains("auth.certificate[0].role"), "{bad_role}");
     }
 
     #[test]

@@ -548,32 +548,53 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
             .register_encoded_file_descriptor_set(sagaflow_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    // Who may call what (no tokens file: everyone, everything).
-    let auth = match &config.auth.tokens {
-        Some(path) => {
-            let auth = Arc::new(
-                crate::auth::Auth::load(path, config.auth.reflection).map_err(Error::Auth)?,
-            );
+    // Who may call what (no tokens file and no certificate roles: everyone, everything).
+    let certificates: Vec<(String, crate::auth::Identity)> = config
+        .auth
+        .certificate
+        .iter()
+        .filter_map(|c| {
+            let role = match c.role.as_str() {
+                "reader" => crate::auth::Role::Reader,
+                "client" => crate::auth::Role::Client,
+                "operator" => crate::auth::Role::Operator,
+                "admin" => crate::auth::Role::Admin,
+                _ => return None,
+            };
+            let name = c.name.clone().unwrap_or_else(|| c.common_name.clone());
+            Some((c.common_name.clone(), crate::auth::Identity { name, role }))
+        })
+        .collect();
+    let auth = if config.auth.tokens.is_some() || !certificates.is_empty() {
+        let path = config.auth.tokens.as_deref();
+        let auth = Arc::new(
+            crate::auth::Auth::new(path, &certificates, config.auth.reflection)
+                .map_err(Error::Auth)?,
+        );
+        if let Some(path) = path {
             let reloading = auth.clone();
             // Ends with the node (its stop token).
             drop(crate::reload::watch(
                 "auth tokens",
-                vec![path.clone()],
+                vec![path.to_path_buf()],
                 crate::reload::POLL_EVERY,
                 cancel.child_token(),
                 move || match reloading.reload() {
-                    Ok(n) => {
-                        tracing::info!(tokens = n, file = %reloading.path().display(), "auth tokens reloaded")
-                    }
+                    Ok(n) => tracing::info!(tokens = n, "auth tokens reloaded"),
                     Err(e) => {
                         tracing::error!(error = %crate::telemetry::error_chain(&e), "auth tokens not reloaded; the previous ones stay in force")
                     }
                 },
             ));
-            tracing::info!(file = %path.display(), "gRPC calls need a token");
-            Some(auth)
         }
-        None => None,
+        tracing::info!(
+            tokens = ?path.map(|p| p.display().to_string()),
+            certificate_roles = certificates.len(),
+            "gRPC calls need a token or a mapped client certificate"
+        );
+        Some(auth)
+    } else {
+        None
     };
     let reflection = reflection_builder()
         .build_v1()

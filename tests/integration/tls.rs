@@ -14,16 +14,25 @@ use sagaflow::auth::sha256_hex;
 
 /// `sagaflow cluster status ARGS` with the reader's token; (success, stdout + stderr).
 async fn status(args: Vec<String>) -> (bool, String) {
+    sagaflow(["cluster", "status"], args, Some("secret-of-rita")).await
+}
+
+/// `sagaflow COMMAND ARGS` with `token` in SAGAFLOW_TOKEN; (success, stdout + stderr).
+async fn sagaflow<const N: usize>(
+    command: [&'static str; N],
+    args: Vec<String>,
+    token: Option<&'static str>,
+) -> (bool, String) {
     let out: Output = within(
         Duration::from_secs(60),
         "sagaflow cluster status",
         tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_sagaflow"))
-                .args(["cluster", "status"])
-                .args(&args)
-                .env("SAGAFLOW_TOKEN", "secret-of-rita")
-                .output()
-                .unwrap()
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sagaflow"));
+            cmd.args(command).args(&args).env_remove("SAGAFLOW_TOKEN");
+            if let Some(t) = token {
+                cmd.env("SAGAFLOW_TOKEN", t);
+            }
+            cmd.output().unwrap()
         }),
     )
     .await
@@ -134,6 +143,11 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
             "SAGAFLOW_AUTH__TOKENS",
             p(d, "tokens.toml").to_str().unwrap(),
         )
+        // The certificate `client` reads without a token.
+        .env(
+            "SAGAFLOW_AUTH__CERTIFICATE",
+            r#"[{ common_name = "client", role = "reader", name = "ci-bot" }]"#,
+        )
         .start()
         .await
         .unwrap();
@@ -147,5 +161,32 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
     .await;
     assert!(ok, "{text}");
     assert!(text.contains("tls-2"), "{text}");
+    // The certificate alone gives its role: reading works, placing an order does not.
+    let with_cert = args(
+        &https,
+        &[&p(d, "ca1.crt"), &p(d, "client.crt"), &p(d, "client.key")],
+    );
+    let (ok, text) = sagaflow(["cluster", "status"], with_cert.clone(), None).await;
+    assert!(ok, "{text}");
+    let mut place = with_cert;
+    place.extend(
+        [
+            "--order-id",
+            "c-1",
+            "--customer",
+            "c",
+            "--amount",
+            "100",
+            "--item",
+            "SKU-1:1",
+        ]
+        .map(String::from),
+    );
+    let (ok, text) = sagaflow(["order", "place"], place, None).await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("`ci-bot` has role reader") && text.contains("needs role client"),
+        "{text}"
+    );
     node.shutdown().await.unwrap();
 }
