@@ -2,6 +2,10 @@
 //! gRPC status names, and waiting for Ctrl-C. Below both, so neither imports the other.
 
 use clap::Args;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
 
 /// A normalised node address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +59,40 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
         given: given.to_string(),
         url: format!("{scheme}://{host}:{port}"),
     })
+}
+
+/// A connection to a node that sends a bearer token (if any) with every call.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Sends `secret` (`None`: nothing); fails if it cannot be a header value.
+    pub fn new(secret: Option<&str>) -> Result<Bearer, String> {
+        match secret {
+            None => Ok(Bearer(None)),
+            Some(s) => format!("Bearer {s}")
+                .parse::<MetadataValue<Ascii>>()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| "the token has characters a header cannot carry".to_string()),
+        }
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// The canonical gRPC name of a status code (`not_found`).

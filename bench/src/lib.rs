@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// Draw throughput and latency against offered load into this SVG file.
     #[arg(long, value_name = "FILE.svg", value_parser = parse_plot)]
     pub plot: Option<PathBuf>,
+    /// Serve the node the bench starts over TLS and require a token on every call (a CA and
+    /// certificate made with `openssl`): measures what TLS and authentication cost.
+    #[arg(long, conflicts_with = "server")]
+    pub tls: bool,
     /// Start the node's list index before measuring (one `ListOrders` call): measures a node
     /// that serves lists, whose index follows every snapshot write.
     #[arg(long)]
@@ -529,6 +533,7 @@ async fn bench(args: &BenchArgs, deadline: Instant) -> Result<Report, Error> {
         node_env: args.node_env.clone(),
         node_pid: args.node_pid,
         nats_pid: args.nats_pid,
+        tls: args.tls,
     };
     say(match (&setup.nats, &setup.server) {
         (None, _) => {
@@ -539,7 +544,7 @@ async fn bench(args: &BenchArgs, deadline: Instant) -> Result<Report, Error> {
     });
     let system = System::start(&setup).await?;
     if args.list_index {
-        system::start_list_index(&system.grpc_url)
+        system::start_list_index(&system.grpc_url, system.auth.as_ref())
             .await
             .map_err(|message| system::Error::Unreachable {
                 addr: system.grpc_url.clone(),
@@ -563,7 +568,7 @@ async fn bench(args: &BenchArgs, deadline: Instant) -> Result<Report, Error> {
     let mut channels = Vec::with_capacity(args.connections as usize);
     for _ in 0..args.connections {
         channels.push(
-            system::channel(&system.grpc_url)
+            system::channel(&system.grpc_url, system.auth.as_ref())
                 .await
                 .map_err(|message| Error::Grpc {
                     url: system.grpc_url.clone(),
@@ -698,7 +703,10 @@ async fn bench(args: &BenchArgs, deadline: Instant) -> Result<Report, Error> {
         points,
         args.warmup,
         args.mix.unwrap_or_default(),
-        Environment::read(nats_version, cluster, node_env),
+        Environment {
+            tls: args.tls,
+            ..Environment::read(nats_version, cluster, node_env)
+        },
     ))
 }
 

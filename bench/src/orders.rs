@@ -26,11 +26,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use prost::Message as _;
+use sagaflow::client::Conn;
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::{GetOrderRequest, OrderItem, PlaceOrderRequest, StatusEvent};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::load::{Done, Kind, StartError, StartFuture, Target, Tracker};
 
@@ -76,12 +76,12 @@ impl Current {
 /// Places orders over a few gRPC connections.
 #[derive(Debug, Clone)]
 pub struct Orders {
-    clients: Vec<OrderServiceClient<Channel>>,
+    clients: Vec<OrderServiceClient<Conn>>,
 }
 
 impl Orders {
     /// Orders spread round-robin over `channels` (one HTTP/2 connection each).
-    pub fn new(channels: Vec<Channel>) -> Self {
+    pub fn new(channels: Vec<Conn>) -> Self {
         Orders {
             clients: channels.into_iter().map(OrderServiceClient::new).collect(),
         }
@@ -175,7 +175,7 @@ pub async fn follow_status(
 
 /// Checks the current run's stragglers with `GetOrder` until `cancel` (see the module docs).
 pub async fn poll_stragglers(
-    client: OrderServiceClient<Channel>,
+    client: OrderServiceClient<Conn>,
     current: Current,
     cancel: CancellationToken,
 ) {

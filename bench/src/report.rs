@@ -312,6 +312,8 @@ pub struct Environment {
     pub kernel: String,
     /// Environment given to the node the bench started (`--node-env`).
     pub node_env: Vec<String>,
+    /// Whether the bench called the node over TLS with a token (`--tls`).
+    pub tls: bool,
 }
 
 impl Environment {
@@ -341,6 +343,7 @@ impl Environment {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
             node_env,
+            tls: false,
         }
     }
 }
@@ -459,8 +462,18 @@ impl Report {
         let e = &self.environment;
         let _ = writeln!(
             out,
-            "sagaflow-bench: sagaflow {} · nats-server {} ({}) · {} × {} · {} GiB",
-            e.sagaflow_version, e.nats_server_version, e.cluster, e.cpus, e.cpu, e.memory_gib
+            "sagaflow-bench: sagaflow {} · nats-server {} ({}) · {} × {} · {} GiB{}",
+            e.sagaflow_version,
+            e.nats_server_version,
+            e.cluster,
+            e.cpus,
+            e.cpu,
+            e.memory_gib,
+            if e.tls {
+                " · gRPC over TLS with a token"
+            } else {
+                ""
+            }
         );
         let mix = if self.mix.declined + self.mix.out_of_stock > 0.0 {
             format!(

@@ -15,11 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use sagaflow::client::{Bearer, Conn};
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::{ClusterStatusRequest, GetOrderRequest};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use sagaflow_devkit::nats_server::NatsServer;
 
@@ -166,6 +168,8 @@ pub struct System {
     pub node_pid: Option<u32>,
     /// pid of an existing nats-server to measure (`--nats-pid`).
     pub nats_pid: Option<u32>,
+    /// With `--tls`: what a client of the node needs (its CA and a token).
+    pub auth: Option<ClientAuth>,
     // Last: removed after the processes are gone.
     _dir: tempfile::TempDir,
 }
@@ -201,6 +205,117 @@ pub struct Setup {
     pub node_pid: Option<u32>,
     /// pid of an existing nats-server.
     pub nats_pid: Option<u32>,
+    /// Serve the started node over TLS and require a token (`--tls`).
+    pub tls: bool,
+}
+
+/// What a client of a node started with `--tls` needs.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// The CA that signed the node's certificate (PEM).
+    pub ca_pem: Vec<u8>,
+    /// A token of the `client` role.
+    pub token: String,
+}
+
+/// Makes, in `dir`, a CA and a certificate for 127.0.0.1 (with `openssl`), and a tokens file
+/// with one random `client` token; returns what a client needs and the node's flags.
+fn make_tls(dir: &Path) -> Result<(ClientAuth, Vec<String>), Error> {
+    let openssl = |args: &[&str]| -> Result<(), Error> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(io("--tls makes its certificates with the openssl command"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(Error::Io {
+                what: format!("openssl {}", args.join(" ")),
+                source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+            })
+        }
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sagaflow-bench CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca)?;
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=bench-node",
+    ]);
+    openssl(&csr)?;
+    std::fs::write(
+        dir.join("node.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(io("cannot write the certificate extensions"))?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "node.ext",
+    ])?;
+    let token: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        dir.join("tokens.toml"),
+        format!(
+            "[[token]]\nname = \"bench\"\nrole = \"client\"\nsha256 = \"{}\"\n",
+            sagaflow::auth::sha256_hex(&token)
+        ),
+    )
+    .map_err(io("cannot write the tokens file"))?;
+    let ca_pem = std::fs::read(dir.join("ca.crt")).map_err(io("cannot read the CA"))?;
+    let path = |f: &str| dir.join(f).display().to_string();
+    let flags = vec![
+        "--tls-cert".to_string(),
+        path("node.crt"),
+        "--tls-key".to_string(),
+        path("node.key"),
+        "--auth-tokens".to_string(),
+        path("tokens.toml"),
+    ];
+    Ok((ClientAuth { ca_pem, token }, flags))
 }
 
 impl System {
@@ -235,19 +350,27 @@ impl System {
                 .or_else(|| nats.as_ref().and_then(NatsServer::pid)),
             nats,
             node_pid: setup.node_pid,
+            auth: None,
             _dir: dir,
         };
         match &setup.server {
             Some(url) => {
                 system.grpc_url = url.clone();
-                wait_ready(&system.grpc_url, None, false).await?;
+                wait_ready(&system.grpc_url, None, false, None).await?;
             }
             None => {
-                let (node, addr) = system.spawn_node(&setup.node_bin, &setup.node_env)?;
-                system.grpc_url = format!("http://{addr}");
+                let mut flags = Vec::new();
+                if setup.tls {
+                    let (auth, f) = make_tls(system._dir.path())?;
+                    system.auth = Some(auth);
+                    flags = f;
+                }
+                let (node, addr) = system.spawn_node(&setup.node_bin, &setup.node_env, &flags)?;
+                let scheme = if setup.tls { "https" } else { "http" };
+                system.grpc_url = format!("{scheme}://{addr}");
                 system.node = Some(node);
                 let node = system.node.as_mut();
-                wait_ready(&system.grpc_url, node, true).await?;
+                wait_ready(&system.grpc_url, node, true, system.auth.as_ref()).await?;
                 system.node_pid = system.node.as_mut().and_then(NodeProcess::pid);
             }
         }
@@ -258,6 +381,7 @@ impl System {
         &self,
         exe: &Path,
         env: &[(String, String)],
+        flags: &[String],
     ) -> Result<(NodeProcess, SocketAddr), Error> {
         let dir = self._dir.path();
         let sagas = dir.join("sagas");
@@ -285,7 +409,8 @@ impl System {
             .arg("--saga-dir")
             .arg(&sagas)
             .arg("--node-id")
-            .arg("bench-node");
+            .arg("bench-node")
+            .args(flags);
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
             if k.starts_with("SAGAFLOW_") || k == "RUST_LOG" {
@@ -380,14 +505,20 @@ async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
 
 /// A gRPC channel to `url` (bounded connect; every call through it bounded by
 /// [`CALL_TIMEOUT`]).
-pub async fn channel(url: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+pub async fn channel(url: &str, auth: Option<&ClientAuth>) -> Result<Conn, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true);
+    if let Some(a) = auth {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&a.ca_pem)))
+            .map_err(|e| error_chain(&e))?;
+    }
+    let bearer = Bearer::new(auth.map(|a| a.token.as_str()))?;
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
-        Ok(Ok(c)) => Ok(c),
+        Ok(Ok(c)) => Ok(InterceptedService::new(c, bearer)),
         Ok(Err(e)) => Err(error_chain(&e)),
         Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
     }
@@ -409,6 +540,7 @@ async fn wait_ready(
     url: &str,
     mut node: Option<&mut NodeProcess>,
     all_partitions: bool,
+    auth: Option<&ClientAuth>,
 ) -> Result<(), Error> {
     let deadline = Instant::now() + NODE_READY_TIMEOUT;
     let mut last = String::from("not tried");
@@ -435,7 +567,7 @@ async fn wait_ready(
                 format!("not ready within {NODE_READY_TIMEOUT:?}: {last}"),
             ));
         }
-        match probe(url, all_partitions).await {
+        match probe(url, all_partitions, auth).await {
             Ok(()) => return Ok(()),
             Err(e) => last = e,
         }
@@ -444,8 +576,8 @@ async fn wait_ready(
 }
 
 /// One `ListOrders` call, which starts the node's list index.
-pub(crate) async fn start_list_index(url: &str) -> Result<(), String> {
-    let channel = channel(url).await?;
+pub(crate) async fn start_list_index(url: &str, auth: Option<&ClientAuth>) -> Result<(), String> {
+    let channel = channel(url, auth).await?;
     OrderServiceClient::new(channel)
         .list_orders(sagaflow_proto::v1::ListOrdersRequest {
             page_size: 1,
@@ -456,8 +588,8 @@ pub(crate) async fn start_list_index(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn probe(url: &str, all_partitions: bool) -> Result<(), String> {
-    let channel = channel(url).await?;
+async fn probe(url: &str, all_partitions: bool, auth: Option<&ClientAuth>) -> Result<(), String> {
+    let channel = channel(url, auth).await?;
     // An order that does not exist: NOT_FOUND comes from a read of the store. (Not a list:
     // the first list starts the node's list index, which the measured run would then pay
     // for, see `docs/benchmarks.md`.)

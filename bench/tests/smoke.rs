@@ -150,6 +150,29 @@ fn bench_smoke_with_stateless_participants_keeps_the_mix() -> anyhow::Result<()>
     Ok(())
 }
 
+/// `--tls`: the node serves gRPC over TLS and requires a token; the bench's clients present
+/// both, and every order still ends.
+#[test]
+fn bench_smoke_over_tls_with_a_token() -> anyhow::Result<()> {
+    let (ok, stdout, stderr) = bench(&[
+        "--orders",
+        "40",
+        "--concurrency",
+        "8",
+        "--warmup",
+        "0",
+        "--tls",
+        "--json",
+        "--max-time",
+        "120s",
+    ])?;
+    assert!(ok, "bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).context("stdout is JSON")?;
+    assert_eq!(v["environment"]["tls"], true, "{v:#}");
+    assert_eq!(v["points"][0]["sagaflow"]["completed"], 40, "{v:#}");
+    Ok(())
+}
+
 #[test]
 fn bench_smoke_refuses_bad_options() -> anyhow::Result<()> {
     let (ok, _, stderr) = bench(&["--rate", "10", "--concurrency", "4"])?;

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use tokio_stream::StreamExt;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
@@ -36,26 +34,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Entries asked for per list page (`ListOrders`, `ListSagasNeedingAttention`).
 const PAGE_SIZE: u32 = 1000;
 
-/// A connection to a node that sends the caller's token (if any) with every call.
-pub type Conn = InterceptedService<Channel, Bearer>;
-
-/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
-#[derive(Debug, Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
+pub use crate::client::{Bearer, Conn};
 
 /// The token to send: the first line of `--token-file`, else `SAGAFLOW_TOKEN`, else none.
 fn token(arg: &ServerArg) -> anyhow::Result<Bearer> {
@@ -75,15 +54,10 @@ fn token(arg: &ServerArg) -> anyhow::Result<Bearer> {
         }
         None => match std::env::var("SAGAFLOW_TOKEN") {
             Ok(v) if !v.trim().is_empty() => (v.trim().to_string(), "SAGAFLOW_TOKEN"),
-            _ => return Ok(Bearer(None)),
+            _ => return Ok(Bearer::default()),
         },
     };
-    let value = format!("Bearer {secret}")
-        .parse::<MetadataValue<Ascii>>()
-        .map_err(|_| {
-            anyhow::anyhow!("the token from {from} has characters a header cannot carry")
-        })?;
-    Ok(Bearer(Some(value)))
+    Bearer::new(Some(&secret)).map_err(|why| anyhow::anyhow!("{why} (from {from})"))
 }
 
 /// Opens a connection to a node that sends the caller's token, or fails with `cannot reach
