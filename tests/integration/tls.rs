@@ -64,9 +64,13 @@ fn p(dir: &Path, file: &str) -> PathBuf {
 async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ca(d, "ca1");
-    leaf(d, "node", "ca1", true);
-    leaf(d, "client", "ca1", false);
+    // The first set from the script users run (scripts/gen-certs.sh): ca, node, client.
+    let out = std::process::Command::new("bash")
+        .arg(repo_dir().join("scripts/gen-certs.sh"))
+        .arg(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
     std::fs::write(
         p(d, "tokens.toml"),
         format!(
@@ -95,7 +99,7 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
     let https = format!("https://{}", node.grpc_addr);
     let plain = node.grpc_addr.to_string();
 
-    let (ok, text) = status(args(&https, &[&p(d, "ca1.crt")])).await;
+    let (ok, text) = status(args(&https, &[&p(d, "ca.crt")])).await;
     assert!(ok, "{text}");
     assert!(text.contains("tls-1"), "{text}");
     // Without the CA the system roots do not know it; plain HTTP is not spoken.
@@ -105,7 +109,7 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
     let (ok, text) = status(args(&plain, &[])).await;
     assert!(!ok, "{text}");
     // --ca with a plain address is a mistake worth saying.
-    let (ok, text) = status(args(&plain, &[&p(d, "ca1.crt")])).await;
+    let (ok, text) = status(args(&plain, &[&p(d, "ca.crt")])).await;
     assert!(!ok && text.contains("https://"), "{text}");
 
     // A new certificate from another CA, written over the old one: picked up without a
@@ -128,17 +132,17 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
     )
     .await
     .unwrap();
-    let (ok, text) = status(args(&https, &[&p(d, "ca1.crt")])).await;
-    assert!(!ok, "the old CA no longer verifies the node: {text}");
+    let (ok, text) = status(args(&https, &[&p(d, "ca.crt")])).await;
+    assert!(!ok, "the first CA no longer verifies the node: {text}");
     node.shutdown().await.unwrap();
 
-    // Mutual TLS: a node that requires client certificates signed by ca1.
+    // Mutual TLS: a node that requires client certificates signed by the first CA.
     let node = TestNode::on(&nats)
         .id("tls-2")
         .partitions(2)
         .env("SAGAFLOW_TLS__CERT", p(d, "node.crt").to_str().unwrap())
         .env("SAGAFLOW_TLS__KEY", p(d, "node.key").to_str().unwrap())
-        .env("SAGAFLOW_TLS__CLIENT_CA", p(d, "ca1.crt").to_str().unwrap())
+        .env("SAGAFLOW_TLS__CLIENT_CA", p(d, "ca.crt").to_str().unwrap())
         .env(
             "SAGAFLOW_AUTH__TOKENS",
             p(d, "tokens.toml").to_str().unwrap(),
@@ -152,11 +156,11 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
         .await
         .unwrap();
     let https = format!("https://{}", node.grpc_addr);
-    let (ok, text) = status(args(&https, &[&p(d, "ca1.crt")])).await;
+    let (ok, text) = status(args(&https, &[&p(d, "ca.crt")])).await;
     assert!(!ok, "no client certificate: {text}");
     let (ok, text) = status(args(
         &https,
-        &[&p(d, "ca1.crt"), &p(d, "client.crt"), &p(d, "client.key")],
+        &[&p(d, "ca.crt"), &p(d, "client.crt"), &p(d, "client.key")],
     ))
     .await;
     assert!(ok, "{text}");
@@ -164,7 +168,7 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
     // The certificate alone gives its role: reading works, placing an order does not.
     let with_cert = args(
         &https,
-        &[&p(d, "ca1.crt"), &p(d, "client.crt"), &p(d, "client.key")],
+        &[&p(d, "ca.crt"), &p(d, "client.crt"), &p(d, "client.key")],
     );
     let (ok, text) = sagaflow(["cluster", "status"], with_cert.clone(), None).await;
     assert!(ok, "{text}");
