@@ -461,7 +461,12 @@ where
         let Some(auth) = &self.auth else {
             return Either::Left(self.inner.call(req));
         };
-        let common_name = client_common_name(&req);
+        // The certificate is read only when no token is sent (a token wins).
+        let common_name = if req.headers().contains_key(http::header::AUTHORIZATION) {
+            None
+        } else {
+            client_common_name(&req)
+        };
         match auth.check(req.uri().path(), req.headers(), common_name.as_deref()) {
             Ok(identity) => {
                 if let Some(identity) = identity {

@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use sagaflow::telemetry::{self, TraceParent, TRACEPARENT};
-use sagaflow::topology::{command_subject, event_subject, COMMANDS_STREAM, EVENTS_STREAM};
+use sagaflow::topology::{command_subject, reply_subject, COMMANDS_STREAM, EVENTS_STREAM};
 use sagaflow_proto::v1::GetOrderRequest;
 
 const SERVICES: [&str; 4] = ["payment", "inventory", "shipping", "notification"];
@@ -263,10 +263,10 @@ async fn one_trace_per_saga_holds_every_step_and_participant_span() {
     let events = js.get_stream(EVENTS_STREAM).await.unwrap();
     let partition = sagaflow_actors::hash::partition_of(&saga_id, 4);
     let reply = events
-        .get_last_raw_message_by_subject(&event_subject(partition, "reply"))
+        .get_last_raw_message_by_subject(&reply_subject(partition, "payment"))
         .await
         .unwrap();
-    // The only saga of this test: the partition's last reply is its own.
+    // The only saga of this test: payment's last reply on the partition is its charge.
     assert_eq!(
         <sagaflow_proto::v1::Reply as prost::Message>::decode(reply.payload.as_ref())
             .unwrap()
