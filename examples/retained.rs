@@ -171,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         nats: vec![nats.url()],
         grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         demo_services: Some(true),
+        demo_service_list: None,
         saga_dir: Some(repo.join("sagas")),
         node_id: Some("retained-1".into()),
         log_format: None,

@@ -108,6 +108,13 @@ pub struct DevArgs {
     /// port + i - 1.
     #[arg(long, value_name = "ADDR", default_value_t = crate::config::DEFAULT_HTTP_ADDR)]
     pub http_addr: SocketAddr,
+    /// The demo services to run, e.g. `payment,notification` when your own participants serve
+    /// the others [default: all of payment, inventory, shipping, notification].
+    #[arg(long, value_name = "SERVICES", value_delimiter = ',', default_values_t = crate::config::DEMO_SERVICES.map(String::from), value_parser = ["payment", "inventory", "shipping", "notification"])]
+    pub demo_services: Vec<String>,
+    /// Run no demo service: your own participants serve every step.
+    #[arg(long, conflicts_with = "demo_services")]
+    pub no_demo: bool,
     /// Show the nodes' info logs (default: warnings and errors only; `RUST_LOG` overrides).
     #[arg(short, long)]
     pub verbose: bool,
@@ -128,9 +135,10 @@ pub struct NodeArgs {
     /// Where /metrics, /healthz and /readyz listen (default 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
-    /// Run the demo participant services in this node.
-    #[arg(long)]
-    pub demo_services: bool,
+    /// Run the demo participant services in this node: all of them, or the ones listed
+    /// (`--demo-services payment,notification`) when your own participants serve the others.
+    #[arg(long, value_name = "SERVICES", num_args = 0..=1, value_delimiter = ',', require_equals = false)]
+    pub demo_services: Option<Vec<String>>,
     /// Folder of saga definitions.
     #[arg(long, value_name = "DIR")]
     pub saga_dir: Option<PathBuf>,
@@ -602,7 +610,8 @@ impl Cli {
                 let overrides = Overrides {
                     nats: args.nats,
                     grpc_addr: args.grpc_addr,
-                    demo_services: args.demo_services.then_some(true),
+                    demo_services: args.demo_services.as_ref().map(|_| true),
+                    demo_service_list: args.demo_services.clone().filter(|list| !list.is_empty()),
                     saga_dir: args.saga_dir,
                     node_id: args.node_id,
                     log_format: args.log_format.map(|f| f.as_str().to_string()),
@@ -629,6 +638,11 @@ impl Cli {
                 saga_dir: args.saga_dir,
                 http_addr: args.http_addr,
                 verbose: args.verbose,
+                demo_services: if args.no_demo {
+                    Vec::new()
+                } else {
+                    args.demo_services
+                },
             }),
             Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
             Command::Security(SecurityCommand::GenToken { name, role }) => {
@@ -1000,7 +1014,7 @@ mod tests {
         assert_eq!(a.config, Some(PathBuf::from("node.toml")));
         assert_eq!(a.nats, vec!["nats://a:1", "nats://b:2"]);
         assert_eq!(a.grpc_addr.unwrap().port(), 7000);
-        assert!(a.demo_services);
+        assert_eq!(a.demo_services, Some(vec![]), "all demo services");
         assert_eq!(a.saga_dir, Some(PathBuf::from("s")));
         assert_eq!(a.node_id.as_deref(), Some("n1"));
         assert_eq!(a.log_format, Some(LogFormat::Json));
@@ -1009,7 +1023,20 @@ mod tests {
             panic!("not node")
         };
         assert!(
-            a.config.is_none() && a.nats.is_empty() && !a.demo_services && a.log_format.is_none()
+            a.config.is_none()
+                && a.nats.is_empty()
+                && a.demo_services.is_none()
+                && a.log_format.is_none()
+        );
+        let Command::Node(a) = parse(&["node", "--demo-services", "payment,notification"])
+            .unwrap()
+            .command
+        else {
+            panic!("not node")
+        };
+        assert_eq!(
+            a.demo_services,
+            Some(vec!["payment".to_string(), "notification".to_string()])
         );
         assert!(parse(&["node", "--log-format", "xml"]).is_err());
         assert!(parse(&["node", "--grpc-addr", "nowhere"]).is_err());

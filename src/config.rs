@@ -241,10 +241,16 @@ impl Default for AuthConfig {
     }
 }
 
+/// The demo participant services, in the order they are started.
+pub const DEMO_SERVICES: [&str; 4] = ["payment", "inventory", "shipping", "notification"];
+
 /// Knobs of the demo participant services.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DemoConfig {
+    /// Which of the demo services run (default: all of [`DEMO_SERVICES`]); leave out the ones
+    /// your own participants serve, so they do not share a consumer group with the demo.
+    pub services: Vec<String>,
     /// Instances (actors) per service on this node, all sharing the service's consumer group.
     /// Each handles one command at a time, so this is also each demo service's concurrency on
     /// the node: too few hold the bench back on round trips to NATS; 64 are not the limit
@@ -389,6 +395,7 @@ impl Default for DemoConfig {
             (1..=9).map(|i| (format!("SKU-{i}"), 1_000_000)).collect();
         stock.insert("SKU-OUT".to_string(), 0);
         DemoConfig {
+            services: DEMO_SERVICES.iter().map(|s| s.to_string()).collect(),
             instances: 64,
             payment_limit_cents: 100_000,
             stock,
@@ -503,8 +510,10 @@ pub struct Overrides {
     pub nats: Vec<String>,
     /// `--grpc-addr`.
     pub grpc_addr: Option<SocketAddr>,
-    /// `--demo-services`.
+    /// `--demo-services` (and `--no-demo`).
     pub demo_services: Option<bool>,
+    /// `--demo-services LIST`: which demo services run.
+    pub demo_service_list: Option<Vec<String>>,
     /// `--saga-dir`.
     pub saga_dir: Option<PathBuf>,
     /// `--node-id`.
@@ -583,6 +592,14 @@ impl NodeConfig {
         if let Some(demo) = overrides.demo_services {
             root.insert("demo_services".into(), toml::Value::Boolean(demo));
         }
+        if let Some(list) = &overrides.demo_service_list {
+            set_path(
+                &mut root,
+                &["demo".to_string(), "services".to_string()],
+                toml::Value::Array(list.iter().cloned().map(toml::Value::String).collect()),
+            )
+            .map_err(|m| invalid(Some("--demo-services".into()), m))?;
+        }
         if let Some(dir) = &overrides.saga_dir {
             root.insert(
                 "saga_dir".into(),
@@ -658,6 +675,18 @@ impl NodeConfig {
             ));
         }
         self.validate_retention()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.demo.services {
+            if !DEMO_SERVICES.contains(&s.as_str()) {
+                return bad(format!(
+                    "`demo.services`: no demo service {s:?} (there are {})",
+                    DEMO_SERVICES.join(", ")
+                ));
+            }
+            if !seen.insert(s) {
+                return bad(format!("`demo.services`: {s:?} is listed twice"));
+            }
+        }
         if !(1..=256).contains(&self.demo.instances) {
             return bad(format!(
                 "`demo.instances` must be in 1..=256, got {}",

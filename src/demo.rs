@@ -71,7 +71,7 @@ pub use ledger::{ledger, LedgerEntry, LedgerSummary};
 const COMMANDS_IN_HAND_PER_INSTANCE: usize = 4;
 
 /// The demo services, in the order they are started.
-pub const SERVICES: [&str; 4] = ["payment", "inventory", "shipping", "notification"];
+pub const SERVICES: [&str; 4] = crate::config::DEMO_SERVICES;
 
 /// Bound on how long [`Demo::shutdown`] waits for in-flight commands before stopping the pools.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,7 +182,8 @@ pub async fn start(
         tasks: TaskTracker::new(),
         cancel: cancel.clone(),
     };
-    for (service, participant) in participants {
+    let chosen = |service: &str| cfg.demo.services.iter().any(|s| s == service);
+    for (service, participant) in participants.into_iter().filter(|(s, _)| chosen(s)) {
         let args = ServicePoolArgs {
             service: service.to_string(),
             instances: cfg.demo.instances,
@@ -228,6 +229,7 @@ pub async fn start(
         tracing::warn!("demo analytics not started: status events are not stored (streams.status_events = \"core\")");
     }
     tracing::info!(
+        services = ?cfg.demo.services,
         instances = cfg.demo.instances,
         stateless = cfg.demo.stateless,
         analytics,

@@ -39,6 +39,8 @@ pub struct DevOptions {
     pub http_addr: SocketAddr,
     /// Info logs on the console (otherwise warnings only).
     pub verbose: bool,
+    /// The demo services the nodes run (empty: none); your own participants serve the rest.
+    pub demo_services: Vec<String>,
 }
 
 /// Why the dev cluster failed.
@@ -91,7 +93,8 @@ pub fn node_config(
     let overrides = Overrides {
         nats: nats.to_vec(),
         grpc_addr: Some(grpc_addr),
-        demo_services: Some(true),
+        demo_services: Some(!opts.demo_services.is_empty()),
+        demo_service_list: Some(opts.demo_services.clone()),
         saga_dir: Some(opts.saga_dir.clone()),
         node_id: Some(format!("dev-{}", i + 1)),
         log_format: None,
@@ -194,8 +197,13 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
         };
         match started {
             Ok(node) => {
+                let with = if opts.demo_services.is_empty() {
+                    "without demo services".to_string()
+                } else {
+                    format!("with the demo services {}", opts.demo_services.join(", "))
+                };
                 println!(
-                    "sagaflow node {} serving gRPC on {} with the demo services",
+                    "sagaflow node {} serving gRPC on {} {with}",
                     node.node_id, node.grpc_addr
                 );
                 nodes.push(node);
@@ -212,7 +220,18 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
     let Some(addr) = nodes.first().map(|n| n.grpc_addr) else {
         return stop_all(nodes, servers).await;
     };
-    if opts.demo_orders > 0 {
+    for line in unserved(&opts) {
+        println!("{line}");
+    }
+    let all_demo = crate::config::DEMO_SERVICES
+        .iter()
+        .all(|s| opts.demo_services.iter().any(|d| d == s));
+    if opts.demo_orders > 0 && !all_demo {
+        println!(
+            "(no demo orders: the order saga needs every demo service; run your participants and place orders yourself)"
+        );
+    }
+    if opts.demo_orders > 0 && all_demo {
         tokio::select! {
             r = demo(addr, opts.demo_orders) => if let Err(e) = r { eprintln!("demo: {}", crate::telemetry::error_chain(&e)) },
             _ = &mut shutdown => return stop_all(nodes, servers).await,
@@ -251,6 +270,32 @@ enum DemoError {
         /// Its answer.
         status: tonic::Status,
     },
+}
+
+/// For each saga definition, the services that no demo service of `opts` answers: your own
+/// participants must serve them (with the consumer group `svc-<service>`, docs/participants.md).
+fn unserved(opts: &DevOptions) -> Vec<String> {
+    let Ok(definitions) = node::load_definitions(&opts.saga_dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<&String> = definitions.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let missing: Vec<String> = definitions[name]
+                .services()
+                .into_iter()
+                .filter(|s| !opts.demo_services.contains(s))
+                .collect();
+            (!missing.is_empty()).then(|| {
+                format!(
+                    "saga `{name}`: run your own participants for {} (consumer group svc-<service>)",
+                    missing.join(", ")
+                )
+            })
+        })
+        .collect()
 }
 
 /// Places `n` orders (a mix of outcomes) and prints how each ended.
@@ -346,6 +391,7 @@ mod tests {
             saga_dir: PathBuf::from("sagas"),
             http_addr: "127.0.0.1:9464".parse().unwrap(),
             verbose: false,
+            demo_services: crate::config::DEMO_SERVICES.map(String::from).to_vec(),
         }
     }
 
@@ -368,6 +414,30 @@ mod tests {
         );
         assert!(node_addr("127.0.0.1:65535".parse().unwrap(), 1).is_none());
         assert_eq!(node_config(&o, 2, &urls, 3).unwrap().http_addr.port(), 9466);
+    }
+
+    #[test]
+    fn dev_runs_the_demo_services_asked_for_and_names_what_it_leaves_to_you() {
+        let urls = vec!["nats://127.0.0.1:1".to_string()];
+        let mut o = opts("127.0.0.1:50051", 1);
+        assert!(
+            unserved(&o).iter().all(|l| !l.contains("saga `order`")),
+            "{:?}",
+            unserved(&o)
+        );
+        o.demo_services = vec!["payment".into(), "notification".into()];
+        let c = node_config(&o, 0, &urls, 1).unwrap();
+        assert!(c.demo_services);
+        assert_eq!(c.demo.services, ["payment", "notification"]);
+        let lines = unserved(&o);
+        assert!(
+            lines.iter().any(|l| l.starts_with("saga `order`")
+                && l.contains("inventory, shipping")
+                && !l.contains("payment")),
+            "{lines:?}"
+        );
+        o.demo_services.clear();
+        assert!(!node_config(&o, 0, &urls, 1).unwrap().demo_services);
     }
 
     #[test]

@@ -526,6 +526,7 @@ impl TestNode {
             nats: self.nats.clone(),
             grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             demo_services: Some(self.demo),
+            demo_service_list: None,
             saga_dir: Some(self.saga_dir.clone()),
             node_id: Some(self.id.clone()),
             log_format: None,

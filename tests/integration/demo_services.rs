@@ -942,3 +942,44 @@ async fn two_nodes_inventories_never_oversell_one_sku() {
         Take::Short { available: 0 }
     );
 }
+
+/// A node runs only the demo services it is told to (`demo.services`), so your own
+/// participants can take the other services' consumer groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_runs_only_the_demo_services_it_is_told_to() {
+    let nats = start_nats().await.unwrap();
+    let node = common::TestNode::on(&nats)
+        .id("some-demo")
+        .partitions(2)
+        .env("SAGAFLOW_DEMO__SERVICES", r#"["payment", "notification"]"#)
+        .start()
+        .await
+        .unwrap();
+    let js = jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let names = || {
+        let js = js.clone();
+        async move {
+            let Ok(stream) = js.get_stream("SAGA_COMMANDS").await else {
+                return Vec::new();
+            };
+            let names: Vec<String> = stream
+                .consumer_names()
+                .filter_map(|n| async move { n.ok() })
+                .collect()
+                .await;
+            names
+        }
+    };
+    wait_until(TIMEOUT, "the demo consumers", || async {
+        let n = names().await;
+        n.contains(&"svc-payment".to_string()) && n.contains(&"svc-notification".to_string())
+    })
+    .await
+    .unwrap();
+    let n = names().await;
+    assert!(
+        !n.contains(&"svc-inventory".to_string()) && !n.contains(&"svc-shipping".to_string()),
+        "{n:?}"
+    );
+    node.shutdown().await.unwrap();
+}
