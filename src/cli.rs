@@ -368,6 +368,19 @@ pub enum SagaCommand {
         #[arg(long, value_name = "JSON", value_parser = parse_json)]
         result: Option<String>,
     },
+    /// The pivot that parked the saga really succeeded (it timed out, but the work was done):
+    /// record it as succeeded, with `--result`, and go forward to completion.
+    Settle {
+        /// Saga and operator.
+        #[command(flatten)]
+        target: Intervene,
+        /// The pivot step.
+        #[arg(long, value_name = "STEP")]
+        step: String,
+        /// The step's result, JSON.
+        #[arg(long, value_name = "JSON", value_parser = parse_json)]
+        result: Option<String>,
+    },
     /// Stop going forward and compensate (also: compensate through a parked pivot).
     Compensate {
         /// Saga and operator.

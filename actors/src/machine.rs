@@ -505,6 +505,16 @@ pub enum OperatorAction {
     Cancel,
     /// Give up on a parked saga: it ends `FAILED` as it stands.
     Abandon,
+    /// The pivot that parked the saga really succeeded (it timed out, but the participant did
+    /// the work): record it as succeeded with `output` and go forward to completion. Only
+    /// while nothing else failed or was compensated. (Added last: older snapshots and control
+    /// messages decode unchanged.)
+    Settle {
+        /// The pivot's slot.
+        step: StepIndex,
+        /// Its result (JSON; may be empty).
+        output: Vec<u8>,
+    },
 }
 
 impl OperatorAction {
@@ -516,6 +526,7 @@ impl OperatorAction {
             OperatorAction::Compensate => "compensate",
             OperatorAction::Cancel => "cancel",
             OperatorAction::Abandon => "abandon",
+            OperatorAction::Settle { .. } => "settle",
         }
     }
 }
@@ -884,10 +895,21 @@ impl Saga {
                     None => Ok(eligible),
                 }
             }
-            (OperatorAction::Skip { step, .. }, phase) => {
+            (OperatorAction::Skip { step, output }, phase) => {
                 let i = *step;
                 step_ok(i)?;
                 let p = self.steps[i].phase;
+                // A parked pivot that is skipped counts as dealt with and compensation goes on:
+                // a result would be dropped, so it is refused, pointing to `settle`.
+                let parked_pivot = phase == Phase::NeedsAttention
+                    && p != StepPhase::CompensationFailed
+                    && def.steps.get(i).is_some_and(|s| s.pivot);
+                if !output.is_empty() && parked_pivot {
+                    return Err(format!(
+                        "a skipped pivot is not recorded as succeeded (compensation goes on), so `{}` takes no result: skip it without one, or settle it to record it as succeeded with this result and go forward",
+                        name(i)
+                    ));
+                }
                 let ok = match phase {
                     Phase::Running => {
                         stage.contains(&i) && matches!(p, StepPhase::Running | StepPhase::RetryWait)
@@ -927,6 +949,48 @@ impl Saga {
             (OperatorAction::Cancel, Phase::Running) => Ok(Vec::new()),
             (OperatorAction::Cancel, phase) => Err(format!(
                 "the saga is {}: only a running saga can be cancelled",
+                phase.as_str()
+            )),
+            (OperatorAction::Settle { step, .. }, Phase::NeedsAttention) => {
+                let i = *step;
+                step_ok(i)?;
+                let parked_pivot = self.compensation_plan.is_none()
+                    && def.steps.get(i).is_some_and(|s| s.pivot)
+                    && needs_compensation(&self.steps[i]);
+                if !parked_pivot {
+                    return Err(format!(
+                        "step `{}` is not the pivot that parked the saga: only that pivot can be settled",
+                        name(i)
+                    ));
+                }
+                if self.steps[i].phase == StepPhase::Succeeded {
+                    return Err(format!(
+                        "pivot `{}` already succeeded: the saga compensates because a later step failed; skip the pivot to let compensation go on, or abandon",
+                        name(i)
+                    ));
+                }
+                // Forward again only if everything else started is still done.
+                let stage_of_pivot = def.stages.iter().position(|s| s.steps.contains(&i));
+                let blocking = (0..def.steps.len()).find(|&j| {
+                    let started = def
+                        .stages
+                        .iter()
+                        .position(|s| s.steps.contains(&j))
+                        .zip(stage_of_pivot)
+                        .is_some_and(|(sj, sp)| sj <= sp);
+                    j != i && started && self.steps[j].phase != StepPhase::Succeeded
+                });
+                match blocking {
+                    Some(j) => Err(format!(
+                        "step `{}` is {}: the saga cannot go forward even with the pivot settled; skip the pivot to let compensation go on, or abandon",
+                        name(j),
+                        self.steps[j].phase.as_str()
+                    )),
+                    None => Ok(vec![i]),
+                }
+            }
+            (OperatorAction::Settle { .. }, phase) => Err(format!(
+                "the saga is {}: only a saga parked on a pivot can have it settled",
                 phase.as_str()
             )),
             (OperatorAction::Abandon, Phase::NeedsAttention) => Ok(Vec::new()),
@@ -1038,6 +1102,18 @@ impl Saga {
                 let entry = journal(String::new());
                 self.log(now, None, entry);
                 self.begin_compensation(def, format!("cancelled by {who}"), now, t);
+            }
+            OperatorAction::Settle { output, .. } => {
+                let Some(&i) = steps.first() else { return };
+                let entry = journal(String::new());
+                self.log(now, Some(i), entry);
+                // Forward again, as if the pivot's reply had arrived in time.
+                self.phase = Phase::Running;
+                self.reason = None;
+                let s = &mut self.steps[i];
+                s.settle(StepPhase::Succeeded, now);
+                s.output = (!output.is_empty()).then(|| output.clone());
+                self.after_forward_settled(def, now, t);
             }
             OperatorAction::Abandon => {
                 let entry = journal(String::new());

@@ -487,6 +487,11 @@ async fn saga(command: SagaCommand) -> anyhow::Result<()> {
             step,
             result,
         } => intervene(target, "skip", step, result.unwrap_or_default()).await,
+        SagaCommand::Settle {
+            target,
+            step,
+            result,
+        } => intervene(target, "settle", step, result.unwrap_or_default()).await,
         SagaCommand::Compensate { target } => {
             intervene(target, "compensate", String::new(), String::new()).await
         }

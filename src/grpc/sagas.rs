@@ -150,7 +150,7 @@ impl SagaService for Sagas {
         };
         let action = match req.action.as_str() {
             "retry" => OperatorAction::Retry { step: step(false)? },
-            "skip" => {
+            "skip" | "settle" => {
                 let output = if req.output_json.is_empty() {
                     Vec::new()
                 } else {
@@ -161,9 +161,11 @@ impl SagaService for Sagas {
                         .map_err(|e| invalid("output_json", format!("not JSON: {e}")))?;
                     req.output_json.into_bytes()
                 };
-                OperatorAction::Skip {
-                    step: step(true)?.unwrap_or_default(),
-                    output,
+                let step = step(true)?.unwrap_or_default();
+                if req.action == "settle" {
+                    OperatorAction::Settle { step, output }
+                } else {
+                    OperatorAction::Skip { step, output }
                 }
             }
             "compensate" => OperatorAction::Compensate,
@@ -173,7 +175,7 @@ impl SagaService for Sagas {
                 return Err(invalid(
                     "action",
                     format!(
-                        "{:?} is not one of retry, skip, compensate, cancel, abandon",
+                        "{:?} is not one of retry, skip, settle, compensate, cancel, abandon",
                         other.chars().take(32).collect::<String>()
                     ),
                 ))

@@ -1505,3 +1505,49 @@ async fn a_timeout_due_while_the_node_was_down_fires_right_after_recovery() {
     assert_eq!(p.attempts(id, "pay.refund").len(), 1);
     ops.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_pivot_that_really_succeeded_is_settled_and_the_saga_completes() {
+    let ops = Ops::start().await;
+    let id = "ops-settle-1";
+    ops.participant.set("ship.send", Behaviour::Never);
+    ops.start_saga("ops_pivot", id).await;
+    // The shipment's only attempt times out: its outcome is unknown, the saga parks.
+    let parked = ops
+        .wait_saga(id, "parked on the pivot", |s| s.phase == "NEEDS_ATTENTION")
+        .await;
+    assert!(parked.reason.contains("may have succeeded"), "{parked:#?}");
+
+    let server = ops.server();
+    // A skip with a result would drop the result: refused, pointing to settle.
+    let out = cli(&format!(
+        "saga skip {id} --step ship --result {{\"tracking\":\"T9\"}} --operator alice --server {server}"
+    ))
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("settle it"), "{out:?}");
+
+    // The carrier confirms the parcel left: settle the pivot with its result.
+    let out = cli_ok(&format!(
+        "saga settle {id} --step ship --result {{\"tracking\":\"T9\"}} --operator alice \
+         --reason carrier-confirmed --server {server}"
+    ))
+    .await;
+    assert!(out.contains("now DONE (COMPLETED)"), "{out}");
+    let saga = ops.get(id).await;
+    assert_eq!(saga.phase, "COMPLETED", "{saga:#?}");
+    let ship = step(&saga, "ship");
+    assert_eq!(ship.state, "SUCCEEDED", "{ship:?}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ship.output_json).unwrap(),
+        serde_json::json!({ "tracking": "T9" })
+    );
+    let journaled = entry(&saga, "ship", "operator `alice`: settle");
+    assert_eq!(
+        journaled.what,
+        "operator `alice`: settle (carrier-confirmed)"
+    );
+    // Nothing was undone: no refund was ever sent.
+    assert!(ops.participant.received(id, "pay.refund").is_empty());
+    ops.stop().await;
+}

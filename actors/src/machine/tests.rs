@@ -1052,6 +1052,97 @@ fn a_pivot_that_times_out_for_good_needs_a_human() {
 }
 
 #[test]
+fn a_pivot_that_timed_out_but_succeeded_is_settled_and_the_saga_completes() {
+    // As above, but the operator finds the notification did go out: settling the pivot as
+    // succeeded records its result and the saga goes forward to the end.
+    let def = order();
+    let (mut saga, _) = start(&def);
+    apply(&mut saga, &def, ok(CHARGE, 1), T0 + 1);
+    apply(&mut saga, &def, ok(RESERVE, 1), T0 + 2);
+    apply(&mut saga, &def, ok(PREPARE, 1), T0 + 3);
+    for _ in 0..def.steps[NOTIFY].retry.max_attempts * 2 + 2 {
+        let Some(due) = saga.next_wakeup() else { break };
+        apply(&mut saga, &def, Event::Tick, due);
+    }
+    assert_eq!(saga.phase, Phase::NeedsAttention);
+    // Only the pivot can be settled, and only while parked.
+    let other = OperatorAction::Settle {
+        step: CHARGE,
+        output: Vec::new(),
+    };
+    assert!(saga
+        .check(&def, &other)
+        .unwrap_err()
+        .contains("not the pivot"));
+    // Skipping the pivot with a result would drop the result: refused, pointing to settle.
+    let skip_with_result = OperatorAction::Skip {
+        step: NOTIFY,
+        output: br#"{"sent":true}"#.to_vec(),
+    };
+    assert!(saga
+        .check(&def, &skip_with_result)
+        .unwrap_err()
+        .contains("settle it"));
+    let settle = OperatorAction::Settle {
+        step: NOTIFY,
+        output: br#"{"sent":true}"#.to_vec(),
+    };
+    assert_eq!(saga.check(&def, &settle), Ok(vec![NOTIFY]));
+    let effects = apply(
+        &mut saga,
+        &def,
+        Event::Intervene(intervention(settle.clone())),
+        T0 + 10_000_000,
+    );
+    assert_eq!(effects[0], unparked("settle"));
+    assert_eq!(saga.phase, Phase::Completed, "{:?}", saga.reason);
+    assert_eq!(saga.status, def.statuses.completed);
+    assert_eq!(
+        saga.steps[NOTIFY].output.as_deref(),
+        Some(&br#"{"sent":true}"#[..])
+    );
+    assert!(
+        saga.steps.iter().all(|s| s.comp_attempt == 0),
+        "nothing was undone"
+    );
+    assert!(saga.reason.is_none());
+    // A running saga has no pivot to settle.
+    let (running, _) = start(&def);
+    assert!(running
+        .check(&def, &settle)
+        .unwrap_err()
+        .contains("only a saga parked"));
+}
+
+#[test]
+fn a_pivot_that_succeeded_before_a_later_failure_cannot_be_settled() {
+    // stage 0: a (compensable); stage 1: the pivot; stage 2: b (compensable); b fails.
+    let def = build(&Shape {
+        stages: vec![
+            vec![step_shape(Kind::Compensable)],
+            vec![step_shape(Kind::Pivot)],
+            vec![step_shape(Kind::Compensable)],
+        ],
+        stage_status: vec![false, true, false],
+        after: Some(step_shape(Kind::ReadOnly)),
+        deadline_ms: 60_000,
+    });
+    let (mut saga, _) = Saga::start(&def, "s".into(), Vec::new(), T0);
+    apply(&mut saga, &def, ok(0, 1), T0 + 1);
+    apply(&mut saga, &def, ok(1, 1), T0 + 2);
+    apply(&mut saga, &def, err(2, 1, "fatal"), T0 + 3);
+    assert_eq!(saga.phase, Phase::NeedsAttention);
+    let settle = OperatorAction::Settle {
+        step: 1,
+        output: Vec::new(),
+    };
+    assert!(saga
+        .check(&def, &settle)
+        .unwrap_err()
+        .contains("already succeeded"));
+}
+
+#[test]
 fn terminal_sagas_ignore_everything() {
     let def = order();
     let completed = {
@@ -1435,7 +1526,7 @@ fn move_strategy() -> impl Strategy<Value = Move> {
         2 => (0u64..=1_500).prop_map(|ms| Move::Advance { ms }),
         3 => Just(Move::Wakeup),
         1 => Just(Move::Crash),
-        1 => (0u8..7, any::<usize>()).prop_map(|(kind, pick)| Move::Operator { kind, pick }),
+        1 => (0u8..8, any::<usize>()).prop_map(|(kind, pick)| Move::Operator { kind, pick }),
     ]
 }
 
@@ -1535,7 +1626,7 @@ impl<'d> Driver<'d> {
             history: Vec::new(),
             ..d.saga.clone()
         };
-        d.record(&blank, &t);
+        d.record(&blank, &t, false);
         d.check_state();
         d
     }
@@ -1589,14 +1680,18 @@ impl<'d> Driver<'d> {
         } else {
             assert_eq!(self.saga.updated_at, self.now);
         }
-        self.record(&before, &t);
+        // Settling a parked pivot is the one way back to going forward.
+        let resumed = matches!(&event, Event::Intervene(i) if matches!(i.action, OperatorAction::Settle { .. }))
+            && before.phase == Phase::NeedsAttention
+            && self.saga.phase != Phase::NeedsAttention;
+        self.record(&before, &t, resumed);
         self.check_backoffs(&before);
         self.check_state();
         t
     }
 
     /// Checks and records the effects of one transition.
-    fn record(&mut self, before: &Saga, t: &Transition) {
+    fn record(&mut self, before: &Saga, t: &Transition, resumed: bool) {
         for (k, effect) in t.effects.iter().enumerate() {
             match effect {
                 Effect::Send(c) => {
@@ -1663,9 +1758,8 @@ impl<'d> Driver<'d> {
                         } else {
                             // (a) no forward step starts once the saga left Running, nor past the
                             // deadline.
-                            assert_eq!(
-                                before.phase,
-                                Phase::Running,
+                            assert!(
+                                before.phase == Phase::Running || resumed,
                                 "forward {c:?} sent while {:?}",
                                 before.phase
                             );
@@ -2030,6 +2124,10 @@ impl<'d> Driver<'d> {
                     3 => OperatorAction::Compensate,
                     4 => OperatorAction::Cancel,
                     5 => OperatorAction::Abandon,
+                    6 => OperatorAction::Settle {
+                        step,
+                        output: b"{\"settled\":true}".to_vec(),
+                    },
                     _ => OperatorAction::Skip {
                         step: pick,
                         output: Vec::new(),
@@ -2111,6 +2209,13 @@ impl<'d> Driver<'d> {
                             self.saga.steps[step].phase,
                             StepPhase::Succeeded | StepPhase::Compensated
                         ));
+                    }
+                    OperatorAction::Settle { step, .. } => {
+                        assert_eq!(self.saga.steps[step].phase, StepPhase::Succeeded);
+                        assert!(
+                            self.saga.steps.iter().all(|s| s.comp_attempt == 0),
+                            "settling a pivot undoes nothing"
+                        );
                     }
                 }
             }
