@@ -175,6 +175,18 @@ impl SagaApi {
         self.definitions.get(name).cloned()
     }
 
+    /// The consumer groups (durable consumers) on the commands stream: `svc-<service>` for
+    /// each service somebody serves.
+    pub async fn command_consumers(&self) -> Result<std::collections::HashSet<String>, ApiError> {
+        let stream = self
+            .js
+            .get_stream(crate::topology::COMMANDS_STREAM)
+            .await
+            .map_err(unavailable)?;
+        let names: Vec<Result<String, _>> = stream.consumer_names().collect().await;
+        names.into_iter().map(|n| n.map_err(unavailable)).collect()
+    }
+
     /// Every loaded definition, by name.
     pub fn definitions(&self) -> &HashMap<String, Arc<SagaDefinition>> {
         &self.definitions

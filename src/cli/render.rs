@@ -116,6 +116,7 @@ pub fn definition_json(d: &Definition) -> Value {
         "stages": d.stages.iter().map(|s| json!({ "name": s.name, "steps": s.steps, "status": s.status })).collect::<Vec<_>>(),
         "after_compensation": d.after_compensation,
         "fingerprint": d.fingerprint,
+        "services": d.services.iter().map(|s| json!({ "name": s.name, "actions": s.actions, "consumer": s.consumer })).collect::<Vec<_>>(),
     })
 }
 
@@ -393,7 +394,26 @@ pub fn definitions_text(defs: &[Definition]) -> String {
         }
         rows.push(vec![d.name.clone(), stages, or_dash(&d.description)]);
     }
-    table(&rows)
+    let mut out = table(&rows);
+    for d in defs.iter().filter(|d| !d.services.is_empty()) {
+        out.push_str(&format!("\n{} calls:\n", d.name));
+        let mut rows = vec![["  SERVICE", "ACTIONS", "CONSUMER"]
+            .map(String::from)
+            .to_vec()];
+        for s in &d.services {
+            rows.push(vec![
+                format!("  {}", s.name),
+                s.actions.join(", "),
+                if s.consumer {
+                    format!("svc-{}", s.name)
+                } else {
+                    "none: nobody serves it yet".to_string()
+                },
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    out
 }
 
 /// `analytics sales`, for people.

@@ -91,6 +91,32 @@ fn answered(
     })
 }
 
+/// The services `def` calls, with their actions, and whether each has a consumer group.
+fn definition_services(
+    def: &sagaflow_actors::definition::SagaDefinition,
+    consumers: &std::collections::HashSet<String>,
+) -> Vec<v1::DefinitionService> {
+    let mut out: Vec<v1::DefinitionService> = Vec::new();
+    let steps = def.steps.iter().chain(def.after_compensation.as_ref());
+    for action in steps.flat_map(|s| std::iter::once(&s.action).chain(s.compensation.as_ref())) {
+        let i = match out.iter().position(|s| s.name == action.service) {
+            Some(i) => i,
+            None => {
+                out.push(v1::DefinitionService {
+                    name: action.service.clone(),
+                    actions: Vec::new(),
+                    consumer: consumers.contains(&format!("svc-{}", action.service)),
+                });
+                out.len() - 1
+            }
+        };
+        if !out[i].actions.contains(&action.name) {
+            out[i].actions.push(action.name.clone());
+        }
+    }
+    out
+}
+
 #[tonic::async_trait]
 impl SagaService for Sagas {
     async fn intervene_saga(
@@ -339,6 +365,23 @@ impl SagaService for Sagas {
         &self,
         _request: Request<ListDefinitionsRequest>,
     ) -> Result<Response<ListDefinitionsResponse>, Status> {
+        // Which services somebody serves (bounded: a definitions list never waits long).
+        let consumers = match tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.api.command_consumers(),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::telemetry::error_chain(&e), "cannot list the command consumers");
+                Default::default()
+            }
+            Err(_) => {
+                tracing::warn!("listing the command consumers timed out");
+                Default::default()
+            }
+        };
         let mut definitions: Vec<v1::Definition> = self
             .api
             .definitions()
@@ -366,6 +409,7 @@ impl SagaService for Sagas {
                     .as_ref()
                     .map(|s| s.name.clone())
                     .unwrap_or_default(),
+                services: definition_services(d, &consumers),
                 fingerprint: d.fingerprint,
             })
             .collect();

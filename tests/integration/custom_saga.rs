@@ -842,5 +842,29 @@ async fn list_definitions_shows_order_and_trip_with_their_stages() {
         ]
     );
     assert_eq!(order.after_compensation, "notify_cancellation");
+
+    // Each definition names the services it calls, their actions, and whether anybody serves
+    // them: here the test participant serves the trip's services, and no demo runs.
+    let trip_services: Vec<(&str, bool)> = trip
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.consumer))
+        .collect();
+    assert!(!trip_services.is_empty());
+    assert!(trip_services.iter().all(|(_, c)| *c), "{trip_services:?}");
+    assert_eq!(
+        trip_services
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect::<BTreeSet<_>>(),
+        t.trip.services(),
+    );
+    let inventory = order
+        .services
+        .iter()
+        .find(|s| s.name == "inventory")
+        .unwrap();
+    assert_eq!(inventory.actions, ["reserve", "release"]);
+    assert!(!inventory.consumer, "nobody serves inventory here");
     t.stop().await;
 }
