@@ -20,6 +20,7 @@
 //! | `sagaflow_fenced_writes_total` | counter | (writes refused because this node's heartbeat lapsed, see [`crate::fence`]) |
 //! | `sagaflow_consumer_pending` | gauge | `stream`, `consumer` |
 //! | `sagaflow_consumer_ack_pending` | gauge | `stream`, `consumer` |
+//! | `sagaflow_service_without_consumer` | gauge | `service` (1 while a service the definitions call has no consumer group) |
 //! | `sagaflow_admission_pressure` | gauge | (share of step timeouts used, see [`crate::admission`]) |
 //! | `sagaflow_sagas_refused_total` | counter | `saga` (refused by admission control) |
 //! | `sagaflow_partitions_owned` | gauge | |
@@ -91,6 +92,13 @@ pub struct ErrorLabels {
 pub struct ReasonLabels {
     /// A short stable label (never free text: bounded cardinality).
     pub reason: String,
+}
+
+/// Labels of per-service gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// The participant service.
+    pub service: String,
 }
 
 /// Labels of consumer gauges.
@@ -191,6 +199,10 @@ pub struct Metrics {
     reported_events: Mutex<Vec<String>>,
     /// Admission control's measure of overload, fed by the attempts that end on this node.
     pub admission: Arc<Admission>,
+    /// 1 while a service the loaded definitions call has no consumer group.
+    service_without_consumer: Family<ServiceLabels, Gauge>,
+    /// The services the loaded definitions call (see [`Metrics::watch_services`]).
+    services: Mutex<Vec<String>>,
     /// Sagas created through this node's API (counted by [`crate::api::SagaApi::start`]).
     pub sagas_started: Family<SagaLabels, Counter>,
 }
@@ -208,6 +220,23 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records whether `service` has a consumer group (`sagaflow_service_without_consumer`).
+    pub fn service_served(&self, service: &str, served: bool) {
+        self.service_without_consumer
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .set(i64::from(!served));
+    }
+
+    /// Reports, from the next poll on, whether each of `services` (those the loaded
+    /// definitions call) has a consumer group (`sagaflow_service_without_consumer`).
+    pub fn watch_services(&self, services: Vec<String>) {
+        if let Ok(mut s) = self.services.lock() {
+            *s = services;
+        }
+    }
+
     /// Every metric, registered (names prefixed `sagaflow_`).
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("sagaflow");
@@ -237,6 +266,8 @@ impl Metrics {
             ready: Gauge::default(),
             reported_events: Mutex::default(),
             admission: Arc::default(),
+            service_without_consumer: Family::default(),
+            services: Mutex::default(),
             sagas_started: Family::default(),
             registry: Registry::default(),
         };
@@ -259,6 +290,11 @@ impl Metrics {
             "fenced_writes",
             "Snapshot writes and publishes refused because this node's heartbeat lapsed (paused or cut off)",
             m.fenced_writes.clone(),
+        );
+        registry.register(
+            "service_without_consumer",
+            "1 while a participant service that a loaded saga definition calls has no consumer group (nobody takes its commands; its steps fail after their timeouts)",
+            m.service_without_consumer.clone(),
         );
         registry.register(
             "orphans_adopted",
@@ -585,6 +621,17 @@ async fn poll_jetstream(js: &jetstream::Context, metrics: &Metrics, held: &[u32]
             .take(MAX_SERVICE_CONSUMERS)
             .collect()
             .await;
+        let services = metrics
+            .services
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        for service in services {
+            let served = names
+                .iter()
+                .any(|n| n.strip_prefix("svc-") == Some(&service));
+            metrics.service_served(&service, served);
+        }
         consumers(js, metrics, COMMANDS_STREAM, &names).await;
     }
     consumers(

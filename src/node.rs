@@ -394,6 +394,10 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     tracing::info!(node_id = %config.node_id, sagas = ?definitions.keys().collect::<Vec<_>>(), "definitions loaded");
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new());
+    let mut services: Vec<String> = definitions.values().flat_map(|d| d.services()).collect();
+    services.sort();
+    services.dedup();
+    metrics.watch_services(services);
     let client = connect_with(&config, readiness.clone()).await?;
     warn_of_unbounded_snapshots(&config, &definitions, client.server_info().max_payload);
     let js = jetstream::new(client.clone());

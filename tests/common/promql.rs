@@ -48,11 +48,13 @@ fn exposition() -> String {
     m.fenced_writes.inc();
     m.consumer_pending.get_or_create(&labels).set(1);
     m.consumer_ack_pending.get_or_create(&labels).set(1);
-    let mut text = m.encode();
-    // The started counter is process-wide (the metrics test counts it): name it by hand.
-    text.push_str("# TYPE sagaflow_sagas_started counter\n");
-    text.push_str("sagaflow_sagas_started_total{saga=\"alert-check\"} 1\n");
-    text
+    m.service_served("svc", false);
+    m.sagas_started
+        .get_or_create(&sagaflow::metrics::SagaLabels {
+            saga: "alert-check".into(),
+        })
+        .inc();
+    m.encode()
 }
 
 /// Every metric family a node exports (`sagaflow_…`, as on its `# TYPE` line) and its type

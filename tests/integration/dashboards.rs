@@ -15,7 +15,10 @@ use serde_json::Value;
 const DASHBOARD: &str = "deploy/grafana/sagaflow.json";
 
 /// Exported metric families that deliberately have no panel: (family, reason).
-const NO_PANEL: &[(&str, &str)] = &[];
+const NO_PANEL: &[(&str, &str)] = &[(
+    "sagaflow_service_without_consumer",
+    "0 or 1 per service, and 1 only until someone serves it: an alert (SagaflowServiceWithoutConsumer) says so, and `sagaflow saga list` shows which",
+)];
 
 /// Grafana's own variables, usable in any query.
 const BUILTIN_VARS: &[&str] = &[

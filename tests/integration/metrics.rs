@@ -93,7 +93,10 @@ async fn metrics_and_probes_follow_orders_and_nats() {
             && sample_sum(&body, "sagaflow_sagas_compensated_total") == Some(cancelled as f64)
             && sample_sum(&body, "sagaflow_dlq_depth").is_some()
             && body.contains("consumer=\"evt-p0\"")
-            && body.contains("consumer=\"svc-payment\"");
+            && body.contains("consumer=\"svc-payment\"")
+            // The demo serves the order saga's services; the trip's hotel nobody does.
+            && body.contains("sagaflow_service_without_consumer{service=\"payment\"} 0")
+            && body.contains("sagaflow_service_without_consumer{service=\"hotel\"} 1");
         *text.lock().unwrap() = body;
         ok
     })
