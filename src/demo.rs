@@ -425,6 +425,40 @@ pub(crate) fn unavailable(
 mod tests {
     use super::*;
 
+    /// The JSON block after `### {saga}` in docs/participants.md.
+    fn documented_input(saga: &str) -> serde_json::Value {
+        let doc = include_str!("../docs/participants.md");
+        let section = doc
+            .split(&format!("### {saga}\n"))
+            .nth(1)
+            .expect("a section for the saga");
+        let block = section
+            .split("```json\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a json block");
+        serde_json::from_str(block).expect("the documented input is JSON")
+    }
+
+    #[test]
+    fn the_documented_inputs_are_what_the_demo_payment_reads() {
+        // docs/participants.md: order and trip inputs, and that the trip's needs amount_cents.
+        let order = documented_input("order");
+        let parsed = OrderInput::parse(order.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.amount_cents, 1999);
+        assert_eq!(parsed.item_pairs(), [("SKU-1".to_string(), 2)]);
+        let trip = documented_input("trip");
+        assert_eq!(
+            OrderInput::parse(trip.to_string().as_bytes())
+                .unwrap()
+                .amount_cents,
+            184_000
+        );
+        let mut without = trip.clone();
+        without.as_object_mut().unwrap().remove("amount_cents");
+        assert!(OrderInput::parse(without.to_string().as_bytes()).is_err());
+    }
+
     #[test]
     fn order_input_parses_and_validates() {
         let ok = br#"{"order_id":"A1","customer":"ann","amount_cents":1200,"items":[{"sku":"SKU-1","quantity":2}]}"#;
