@@ -55,6 +55,13 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role named `name` (`reader`, `client`, `operator`, `admin`).
+    pub fn from_name(name: &str) -> Option<Role> {
+        [Role::Reader, Role::Client, Role::Operator, Role::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    }
+
     /// Its name as written in the tokens file.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -198,12 +205,7 @@ impl Tokens {
         for (i, t) in file.token.into_iter().enumerate() {
             let which = format!("token[{i}]");
             let name = t.name.trim();
-            if name.is_empty()
-                || name.len() > 100
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-            {
+            if !valid_name(name) {
                 return Err((
                     None,
                     format!("{which}.name: 1 to 100 of letters, digits, `-_.@`, got {name:?}"),
@@ -258,6 +260,15 @@ impl Tokens {
         }
         found
     }
+}
+
+/// Whether `name` may name a token: 1 to 100 of letters, digits and `-_.@`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
 }
 
 /// The hex SHA-256 of `secret`, as the tokens file stores it.

@@ -110,7 +110,7 @@ pub struct DevArgs {
     pub http_addr: SocketAddr,
     /// The demo services to run, e.g. `payment,notification` when your own participants serve
     /// the others [default: all of payment, inventory, shipping, notification].
-    #[arg(long, value_name = "SERVICES", value_delimiter = ',', default_values_t = crate::config::DEMO_SERVICES.map(String::from), value_parser = ["payment", "inventory", "shipping", "notification"])]
+    #[arg(long, value_name = "SERVICES", value_delimiter = ',', default_values_t = crate::config::DEMO_SERVICES.map(String::from), value_parser = clap::builder::PossibleValuesParser::new(crate::config::DEMO_SERVICES))]
     pub demo_services: Vec<String>,
     /// Run no demo service: your own participants serve every step.
     #[arg(long, conflicts_with = "demo_services")]
@@ -789,12 +789,7 @@ fn write_nats_config(services: &[String], out: &std::path::Path) -> anyhow::Resu
 /// `sagaflow security gen-token`: a random secret (32 bytes from the OS-seeded generator, as
 /// hex) and the `[[token]]` entry that admits it.
 fn gen_token(name: &str, role: &str) -> anyhow::Result<String> {
-    if name.is_empty()
-        || name.len() > 100
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-    {
+    if !crate::auth::valid_name(name) {
         anyhow::bail!("--name: 1 to 100 of letters, digits, `-_.@`, got {name:?}");
     }
     let secret: String = rand::random::<[u8; 32]>()

@@ -558,13 +558,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         .certificate
         .iter()
         .filter_map(|c| {
-            let role = match c.role.as_str() {
-                "reader" => crate::auth::Role::Reader,
-                "client" => crate::auth::Role::Client,
-                "operator" => crate::auth::Role::Operator,
-                "admin" => crate::auth::Role::Admin,
-                _ => return None,
-            };
+            let role = crate::auth::Role::from_name(&c.role)?;
             let name = c.name.clone().unwrap_or_else(|| c.common_name.clone());
             Some((c.common_name.clone(), crate::auth::Identity { name, role }))
         })

@@ -186,7 +186,7 @@ pub fn check_command(cmd: &v1::Command) -> Result<(), String> {
     };
     let reply_to_event = match cmd.reply_subject.split('.').collect::<Vec<_>>().as_slice() {
         ["sagaflow", "evt", p, "reply", service]
-            if !["start", "cancel", "intervene", "reply"].contains(service) =>
+            if !crate::events::CONTROL_KINDS.contains(service) && *service != "reply" =>
         {
             if *service != cmd.service {
                 return Err(format!(

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use sagaflow::client::{Bearer, Conn};
+use sagaflow::telemetry::error_chain;
 use sagaflow_proto::v1::admin_service_client::AdminServiceClient;
 use sagaflow_proto::v1::order_service_client::OrderServiceClient;
 use sagaflow_proto::v1::{ClusterStatusRequest, GetOrderRequest};
@@ -522,16 +523,6 @@ pub async fn channel(url: &str, auth: Option<&ClientAuth>) -> Result<Conn, Strin
         Ok(Err(e)) => Err(error_chain(&e)),
         Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 /// Waits until the node at `url` answers `GetOrder` from its store and (when `all_partitions`) every
