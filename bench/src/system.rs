@@ -219,81 +219,26 @@ pub struct ClientAuth {
     pub token: String,
 }
 
-/// Makes, in `dir`, a CA and a certificate for 127.0.0.1 (with `openssl`), and a tokens file
-/// with one random `client` token; returns what a client needs and the node's flags.
+/// The script users run for local certificates (`scripts/gen-certs.sh`), embedded.
+const GEN_CERTS: &str = include_str!("../../scripts/gen-certs.sh");
+
+/// Makes, in `dir`, a CA and a certificate for 127.0.0.1 (`scripts/gen-certs.sh`, with
+/// `openssl`), and a tokens file with one random `client` token; returns what a client needs
+/// and the node's flags.
 fn make_tls(dir: &Path) -> Result<(ClientAuth, Vec<String>), Error> {
-    let openssl = |args: &[&str]| -> Result<(), Error> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .map_err(io("--tls makes its certificates with the openssl command"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(Error::Io {
-                what: format!("openssl {}", args.join(" ")),
-                source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
-            })
-        }
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sagaflow-bench CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(&ca)?;
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "node.key",
-        "-out",
-        "node.csr",
-        "-subj",
-        "/CN=bench-node",
-    ]);
-    openssl(&csr)?;
-    std::fs::write(
-        dir.join("node.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .map_err(io("cannot write the certificate extensions"))?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "node.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "node.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "node.ext",
-    ])?;
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(GEN_CERTS)
+        .arg("gen-certs.sh")
+        .arg(dir)
+        .output()
+        .map_err(io("--tls makes its certificates with bash and openssl"))?;
+    if !out.status.success() {
+        return Err(Error::Io {
+            what: "scripts/gen-certs.sh".to_string(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+        });
+    }
     let token: String = rand::random::<[u8; 32]>()
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -1,88 +1,15 @@
-//! Test certificates made with `openssl` (installed by `.ci/run`): a CA, and leaf
-//! certificates it signs for a server on 127.0.0.1 or for a client.
+//! Test certificates from the script users run, `scripts/gen-certs.sh` (openssl, installed
+//! by `.ci/run`): a CA, a node certificate for 127.0.0.1 and a client certificate.
 
 use std::path::Path;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
+/// Runs `scripts/gen-certs.sh DIR`: `ca.crt`/`ca.key`, `node.crt`/`node.key` (127.0.0.1,
+/// localhost) and `client.crt`/`client.key` (CN `client`) in `dir`, each set its own CA.
+pub fn gen_certs(dir: &Path) {
+    let out = std::process::Command::new("bash")
+        .arg(super::repo_dir().join("scripts/gen-certs.sh"))
+        .arg(dir)
         .output()
-        .expect("openssl (installed by .ci/run)");
-    assert!(out.status.success(), "openssl {args:?}: {out:?}");
-}
-
-/// A CA `name` (`name.crt`, `name.key`) in `dir`.
-pub fn ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-}
-
-/// A certificate `name` signed by CA `by`, for a server (127.0.0.1) or a client.
-pub fn leaf(dir: &Path, name: &str, by: &str, server: bool) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-    let ext = if server {
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-    } else {
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
-    };
-    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{by}.crt"),
-            "-CAkey",
-            &format!("{by}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
+        .expect("bash and openssl (installed by .ci/run)");
+    assert!(out.status.success(), "gen-certs.sh: {out:?}");
 }

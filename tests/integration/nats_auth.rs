@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::certs::{ca, leaf};
+use common::certs::gen_certs;
 use common::checks::order;
 use common::*;
 
@@ -54,20 +54,19 @@ async fn ships(node: &sagaflow::node::NodeHandle, id: &str) {
 async fn a_node_authenticates_to_nats_over_tls_and_never_logs_its_password() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ca(d, "nats-ca");
-    leaf(d, "nats", "nats-ca", true);
+    gen_certs(d);
     let user = nkeys::KeyPair::new_user();
     let seed_file = d.join("node.nk");
     std::fs::write(&seed_file, user.seed().unwrap()).unwrap();
     let nats = nats_with(format!(
         "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
          authorization {{\n  users = [\n    {{ user: \"node\", password: \"s3cret-pw\" }}\n    {{ nkey: \"{}\" }}\n  ]\n}}\n",
-        d.join("nats.crt").display(),
-        d.join("nats.key").display(),
+        d.join("node.crt").display(),
+        d.join("node.key").display(),
         user.public_key()
     ))
     .await;
-    let ca_file = d.join("nats-ca.crt");
+    let ca_file = d.join("ca.crt");
 
     // User and password, TLS verified against the CA.
     let node = TestNode::on(&nats)

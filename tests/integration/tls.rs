@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::certs::{ca, leaf};
+use common::certs::gen_certs;
 use common::*;
 use sagaflow::auth::sha256_hex;
 
@@ -65,12 +65,7 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The first set from the script users run (scripts/gen-certs.sh): ca, node, client.
-    let out = std::process::Command::new("bash")
-        .arg(repo_dir().join("scripts/gen-certs.sh"))
-        .arg(d)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    gen_certs(d);
     std::fs::write(
         p(d, "tokens.toml"),
         format!(
@@ -114,13 +109,13 @@ async fn the_cli_reaches_a_tls_node_and_follows_a_new_certificate() {
 
     // A new certificate from another CA, written over the old one: picked up without a
     // restart.
-    ca(d, "ca2");
-    leaf(d, "node2", "ca2", true);
-    std::fs::copy(p(d, "node2.key"), p(d, "serving.key.new")).unwrap();
-    std::fs::copy(p(d, "node2.crt"), p(d, "serving.crt.new")).unwrap();
+    let second = d.join("second");
+    gen_certs(&second);
+    std::fs::copy(p(&second, "node.key"), p(d, "serving.key.new")).unwrap();
+    std::fs::copy(p(&second, "node.crt"), p(d, "serving.crt.new")).unwrap();
     std::fs::rename(p(d, "serving.key.new"), p(d, "serving.key")).unwrap();
     std::fs::rename(p(d, "serving.crt.new"), p(d, "serving.crt")).unwrap();
-    let ca2 = p(d, "ca2.crt");
+    let ca2 = p(&second, "ca.crt");
     let https2 = https.clone();
     wait_until(
         Duration::from_secs(30),
