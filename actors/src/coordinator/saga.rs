@@ -466,26 +466,25 @@ impl SagaState {
                 };
                 // A reply comes from the service its command went to: NATS permissions let each
                 // service publish only on its own reply subject, and this holds them to it.
-                let sent_to = self.loaded.as_ref().and_then(|l| {
-                    let s = l.def.step(i)?;
+                // (Compared in place: a string is copied only for a refusal.)
+                let wrong = service.as_deref().and_then(|from| {
+                    let s = self.loaded.as_ref()?.def.step(i)?;
                     let action = if compensation {
                         s.compensation.as_ref()?
                     } else {
                         &s.action
                     };
-                    Some(action.service.clone())
+                    (action.service != from).then(|| (from, action.service.clone()))
                 });
-                if let (Some(from), Some(to)) = (&service, &sent_to) {
-                    if from != to {
-                        self.ctx.observer.event_refused("wrong_service");
-                        delivery
-                            .dead_letter(format!(
-                                "reply for step `{step}` of saga `{}` came from service `{from}`; its command went to service `{to}`",
-                                self.id
-                            ))
-                            .await;
-                        return;
-                    }
+                if let Some((from, to)) = wrong {
+                    self.ctx.observer.event_refused("wrong_service");
+                    delivery
+                        .dead_letter(format!(
+                            "reply for step `{step}` of saga `{}` came from service `{from}`; its command went to service `{to}`",
+                            self.id
+                        ))
+                        .await;
+                    return;
                 }
                 // A reply must answer an attempt that was sent. Checked against the stored
                 // snapshot before refusing: a copy kept in memory may be behind.
