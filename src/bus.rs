@@ -27,23 +27,9 @@ use crate::config::StatusEvents;
 use crate::telemetry;
 use crate::topology::{command_subject, reply_subject, status_subject};
 
-/// The command id of one attempt (`Nats-Msg-Id`).
-pub fn command_id(saga_id: &str, step: &str, compensation: bool, attempt: u32) -> String {
-    if compensation {
-        format!("{saga_id}/{step}/c{attempt}")
-    } else {
-        format!("{saga_id}/{step}/{attempt}")
-    }
-}
-
-/// The idempotency key participants record effects under.
-pub fn idempotency_key(saga_id: &str, step: &str, compensation: bool) -> String {
-    if compensation {
-        format!("{saga_id}/{step}/compensate")
-    } else {
-        format!("{saga_id}/{step}")
-    }
-}
+/// The command id of one attempt (`Nats-Msg-Id`) and the idempotency key participants record
+/// effects under: the wire contract's (`sagaflow-proto`).
+pub use sagaflow_proto::subjects::{command_id, idempotency_key};
 
 /// Builds the protobuf command for one attempt, with its subject.
 pub fn build_command(
@@ -345,5 +331,74 @@ mod tests {
         let again = prepare(&def, &saga, specs[0], 4).unwrap();
         assert_eq!(again.trace.trace_id, saga_trace_id("order-T-1"));
         assert!(!span_ids.contains(&again.trace.parent_id));
+    }
+
+    /// Attempt 1 of the order saga's first step, as the node builds it.
+    fn command() -> v1::Command {
+        let def = sagaflow_actors::definition::parse(
+            include_str!("../sagas/order.toml"),
+            std::path::Path::new("sagas/order.toml"),
+        )
+        .unwrap();
+        let (saga, _) = Saga::start(&def, "order-A-1".into(), b"{}".to_vec(), 1);
+        let spec = CommandSpec {
+            step: 0,
+            attempt: 1,
+            compensation: false,
+        };
+        build_command(&def, &saga, spec, 8).unwrap().1
+    }
+
+    #[test]
+    fn commands_the_node_builds_pass_the_participants_check() {
+        let built = command();
+        assert_eq!(sagaflow_participant::command::check_command(&built), Ok(()));
+        assert!(
+            built.reply_subject.ends_with(".reply.payment"),
+            "{}",
+            built.reply_subject
+        );
+        // The older subject without the service is still answered (a node not yet upgraded).
+        let older = v1::Command {
+            reply_subject: built.reply_subject.trim_end_matches(".payment").into(),
+            ..command()
+        };
+        assert_eq!(sagaflow_participant::command::check_command(&older), Ok(()));
+        let forged = [
+            // Another service's reply subject.
+            v1::Command {
+                reply_subject: built.reply_subject.replace(".payment", ".shipping"),
+                ..command()
+            },
+            v1::Command {
+                reply_subject: "$JS.API.STREAM.DELETE.SAGA_EVENTS".into(),
+                ..command()
+            },
+            v1::Command {
+                reply_subject: "sagaflow.evt.x.reply".into(),
+                ..command()
+            },
+            v1::Command {
+                reply_subject: "sagaflow.evt.+5.reply".into(),
+                ..command()
+            },
+            v1::Command {
+                command_id: "order-A-1/charge/1\r\nPUB x 1".into(),
+                ..command()
+            },
+            v1::Command {
+                saga_id: "Z".repeat(5_000),
+                ..command()
+            },
+            v1::Command {
+                attempt: 0,
+                ..command()
+            },
+        ];
+        for cmd in forged {
+            let why = sagaflow_participant::command::check_command(&cmd).unwrap_err();
+            assert!(why.starts_with("command's"), "{why}");
+            assert!(!why.chars().any(char::is_control), "{why:?}");
+        }
     }
 }

@@ -25,11 +25,7 @@ use std::sync::Mutex;
 pub const SAMPLES: usize = 16;
 
 /// Unix milliseconds now, by this machine's clock (see [`ClusterClock`] for the cluster's).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use sagaflow_participant::now_ms;
 
 /// This node's view of the cluster's time (see the module doc).
 #[derive(Debug, Default)]

@@ -50,31 +50,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use ractor::ActorRef;
-use sagaflow_actors::service::{PoolStats, ServicePool, ServicePoolArgs, ServicePoolMsg};
+use sagaflow_participant::{ConsumerSettings, Handler, Outcome, Runner, Running, Unavailable};
 use sagaflow_proto::v1;
 use serde::Deserialize;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DemoConfig, NodeConfig, StatusEvents};
-use crate::participant::{self, Outcome, Participant, Unavailable};
+use crate::config::{ConsumerConfig, DemoConfig, NodeConfig, StatusEvents};
 
 pub use analytics::sales;
 pub use ledger::{ledger, LedgerEntry, LedgerSummary};
 
 /// Commands a node's service pool holds per instance (running or queued); the rest wait in
-/// JetStream (see [`participant::run_consumer`]). An instance runs one at a time, so a few
+/// JetStream (see [`sagaflow_participant::runner`]). An instance runs one at a time, so a few
 /// queued behind it keep it busy; more would only hold slow commands in memory (with the
 /// default 64 instances, 256 per service, as many as 4 instances × 64 held before).
 const COMMANDS_IN_HAND_PER_INSTANCE: usize = 4;
 
 /// The demo services, in the order they are started.
 pub const SERVICES: [&str; 4] = crate::config::DEMO_SERVICES;
-
-/// Bound on how long [`Demo::shutdown`] waits for in-flight commands before stopping the pools.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the demo services could not start or a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,20 +94,14 @@ pub enum Error {
         /// Cause.
         message: String,
     },
-    /// A service pool could not be spawned.
-    #[error("cannot start the `{service}` service pool: {message}")]
-    Spawn {
-        /// The service.
-        service: String,
-        /// Cause.
-        message: String,
-    },
+    /// A service could not be started.
+    #[error(transparent)]
+    Start(#[from] sagaflow_participant::StartError),
 }
 
-/// The running demo services: their pools and the tasks feeding them.
+/// The running demo services (each a [`sagaflow_participant::Runner`]) and analytics.
 pub struct Demo {
-    pools: Vec<(String, ActorRef<ServicePoolMsg>)>,
-    pool_handles: Vec<JoinHandle<()>>,
+    services: Vec<Running>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -123,7 +111,11 @@ impl std::fmt::Debug for Demo {
         f.debug_struct("Demo")
             .field(
                 "services",
-                &self.pools.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+                &self
+                    .services
+                    .iter()
+                    .map(Running::service)
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -147,10 +139,10 @@ pub async fn start(
     } else {
         let stock = inventory::Stock::open(&js, replicas).await?;
         stock.init(&cfg.demo.stock).await?;
-        (ledger::Ledger::open(&js, replicas).await?, stock)
+        (ledger::open(&js, replicas).await?, stock)
     };
     let knobs = Knobs::from_config(&cfg.demo);
-    let participants: [(&str, Arc<dyn Participant>); 4] = [
+    let participants: [(&str, Arc<dyn Handler>); 4] = [
         (
             "payment",
             Arc::new(payment::Payment::new(
@@ -177,43 +169,26 @@ pub async fn start(
     // A child token: shutdown can stop our tasks without cancelling the caller's token.
     let cancel = cancel.child_token();
     let mut demo = Demo {
-        pools: Vec::new(),
-        pool_handles: Vec::new(),
+        services: Vec::new(),
         tasks: TaskTracker::new(),
         cancel: cancel.clone(),
     };
     let chosen = |service: &str| cfg.demo.services.iter().any(|s| s == service);
     for (service, participant) in participants.into_iter().filter(|(s, _)| chosen(s)) {
-        let args = ServicePoolArgs {
-            service: service.to_string(),
-            instances: cfg.demo.instances,
-        };
-        let (pool, handle) = match ractor::Actor::spawn(None, ServicePool, args).await {
-            Ok(p) => p,
+        let started = Runner::shared(js.clone(), service, participant)
+            .instances(cfg.demo.instances)
+            .in_hand(cfg.demo.instances * COMMANDS_IN_HAND_PER_INSTANCE)
+            .consumer(consumer_settings(&cfg.consumers))
+            .continue_trace(crate::telemetry::continue_trace)
+            .start(cancel.clone())
+            .await;
+        match started {
+            Ok(running) => demo.services.push(running),
             Err(e) => {
-                let err = Error::Spawn {
-                    service: service.to_string(),
-                    message: e.to_string(),
-                };
                 demo.shutdown().await;
-                return Err(err);
+                return Err(e.into());
             }
-        };
-        demo.pool_handles.push(tokio::spawn(async move {
-            if let Err(e) = handle.await {
-                tracing::error!(error = %e, "service pool task failed");
-            }
-        }));
-        demo.pools.push((service.to_string(), pool.clone()));
-        demo.tasks.spawn(participant::run_consumer(
-            js.clone(),
-            service.to_string(),
-            cfg.consumers.clone(),
-            participant,
-            pool,
-            cfg.demo.instances * COMMANDS_IN_HAND_PER_INSTANCE,
-            cancel.clone(),
-        ));
+        }
     }
     // Analytics counts each lifecycle event once through a durable consumer of SAGA_STATUS:
     // with events that are not stored there is nothing for it to read.
@@ -239,9 +214,9 @@ pub async fn start(
 }
 
 impl Demo {
-    /// Each service's name and pool (for stats and supervision tests).
-    pub fn pools(&self) -> &[(String, ActorRef<ServicePoolMsg>)] {
-        &self.pools
+    /// The running services (for stats and supervision tests).
+    pub fn services(&self) -> &[Running] {
+        &self.services
     }
 
     /// Stops taking commands and events, waits (bounded) for the commands the pools hold, then
@@ -250,29 +225,18 @@ impl Demo {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-        for (service, pool) in &self.pools {
-            loop {
-                let stats: Option<PoolStats> =
-                    ractor::call_t!(pool, ServicePoolMsg::Stats, 1_000).ok();
-                let idle = stats.is_none_or(|s| s.completed + s.returned >= s.dispatched);
-                if idle || tokio::time::Instant::now() >= deadline {
-                    if !idle {
-                        tracing::warn!(
-                            service,
-                            "service pool still busy at shutdown, returning its commands"
-                        );
-                    }
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            pool.stop(None);
-        }
-        for handle in self.pool_handles {
-            let _ = handle.await;
-        }
+        futures::future::join_all(self.services.into_iter().map(Running::shutdown)).await;
         tracing::info!("demo services stopped");
+    }
+}
+
+/// The SDK's consumer settings from the node's `consumers.*` (the same table,
+/// `docs/participants.md`).
+pub fn consumer_settings(cfg: &ConsumerConfig) -> ConsumerSettings {
+    ConsumerSettings {
+        ack_wait: cfg.command_ack_wait,
+        max_deliver: cfg.command_max_deliver,
+        max_ack_pending: cfg.max_ack_pending,
     }
 }
 
@@ -319,7 +283,7 @@ impl Knobs {
             );
         }
         if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
-            return Some(failure("unavailable", "injected transient failure"));
+            return Some(Outcome::unavailable("injected transient failure"));
         }
         None
     }
@@ -395,23 +359,10 @@ pub(crate) async fn precheck(knobs: &Knobs, cmd: &v1::Command) -> Option<Outcome
 }
 
 pub(crate) fn failure(kind: &str, message: impl Into<String>) -> Outcome {
-    Outcome::Failure {
-        kind: kind.to_string(),
-        message: message.into(),
-    }
+    Outcome::failure(kind, message)
 }
 
-/// The forward key a compensation undoes: `compensates_key`, else the idempotency key without
-/// its `/compensate` suffix.
-pub(crate) fn forward_key(cmd: &v1::Command) -> Option<String> {
-    if !cmd.compensates_key.is_empty() {
-        return Some(cmd.compensates_key.clone());
-    }
-    cmd.idempotency_key
-        .strip_suffix("/compensate")
-        .filter(|k| !k.is_empty())
-        .map(str::to_string)
-}
+pub(crate) use sagaflow_participant::command::forward_key;
 
 /// Maps a storage error to [`Unavailable`] (the command is returned and retried).
 pub(crate) fn unavailable(
@@ -486,22 +437,6 @@ mod tests {
             .is_empty());
     }
 
-    #[test]
-    fn forward_key_prefers_compensates_key() {
-        let mut cmd = v1::Command {
-            idempotency_key: "order-A1/charge/compensate".into(),
-            ..Default::default()
-        };
-        assert_eq!(forward_key(&cmd).as_deref(), Some("order-A1/charge"));
-        cmd.compensates_key = "x/y".into();
-        assert_eq!(forward_key(&cmd).as_deref(), Some("x/y"));
-        let plain = v1::Command {
-            idempotency_key: "order-A1/charge".into(),
-            ..Default::default()
-        };
-        assert_eq!(forward_key(&plain), None);
-    }
-
     #[tokio::test]
     async fn knobs_inject_failures_and_panics() {
         let cmd = v1::Command::default();
@@ -511,7 +446,7 @@ mod tests {
             ..Knobs::default()
         };
         assert!(
-            matches!(always.apply(&cmd).await, Some(Outcome::Failure { kind, .. }) if kind == "unavailable")
+            matches!(always.apply(&cmd).await, Some(Outcome::Transient { kind, .. }) if kind == "unavailable")
         );
         let panics = Knobs {
             panic_rate: 1.0,

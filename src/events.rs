@@ -53,7 +53,7 @@ impl std::fmt::Display for Refusal {
 }
 
 /// Control events: the kinds that name their saga in a header.
-pub const CONTROL_KINDS: [&str; 3] = ["start", "cancel", "intervene"];
+pub use sagaflow_proto::subjects::CONTROL_KINDS;
 
 /// Decodes and checks a saga event from its subject, headers and payload, for a deployment of
 /// `partitions` partitions.

@@ -11,10 +11,9 @@
 //! - [`events`]: saga events in: decoding and checking each message.
 //! - [`partition`]: consuming one partition; take-over scan; orphan sweep.
 //! - [`index`]: unfinished sagas and the list index, from headers only.
-//! - [`consume`]: the loop every durable pull consumer runs.
+//! - [`consume`]: the loop every durable pull consumer runs (the participant SDK's).
 //! - [`dlq`], [`advisories`]: dead letters, and commands that exhausted their deliveries.
 //! - [`cluster`]: membership, heartbeats, partition leases; [`fence`], [`clock`].
-//! - [`participant`]: hosting participant services (consumer groups).
 //!
 //! The node:
 //! - [`config`]: node configuration, layered defaults → file → env → CLI.
@@ -25,7 +24,7 @@
 //! - [`grpc`], [`http`]: the API edges, which only translate; [`admission`]: refusing sagas
 //!   when overloaded.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and traces.
-//! - [`demo`]: the demo participant services.
+//! - [`demo`]: the demo participant services, on the participant SDK (`sagaflow-participant`).
 //!
 //! The binaries' side:
 //! - [`cli`]: the command line; a gRPC client for everything but `node`, `dev` and `saga validate`.
@@ -57,7 +56,6 @@ pub mod http;
 pub mod index;
 pub mod metrics;
 pub mod node;
-pub mod participant;
 pub mod partition;
 pub mod reload;
 pub mod store;
@@ -92,7 +90,6 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "advisories",
             "fence",
             "admission",
-            "participant",
             "partition",
             "cluster",
         ],

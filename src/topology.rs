@@ -14,14 +14,16 @@ use async_nats::jetstream::{self, kv, stream};
 
 use crate::config::{StatusEvents, StreamsConfig};
 
-/// Stream of everything that happens to sagas.
-pub const EVENTS_STREAM: &str = "SAGA_EVENTS";
-/// Stream of commands to participants.
-pub const COMMANDS_STREAM: &str = "SAGA_COMMANDS";
+// The names participants share with the node (the wire contract, `sagaflow-proto`):
+// `reply_subject` names the service, so NATS permissions can let each service publish only its
+// own replies (`sagaflow.evt.*.reply.<service>`), and the orchestrator refuses a reply whose
+// service is not the one the command went to.
+pub use sagaflow_proto::subjects::{
+    command_subject, dlq_subject, reply_subject, COMMANDS_STREAM, DLQ_STREAM, EVENTS_STREAM,
+};
+
 /// Stream of lifecycle (status) events.
 pub const STATUS_STREAM: &str = "SAGA_STATUS";
-/// Dead letters.
-pub const DLQ_STREAM: &str = "SAGA_DLQ";
 /// Saga snapshots.
 pub const SAGAS_BUCKET: &str = "sagaflow_sagas";
 
@@ -34,15 +36,6 @@ pub fn event_subject(partition: u32, kind: &str) -> String {
     format!("sagaflow.evt.{partition}.{kind}")
 }
 
-/// Where `service` replies to a command of a saga of `partition`:
-/// `sagaflow.evt.<partition>.reply.<service>`. The subject names the service, so NATS
-/// permissions can let each service publish only its own replies
-/// (`sagaflow.evt.*.reply.<service>`), and the orchestrator refuses a reply whose service is
-/// not the one the command went to.
-pub fn reply_subject(partition: u32, service: &str) -> String {
-    format!("sagaflow.evt.{partition}.reply.{service}")
-}
-
 /// Header naming the saga of a control event (`start`, `cancel`, `intervene`); a reply names
 /// its saga in its payload.
 pub const SAGA_ID_HEADER: &str = "Sagaflow-Saga-Id";
@@ -52,19 +45,9 @@ pub fn partition_filter(partition: u32) -> String {
     format!("sagaflow.evt.{partition}.>")
 }
 
-/// Subject of a command.
-pub fn command_subject(service: &str, action: &str) -> String {
-    format!("sagaflow.cmd.{service}.{action}")
-}
-
 /// Subject of a lifecycle event.
 pub fn status_subject(saga_name: &str, saga_id: &str) -> String {
     format!("sagaflow.status.{saga_name}.{saga_id}")
-}
-
-/// Subject of a dead letter from `source`.
-pub fn dlq_subject(source: &str) -> String {
-    format!("sagaflow.dlq.{source}")
 }
 
 /// Subject of the dead letter of a parked saga (one subject per saga, so resuming the saga
@@ -269,33 +252,6 @@ pub async fn ensure_bucket(
 /// How long to wait for JetStream API answers before treating the server as unavailable.
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether a failed KV `create` means the key already exists (a lost race, not an outage).
-///
-/// In a clustered JetStream, NATS ≥ 2.12 reports a lost compare-and-set with error code 10164
-/// (`wrong last sequence`, constant message), which async-nats 0.51 does not map to
-/// `AlreadyExists`/`WrongLastRevision`; the source chain is checked too.
-pub fn create_conflict(e: &kv::CreateError) -> bool {
-    e.kind() == kv::CreateErrorKind::AlreadyExists || wrong_last_sequence(e)
-}
-
-/// Whether a failed KV `update` means the revision moved on (a lost compare-and-set).
-pub fn update_conflict(e: &kv::UpdateError) -> bool {
-    e.kind() == kv::UpdateErrorKind::WrongLastRevision || wrong_last_sequence(e)
-}
-
-fn wrong_last_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
-    use async_nats::jetstream::ErrorCode;
-    let mut current = Some(e);
-    while let Some(err) = current {
-        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
-            let code = js.error_code();
-            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
-                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
-            {
-                return true;
-            }
-        }
-        current = err.source();
-    }
-    false
-}
+/// Whether a failed KV `create` lost to an existing key, or an `update` to a newer revision:
+/// the participant SDK's tests, which know NATS ≥ 2.12's clustered error code too.
+pub use sagaflow_participant::ledger::{create_conflict, update_conflict};

@@ -8,19 +8,20 @@
 //! - [`wire`]: versioned postcard envelopes for everything stored or sent.
 //! - [`coordinator`]: the ractor actors hosting the machine: the coordinator routes events and
 //!   supervises, one saga actor (`coordinator/saga.rs`) per live saga drives it.
-//! - [`service`]: supervised pools of participant instances sharing one consumer group.
+//! - [`service`]: the backoff of supervised restarts.
 //! - [`ports`]: the small traits through which the actors reach the outside (event log, command
 //!   bus, state store), implemented over NATS JetStream by the `sagaflow` crate.
-//! - [`ids`]: the rules every id from outside passes before it is used.
+//! - [`ids`]: the rules every id from outside passes before it is used (from `sagaflow-proto`,
+//!   the wire contract).
 //! - [`cluster`]: the cluster's pure logic: which node owns which partition, lease steps.
-//! - [`hash`], [`duration`]: stable hashing, human durations.
+//! - [`hash`] (from `sagaflow-proto`), [`duration`]: stable hashing, human durations.
+
+pub use sagaflow_proto::{hash, ids};
 
 pub mod cluster;
 pub mod coordinator;
 pub mod definition;
 pub mod duration;
-pub mod hash;
-pub mod ids;
 pub mod machine;
 pub mod ports;
 pub mod service;

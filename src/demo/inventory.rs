@@ -27,8 +27,8 @@ use sagaflow_proto::v1;
 
 use super::ledger::{Ledger, LedgerEntry, Recorded, Undo};
 use super::{failure, forward_key, unavailable, Error, Knobs, OrderInput};
-use crate::participant::{Outcome, Participant, Unavailable};
 use crate::topology::ensure_bucket;
+use sagaflow_participant::{Handler as Participant, Outcome, Unavailable};
 
 /// Service name.
 pub const SERVICE: &str = "inventory";
@@ -380,13 +380,13 @@ impl Inventory {
         entry.outcome = Recorded::Success {
             output: output.to_string().into_bytes(),
         };
-        entry.items = items;
+        entry.detail.items = items;
         // A storage error here leaves the stock taken (see the module docs: under-selling).
         match self.ledger.create(&entry).await? {
             None => Ok(entry.outcome.to_outcome()),
             Some(existing) => {
                 // A duplicate or an early release got there first: our stock goes back.
-                self.stock.give_all(&entry.items).await;
+                self.stock.give_all(&entry.detail.items).await;
                 Ok(existing.outcome.to_outcome())
             }
         }
@@ -402,16 +402,16 @@ impl Inventory {
             Undo::Pending { forward, entry } => (*forward, *entry),
         };
         if entry.undid {
-            entry.items = reservation.items;
+            entry.detail.items = reservation.detail.items;
         }
-        let output = serde_json::json!({ "released": entry.items.iter().map(|(s, q)| serde_json::json!({"sku": s, "quantity": q})).collect::<Vec<_>>() });
+        let output = serde_json::json!({ "released": entry.detail.items.iter().map(|(s, q)| serde_json::json!({"sku": s, "quantity": q})).collect::<Vec<_>>() });
         entry.outcome = Recorded::Success {
             output: output.to_string().into_bytes(),
         };
         // Ledger first, then the stock: whoever records the release returns the stock, once.
         match self.ledger.create(&entry).await? {
             None => {
-                self.stock.give_all(&entry.items).await;
+                self.stock.give_all(&entry.detail.items).await;
                 Ok(entry.outcome.to_outcome())
             }
             Some(existing) => Ok(existing.outcome.to_outcome()),

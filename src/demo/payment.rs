@@ -9,7 +9,7 @@ use sagaflow_proto::v1;
 
 use super::ledger::{Ledger, LedgerEntry, Recorded, Undo};
 use super::{failure, forward_key, Knobs, OrderInput};
-use crate::participant::{Outcome, Participant, Unavailable};
+use sagaflow_participant::{Handler as Participant, Outcome, Unavailable};
 
 /// Service name.
 pub const SERVICE: &str = "payment";
@@ -49,7 +49,7 @@ impl Payment {
                 ),
             },
             Ok(order) => {
-                entry.amount_cents = order.amount_cents;
+                entry.detail.amount_cents = order.amount_cents;
                 let output = serde_json::json!({ "charged_cents": order.amount_cents, "customer": order.customer });
                 Recorded::Success {
                     output: output.to_string().into_bytes(),
@@ -69,9 +69,9 @@ impl Payment {
             Undo::Pending { forward, entry } => (*forward, *entry),
         };
         if entry.undid {
-            entry.amount_cents = charge.amount_cents;
+            entry.detail.amount_cents = charge.detail.amount_cents;
         }
-        let output = serde_json::json!({ "refunded_cents": entry.amount_cents });
+        let output = serde_json::json!({ "refunded_cents": entry.detail.amount_cents });
         entry.outcome = Recorded::Success {
             output: output.to_string().into_bytes(),
         };

@@ -6,7 +6,7 @@ use sagaflow_proto::v1;
 
 use super::ledger::{Ledger, LedgerEntry, Recorded, Undo};
 use super::{failure, forward_key, Knobs};
-use crate::participant::{Outcome, Participant, Unavailable};
+use sagaflow_participant::{Handler as Participant, Outcome, Unavailable};
 
 /// Service name.
 pub const SERVICE: &str = "shipping";

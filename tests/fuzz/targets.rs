@@ -12,7 +12,7 @@
 //! | `events` | an [`EventCase`]: partitions, subject, headers, payload | `sagaflow::events::decode` |
 //! | `snapshot` | postcard bytes | `wire::decode_snapshot`, re-encoding round-trips |
 //! | `control` | postcard bytes | `wire::decode_control`, re-encoding round-trips |
-//! | `command` | protobuf `Command` bytes | `sagaflow::participant::check_command` |
+//! | `command` | protobuf `Command` bytes | `sagaflow_participant::command::check_command` |
 //! | `machine` | choices ([`G`]): definition, saga, events | the state machine's bounds |
 //! | `adopted` | choices ([`G`]): an arbitrary snapshot, events | the machine never panics on a snapshot a `Created` event carries |
 //! | `definition` | TOML text (lossy UTF-8) | `definition::parse`: errors point inside the text |
@@ -596,7 +596,7 @@ fn gen_control(g: &mut G) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// command: `sagaflow::participant::check_command`.
+// command: `sagaflow_participant::command::check_command`.
 
 /// Whether `subject` is `service`'s reply subject, `sagaflow.evt.<digits>.reply.<service>`,
 /// or one of the older forms that name no service: `sagaflow.evt.<digits>.reply`, and
@@ -617,7 +617,7 @@ pub fn command(data: &[u8]) -> String {
     let Ok(cmd) = v1::Command::decode(data) else {
         return "undecodable".into();
     };
-    match sagaflow::participant::check_command(&cmd) {
+    match sagaflow_participant::command::check_command(&cmd) {
         Ok(()) => {
             assert!(
                 is_reply_subject(&cmd.reply_subject, &cmd.service),

@@ -13,37 +13,12 @@ use common::{nats_client, start_nats, wait_until, within, NatsServer, TIMEOUT};
 use futures::StreamExt;
 use prost::Message as _;
 use sagaflow::config::NodeConfig;
-use sagaflow::demo::{self, ledger::Ledger, payment::Payment, Knobs, LedgerSummary};
-use sagaflow::participant::{self, Outcome, Participant, Unavailable};
-use sagaflow_actors::service::{ServicePool, ServicePoolArgs, ServicePoolMsg};
+use sagaflow::demo::{self, payment::Payment, Knobs, LedgerSummary};
+use sagaflow_participant::{Handler as Participant, Outcome, Runner, Running, Unavailable};
 use sagaflow_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 const ORDER: &str = r#"{"order_id":"A1","customer":"ann","amount_cents":1200,"items":[{"sku":"SKU-1","quantity":2}]}"#;
-
-/// A service pool and the pull loop feeding it.
-struct Served {
-    pool: ractor::ActorRef<ServicePoolMsg>,
-    pool_handle: tokio::task::JoinHandle<()>,
-    cancel: CancellationToken,
-    consumer: tokio::task::JoinHandle<()>,
-}
-
-impl Served {
-    /// Stops the pull loop, then the pool.
-    async fn stop(self) {
-        self.cancel.cancel();
-        within(TIMEOUT, "consumer stops", self.consumer)
-            .await
-            .unwrap()
-            .unwrap();
-        self.pool.stop(None);
-        within(TIMEOUT, "pool stops", self.pool_handle)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
 
 /// A NATS server with the topology, and a client listening on one reply subject.
 struct Env {
@@ -139,48 +114,21 @@ impl Env {
         .unwrap();
     }
 
-    /// Serves the `payment` consumer group with `participant`: one instance in a pool, fed by
-    /// the pull loop with at most `in_hand` commands in hand.
-    async fn serve_payment(&self, participant: Arc<dyn Participant>, in_hand: usize) -> Served {
-        let args = ServicePoolArgs {
-            service: "payment".into(),
-            instances: 1,
-        };
-        let (pool, pool_handle) = within(
+    /// Serves the `payment` consumer group with `participant` through the SDK's runner: one
+    /// instance, at most `in_hand` commands in hand.
+    async fn serve_payment(&self, participant: Arc<dyn Participant>, in_hand: usize) -> Running {
+        within(
             TIMEOUT,
-            "spawn pool",
-            ractor::Actor::spawn(None, ServicePool, args),
+            "start the runner",
+            Runner::shared(self.js.clone(), "payment", participant)
+                .instances(1)
+                .in_hand(in_hand)
+                .consumer(demo::consumer_settings(&self.cfg.consumers))
+                .start(CancellationToken::new()),
         )
         .await
         .unwrap()
-        .unwrap();
-        let (cancel, consumer) = self.consume(participant, &pool, in_hand);
-        Served {
-            pool,
-            pool_handle,
-            cancel,
-            consumer,
-        }
-    }
-
-    /// A pull loop of the `payment` group feeding `pool`.
-    fn consume(
-        &self,
-        participant: Arc<dyn Participant>,
-        pool: &ractor::ActorRef<ServicePoolMsg>,
-        in_hand: usize,
-    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let cancel = CancellationToken::new();
-        let consumer = tokio::spawn(participant::run_consumer(
-            self.js.clone(),
-            "payment".into(),
-            self.cfg.consumers.clone(),
-            participant,
-            pool.clone(),
-            in_hand,
-            cancel.clone(),
-        ));
-        (cancel, consumer)
+        .unwrap()
     }
 
     /// Publishes `cmd` and waits for its reply's outcome.
@@ -621,7 +569,7 @@ impl Participant for PanicOnce {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
     let mut env = env("panic").await;
-    let ledger = within(TIMEOUT, "open ledger", Ledger::open(&env.js, 1))
+    let ledger = within(TIMEOUT, "open ledger", demo::ledger::open(&env.js, 1))
         .await
         .unwrap()
         .unwrap();
@@ -630,7 +578,7 @@ async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
         panicked: AtomicBool::new(false),
     });
     let served = env.serve_payment(participant.clone(), 64).await;
-    let pool = served.pool.clone();
+    let pool = served.pool().clone();
 
     let outcome = env
         .send(&env.command("payment.charge", "order-C1", "charge", 1, ORDER))
@@ -641,7 +589,7 @@ async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
     );
     assert!(participant.panicked.load(Ordering::SeqCst));
     let stats = within(TIMEOUT, "pool stats", async {
-        ractor::call!(pool, ServicePoolMsg::Stats)
+        ractor::call!(pool, sagaflow_participant::pool::ServicePoolMsg::Stats)
     })
     .await
     .unwrap()
@@ -653,12 +601,17 @@ async fn a_command_whose_instance_panicked_is_handled_after_the_restart() {
     );
     wait_until(TIMEOUT, "instance back", || {
         let pool = pool.clone();
-        async move { ractor::call!(pool, ServicePoolMsg::Stats).is_ok_and(|s| s.live == 1) }
+        async move {
+            ractor::call!(pool, sagaflow_participant::pool::ServicePoolMsg::Stats)
+                .is_ok_and(|s| s.live == 1)
+        }
     })
     .await
     .unwrap();
     assert_eq!(env.summary().await.saga("order-C1").charged, 1);
-    served.stop().await;
+    within(TIMEOUT, "shutdown", served.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Takes each command and waits for `release` before answering.
@@ -685,7 +638,7 @@ async fn a_slow_service_holds_only_its_commands_in_hand_and_leaves_the_rest_in_j
         release: tokio::sync::Semaphore::new(0),
     });
     let in_hand = 2;
-    let served = env.serve_payment(participant.clone(), in_hand).await;
+    let mut served = env.serve_payment(participant.clone(), in_hand).await;
     let total = 10;
     for i in 0..total {
         let cmd = env.command("payment.charge", &format!("order-H{i}"), "charge", 1, ORDER);
@@ -731,23 +684,19 @@ async fn a_slow_service_holds_only_its_commands_in_hand_and_leaves_the_rest_in_j
     );
     // Shutting down while the pull loop waits for a place: it stops at once and gives the
     // command it was holding back.
-    served.cancel.cancel();
     within(
         TIMEOUT,
-        "consumer stops while waiting for a place",
-        served.consumer,
+        "the pull loop stops while waiting for a place",
+        served.stop_pulling(),
     )
     .await
-    .unwrap()
     .unwrap();
-    // Released, the commands in hand finish, and a new consumer takes all the others.
+    // Released, the commands in hand finish, and a new runner takes all the others.
     participant.release.add_permits(total);
-    let (cancel, consumer) = env.consume(participant.clone(), &served.pool, 64);
-    let served = Served {
-        cancel,
-        consumer,
-        ..served
-    };
+    within(TIMEOUT, "shutdown", served.shutdown())
+        .await
+        .unwrap();
+    let served = env.serve_payment(participant.clone(), 64).await;
     let mut answered = std::collections::BTreeSet::new();
     while answered.len() < total {
         let msg = within(TIMEOUT, "reply", env.replies.next())
@@ -761,7 +710,9 @@ async fn a_slow_service_holds_only_its_commands_in_hand_and_leaves_the_rest_in_j
         ));
         answered.insert(reply.saga_id);
     }
-    served.stop().await;
+    within(TIMEOUT, "shutdown", served.shutdown())
+        .await
+        .unwrap();
 }
 
 fn status_event(saga_id: &str, phase: &str, terminal: bool, input: &str) -> v1::StatusEvent {

@@ -122,7 +122,7 @@ mod findings {
             reply_subject: "sagaflow.evt.+5.reply".into(),
             ..Default::default()
         };
-        assert!(sagaflow::participant::check_command(&cmd).is_err());
+        assert!(sagaflow_participant::command::check_command(&cmd).is_err());
     }
 
     /// A saga of the order definition, compensating along `plan`, whose first step's

@@ -518,10 +518,14 @@ async fn a_panicking_service_instance_is_restarted_and_nothing_is_lost() {
     check_ledgers(&orders, &ledgers(&nats).await);
     let demo = node.demo().unwrap();
     let mut restarts = 0;
-    for (_, pool) in demo.pools() {
-        restarts += ractor::call_t!(pool, sagaflow_actors::service::ServicePoolMsg::Stats, 5_000)
-            .unwrap()
-            .restarts;
+    for pool in demo.services().iter().map(|s| s.pool()) {
+        restarts += ractor::call_t!(
+            pool,
+            sagaflow_participant::pool::ServicePoolMsg::Stats,
+            5_000
+        )
+        .unwrap()
+        .restarts;
     }
     assert!(
         restarts > 0,
