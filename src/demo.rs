@@ -410,6 +410,48 @@ mod tests {
         assert!(OrderInput::parse(without.to_string().as_bytes()).is_err());
     }
 
+    /// The value column of the consumer settings table in docs/participants.md.
+    fn documented_setting(name: &str) -> String {
+        let doc = include_str!("../docs/participants.md");
+        let row = doc
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("a row for {name}"));
+        row.split('|').nth(2).unwrap().trim().to_string()
+    }
+
+    #[test]
+    fn the_documented_consumer_settings_are_the_nodes_and_the_sdks() {
+        let sdk = ConsumerSettings::default();
+        // The node's defaults are the SDK's, so a participant creating the consumer first
+        // creates the one a node would.
+        assert_eq!(consumer_settings(&ConsumerConfig::default()), sdk);
+        let config = sdk.config("hotel");
+        assert_eq!(documented_setting("durable name"), "`svc-<service>`",);
+        assert_eq!(config.durable_name.as_deref(), Some("svc-hotel"));
+        assert_eq!(
+            documented_setting("filter subject").split(' ').next(),
+            Some("`sagaflow.cmd.<service>.>`")
+        );
+        assert_eq!(config.filter_subject, "sagaflow.cmd.hotel.>");
+        assert!(documented_setting("ack policy").starts_with("explicit"));
+        assert_eq!(
+            config.ack_policy,
+            async_nats::jetstream::consumer::AckPolicy::Explicit
+        );
+        assert!(documented_setting("deliver policy").starts_with("all"));
+        assert_eq!(
+            config.deliver_policy,
+            async_nats::jetstream::consumer::DeliverPolicy::All
+        );
+        assert!(
+            documented_setting("`ack_wait`").starts_with(&format!("{} s", sdk.ack_wait.as_secs()))
+        );
+        assert!(documented_setting("`max_deliver`").starts_with(&format!("{} ", sdk.max_deliver)));
+        assert!(documented_setting("`max_ack_pending`").starts_with("20,000 "));
+        assert_eq!(sdk.max_ack_pending, 20_000);
+    }
+
     #[test]
     fn order_input_parses_and_validates() {
         let ok = br#"{"order_id":"A1","customer":"ann","amount_cents":1200,"items":[{"sku":"SKU-1","quantity":2}]}"#;
