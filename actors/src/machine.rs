@@ -32,8 +32,13 @@
 //! [`Saga::in_flight`] lists the commands a recovering host must publish again (they carry the
 //! same ids, so the server and the participants de-duplicate them).
 //!
-//! Replies are matched on (step, attempt, forward/compensation): a duplicate, a late reply of an
-//! older attempt or a reply to something never sent changes nothing.
+//! Replies are matched on (step, attempt, forward/compensation) ([`Saga::reply_fit`]): only the
+//! answer to an attempt in flight is applied, and a duplicate of an answer applied changes
+//! nothing. Nothing else is dropped silently: a reply to an attempt never sent, one that
+//! contradicts the answer applied, or a late one is recorded in the history
+//! ([`Happening::ReplyRefused`], one entry per step and attempt, counting them), the first two
+//! also dead-lettered by the host ([`Effect::DeadLetterReply`]); and the timeout of an attempt
+//! says how many replies were refused while it waited.
 //!
 //! Snapshots stay bounded whatever participants answer and operators do: after every change,
 //! [`Saga::apply_with_limits`] truncates outputs, error texts and reasons past their [`Limits`]
@@ -325,6 +330,26 @@ pub enum Happening {
         /// When the oldest dropped entry happened (the marker's own time is the newest's).
         since: Millis,
     },
+    /// A participant's reply was not applied ([`Saga::reply_fit`]): it answers an attempt of
+    /// the step that was never sent, contradicts the answer already applied to its attempt,
+    /// came from another service than the command's, or came after its attempt was over
+    /// (timed out, or replaced by a later one). A reply repeating the answer applied is not
+    /// recorded. One entry per attempt of a step: the replies refused while the same attempt
+    /// is the step's latest add to its `count` (so a flood of bad replies cannot grow the
+    /// history), and the timeout of that attempt says how many there were. `step` is `None`
+    /// for a reply naming a step the saga does not have (consecutive ones share an entry).
+    /// (Appended: snapshots without it keep their bytes.)
+    ReplyRefused {
+        /// The step's latest attempt when the reply came (none yet: 0).
+        attempt: u32,
+        /// Whether that attempt is a compensation attempt.
+        compensation: bool,
+        /// Why the first of these replies was refused, naming the step, the attempt and the
+        /// outcome the reply claimed.
+        reason: String,
+        /// How many replies were refused while that attempt was the latest.
+        count: u32,
+    },
 }
 
 impl std::fmt::Display for Happening {
@@ -380,6 +405,26 @@ impl std::fmt::Display for Happening {
                     write!(f, "; {parkings} parking(s) among them")?;
                 }
                 write!(f, ")")
+            }
+            Happening::ReplyRefused {
+                attempt,
+                compensation,
+                reason,
+                count,
+            } => {
+                if *count <= 1 {
+                    return write!(f, "reply refused: {reason}");
+                }
+                write!(f, "{count} replies refused")?;
+                if *attempt > 0 {
+                    let what = if *compensation {
+                        "compensation attempt"
+                    } else {
+                        "attempt"
+                    };
+                    write!(f, " while {what} {attempt} was the latest")?;
+                }
+                write!(f, "; the first: {reason}")
             }
             Happening::Intervened {
                 action,
@@ -463,6 +508,36 @@ pub enum Event {
     },
     /// An operator acts on the saga.
     Intervene(Intervention),
+    /// The host refused a reply before it could be matched (it names a step the saga does
+    /// not have, `step` is then `None`, or came from another service than the command's):
+    /// recorded in the history like the replies the machine refuses, and dead-lettered
+    /// ([`Effect::DeadLetterReply`]).
+    ReplyRefused {
+        /// The step slot the reply names, if the saga has it.
+        step: Option<StepIndex>,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// How a participant's reply relates to what the saga sent and heard: [`Saga::reply_fit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyFit {
+    /// It answers the attempt in flight: applied.
+    Expected,
+    /// Nothing to apply and nothing to record: the answer already applied to that attempt,
+    /// again (a redelivery), or a failure reported for an attempt that was over (a failure
+    /// says nothing was done, and a newer attempt or the compensation took over).
+    Duplicate,
+    /// An answer to an attempt that was over without it: it had timed out, or a later attempt
+    /// replaced it (then only a success is worth noting). Recorded in the history
+    /// ([`Happening::ReplyRefused`]), not dead-lettered: a late reply is no participant's
+    /// mistake.
+    Late(String),
+    /// A reply that cannot be right: an attempt that was never sent, or a second answer that
+    /// contradicts the one applied. Recorded in the history and dead-lettered with this
+    /// reason ([`Effect::DeadLetterReply`]).
+    Refused(String),
 }
 
 /// An operator's action on a saga, journaled in its history.
@@ -491,7 +566,8 @@ pub enum OperatorAction {
     },
     /// Settle `step` as if its participant had answered: a forward step of the current stage
     /// succeeds with `output`; a compensation (running, waiting, or the one that parked the
-    /// saga) counts as done; a pivot that parked the saga counts as dealt with.
+    /// saga) counts as done; a pivot that parked the saga counts as dealt with. Only the
+    /// first records `output`: with the others a non-empty one is refused, never dropped.
     Skip {
         /// Step slot.
         step: StepIndex,
@@ -571,6 +647,13 @@ pub enum Effect {
         /// The intervention's request id (a replayed dead letter's starts with
         /// [`REPLAY_REQUEST_PREFIX`]: that dead letter is settled by the replay itself).
         request: String,
+    },
+    /// The reply this transition answers was refused ([`ReplyFit::Refused`],
+    /// [`Event::ReplyRefused`]) and recorded: dead-letter it, with this reason, instead of
+    /// acking it.
+    DeadLetterReply {
+        /// Why, in words.
+        reason: String,
     },
 }
 
@@ -684,7 +767,17 @@ impl Saga {
                 attempt,
                 compensation,
                 outcome,
-            } => self.on_reply(def, step, attempt, compensation, outcome, now, &mut t),
+            } => match self.reply_fit(def, step, attempt, compensation, &outcome, limits) {
+                ReplyFit::Expected => {
+                    self.on_reply(def, step, attempt, compensation, outcome, now, &mut t)
+                }
+                ReplyFit::Duplicate => {}
+                ReplyFit::Late(why) => self.refuse_reply(Some(step), why, false, now, &mut t),
+                ReplyFit::Refused(why) => self.refuse_reply(Some(step), why, true, now, &mut t),
+            },
+            Event::ReplyRefused { step, reason } => {
+                self.refuse_reply(step, reason, true, now, &mut t)
+            }
             Event::Tick => self.on_tick(def, now, &mut t),
             Event::Cancel { reason } => {
                 if self.phase == Phase::Running {
@@ -817,6 +910,213 @@ impl Saga {
         Ok(())
     }
 
+    /// How a reply to attempt `attempt` of step slot `i` (a compensation attempt if
+    /// `compensation`) reporting `outcome` relates to what the saga sent and heard: whether
+    /// it is applied, ignored, recorded as late, or refused ([`ReplyFit`]). The same whether
+    /// the saga has finished or not (a finished saga records nothing, but the host still
+    /// dead-letters what is refused). Error kinds are compared as stored under `limits`.
+    ///
+    /// Decided from the step's state and the entries history compaction always keeps, so a
+    /// compacted snapshot decides like a whole one. The outcome of the step's latest attempt
+    /// is known (its state, or its last forward answer in the history); an older attempt
+    /// failed, timed out or was retried past: a failure reported for it is ignored, a
+    /// success is recorded as late.
+    pub fn reply_fit(
+        &self,
+        def: &SagaDefinition,
+        i: StepIndex,
+        attempt: u32,
+        compensation: bool,
+        outcome: &Result<Vec<u8>, StepError>,
+        limits: &Limits,
+    ) -> ReplyFit {
+        let (Some(s), Some(step)) = (self.steps.get(i), def.step(i)) else {
+            return ReplyFit::Refused(format!(
+                "reply names step slot {i}; saga `{}` has {}",
+                def.name,
+                def.step_slots()
+            ));
+        };
+        let name = step.name.as_str();
+        let (sent, in_flight, what) = if compensation {
+            let sent = if step.compensation.is_some() {
+                s.comp_attempt
+            } else {
+                0
+            };
+            (
+                sent,
+                s.phase == StepPhase::Compensating,
+                "compensation attempt",
+            )
+        } else {
+            (s.attempt, s.phase == StepPhase::Running, "attempt")
+        };
+        let says = match outcome {
+            Ok(_) => "succeeded".to_string(),
+            Err(e) => format!("failed with `{}`", e.kind),
+        };
+        if attempt == 0 || attempt > sent {
+            let latest = if sent == 0 {
+                "none was sent".to_string()
+            } else {
+                format!("the latest sent is {sent}")
+            };
+            return ReplyFit::Refused(format!(
+                "reply to {what} {attempt} of step `{name}`, which was never sent ({latest})"
+            ));
+        }
+        if attempt < sent {
+            // Over: it failed (a success ends the step or its compensation), timed out, or an
+            // operator retried past it.
+            return match outcome {
+                Err(_) => ReplyFit::Duplicate,
+                Ok(_) => ReplyFit::Late(format!(
+                    "late reply to {what} {attempt} of step `{name}`, which was over ({what} {sent} is the latest): it says succeeded"
+                )),
+            };
+        }
+        if in_flight {
+            return ReplyFit::Expected;
+        }
+        let Some(answer) = self.latest_answer(i, compensation) else {
+            return ReplyFit::Duplicate;
+        };
+        let had = match (answer, outcome) {
+            (Answer::Succeeded, Ok(_)) => return ReplyFit::Duplicate,
+            (Answer::Failed(kind), Err(e)) if *limits.stored_kind(&e.kind) == *kind => {
+                return ReplyFit::Duplicate
+            }
+            (Answer::TimedOut, _) => {
+                return ReplyFit::Late(format!(
+                    "late reply to {what} {attempt} of step `{name}`, which had timed out: it says {says}"
+                ))
+            }
+            (Answer::Succeeded, Err(_)) => "succeeded".to_string(),
+            (Answer::Failed(kind), _) => format!("failed with `{kind}`"),
+        };
+        ReplyFit::Refused(format!(
+            "second reply to {what} {attempt} of step `{name}` contradicts the answer applied: it says {says}, the attempt had {had}"
+        ))
+    }
+
+    /// How the latest attempt of step slot `i` (forward, or compensation) ended, if it did
+    /// and it is known: its own answer (the step's last answer of that direction in the
+    /// history, which compaction keeps), else, if the step is past it, succeeded (answered so,
+    /// or skipped by an operator while it ran).
+    fn latest_answer(&self, i: StepIndex, compensation: bool) -> Option<Answer> {
+        let s = self.steps.get(i)?;
+        let slot = u32::try_from(i).ok();
+        // The newest numbered answer of that direction.
+        let last = self
+            .history
+            .iter()
+            .rev()
+            .filter(|h| h.step == slot)
+            .find_map(|h| match (&h.what, compensation) {
+                (Happening::Succeeded { attempt }, false) => Some((*attempt, Answer::Succeeded)),
+                (Happening::AttemptFailed { attempt, kind, .. }, false)
+                | (Happening::CompensationAttemptFailed { attempt, kind, .. }, true) => {
+                    let answer = if kind == TIMEOUT_KIND {
+                        Answer::TimedOut
+                    } else {
+                        Answer::Failed(kind.clone())
+                    };
+                    Some((*attempt, answer))
+                }
+                _ => None,
+            });
+        let (latest, past) = if compensation {
+            (s.comp_attempt, s.phase == StepPhase::Compensated)
+        } else {
+            let past = matches!(
+                s.phase,
+                StepPhase::Succeeded
+                    | StepPhase::Compensating
+                    | StepPhase::CompensationRetryWait
+                    | StepPhase::Compensated
+                    | StepPhase::CompensationFailed
+            );
+            (s.attempt, past)
+        };
+        match last {
+            Some((attempt, answer)) if attempt == latest => Some(answer),
+            _ if past => Some(Answer::Succeeded),
+            _ => None,
+        }
+    }
+
+    /// The step's latest attempt: whether it is a compensation attempt, and its number (0 if
+    /// none was sent).
+    fn latest_attempt(&self, i: StepIndex) -> (bool, u32) {
+        match self.steps.get(i) {
+            Some(s) if s.comp_attempt > 0 => (true, s.comp_attempt),
+            Some(s) => (false, s.attempt),
+            None => (false, 0),
+        }
+    }
+
+    /// Where the history counts the replies refused for step slot `i` since its latest
+    /// attempt was sent, if any was refused.
+    fn refusals_of_latest(&self, i: StepIndex) -> Option<usize> {
+        let slot = u32::try_from(i).ok();
+        let (latest_comp, latest) = self.latest_attempt(i);
+        let k = self
+            .history
+            .iter()
+            .rposition(|h| h.step == slot && matches!(h.what, Happening::ReplyRefused { .. }))?;
+        match self.history[k].what {
+            Happening::ReplyRefused {
+                attempt,
+                compensation,
+                ..
+            } if attempt == latest && compensation == latest_comp => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Records a reply that was not applied (step slot `step`, if the saga has it) because of
+    /// `why`: in the entry of the step's latest attempt if it has one, else in a new one; with
+    /// `dead_letter`, the host dead-letters the reply.
+    fn refuse_reply(
+        &mut self,
+        step: Option<StepIndex>,
+        why: String,
+        dead_letter: bool,
+        now: Millis,
+        t: &mut Transition,
+    ) {
+        t.changed = true;
+        let step = step.filter(|&i| i < self.steps.len());
+        let existing = match step {
+            Some(i) => self.refusals_of_latest(i),
+            // Replies naming no step of the saga share an entry while nothing else happens.
+            None => self.history.len().checked_sub(1).filter(|&k| {
+                let h = &self.history[k];
+                h.step.is_none() && matches!(h.what, Happening::ReplyRefused { .. })
+            }),
+        };
+        match existing.map(|k| &mut self.history[k].what) {
+            Some(Happening::ReplyRefused { count, .. }) => *count = count.saturating_add(1),
+            _ => {
+                let (compensation, attempt) = step.map_or((false, 0), |i| self.latest_attempt(i));
+                self.log(
+                    now,
+                    step,
+                    Happening::ReplyRefused {
+                        attempt,
+                        compensation,
+                        reason: why.clone(),
+                        count: 1,
+                    },
+                );
+            }
+        }
+        if dead_letter {
+            t.effects.push(Effect::DeadLetterReply { reason: why });
+        }
+    }
+
     /// Whether the saga has finished.
     pub fn is_terminal(&self) -> bool {
         self.phase.is_terminal()
@@ -927,6 +1227,16 @@ impl Saga {
                     }
                     _ => false,
                 };
+                // Only a forward step settled by hand records a result: a compensation (or a
+                // compensation that parked the saga) counts as done and keeps none.
+                let records_result = matches!(p, StepPhase::Running | StepPhase::RetryWait);
+                if ok && !output.is_empty() && !records_result {
+                    return Err(format!(
+                        "skipping step `{}` ({}) counts its compensation as done and records no result, so it takes none: skip it without a result",
+                        name(i),
+                        p.as_str()
+                    ));
+                }
                 if ok {
                     Ok(vec![i])
                 } else {
@@ -1543,13 +1853,13 @@ impl Saga {
             }
             match s.phase {
                 StepPhase::Running => {
-                    let timeout = timeout_error(def, i);
-                    let attempt = s.attempt;
+                    let timeout = self.timeout_error(def, i);
+                    let attempt = self.steps[i].attempt;
                     self.on_reply(def, i, attempt, false, Err(timeout), now, t);
                 }
                 StepPhase::Compensating => {
-                    let timeout = timeout_error(def, i);
-                    let attempt = s.comp_attempt;
+                    let timeout = self.timeout_error(def, i);
+                    let attempt = self.steps[i].comp_attempt;
                     self.on_reply(def, i, attempt, true, Err(timeout), now, t);
                 }
                 StepPhase::RetryWait
@@ -1560,6 +1870,32 @@ impl Saga {
                 StepPhase::CompensationRetryWait => self.send_compensation(def, i, now, t),
                 _ => {}
             }
+        }
+    }
+
+    /// The error recorded for the latest attempt of step `i` that did not answer in time:
+    /// `no reply after 5s`, or, if replies were refused while it waited, `no accepted reply
+    /// after 5s (2 replies refused; the first: …)`.
+    fn timeout_error(&self, def: &SagaDefinition, i: StepIndex) -> StepError {
+        let after = def
+            .step(i)
+            .map_or_else(String::new, |s: &Step| format!(" after {:?}", s.timeout));
+        let refused = self
+            .refusals_of_latest(i)
+            .and_then(|k| match &self.history[k].what {
+                Happening::ReplyRefused { count, reason, .. } => Some((*count, reason.as_str())),
+                _ => None,
+            });
+        let message = match refused {
+            None => format!("no reply{after}"),
+            Some((1, reason)) => format!("no accepted reply{after} (1 reply refused: {reason})"),
+            Some((n, reason)) => {
+                format!("no accepted reply{after} ({n} replies refused; the first: {reason})")
+            }
+        };
+        StepError {
+            kind: TIMEOUT_KIND.to_string(),
+            message,
         }
     }
 
@@ -1687,6 +2023,16 @@ impl Saga {
     }
 }
 
+/// How an attempt ended, as far as a reply to it is concerned ([`Saga::reply_fit`]).
+enum Answer {
+    /// It succeeded (or an operator skipped it).
+    Succeeded,
+    /// Its participant reported a failure of this kind (as stored).
+    Failed(String),
+    /// It timed out.
+    TimedOut,
+}
+
 /// Whether a step must be compensated: it succeeded, or may have (it timed out).
 fn needs_compensation(s: &StepState) -> bool {
     s.phase == StepPhase::Succeeded || (s.phase == StepPhase::Failed && s.maybe_applied)
@@ -1697,17 +2043,6 @@ pub const REPLAY_REQUEST_PREFIX: &str = "dlq-replay/";
 
 /// Error kind the machine uses for an attempt that did not answer in time.
 pub const TIMEOUT_KIND: &str = "timeout";
-
-/// The error recorded for an attempt of step `i` that did not answer in time.
-fn timeout_error(def: &SagaDefinition, i: StepIndex) -> StepError {
-    let what = def
-        .step(i)
-        .map_or_else(String::new, |s: &Step| format!(" after {:?}", s.timeout));
-    StepError {
-        kind: TIMEOUT_KIND.to_string(),
-        message: format!("no reply{what}"),
-    }
-}
 
 fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

@@ -274,6 +274,31 @@ mod tests {
     }
 
     #[test]
+    fn reply_refused_golden_bytes_and_the_appended_variant_keeps_old_bytes() {
+        // Refused replies were appended to `Happening` (variant 18): snapshots without them
+        // keep their bytes (snapshot_v1_golden_bytes above).
+        let entry = HistoryEntry {
+            at: 12,
+            step: Some(0),
+            what: Happening::ReplyRefused {
+                attempt: 2,
+                compensation: true,
+                reason: "r".into(),
+                count: 3,
+            },
+        };
+        assert_eq!(
+            postcard::to_stdvec(&entry).unwrap(),
+            vec![24, 1, 0, 18, 2, 1, 1, b'r', 3],
+            "the ReplyRefused encoding changed: stored sagas would not decode"
+        );
+        let mut refused = sample();
+        refused.history.push(entry);
+        let bytes = encode_snapshot(&refused).unwrap();
+        assert_eq!(decode_snapshot(&bytes).unwrap(), refused);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(decode_snapshot(&[0xff, 0xff, 0xff]).is_err());
         assert!(decode_control(&[]).is_err());

@@ -16,7 +16,8 @@ const ENTRY_OVERHEAD: usize = 64;
 /// Entries kept whatever their age, besides the per-step ones (see [`Limits`]).
 const PINNED_PER_SAGA: usize = 4;
 
-/// Entries kept whatever their age, per step slot.
+/// Entries kept whatever their age, per step slot, besides its last answers and refusal
+/// (three more, counted at their own largest size in [`Limits::snapshot_bound`]).
 const PINNED_PER_SLOT: usize = 4;
 
 /// Longest output marker (its two numbers at their widest).
@@ -42,14 +43,18 @@ const OUTPUT_MARKER_MAX: usize = 96;
 ///   [`Limits::MIN_TAIL`]); the others are counted in one [`Happening::Elided`] marker placed
 ///   just before the newest entries.
 ///
-/// Entries kept whatever their age, at most `4 + 4 × step slots` of them:
+/// Entries kept whatever their age, at most `4 + 7 × step slots` of them:
 ///
 /// - the last `Parked` entry and the last `Status` before it (the status an operator's action
 ///   restores), and the last `Status` (so that it is there when the saga parks next);
 /// - the last `CompensationStarted` (why the saga compensates);
 /// - per step, the last applied operator `retry` and the first forward and compensation
 ///   attempt sent after it ([`Saga::attempts_in_budget`]), and its first compensation attempt
-///   ever (the host measures compensations from it).
+///   ever (the host measures compensations from it);
+/// - per step, its last forward answer (`Succeeded` or `AttemptFailed`) and its last
+///   `CompensationAttemptFailed` (what a second reply is compared with, [`Saga::reply_fit`]),
+///   and its last `ReplyRefused` (where the replies refused for its latest attempt are
+///   counted).
 ///
 /// Parkings elided are counted in the marker ([`Saga::parkings`]). A redelivered intervention
 /// is recognised by its id only while its entry is kept: among the newest entries.
@@ -145,6 +150,14 @@ impl Limits {
         fit(text, self.effective().max_text_bytes).unwrap_or_else(|| text.to_string())
     }
 
+    /// `kind` as the machine stores an error kind (cut like [`Limits::stored_text`] past
+    /// [`Limits::max_error_kind_bytes`]): compare a reported kind with a stored one through
+    /// this.
+    pub fn stored_kind<'a>(&self, kind: &'a str) -> std::borrow::Cow<'a, str> {
+        fit(kind, self.effective().max_error_kind_bytes)
+            .map_or(std::borrow::Cow::Borrowed(kind), std::borrow::Cow::Owned)
+    }
+
     /// Most bytes a snapshot of a saga of `def`, with an id of `id_bytes` and an input of
     /// `input_bytes`, encodes to ([`crate::wire::encode_snapshot`]) under these limits: compare
     /// it with the store's max payload when loading definitions. Generous, not tight.
@@ -181,9 +194,13 @@ impl Limits {
                 .max(l.max_error_kind_bytes + l.max_error_bytes)
                 .max(label);
         let pinned = PINNED_PER_SAGA + PINNED_PER_SLOT * slots;
-        let history = l
-            .max_history_bytes
-            .max((l.history_head + pinned + Limits::MIN_TAIL) * entry + ENTRY_OVERHEAD);
+        // Per slot besides: its last forward and compensation answers and its last refusal.
+        let answers = 2 * (ENTRY_OVERHEAD + l.max_error_kind_bytes + l.max_error_bytes)
+            + ENTRY_OVERHEAD
+            + l.max_text_bytes;
+        let history = l.max_history_bytes.max(
+            (l.history_head + pinned + Limits::MIN_TAIL) * entry + slots * answers + ENTRY_OVERHEAD,
+        );
         saga + slots * per_slot + outputs + history
     }
 
@@ -209,6 +226,7 @@ impl Limits {
                     fit_in_place(operator, cap);
                     fit_in_place(request, cap);
                 }
+                Effect::DeadLetterReply { reason } => fit_in_place(reason, cap),
                 Effect::Send(_) | Effect::StatusChanged { .. } => {}
             }
         }
@@ -282,9 +300,9 @@ fn weight(h: &HistoryEntry) -> usize {
                 kind.len() + message.len()
             }
             Happening::Status { status } => status.len(),
-            Happening::CompensationStarted { reason } | Happening::Parked { reason } => {
-                reason.len()
-            }
+            Happening::CompensationStarted { reason }
+            | Happening::Parked { reason }
+            | Happening::ReplyRefused { reason, .. } => reason.len(),
             Happening::Intervened {
                 id,
                 action,
@@ -316,6 +334,9 @@ fn pinned(entries: &[&HistoryEntry]) -> Vec<bool> {
         sent_after: Option<usize>,
         comp_sent_after: Option<usize>,
         first_comp_sent: Option<usize>,
+        last_answer: Option<usize>,
+        last_comp_failure: Option<usize>,
+        last_refused: Option<usize>,
     }
     let mut pin = vec![false; entries.len()];
     let mut mark = |k: Option<usize>| {
@@ -348,6 +369,9 @@ fn pinned(entries: &[&HistoryEntry]) -> Vec<bool> {
                 *s = Slot {
                     retry: Some(k),
                     first_comp_sent: s.first_comp_sent,
+                    last_answer: s.last_answer,
+                    last_comp_failure: s.last_comp_failure,
+                    last_refused: s.last_refused,
                     ..Slot::default()
                 };
             }
@@ -360,6 +384,11 @@ fn pinned(entries: &[&HistoryEntry]) -> Vec<bool> {
                     s.comp_sent_after.get_or_insert(k);
                 }
             }
+            Happening::Succeeded { .. } | Happening::AttemptFailed { .. } => {
+                s.last_answer = Some(k);
+            }
+            Happening::CompensationAttemptFailed { .. } => s.last_comp_failure = Some(k),
+            Happening::ReplyRefused { .. } => s.last_refused = Some(k),
             _ => {}
         }
     }
@@ -368,6 +397,9 @@ fn pinned(entries: &[&HistoryEntry]) -> Vec<bool> {
         mark(s.sent_after);
         mark(s.comp_sent_after);
         mark(s.first_comp_sent);
+        mark(s.last_answer);
+        mark(s.last_comp_failure);
+        mark(s.last_refused);
     }
     pin
 }
@@ -437,7 +469,9 @@ impl Saga {
                     fit_in_place(kind, l.max_error_kind_bytes);
                     fit_in_place(message, l.max_error_bytes);
                 }
-                Happening::CompensationStarted { reason } | Happening::Parked { reason } => {
+                Happening::CompensationStarted { reason }
+                | Happening::Parked { reason }
+                | Happening::ReplyRefused { reason, .. } => {
                     fit_in_place(reason, l.max_text_bytes);
                 }
                 Happening::Intervened {

@@ -147,6 +147,50 @@ fn assert_ignored(saga: &mut Saga, def: &SagaDefinition, event: Event, now: Mill
     );
 }
 
+/// Applies a reply that must not be applied but recorded in the history (and nothing else):
+/// returns the text of the entry that holds it, and whether the host must dead-letter it.
+#[track_caller]
+fn assert_recorded(
+    saga: &mut Saga,
+    def: &SagaDefinition,
+    event: Event,
+    now: Millis,
+) -> (String, bool) {
+    let before = saga.clone();
+    let t = saga.apply(def, event.clone(), now).unwrap();
+    assert!(t.changed, "{event:?} should be recorded");
+    let unchanged = Saga {
+        history: before.history.clone(),
+        updated_at: before.updated_at,
+        ..saga.clone()
+    };
+    assert_eq!(unchanged, before, "{event:?} changed more than the history");
+    let dead_letter = match t.effects.as_slice() {
+        [] => false,
+        [Effect::DeadLetterReply { reason }] => {
+            assert!(!reason.is_empty());
+            true
+        }
+        other => panic!("{event:?}: {other:?}"),
+    };
+    let slot = match event {
+        Event::Reply { step, .. }
+        | Event::ReplyRefused {
+            step: Some(step), ..
+        } => u32::try_from(step)
+            .ok()
+            .filter(|&i| (i as usize) < def.step_slots()),
+        _ => None,
+    };
+    let entry = saga
+        .history
+        .iter()
+        .rev()
+        .find(|h| h.step == slot && matches!(h.what, Happening::ReplyRefused { .. }))
+        .expect("a ReplyRefused entry");
+    (entry.what.to_string(), dead_letter)
+}
+
 fn phases(saga: &Saga) -> Vec<StepPhase> {
     saga.steps.iter().map(|s| s.phase).collect()
 }
@@ -355,8 +399,15 @@ fn a_parallel_step_that_times_out_while_draining_is_compensated() {
         s.last_error.as_ref().map(|e| e.kind.as_str()),
         Some(TIMEOUT_KIND)
     );
-    // The late reply of the timed-out attempt changes nothing any more.
-    assert_ignored(&mut saga, &def, ok(PREPARE, 1), due + 1);
+    // The late reply of the timed-out attempt changes nothing any more: it is only recorded.
+    assert_eq!(
+        assert_recorded(&mut saga, &def, ok(PREPARE, 1), due + 1),
+        (
+            "reply refused: late reply to attempt 1 of step `prepare_shipment`, which had timed out: it says succeeded".to_string(),
+            false
+        )
+    );
+    assert_eq!(saga.steps[PREPARE].phase, StepPhase::Compensating);
 }
 
 #[test]
@@ -406,8 +457,18 @@ fn transient_failures_are_retried_within_the_policy_then_compensated() {
             Some(T0),
             "started_at is the first attempt"
         );
-        // Late answers to the previous attempt are stale.
-        assert_ignored(&mut saga, &def, ok(CHARGE, attempt), now);
+        // Answers to the previous attempt are stale: a failure changes nothing, a success is
+        // recorded (it cannot be applied any more).
+        assert_ignored(&mut saga, &def, err(CHARGE, attempt, "unavailable"), now);
+        let (text, dead_letter) = assert_recorded(&mut saga, &def, ok(CHARGE, attempt), now);
+        assert_eq!(
+            text,
+            format!(
+                "reply refused: late reply to attempt {attempt} of step `charge`, which was over (attempt {} is the latest): it says succeeded",
+                attempt + 1
+            )
+        );
+        assert!(!dead_letter);
         assert_ignored(&mut saga, &def, err(CHARGE, attempt, "unavailable"), now);
     }
     now += 3;
@@ -532,7 +593,10 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
             due - now,
             ceiling(&policy, attempt)
         );
-        assert_ignored(&mut saga, &def, comp_ok(PREPARE, attempt), now);
+        // A success reported for the attempt that failed: late if it timed out, a
+        // contradiction (dead-lettered) if it had answered.
+        let (text, dead_letter) = assert_recorded(&mut saga, &def, comp_ok(PREPARE, attempt), now);
+        assert_eq!(dead_letter, attempt % 2 == 0, "{text}");
         now = due;
         assert_eq!(
             apply(&mut saga, &def, Event::Tick, now),
@@ -563,14 +627,22 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
     }
     assert_eq!(saga.next_wakeup(), None, "parked: no timer runs");
     assert!(saga.in_flight().is_empty());
-    // Parked: time and replies change nothing.
+    // Parked: time changes nothing; a reply contradicting the last answer is only recorded.
     assert_ignored(&mut saga, &def, Event::Tick, now + 3_600_000);
     assert_ignored(
+        &mut saga,
+        &def,
+        comp_err(PREPARE, policy.max_attempts, "unavailable"),
+        now + 1,
+    );
+    let (_, dead_letter) = assert_recorded(
         &mut saga,
         &def,
         comp_ok(PREPARE, policy.max_attempts),
         now + 1,
     );
+    assert!(dead_letter);
+    assert_eq!(saga.phase, Phase::NeedsAttention);
 
     // The operator fixed the shipping service and retries: a fresh budget, and the
     // compensation goes on where it stopped.
@@ -666,9 +738,34 @@ fn a_non_retryable_compensation_error_parks_the_saga_at_once() {
         },
     );
     assert!(refused.unwrap_err().contains("`notify` is SKIPPED"));
-    let skip = intervention(OperatorAction::Skip {
+    // A compensation skipped counts as done and keeps no result: one given is refused, not
+    // dropped (journaled as refused, nothing else changes).
+    let with_result = OperatorAction::Skip {
         step: CHARGE,
         output: br#"{"refund":"manual"}"#.to_vec(),
+    };
+    let why = saga.check(&def, &with_result).unwrap_err();
+    assert_eq!(
+        why,
+        "skipping step `charge` (COMPENSATION_FAILED) counts its compensation as done and records no result, so it takes none: skip it without a result"
+    );
+    assert_eq!(
+        apply(
+            &mut saga,
+            &def,
+            Event::Intervene(intervention(with_result)),
+            T0 + 6
+        ),
+        vec![]
+    );
+    assert_eq!(saga.phase, Phase::NeedsAttention);
+    assert!(matches!(
+        &saga.history.last().unwrap().what,
+        Happening::Intervened { refused, .. } if *refused == why
+    ));
+    let skip = intervention(OperatorAction::Skip {
+        step: CHARGE,
+        output: Vec::new(),
     });
     assert_eq!(
         apply(&mut saga, &def, Event::Intervene(skip), T0 + 6),
@@ -684,49 +781,222 @@ fn a_non_retryable_compensation_error_parks_the_saga_at_once() {
 }
 
 #[test]
-fn duplicate_and_stale_replies_change_nothing() {
+fn duplicates_change_nothing_and_other_stray_replies_are_recorded() {
     let def = order();
     let (mut saga, _) = start(&def);
     apply(&mut saga, &def, ok(CHARGE, 1), T0 + 10);
     let now = T0 + 20;
-    for event in [
-        ok(CHARGE, 1),                               // duplicate
-        err(CHARGE, 1, "declined"),                  // duplicate with a different outcome
-        ok(CHARGE, 2),                               // an attempt never sent
-        ok(RESERVE, 2),                              // a future attempt
-        ok(RESERVE, 0),                              // attempt numbers start at 1
-        comp_ok(RESERVE, 1),                         // wrong compensation flag
-        comp_ok(CHARGE, 1),                          // a compensation never sent
-        ok(NOTIFY, 1),                               // a step not started
-        ok(AFTER, 1),                                // the after-compensation step, not started
-        ok(AFTER + 1, 1),                            // no such slot
-        ok(usize::MAX, 1),                           // no such slot either
-        reply(RESERVE, 1, true, Err(error("boom"))), // wrong flag, failure
-    ] {
-        assert_ignored(&mut saga, &def, event, now);
+    // The same answer again (a redelivery) changes nothing, nor does a finished saga's.
+    assert_ignored(&mut saga, &def, ok(CHARGE, 1), now);
+    // Every other reply that cannot be applied is recorded against the step it names, one
+    // entry per step and latest attempt (counting them), and dead-lettered.
+    let cases = [
+        (
+            err(CHARGE, 1, "declined"),
+            "reply refused: second reply to attempt 1 of step `charge` contradicts the answer applied: it says failed with `declined`, the attempt had succeeded",
+        ),
+        (
+            ok(CHARGE, 2),
+            "2 replies refused while attempt 1 was the latest; the first: second reply to attempt 1 of step `charge` contradicts the answer applied: it says failed with `declined`, the attempt had succeeded",
+        ),
+        (
+            ok(RESERVE, 2),
+            "reply refused: reply to attempt 2 of step `reserve`, which was never sent (the latest sent is 1)",
+        ),
+        (
+            ok(RESERVE, 0),
+            "2 replies refused while attempt 1 was the latest; the first: reply to attempt 2 of step `reserve`, which was never sent (the latest sent is 1)",
+        ),
+        (
+            comp_ok(CHARGE, 1),
+            "3 replies refused while attempt 1 was the latest; the first: second reply to attempt 1 of step `charge` contradicts the answer applied: it says failed with `declined`, the attempt had succeeded",
+        ),
+        (
+            ok(NOTIFY, 1),
+            "reply refused: reply to attempt 1 of step `notify`, which was never sent (none was sent)",
+        ),
+        (
+            ok(AFTER, 1),
+            "reply refused: reply to attempt 1 of step `notify_cancellation`, which was never sent (none was sent)",
+        ),
+        (
+            ok(AFTER + 1, 1),
+            "reply refused: reply names step slot 5; saga `order` has 5",
+        ),
+        (
+            ok(usize::MAX, 1),
+            "2 replies refused; the first: reply names step slot 5; saga `order` has 5",
+        ),
+    ];
+    for (event, text) in cases {
+        assert_eq!(
+            assert_recorded(&mut saga, &def, event.clone(), now),
+            (text.to_string(), true),
+            "{event:?}"
+        );
     }
+    // A reply the host refused (unknown step, wrong service) is recorded alike.
+    let host = Event::ReplyRefused {
+        step: Some(RESERVE),
+        reason: "reply for step `reserve` came from service `x`".to_string(),
+    };
+    let (text, dead_letter) = assert_recorded(&mut saga, &def, host, now);
+    assert!(
+        text.starts_with("3 replies refused while attempt 1"),
+        "{text}"
+    );
+    assert!(dead_letter);
 
-    // The same holds while compensating.
+    // While compensating: the forward answer is compared with the one applied.
     apply(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), now);
     apply(&mut saga, &def, ok(PREPARE, 1), now + 1);
     assert_eq!(saga.in_flight(), vec![spec(PREPARE, true, 1)]);
-    for event in [
-        ok(PREPARE, 1),
-        comp_ok(PREPARE, 2),
-        comp_ok(CHARGE, 1),
-        err(RESERVE, 1, "out_of_stock"),
-    ] {
-        assert_ignored(&mut saga, &def, event, now + 2);
-    }
+    assert_ignored(&mut saga, &def, ok(PREPARE, 1), now + 2);
+    assert_ignored(&mut saga, &def, err(RESERVE, 1, "out_of_stock"), now + 2);
+    let (text, dead_letter) = assert_recorded(&mut saga, &def, err(PREPARE, 1, "boom"), now + 2);
+    assert_eq!(
+        text,
+        "reply refused: second reply to attempt 1 of step `prepare_shipment` contradicts the answer applied: it says failed with `boom`, the attempt had succeeded"
+    );
+    assert!(dead_letter);
+    // (The entry is that of the step's latest attempt, its first compensation attempt.)
+    assert!(matches!(
+        saga.history.last().unwrap().what,
+        Happening::ReplyRefused {
+            attempt: 1,
+            compensation: true,
+            count: 1,
+            ..
+        }
+    ));
+    let (text, _) = assert_recorded(&mut saga, &def, comp_ok(PREPARE, 2), now + 2);
+    assert!(
+        text.starts_with("2 replies refused while compensation attempt 1 was the latest"),
+        "{text}"
+    );
     apply(&mut saga, &def, comp_ok(PREPARE, 1), now + 3);
     assert_ignored(&mut saga, &def, comp_ok(PREPARE, 1), now + 4);
-    assert_ignored(
+    let (text, dead_letter) = assert_recorded(
         &mut saga,
         &def,
         comp_err(PREPARE, 1, "unavailable"),
         now + 4,
     );
+    assert!(
+        text.starts_with("3 replies refused while compensation attempt 1"),
+        "{text}"
+    );
+    assert!(dead_letter);
     assert_eq!(saga.in_flight(), vec![spec(CHARGE, true, 1)]);
+
+    // A finished saga records nothing, though the reply is still refused (the host
+    // dead-letters it).
+    apply(&mut saga, &def, comp_ok(CHARGE, 1), now + 5);
+    apply(&mut saga, &def, ok(AFTER, 1), now + 6);
+    assert!(saga.is_terminal());
+    let stray = err(CHARGE, 1, "declined");
+    assert!(matches!(
+        saga.reply_fit(
+            &def,
+            CHARGE,
+            1,
+            false,
+            &Err(error("declined")),
+            &Limits::default()
+        ),
+        ReplyFit::Refused(_)
+    ));
+    assert_ignored(&mut saga, &def, stray, now + 7);
+}
+
+#[test]
+fn a_timeout_says_how_many_replies_were_refused_while_it_waited() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    let due = saga.steps[CHARGE].due_at.unwrap();
+    let timeout = format!("{:?}", def.steps[CHARGE].timeout);
+    // No refusal: the timeout says so as before.
+    apply(&mut saga, &def, Event::Tick, due);
+    let last_error = |saga: &Saga| saga.steps[CHARGE].last_error.clone().unwrap();
+    assert_eq!(
+        last_error(&saga).message,
+        format!("no reply after {timeout}")
+    );
+    let retry = saga.steps[CHARGE].due_at.unwrap();
+    apply(&mut saga, &def, Event::Tick, retry);
+    assert_eq!(saga.in_flight(), vec![spec(CHARGE, false, 2)]);
+    // Attempt 2 waits; two replies naming it wrongly arrive (a future attempt, and a
+    // compensation never sent), and the late success of attempt 1.
+    for event in [
+        ok(CHARGE, 3),
+        comp_err(CHARGE, 2, "declined"),
+        ok(CHARGE, 1),
+    ] {
+        assert_recorded(&mut saga, &def, event, retry + 1);
+    }
+    let due = saga.steps[CHARGE].due_at.unwrap();
+    apply(&mut saga, &def, Event::Tick, due);
+    let e = last_error(&saga);
+    assert_eq!(e.kind, TIMEOUT_KIND);
+    assert_eq!(
+        e.message,
+        format!("no accepted reply after {timeout} (3 replies refused; the first: reply to attempt 3 of step `charge`, which was never sent (the latest sent is 2))")
+    );
+    assert!(saga.history.iter().any(|h| h.step == Some(CHARGE as u32)
+        && h.what.to_string()
+            == format!("attempt 2 failed: timeout: no accepted reply after {timeout} (3 replies refused; the first: reply to attempt 3 of step `charge`, which was never sent (the latest sent is 2))")));
+    // Attempt 3 has its own count: one refusal.
+    let retry = saga.steps[CHARGE].due_at.unwrap();
+    apply(&mut saga, &def, Event::Tick, retry);
+    assert_recorded(&mut saga, &def, ok(CHARGE, 9), retry);
+    let due = saga.steps[CHARGE].due_at.unwrap();
+    apply(&mut saga, &def, Event::Tick, due);
+    assert_eq!(
+        last_error(&saga).message,
+        format!("no accepted reply after {timeout} (1 reply refused: reply to attempt 9 of step `charge`, which was never sent (the latest sent is 3))")
+    );
+}
+
+#[test]
+fn a_flood_of_refused_replies_keeps_one_entry_per_attempt() {
+    let def = order();
+    let (mut saga, _) = start(&def);
+    let logged = saga.logged();
+    for k in 0..10_000u32 {
+        let event = if k % 2 == 0 {
+            ok(CHARGE, 2 + k)
+        } else {
+            comp_err(CHARGE, k, "x")
+        };
+        saga.apply(&def, event, T0 + 1).unwrap();
+    }
+    assert_eq!(saga.logged(), logged + 1, "one entry for all of them");
+    assert!(matches!(
+        saga.history.last().unwrap().what,
+        Happening::ReplyRefused {
+            count: 10_000,
+            attempt: 1,
+            compensation: false,
+            ..
+        }
+    ));
+    // Replies naming no step of the saga share an entry while nothing else happens.
+    for _ in 0..100 {
+        saga.apply(
+            &def,
+            Event::ReplyRefused {
+                step: None,
+                reason: "reply names unknown step `teleport`".to_string(),
+            },
+            T0 + 2,
+        )
+        .unwrap();
+    }
+    assert_eq!(saga.logged(), logged + 2);
+    assert_eq!(
+        saga.history.last().unwrap().what.to_string(),
+        "100 replies refused; the first: reply names unknown step `teleport`"
+    );
 }
 
 #[test]
@@ -1592,6 +1862,36 @@ struct Driver<'d> {
     /// With small limits: the same saga driven with a history never compacted. Every
     /// transition must be the same, and the compacted history must add up to the whole one.
     whole: Option<Saga>,
+    /// How each command that was in flight stopped being so.
+    ended: HashMap<CommandSpec, End>,
+    /// Replies refused per step and its latest attempt then (compensation or not, number).
+    refused_for: HashMap<(StepIndex, bool, u32), u32>,
+}
+
+/// How an attempt stopped being in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum End {
+    /// Its reply was applied: success, or a failure of this kind.
+    Answered(Result<(), String>),
+    /// It timed out.
+    TimedOut,
+    /// An operator skipped it.
+    Skipped,
+    /// An operator retried it: a newer attempt replaced it.
+    Replaced,
+}
+
+/// What a reply must do, by the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// It answers a command in flight.
+    Applied,
+    /// Nothing: a duplicate, a failure of an attempt that is over, a finished saga.
+    Nothing,
+    /// Recorded as late, not dead-lettered.
+    Late,
+    /// Recorded and dead-lettered.
+    Refused,
 }
 
 impl<'d> Driver<'d> {
@@ -1617,6 +1917,8 @@ impl<'d> Driver<'d> {
             parkings: 0,
             limits,
             whole: None,
+            ended: HashMap::new(),
+            refused_for: HashMap::new(),
         };
         d.whole = lockstep.then(|| d.saga.clone());
         let expected: Vec<Effect> = def.stages[0].steps.iter().map(|&i| fwd(i, 1)).collect();
@@ -1638,7 +1940,179 @@ impl<'d> Driver<'d> {
             .map(|_| self.def.steps.len())
     }
 
+    /// What the reply to `c` reporting `outcome` must do, by what the model saw happen to
+    /// the commands sent.
+    fn expect_reply(&self, c: CommandSpec, outcome: &Result<Vec<u8>, StepError>) -> Expect {
+        if self.saga.is_terminal() {
+            return Expect::Nothing;
+        }
+        if self.saga.in_flight().contains(&c) {
+            return Expect::Applied;
+        }
+        if !self.sent.contains(&c) {
+            return Expect::Refused;
+        }
+        let latest = self
+            .sent
+            .iter()
+            .filter(|s| s.step == c.step && s.compensation == c.compensation)
+            .map(|s| s.attempt)
+            .max()
+            .unwrap();
+        if c.attempt < latest {
+            return if outcome.is_ok() {
+                Expect::Late
+            } else {
+                Expect::Nothing
+            };
+        }
+        match self
+            .ended
+            .get(&c)
+            .expect("a command sent and not in flight has ended")
+        {
+            End::TimedOut => Expect::Late,
+            End::Answered(Ok(())) | End::Skipped => {
+                if outcome.is_ok() {
+                    Expect::Nothing
+                } else {
+                    Expect::Refused
+                }
+            }
+            End::Answered(Err(kind)) => match outcome {
+                Err(e) if e.kind == *kind => Expect::Nothing,
+                _ => Expect::Refused,
+            },
+            End::Replaced => panic!("{c:?} is the latest attempt but was replaced"),
+        }
+    }
+
+    /// The latest attempt sent for step `i`, by the model: (compensation, number).
+    fn latest_sent(&self, i: StepIndex) -> (bool, u32) {
+        let max = |comp: bool| {
+            self.sent
+                .iter()
+                .filter(|s| s.step == i && s.compensation == comp)
+                .map(|s| s.attempt)
+                .max()
+                .unwrap_or(0)
+        };
+        match max(true) {
+            0 => (false, max(false)),
+            n => (true, n),
+        }
+    }
+
+    /// Checks a reply that was not applied but recorded (`expect` Late or Refused).
+    fn check_refusal(&mut self, before: &Saga, step: StepIndex, expect: Expect, t: &Transition) {
+        assert!(t.changed, "a {expect:?} reply is recorded");
+        let unchanged = Saga {
+            history: before.history.clone(),
+            updated_at: before.updated_at,
+            ..self.saga.clone()
+        };
+        assert_eq!(
+            &unchanged, before,
+            "a refused reply changed more than the history"
+        );
+        match expect {
+            Expect::Refused => assert!(
+                matches!(t.effects.as_slice(), [Effect::DeadLetterReply { .. }]),
+                "{:?}",
+                t.effects
+            ),
+            _ => assert!(t.effects.is_empty(), "{:?}", t.effects),
+        }
+        let last = |s: &Saga, slot: Option<u32>| {
+            s.history
+                .iter()
+                .rev()
+                .find(|h| h.step == slot && matches!(h.what, Happening::ReplyRefused { .. }))
+                .cloned()
+        };
+        if step >= self.def.step_slots() {
+            let entry = self.saga.history.last().unwrap();
+            assert!(
+                entry.step.is_none() && matches!(entry.what, Happening::ReplyRefused { .. }),
+                "{entry:?}"
+            );
+            return;
+        }
+        let (comp, n) = self.latest_sent(step);
+        let count = self.refused_for.entry((step, comp, n)).or_insert(0);
+        *count += 1;
+        let entry = last(&self.saga, Some(step as u32)).expect("a ReplyRefused entry");
+        match entry.what {
+            Happening::ReplyRefused {
+                attempt,
+                compensation,
+                count: recorded,
+                ref reason,
+            } => {
+                assert_eq!((compensation, attempt), (comp, n), "{reason}");
+                assert_eq!(recorded, *count, "{reason}");
+                // (A later one only adds to the first one's count.)
+                if *count == 1 {
+                    assert_eq!(
+                        reason.starts_with("late reply"),
+                        expect == Expect::Late,
+                        "{reason}"
+                    );
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// Records how the commands in flight before `event` and not after it ended.
+    fn record_ended(&mut self, before: &Saga, event: &Event, applied: bool) {
+        let now_in_flight = self.saga.in_flight();
+        for c in before.in_flight() {
+            if now_in_flight.contains(&c) {
+                continue;
+            }
+            let end = match event {
+                Event::Reply {
+                    step,
+                    attempt,
+                    compensation,
+                    outcome,
+                } if applied && spec(*step, *compensation, *attempt) == c => {
+                    End::Answered(outcome.as_ref().map(|_| ()).map_err(|e| e.kind.clone()))
+                }
+                Event::Tick => End::TimedOut,
+                Event::Intervene(_) => {
+                    let s = &self.saga.steps[c.step];
+                    let latest = if c.compensation {
+                        s.comp_attempt
+                    } else {
+                        s.attempt
+                    };
+                    if latest == c.attempt {
+                        End::Skipped
+                    } else {
+                        End::Replaced
+                    }
+                }
+                other => panic!("{other:?} ended {c:?}"),
+            };
+            self.ended.insert(c, end);
+        }
+    }
+
     fn apply(&mut self, event: Event) -> Transition {
+        let expect = match &event {
+            Event::Reply {
+                step,
+                attempt,
+                compensation,
+                outcome,
+            } => Some((
+                *step,
+                self.expect_reply(spec(*step, *compensation, *attempt), outcome),
+            )),
+            _ => None,
+        };
         let before = self.saga.clone();
         let t = self
             .saga
@@ -1680,6 +2154,18 @@ impl<'d> Driver<'d> {
         } else {
             assert_eq!(self.saga.updated_at, self.now);
         }
+        match expect {
+            Some((_, Expect::Applied)) => assert!(t.changed, "{event:?} was not applied"),
+            Some((_, Expect::Nothing)) => assert!(!t.changed, "{event:?} changed the saga"),
+            Some((step, e)) => self.check_refusal(&before, step, e, &t),
+            None => {}
+        }
+        self.record_ended(
+            &before,
+            &event,
+            expect.is_some_and(|(_, e)| e == Expect::Applied),
+        );
+        self.check_timeouts(&before);
         // Settling a parked pivot is the one way back to going forward.
         let resumed = matches!(&event, Event::Intervene(i) if matches!(i.action, OperatorAction::Settle { .. }))
             && before.phase == Phase::NeedsAttention
@@ -1807,6 +2293,10 @@ impl<'d> Driver<'d> {
                         assert!(!reason.contains("failed after"), "{reason}");
                     }
                 }
+                Effect::DeadLetterReply { reason } => {
+                    assert!(!reason.is_empty());
+                    assert_eq!(t.effects.len(), 1, "a refused reply changes nothing else");
+                }
                 Effect::StatusChanged { from, to } => {
                     let last = self.statuses.last().map_or("", |(_, to)| to.as_str());
                     assert_eq!(from, last, "status changes chain");
@@ -1842,6 +2332,50 @@ impl<'d> Driver<'d> {
             || (parked(&self.saga) && !parked(before))
         {
             self.check_final();
+        }
+    }
+
+    /// A timeout logged in the last transition says how many replies were refused for the
+    /// attempt.
+    fn check_timeouts(&self, before: &Saga) {
+        for h in self.saga.logged_since(before.logged()) {
+            let (
+                Some(step),
+                Happening::AttemptFailed {
+                    attempt,
+                    kind,
+                    message,
+                }
+                | Happening::CompensationAttemptFailed {
+                    attempt,
+                    kind,
+                    message,
+                },
+            ) = (h.step, &h.what)
+            else {
+                continue;
+            };
+            if kind != TIMEOUT_KIND {
+                continue;
+            }
+            let comp = matches!(h.what, Happening::CompensationAttemptFailed { .. });
+            match self.refused_for.get(&(step as usize, comp, *attempt)) {
+                None => assert!(message.starts_with("no reply"), "{message}"),
+                Some(n) => {
+                    assert!(message.starts_with("no accepted reply"), "{message}");
+                    if !message.contains("[truncated") {
+                        let (count, noun) = if *n == 1 {
+                            (1, "reply")
+                        } else {
+                            (*n, "replies")
+                        };
+                        assert!(
+                            message.contains(&format!("({count} {noun} refused")),
+                            "{message}"
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -2029,17 +2563,24 @@ impl<'d> Driver<'d> {
 
     fn answer(&mut self, c: CommandSpec, outcome: Result<Vec<u8>, StepError>) {
         let outcome = self.answers.entry(c).or_insert(outcome).clone();
-        let live = self.saga.in_flight().contains(&c);
         let t = self.apply(Event::Reply {
             step: c.step,
             attempt: c.attempt,
             compensation: c.compensation,
             outcome,
         });
-        assert_eq!(
-            t.changed, live,
-            "a reply changes the saga iff it answers a command in flight ({c:?})"
-        );
+        // A participant that answers every duplicate with its first answer is never refused
+        // (it can only be late), unless an operator skipped what it answers.
+        if t.effects
+            .iter()
+            .any(|e| matches!(e, Effect::DeadLetterReply { .. }))
+        {
+            assert_eq!(
+                self.ended.get(&c),
+                Some(&End::Skipped),
+                "{c:?} refused: {t:?}"
+            );
+        }
     }
 
     fn play(&mut self, m: &Move) {
@@ -2080,13 +2621,13 @@ impl<'d> Driver<'d> {
                 } else {
                     Err(error(FATAL))
                 };
-                let t = self.apply(Event::Reply {
+                // Checked against the model in `apply`.
+                self.apply(Event::Reply {
                     step: c.step,
                     attempt: c.attempt,
                     compensation: c.compensation,
                     outcome,
                 });
-                assert!(!t.changed, "stale reply {c:?} changed the saga");
             }
             Move::Lose { pick } => {
                 if !self.outstanding.is_empty() {
@@ -2498,7 +3039,7 @@ fn marker(saga: &Saga) -> Option<(u64, u32)> {
 fn history_len_bound(def: &SagaDefinition, limits: &Limits) -> usize {
     let max = limits.max_history.max(Limits::MIN_HISTORY);
     let head = limits.history_head.min(max / 2);
-    let pinned = 4 + 4 * def.step_slots();
+    let pinned = 4 + 7 * def.step_slots();
     max.max(head + pinned + Limits::MIN_TAIL) + 1
 }
 
