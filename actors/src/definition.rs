@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod plan;
 mod raw;
 
 pub use raw::{load_dir, parse};
