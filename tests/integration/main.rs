@@ -33,5 +33,6 @@ mod nats_auth;
 mod nats_permissions;
 mod operations;
 mod orders;
+mod python_participant;
 mod retention;
 mod tls;
