@@ -2,6 +2,7 @@
 //!
 //! Everything Sagaflow knows about sagas, with no network and no environment:
 //!
+//! - [`catalog`]: every known version of each saga definition, and the active one.
 //! - [`definition`]: saga definitions loaded from `sagas/*.toml`, validated into a model that
 //!   cannot be invalid.
 //! - [`machine`]: the pure saga state machine, `(state, event, now) -> (state, effects)`.
@@ -18,6 +19,7 @@
 
 pub use sagaflow_proto::{hash, ids};
 
+pub mod catalog;
 pub mod cluster;
 pub mod coordinator;
 pub mod definition;
