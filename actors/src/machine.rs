@@ -534,10 +534,29 @@ pub enum ReplyFit {
     /// ([`Happening::ReplyRefused`]), not dead-lettered: a late reply is no participant's
     /// mistake.
     Late(String),
-    /// A reply that cannot be right: an attempt that was never sent, or a second answer that
-    /// contradicts the one applied. Recorded in the history and dead-lettered with this
-    /// reason ([`Effect::DeadLetterReply`]).
-    Refused(String),
+    /// A reply to an attempt that was never sent (or a compensation attempt of a step that
+    /// was never compensated, or a step slot the saga does not have): it cannot be right.
+    /// Recorded in the history and dead-lettered with this reason
+    /// ([`Effect::DeadLetterReply`]).
+    Unsent(String),
+    /// A second answer to an attempt that contradicts the one applied (or an operator's skip):
+    /// recorded in the history and dead-lettered with this reason.
+    Contradicts(String),
+}
+
+impl ReplyFit {
+    /// Why the reply is not applied, if it is recorded ([`ReplyFit::Late`], refused).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            ReplyFit::Expected | ReplyFit::Duplicate => None,
+            ReplyFit::Late(why) | ReplyFit::Unsent(why) | ReplyFit::Contradicts(why) => Some(why),
+        }
+    }
+
+    /// Whether the host dead-letters the reply: it is refused, not merely late.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, ReplyFit::Unsent(_) | ReplyFit::Contradicts(_))
+    }
 }
 
 /// An operator's action on a saga, journaled in its history.
@@ -648,7 +667,7 @@ pub enum Effect {
         /// [`REPLAY_REQUEST_PREFIX`]: that dead letter is settled by the replay itself).
         request: String,
     },
-    /// The reply this transition answers was refused ([`ReplyFit::Refused`],
+    /// The reply this transition answers was refused ([`ReplyFit::Unsent`], [`ReplyFit::Contradicts`],
     /// [`Event::ReplyRefused`]) and recorded: dead-letter it, with this reason, instead of
     /// acking it.
     DeadLetterReply {
@@ -773,7 +792,9 @@ impl Saga {
                 }
                 ReplyFit::Duplicate => {}
                 ReplyFit::Late(why) => self.refuse_reply(Some(step), why, false, now, &mut t),
-                ReplyFit::Refused(why) => self.refuse_reply(Some(step), why, true, now, &mut t),
+                ReplyFit::Unsent(why) | ReplyFit::Contradicts(why) => {
+                    self.refuse_reply(Some(step), why, true, now, &mut t)
+                }
             },
             Event::ReplyRefused { step, reason } => {
                 self.refuse_reply(step, reason, true, now, &mut t)
@@ -931,7 +952,7 @@ impl Saga {
         limits: &Limits,
     ) -> ReplyFit {
         let (Some(s), Some(step)) = (self.steps.get(i), def.step(i)) else {
-            return ReplyFit::Refused(format!(
+            return ReplyFit::Unsent(format!(
                 "reply names step slot {i}; saga `{}` has {}",
                 def.name,
                 def.step_slots()
@@ -962,7 +983,7 @@ impl Saga {
             } else {
                 format!("the latest sent is {sent}")
             };
-            return ReplyFit::Refused(format!(
+            return ReplyFit::Unsent(format!(
                 "reply to {what} {attempt} of step `{name}`, which was never sent ({latest})"
             ));
         }
@@ -995,7 +1016,7 @@ impl Saga {
             (Answer::Succeeded, Err(_)) => "succeeded".to_string(),
             (Answer::Failed(kind), _) => format!("failed with `{kind}`"),
         };
-        ReplyFit::Refused(format!(
+        ReplyFit::Contradicts(format!(
             "second reply to {what} {attempt} of step `{name}` contradicts the answer applied: it says {says}, the attempt had {had}"
         ))
     }

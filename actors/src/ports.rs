@@ -156,10 +156,11 @@ pub trait Observer: Send + Sync + 'static {
     /// multiple of their step timeout). Every loaded definition is listed, zeros included.
     fn attention(&self, _census: &[AttentionCount]) {}
     /// An inbound event was refused and dead-lettered; `reason` is a short stable label
-    /// (`saga_id`, `partition`, `command_id`, `unsent_attempt`, `retries_exhausted`…).
+    /// (`saga_id`, `partition`, `command_id`, `unknown_step`, `wrong_service`,
+    /// `unsent_attempt`, `contradicting_reply`, `retries_exhausted`…).
     fn event_refused(&self, _reason: &str) {}
-    /// An inbound event was acked without effect; `reason` is a short stable label
-    /// (`duplicate`, `stale_attempt`).
+    /// An inbound event was acked without being applied; `reason` is a short stable label
+    /// (`duplicate`, or `stale_attempt`: a late reply, recorded in the saga's history).
     fn event_ignored(&self, _reason: &str) {}
     /// An unfinished saga that nothing drove (no actor, no event coming: its creator died
     /// between writing it and publishing its start) was taken up by the orphan sweep.

@@ -993,6 +993,24 @@ async fn a_reply_for_an_unknown_saga_is_dead_lettered() {
     h.stop().await;
 }
 
+/// `after` is `before` with one more history entry, `what` about step slot `step`: a
+/// refused reply is recorded, and changes nothing else.
+#[track_caller]
+fn assert_moved_only_in_history(after: &Saga, before: &Saga, step: Option<u32>, what: &str) {
+    let strip = |s: &Saga| Saga {
+        history: Vec::new(),
+        updated_at: 0,
+        ..s.clone()
+    };
+    assert_eq!(strip(after), strip(before), "the saga did not move");
+    assert_eq!(after.history[..before.history.len()], before.history[..]);
+    let new: Vec<(Option<u32>, String)> = after.history[before.history.len()..]
+        .iter()
+        .map(|h| (h.step, h.what.to_string()))
+        .collect();
+    assert_eq!(new, [(step, what.to_string())]);
+}
+
 #[tokio::test]
 async fn a_reply_from_another_service_than_the_commands_is_dead_lettered() {
     // The participants never answer on their own: the test plays them.
@@ -1020,10 +1038,11 @@ async fn a_reply_from_another_service_than_the_commands_is_dead_lettered() {
             && reason.contains("went to service `payment`"),
         "{reason}"
     );
-    assert_eq!(
-        h.store.get("order-3").unwrap(),
-        before,
-        "the saga did not move"
+    assert_moved_only_in_history(
+        &h.store.get("order-3").unwrap(),
+        &before,
+        Some(0),
+        "reply refused: reply for step `charge` came from service `shipping`; its command went to service `payment`",
     );
     // Payment's own reply is applied.
     h.stream.deliver("order-3", reply(Some("payment")));
@@ -1056,10 +1075,11 @@ async fn a_reply_naming_an_unknown_step_is_dead_lettered() {
     let (saga_id, reason) = h.stream.dead_letters().remove(0);
     assert_eq!(saga_id, "order-2");
     assert!(reason.contains("unknown step `teleport`"), "{reason}");
-    assert_eq!(
-        h.store.get("order-2").unwrap(),
-        before,
-        "the saga did not move"
+    assert_moved_only_in_history(
+        &h.store.get("order-2").unwrap(),
+        &before,
+        None,
+        "reply refused: reply names unknown step `teleport`: definition `order` has no such step",
     );
 
     // The saga is still served: a genuine reply is applied and acked.
@@ -1936,6 +1956,55 @@ async fn replies_to_attempts_never_sent_are_dead_lettered_and_duplicates_ignored
         *h.census.refused.lock().unwrap(),
         ["unsent_attempt", "unsent_attempt"]
     );
+    assert_eq!(*h.census.ignored.lock().unwrap(), ["duplicate"]);
+    h.stop().await;
+}
+
+/// A second reply contradicting the one applied is recorded in the saga's history and
+/// dead-lettered; the same reply again is a plain duplicate (acked, nothing recorded).
+#[tokio::test]
+async fn a_second_contradicting_reply_is_recorded_and_dead_lettered() {
+    let h = Harness::start(order(), Arc::new(|_| None)).await;
+    h.start_saga("order-9").await;
+    eventually("the charge command", || {
+        !h.bus.commands("order-9").is_empty()
+    })
+    .await;
+    let reply = |outcome: Result<Vec<u8>, StepError>| Input::Reply {
+        service: Some("payment".to_string()),
+        step: "charge".to_string(),
+        attempt: 1,
+        compensation: false,
+        outcome,
+    };
+    h.stream.deliver("order-9", reply(Ok(Vec::new())));
+    eventually("the charge to be applied", || {
+        h.store.get("order-9").is_some_and(|s| s.status == "PAID")
+    })
+    .await;
+    eventually("every delivery to be settled", || h.stream.all_settled()).await;
+    let before = h.store.get("order-9").unwrap();
+    h.stream.deliver("order-9", reply(Ok(Vec::new())));
+    let declined = Err(StepError {
+        kind: "declined".to_string(),
+        message: "card declined".to_string(),
+    });
+    h.stream.deliver("order-9", reply(declined));
+    eventually("the dead letter", || !h.stream.dead_letters().is_empty()).await;
+    eventually("every delivery to be settled", || h.stream.all_settled()).await;
+    let (saga_id, reason) = h.stream.dead_letters().remove(0);
+    assert_eq!(saga_id, "order-9");
+    assert_eq!(
+        reason,
+        "second reply to attempt 1 of step `charge` contradicts the answer applied: it says failed with `declined`, the attempt had succeeded (saga `order-9`)"
+    );
+    assert_moved_only_in_history(
+        &h.store.get("order-9").unwrap(),
+        &before,
+        Some(0),
+        "reply refused: second reply to attempt 1 of step `charge` contradicts the answer applied: it says failed with `declined`, the attempt had succeeded",
+    );
+    assert_eq!(*h.census.refused.lock().unwrap(), ["contradicting_reply"]);
     assert_eq!(*h.census.ignored.lock().unwrap(), ["duplicate"]);
     h.stop().await;
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::{event_retry_delay, Context, CoordinatorMsg, Input, Summary, PASSIVATED};
 use crate::definition::SagaDefinition;
 use crate::machine::{
-    CommandSpec, Effect, Event, Happening, Millis, Phase, Saga, StepPhase, Transition,
+    CommandSpec, Effect, Event, Happening, Millis, Phase, ReplyFit, Saga, StepPhase, Transition,
 };
 use crate::ports::{Delivery, Error as PortError, Observer};
 use crate::service::restart_backoff;
@@ -76,21 +76,11 @@ struct Loaded {
     def: Arc<SagaDefinition>,
 }
 
-/// How a reply relates to the commands its saga sent.
-enum ReplyFit {
-    /// It answers the attempt in flight.
-    Expected,
-    /// It answers an attempt that was sent but is no longer awaited (a duplicate, or an older
-    /// attempt): acked without effect, counted under this label.
-    Ignored(&'static str),
-    /// It answers an attempt that was never sent (forged or misrouted): dead-lettered.
-    Unsent(String),
-}
-
 /// What applying an event did.
 enum Applied {
-    /// The snapshot changed and was persisted.
-    Changed,
+    /// The snapshot changed and was persisted; if the event was a reply the machine refused
+    /// (and recorded), why: it is dead-lettered instead of acked.
+    Changed(Option<String>),
     /// Nothing to do (a duplicate, a late reply, a finished saga).
     Unchanged,
     /// The snapshot changed, with no effect to carry out, and the saga's next event is already
@@ -423,6 +413,10 @@ impl SagaState {
         }
         // For a reply the machine will not apply: why, for the ignored-events metric.
         let mut ignored = None;
+        // For a reply refused (recorded in the history, then dead-lettered): the metric's
+        // label and the dead letter's reason, in case the machine records nothing (a finished
+        // saga).
+        let mut refused: Option<(&'static str, String)> = None;
         let event = match input {
             Input::Started | Input::Created { .. } => {
                 if !sent_by_creator {
@@ -454,14 +448,13 @@ impl SagaState {
             } => {
                 let index = self.loaded.as_ref().and_then(|l| step_index(&l.def, &step));
                 let Some(i) = index else {
-                    self.ctx.observer.event_refused("unknown_step");
                     let definition = self.loaded.as_ref().map_or("", |l| l.def.name.as_str());
-                    delivery
-                        .dead_letter(format!(
-                            "reply names unknown step `{step}`: saga `{}` (definition `{definition}`) has no such step",
-                            self.id
-                        ))
-                        .await;
+                    let reason = format!(
+                        "reply names unknown step `{step}`: definition `{definition}` has no such step"
+                    );
+                    refused = Some(("unknown_step", reason.clone()));
+                    let event = Event::ReplyRefused { step: None, reason };
+                    self.apply_event(event, None, refused, delivery).await;
                     return;
                 };
                 // A reply comes from the service its command went to: NATS permissions let each
@@ -477,19 +470,21 @@ impl SagaState {
                     (action.service != from).then(|| (from, action.service.clone()))
                 });
                 if let Some((from, to)) = wrong {
-                    self.ctx.observer.event_refused("wrong_service");
-                    delivery
-                        .dead_letter(format!(
-                            "reply for step `{step}` of saga `{}` came from service `{from}`; its command went to service `{to}`",
-                            self.id
-                        ))
-                        .await;
+                    let reason = format!(
+                        "reply for step `{step}` came from service `{from}`; its command went to service `{to}`"
+                    );
+                    refused = Some(("wrong_service", reason.clone()));
+                    let event = Event::ReplyRefused {
+                        step: Some(i),
+                        reason,
+                    };
+                    self.apply_event(event, None, refused, delivery).await;
                     return;
                 }
-                // A reply must answer an attempt that was sent. Checked against the stored
-                // snapshot before refusing: a copy kept in memory may be behind.
-                let mut fit = self.reply_fit(i, attempt, compensation);
-                if matches!(fit, ReplyFit::Unsent(_)) && self.loaded_from_cache {
+                // What the reply is to the saga. A reply not applied is checked against the
+                // stored snapshot first: a copy kept in memory may be behind.
+                let mut fit = self.reply_fit(i, attempt, compensation, &outcome);
+                if fit.reason().is_some() && self.loaded_from_cache {
                     self.flush().await;
                     self.loaded = None;
                     if let Err(f) = self.load().await {
@@ -501,19 +496,15 @@ impl SagaState {
                         return;
                     }
                     self.loaded_from_cache = false;
-                    fit = self.reply_fit(i, attempt, compensation);
+                    fit = self.reply_fit(i, attempt, compensation, &outcome);
                 }
-                if let ReplyFit::Unsent(why) = fit {
-                    self.ctx.observer.event_refused("unsent_attempt");
-                    delivery
-                        .dead_letter(format!("reply to {why} (saga `{}`)", self.id))
-                        .await;
-                    return;
+                match fit {
+                    ReplyFit::Expected => {}
+                    ReplyFit::Duplicate => ignored = Some("duplicate"),
+                    ReplyFit::Late(_) => ignored = Some("stale_attempt"),
+                    ReplyFit::Unsent(why) => refused = Some(("unsent_attempt", why)),
+                    ReplyFit::Contradicts(why) => refused = Some(("contradicting_reply", why)),
                 }
-                ignored = match fit {
-                    ReplyFit::Ignored(label) => Some(label),
-                    _ => None,
-                };
                 Event::Reply {
                     step: i,
                     attempt,
@@ -522,16 +513,41 @@ impl SagaState {
                 }
             }
         };
+        self.apply_event(event, ignored, refused, delivery).await;
+    }
+
+    /// Applies `event` and settles its delivery: acked once applied (or found to change
+    /// nothing, counted under `ignored` if given), dead-lettered if it is a reply refused
+    /// (`refused`: the metric's label and the reason, used when the machine records nothing).
+    async fn apply_event(
+        &mut self,
+        event: Event,
+        ignored: Option<&'static str>,
+        refused: Option<(&'static str, String)>,
+        delivery: Box<dyn Delivery>,
+    ) {
         // A lost compare-and-set means our copy is stale: reload and apply again (the machine
         // ignores what was already applied), a bounded number of times.
         let mut verified = false;
         for _ in 0..4 {
             match self.process(event.clone(), Some(&*delivery), true).await {
-                Ok(Applied::Changed) => {
+                Ok(Applied::Changed(None)) => {
+                    // (A late reply, recorded.)
+                    if let Some(label) = ignored {
+                        self.ctx.observer.event_ignored(label);
+                    }
                     delivery.ack().await;
                     return;
                 }
+                Ok(Applied::Changed(Some(reason))) => {
+                    let label = refused.as_ref().map_or("refused_reply", |r| r.0);
+                    self.dead_letter_reply(label, &reason, delivery).await;
+                    return;
+                }
                 Ok(Applied::Deferred) => {
+                    if let Some(label) = ignored {
+                        self.ctx.observer.event_ignored(label);
+                    }
                     if let Some(u) = self.unsaved.as_mut() {
                         u.deliveries.push(delivery);
                     }
@@ -547,6 +563,11 @@ impl SagaState {
                     self.loaded = None;
                 }
                 Ok(Applied::Unchanged) => {
+                    if let Some((label, reason)) = refused {
+                        // Refused, with nothing recorded (the saga has finished).
+                        self.dead_letter_reply(label, &reason, delivery).await;
+                        return;
+                    }
                     if let Some(label) = ignored {
                         tracing::debug!(saga_id = %self.id, reason = label, "reply ignored");
                         self.ctx.observer.event_ignored(label);
@@ -607,43 +628,32 @@ impl SagaState {
         delivery.nak(delay).await;
     }
 
-    /// Whether a reply to attempt `attempt` of step slot `i` (`compensation` or forward)
-    /// answers a command this saga sent. The snapshot must be loaded.
-    fn reply_fit(&self, i: usize, attempt: u32, compensation: bool) -> ReplyFit {
-        let Some(l) = self.loaded.as_ref() else {
-            return ReplyFit::Expected;
-        };
-        let Some(s) = l.saga.steps.get(i) else {
-            return ReplyFit::Expected;
-        };
-        let name = l.def.step(i).map_or("?", |st| st.name.as_str());
-        let (sent, in_flight, direction) = if compensation {
-            let undoable = l.def.step(i).is_some_and(|st| st.compensation.is_some());
-            let sent = if undoable { s.comp_attempt } else { 0 };
-            (
-                sent,
-                s.phase == StepPhase::Compensating,
-                "compensation attempt",
-            )
-        } else {
-            (s.attempt, s.phase == StepPhase::Running, "attempt")
-        };
-        if attempt > sent {
-            let latest = if sent == 0 {
-                "none was sent".to_string()
-            } else {
-                format!("the latest sent is {sent}")
-            };
-            ReplyFit::Unsent(format!(
-                "{direction} {attempt} of step `{name}`, which was never sent ({latest})"
-            ))
-        } else if attempt < sent {
-            ReplyFit::Ignored("stale_attempt")
-        } else if in_flight {
-            ReplyFit::Expected
-        } else {
-            ReplyFit::Ignored("duplicate")
+    /// What a reply to attempt `attempt` of step slot `i` reporting `outcome` is to the saga
+    /// ([`Saga::reply_fit`]). The snapshot must be loaded.
+    fn reply_fit(
+        &self,
+        i: usize,
+        attempt: u32,
+        compensation: bool,
+        outcome: &Result<Vec<u8>, crate::machine::StepError>,
+    ) -> ReplyFit {
+        match self.loaded.as_ref() {
+            Some(l) => {
+                l.saga
+                    .reply_fit(&l.def, i, attempt, compensation, outcome, &self.ctx.limits)
+            }
+            None => ReplyFit::Expected,
         }
+    }
+
+    /// Dead-letters a reply refused because of `reason` (recorded in the saga's history if
+    /// it runs), counted under `label`.
+    async fn dead_letter_reply(&self, label: &str, reason: &str, delivery: Box<dyn Delivery>) {
+        tracing::warn!(saga_id = %self.id, reason, "reply refused");
+        self.ctx.observer.event_refused(label);
+        delivery
+            .dead_letter(format!("{reason} (saga `{}`)", self.id))
+            .await;
     }
 
     /// Applies `event`, persists, then carries out the effects and acks the events of the
@@ -700,13 +710,17 @@ impl SagaState {
             }
         }
         observe(&*self.ctx.observer, &l.def, before, &l.saga);
+        let dead_letter = t.effects.iter().find_map(|e| match e {
+            Effect::DeadLetterReply { reason } => Some(reason.clone()),
+            _ => None,
+        });
         self.carry_out(t.effects, delivery).await;
         if let Some(u) = unsaved {
             for d in u.deliveries {
                 d.ack().await;
             }
         }
-        Ok(Applied::Changed)
+        Ok(Applied::Changed(dead_letter))
     }
 
     /// Writes the transitions deferred so far, if any, and acks their events. If the write

@@ -904,7 +904,7 @@ fn duplicates_change_nothing_and_other_stray_replies_are_recorded() {
             &Err(error("declined")),
             &Limits::default()
         ),
-        ReplyFit::Refused(_)
+        ReplyFit::Contradicts(_)
     ));
     assert_ignored(&mut saga, &def, stray, now + 7);
 }
