@@ -12,6 +12,7 @@
 //! - [`partition`]: consuming one partition; take-over scan; orphan sweep.
 //! - [`index`]: unfinished sagas and the list index, from headers only.
 //! - [`consume`]: the loop every durable pull consumer runs (the participant SDK's).
+//! - [`definitions`]: saga definitions as live, versioned configuration (KV `sagaflow_definitions`).
 //! - [`dlq`], [`advisories`]: dead letters, and commands that exhausted their deliveries.
 //! - [`cluster`]: membership, heartbeats, partition leases; [`fence`], [`clock`].
 //!
@@ -46,6 +47,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod consume;
+pub mod definitions;
 pub mod demo;
 pub mod dev;
 pub mod dlq;
@@ -82,6 +84,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         "NATS adapters",
         &[
             "topology",
+            "definitions",
             "store",
             "index",
             "bus",

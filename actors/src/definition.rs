@@ -15,7 +15,7 @@ use std::time::Duration;
 pub mod plan;
 mod raw;
 
-pub use raw::{load_dir, parse};
+pub use raw::{load_dir, parse, parse_files};
 
 /// A validated saga definition. Cheap to share behind an `Arc`.
 #[derive(Debug, Clone, PartialEq)]

@@ -183,3 +183,15 @@ pub struct AttentionCount {
 pub struct NoopObserver;
 
 impl Observer for NoopObserver {}
+
+/// Where a node finds a definition version it does not know (one applied elsewhere, which
+/// sagas it adopts still run on).
+#[async_trait]
+pub trait DefinitionSource: Send + Sync + 'static {
+    /// Version `fingerprint` of saga `name`; `None` when it was never applied anywhere.
+    async fn load(
+        &self,
+        name: &str,
+        fingerprint: u64,
+    ) -> Result<Option<std::sync::Arc<SagaDefinition>>, Error>;
+}

@@ -207,21 +207,37 @@ pub fn load_dir(dir: &Path) -> Result<Vec<SagaDefinition>, Vec<Error>> {
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
 
-    let mut definitions: Vec<SagaDefinition> = Vec::new();
+    let mut sources = Vec::with_capacity(files.len());
     for path in files {
-        let source = match std::fs::read_to_string(&path) {
-            Ok(source) => source,
-            Err(e) => {
-                errors.push(io_error(&path, "file", e));
-                continue;
-            }
-        };
-        match parse_spanned(&source, &path) {
+        match std::fs::read_to_string(&path) {
+            Ok(source) => sources.push((path, source)),
+            Err(e) => errors.push(io_error(&path, "file", e)),
+        }
+    }
+    match parse_files(&sources) {
+        Ok(definitions) if errors.is_empty() => Ok(definitions),
+        Ok(_) => Err(errors),
+        Err(mut more) => {
+            errors.append(&mut more);
+            Err(errors)
+        }
+    }
+}
+
+/// Parses a set of definition files given as `(path, text)`, as [`load_dir`] does with a
+/// folder's: every file is checked, and the set is refused (with every error) if any file is
+/// invalid or two files define the same saga.
+pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Vec<SagaDefinition>, Vec<Error>> {
+    let mut errors = Vec::new();
+    let mut definitions: Vec<SagaDefinition> = Vec::new();
+    for (path, source) in files {
+        let (path, source) = (path.as_path(), source.as_str());
+        match parse_spanned(source, path) {
             Ok((definition, name_span)) => {
                 if let Some(first) = definitions.iter().find(|d| d.name == definition.name) {
                     errors.push(Error::at(
-                        &path,
-                        &source,
+                        path,
+                        source,
                         name_span.start,
                         Some("name".to_owned()),
                         format!(
