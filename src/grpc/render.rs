@@ -126,7 +126,53 @@ pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
         progress: def.map(|d| progress(s, d, now)).unwrap_or_default(),
         stuck: stuck_at.is_some_and(|at| now >= at),
         stuck_at_unix_ms: stuck_at.unwrap_or_default(),
+        definition_version: sagaflow_actors::definition::plan::version_of(s.fingerprint),
     }
+}
+
+/// The consumer group that serves `service` (docs/participants.md).
+pub fn consumer_group(service: &str) -> String {
+    format!("svc-{service}")
+}
+
+/// What keeps an unfinished saga waiting for ever, in words: the steps it waits on (running
+/// or waiting to retry, forward or compensation) whose service has no consumer group among
+/// `consumers` (the command stream's consumer names), e.g. ``waiting on `hotel.book`: no
+/// consumer serves `hotel` (consumer group svc-hotel)``. `None` when every one is served.
+pub fn unserved(
+    s: &Saga,
+    def: &SagaDefinition,
+    consumers: &std::collections::HashSet<String>,
+) -> Option<String> {
+    if s.is_terminal() {
+        return None;
+    }
+    let mut waits: Vec<String> = Vec::new();
+    for (i, st) in s.steps.iter().enumerate() {
+        let Some(step) = def.step(i) else { continue };
+        let action = match st.phase {
+            StepPhase::Running | StepPhase::RetryWait => &step.action,
+            StepPhase::Compensating | StepPhase::CompensationRetryWait => {
+                match step.compensation.as_ref() {
+                    Some(c) => c,
+                    None => continue,
+                }
+            }
+            _ => continue,
+        };
+        let group = consumer_group(&action.service);
+        if consumers.contains(&group) {
+            continue;
+        }
+        let text = format!(
+            "waiting on `{action}`: no consumer serves `{}` (consumer group {group})",
+            action.service
+        );
+        if !waits.contains(&text) {
+            waits.push(text);
+        }
+    }
+    (!waits.is_empty()).then(|| waits.join("; "))
 }
 
 /// What the saga is doing or waiting for, in words, at `now`: for an operator reading
@@ -346,6 +392,38 @@ mod tests {
             .stuck_at(def, crate::config::STUCK_MULTIPLE)
             .is_some_and(|at| now >= at);
         v
+    }
+
+    #[test]
+    fn a_step_whose_service_nobody_serves_is_named() {
+        let def = order();
+        let (mut saga, _) = Saga::start(&def, "order-3".into(), b"{}".to_vec(), 1_000);
+        let first = &def.steps[def.stages[0].steps[0]];
+        let service = first.action.service.clone();
+        let mut consumers: std::collections::HashSet<String> = def
+            .steps
+            .iter()
+            .map(|s| consumer_group(&s.action.service))
+            .collect();
+        assert_eq!(unserved(&saga, &def, &consumers), None);
+        consumers.remove(&consumer_group(&service));
+        assert_eq!(
+            unserved(&saga, &def, &consumers).unwrap(),
+            format!(
+                "waiting on `{}`: no consumer serves `{service}` (consumer group svc-{service})",
+                first.action
+            )
+        );
+        // Waiting to retry counts too; a finished saga waits on nothing.
+        saga.apply(
+            &def,
+            fail("unavailable", def.stages[0].steps[0], 1, false),
+            2_000,
+        )
+        .unwrap();
+        assert!(unserved(&saga, &def, &consumers).is_some());
+        saga.phase = Phase::Compensated;
+        assert_eq!(unserved(&saga, &def, &consumers), None);
     }
 
     #[test]

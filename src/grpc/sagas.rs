@@ -43,6 +43,29 @@ impl Sagas {
     }
 }
 
+impl Sagas {
+    /// The command stream's consumer names (which services somebody serves), or `None` if
+    /// they cannot be listed now (bounded: a listing never waits long for them).
+    async fn served(&self) -> Option<std::collections::HashSet<String>> {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.api.command_consumers(),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Some(c),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::telemetry::error_chain(&e), "cannot list the command consumers");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("listing the command consumers timed out");
+                None
+            }
+        }
+    }
+}
+
 fn validate_saga_id(id: &str) -> Result<(), Status> {
     if !valid_id(id, sagaflow_actors::ids::MAX_SAGA_ID) {
         return Err(invalid(
@@ -268,6 +291,14 @@ impl SagaService for Sagas {
                 .as_ref()
                 .is_none_or(|h| !h.phase.is_terminal() && (name.is_empty() || h.definition == name))
         };
+        // A saga waiting on a step whose service nobody serves waits for ever: listed too
+        // (one look at the command stream's consumers per page).
+        let consumers = self.served().await;
+        let unserved = |saga: &Saga| {
+            let consumers = consumers.as_ref()?;
+            let def = self.api.definition(&saga.definition)?;
+            render::unserved(saga, &def, consumers)
+        };
         let accept = |saga: &Saga| {
             if !name.is_empty() && saga.definition != name {
                 return false;
@@ -278,7 +309,7 @@ impl SagaService for Sagas {
                 .as_deref()
                 .and_then(|d| saga.stuck_at(d, crate::config::STUCK_MULTIPLE))
                 .is_some_and(|at| now >= at);
-            saga.phase == Phase::NeedsAttention || stuck
+            saga.phase == Phase::NeedsAttention || stuck || unserved(saga).is_some()
         };
         let (sagas, next) = self
             .api
@@ -286,7 +317,13 @@ impl SagaService for Sagas {
             .await?;
         let out = sagas
             .iter()
-            .map(|s| render::saga(s, 0, self.api.definition(&s.definition).as_deref()))
+            .map(|s| {
+                let mut v = render::saga(s, 0, self.api.definition(&s.definition).as_deref());
+                if let Some(why) = unserved(s) {
+                    v.progress = format!("{why}; {}", v.progress);
+                }
+                v
+            })
             .collect();
         Ok(Response::new(ListSagasNeedingAttentionResponse {
             sagas: out,
