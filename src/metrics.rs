@@ -13,8 +13,8 @@
 //! | `sagaflow_step_attempts_total` | counter | `service`, `compensation` (attempts that ended) |
 //! | `sagaflow_step_errors_total` | counter | `service`, `kind` |
 //! | `sagaflow_dlq_depth` | gauge | (messages in `SAGA_DLQ`) |
-//! | `sagaflow_events_refused_total` | counter | `reason` (saga events dead-lettered: `saga_id`, `partition`, `command_id`, `unsent_attempt`, `wrong_service`, `retries_exhausted`…) |
-//! | `sagaflow_events_ignored_total` | counter | `reason` (saga events acked without effect: `duplicate`, `stale_attempt`) |
+//! | `sagaflow_events_refused_total` | counter | `reason` (saga events dead-lettered: `saga_id`, `partition`, `command_id`, `unknown_step`, `wrong_service`, `unsent_attempt`, `contradicting_reply`, `retries_exhausted`…) |
+//! | `sagaflow_events_ignored_total` | counter | `reason` (replies acked without being applied: `duplicate`, `stale_attempt` — a late reply, recorded in the saga's history) |
 //! | `sagaflow_nats_disconnects_total` | counter | (times the node's NATS connection was lost) |
 //! | `sagaflow_orphans_adopted_total` | counter | (unfinished sagas nothing drove, taken up by the orphan sweep after a node left) |
 //! | `sagaflow_fenced_writes_total` | counter | (writes refused because this node's heartbeat lapsed, see [`crate::fence`]) |
