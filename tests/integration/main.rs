@@ -35,4 +35,5 @@ mod operations;
 mod orders;
 mod python_participant;
 mod retention;
+mod stray_replies;
 mod tls;

@@ -1068,12 +1068,23 @@ async fn a_parked_saga_resumed_from_the_cli_settles_its_dead_letters() {
     assert_eq!(dead.len(), 1, "{dead:#?}");
     assert_ne!(dead[0].seq, first[0].seq);
 
-    // The refund was made by hand: skip it, with a request id, twice.
+    // The refund was made by hand: skip it, with a request id, twice. A skipped compensation
+    // keeps no result: one given is refused, not dropped.
     p.set("pay.refund", Behaviour::Succeed);
-    let skip = format!(
-        "saga skip {id} --step charge --result {{\"refund\":\"manual\"}} --request-id r-1 \
-         --server {server} --operator erin"
+    let out = cli(&format!(
+        "saga skip {id} --step charge --result {{\"refund\":\"manual\"}} --server {server} --operator erin"
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).starts_with(
+            "error: failed_precondition: skip: skipping step `charge` (COMPENSATION_FAILED) counts its compensation as done and records no result"
+        ),
+        "{}",
+        text(&out.stderr)
     );
+    let skip =
+        format!("saga skip {id} --step charge --request-id r-1 --server {server} --operator erin");
     let out = cli_ok(&skip).await;
     assert!(
         out.starts_with("skip applied to saga ops-parked-2 (request r-1)"),
