@@ -126,7 +126,6 @@ pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
         progress: def.map(|d| progress(s, d, now)).unwrap_or_default(),
         stuck: stuck_at.is_some_and(|at| now >= at),
         stuck_at_unix_ms: stuck_at.unwrap_or_default(),
-        definition_version: sagaflow_actors::definition::plan::version_of(s.fingerprint),
     }
 }
 
