@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sagaflow/v1/orders.proto",
         "sagaflow/v1/analytics.proto",
         "sagaflow/v1/admin.proto",
+        "sagaflow/v1/definitions.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -13,7 +13,7 @@ use async_nats::HeaderMap;
 use futures::{Stream, StreamExt};
 use sagaflow_actors::definition::SagaDefinition;
 use sagaflow_actors::hash::partition_of;
-use sagaflow_actors::machine::Saga;
+use sagaflow_actors::machine::{Happening, Saga, StepPhase};
 use sagaflow_actors::ports::{CommandBus, Error as PortError, StateStore};
 use sagaflow_actors::wire::{self, Control};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,7 @@ pub struct SagaApi {
     js: jetstream::Context,
     store: KvStateStore,
     bus: JetStreamBus,
-    definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
+    definitions: Arc<sagaflow_actors::catalog::Catalog>,
     partitions: u32,
     shutdown: CancellationToken,
     /// Admission control, its limit (`admission.max_timeout_share`; 0: off) and the cluster
@@ -97,6 +97,26 @@ pub enum ApiError {
     /// A message could not be encoded (`INTERNAL`).
     #[error(transparent)]
     Encode(wire::Error),
+    /// A request field is wrong (`INVALID_ARGUMENT`): which one and why.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The saga is not in a state the call applies to (`FAILED_PRECONDITION`).
+    #[error("{0}")]
+    Precondition(String),
+}
+
+/// What [`SagaApi::signal`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signalled {
+    /// The signal id (given, or generated).
+    pub signal_id: String,
+    /// The saga had already received it: nothing was sent.
+    pub duplicate: bool,
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> ApiError {
@@ -116,7 +136,7 @@ impl SagaApi {
     pub fn new(
         js: jetstream::Context,
         sagas: kv::Store,
-        definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
+        definitions: Arc<sagaflow_actors::catalog::Catalog>,
         partitions: u32,
         shutdown: CancellationToken,
     ) -> Self {
@@ -170,9 +190,17 @@ impl SagaApi {
         self
     }
 
-    /// A loaded definition.
+    /// The active version of a definition (what new sagas start on).
     pub fn definition(&self, name: &str) -> Option<Arc<SagaDefinition>> {
-        self.definitions.get(name).cloned()
+        self.definitions.active(name)
+    }
+
+    /// The version of its definition `saga` runs on, if this node knows it (else the active
+    /// one, as the saga's owner falls back to for a version stored nowhere).
+    pub fn definition_of(&self, saga: &Saga) -> Option<Arc<SagaDefinition>> {
+        self.definitions
+            .version(&saga.definition, saga.fingerprint)
+            .or_else(|| self.definitions.active(&saga.definition))
     }
 
     /// The consumer groups (durable consumers) on the commands stream: `svc-<service>` for
@@ -187,9 +215,9 @@ impl SagaApi {
         names.into_iter().map(|n| n.map_err(unavailable)).collect()
     }
 
-    /// Every loaded definition, by name.
-    pub fn definitions(&self) -> &HashMap<String, Arc<SagaDefinition>> {
-        &self.definitions
+    /// The active version of every definition, by name.
+    pub fn definitions(&self) -> Vec<Arc<SagaDefinition>> {
+        self.definitions.active_all()
     }
 
     /// Starts saga `id` of `def` with `input` (JSON), idempotently: returns whether it was created.
@@ -352,6 +380,134 @@ impl SagaApi {
         Ok(())
     }
 
+    /// Delivers signal `name` with `payload` (JSON; empty: `null`) to saga `saga_id`,
+    /// idempotently on `signal_id` (empty: a fresh id): checked against the saga and its
+    /// definition first, then stored as an event of the saga's partition (ordered with its
+    /// other events) before this returns.
+    pub async fn signal(
+        &self,
+        saga_id: &str,
+        name: &str,
+        payload: Vec<u8>,
+        signal_id: String,
+    ) -> Result<Signalled, ApiError> {
+        if !sagaflow_actors::definition::valid_signal_name(name) {
+            return Err(ApiError::Invalid {
+                field: "name",
+                message: format!(
+                    "{} is not a signal name (dot-separated lowercase parts, e.g. `delivery.confirmed`)",
+                    sagaflow_actors::ids::quote(name)
+                ),
+            });
+        }
+        let payload = if payload.is_empty() {
+            b"null".to_vec()
+        } else {
+            payload
+        };
+        if payload.len() > crate::events::MAX_SIGNAL_PAYLOAD {
+            return Err(ApiError::Invalid {
+                field: "payload_json",
+                message: format!(
+                    "{} bytes, at most {}",
+                    payload.len(),
+                    crate::events::MAX_SIGNAL_PAYLOAD
+                ),
+            });
+        }
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&payload) {
+            return Err(ApiError::Invalid {
+                field: "payload_json",
+                message: format!("not JSON: {e}"),
+            });
+        }
+        let signal_id = if signal_id.is_empty() {
+            format!("sig-{:016x}", rand::random::<u64>())
+        } else {
+            signal_id
+        };
+        if !valid_id(&signal_id, sagaflow_actors::ids::MAX_SAGA_ID) {
+            return Err(ApiError::Invalid {
+                field: "signal_id",
+                message: "1 to 128 of [A-Za-z0-9_-]".into(),
+            });
+        }
+        let (saga, _) = self.get(saga_id).await?;
+        let def = self.definition_of(&saga).ok_or_else(|| {
+            ApiError::Precondition(format!(
+                "saga definition `{}` is not loaded on this node",
+                saga.definition
+            ))
+        })?;
+        let waits = def.signals();
+        if !waits.contains(&name) {
+            let them = if waits.is_empty() {
+                "it waits for no signal".to_string()
+            } else {
+                format!(
+                    "it waits for {}",
+                    waits
+                        .iter()
+                        .map(|w| format!("`{w}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            return Err(ApiError::Invalid {
+                field: "name",
+                message: format!(
+                    "saga `{saga_id}` ({}) waits for no signal `{name}`: {them}",
+                    def.name
+                ),
+            });
+        }
+        let seen = saga.history.iter().any(|h| {
+            matches!(&h.what, Happening::SignalReceived { id, .. } | Happening::SignalIgnored { id, .. } if *id == signal_id)
+        });
+        if seen {
+            return Ok(Signalled {
+                signal_id,
+                duplicate: true,
+            });
+        }
+        if saga.is_terminal() {
+            return Err(ApiError::Precondition(format!(
+                "saga `{saga_id}` has finished ({}, {}): signals are for running sagas",
+                saga.phase.as_str(),
+                saga.status
+            )));
+        }
+        let takes = def.steps.iter().zip(&saga.steps).any(|(step, state)| {
+            step.wait_for() == Some(name)
+                && (state.phase == StepPhase::Waiting
+                    || (state.phase == StepPhase::Pending
+                        && state.output.is_none()
+                        && saga.phase == sagaflow_actors::machine::Phase::Running))
+        });
+        if !takes {
+            return Err(ApiError::Precondition(format!(
+                "no step of saga `{saga_id}` waits for signal `{name}` any more (it was received, timed out, or the saga compensates)"
+            )));
+        }
+        let control = Control::Signal {
+            id: signal_id.clone(),
+            name: name.to_string(),
+            payload,
+            at: self.now_ms(),
+        };
+        self.publish_control(
+            saga_id,
+            "signal",
+            &control,
+            format!("signal/{saga_id}/{signal_id}"),
+        )
+        .await?;
+        Ok(Signalled {
+            signal_id,
+            duplicate: false,
+        })
+    }
+
     /// The saga's snapshot and revision, or [`ApiError::NotFound`].
     pub async fn get(&self, id: &str) -> Result<(Saga, u64), ApiError> {
         match self.store.load(id).await {
@@ -436,6 +592,27 @@ impl SagaApi {
             .last_sequence;
         index.catch_up(last).await;
         Ok(index)
+    }
+
+    /// Unfinished sagas of definition `name` per version they run on (by their index headers;
+    /// sagas written before versions count under `None`).
+    pub async fn running_versions(
+        &self,
+        name: &str,
+    ) -> Result<HashMap<Option<u64>, u64>, ApiError> {
+        let index = self.index().await?;
+        let (listed, _) = index
+            .page(None, usize::MAX, self.now_ms(), |l| {
+                l.headers
+                    .as_ref()
+                    .is_some_and(|h| h.definition == name && !h.phase.is_terminal())
+            })
+            .await;
+        let mut counts = HashMap::new();
+        for l in listed {
+            *counts.entry(l.headers.and_then(|h| h.version)).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 
     /// One page of sagas, newest first: candidates from the index that `keep` accepts by their

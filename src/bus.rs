@@ -60,11 +60,43 @@ pub fn build_command(
         } else {
             String::new()
         },
-        input: saga.input.clone(),
+        input: with_signals(def, saga),
         reply_subject: reply_subject(partition_of(&saga.id, partitions), &action.service),
         deadline_unix_ms: state.due_at.unwrap_or_default(),
     };
     Some((command_subject(&action.service, &action.name), cmd))
+}
+
+/// The saga's input as commands carry it: unchanged, unless signals ended waits, whose
+/// payloads are then under `"signals"` by name (`{"signals": {"delivery.confirmed": {...}}}`),
+/// for the steps after them. An input that is not a JSON object, or a payload that is not
+/// JSON, is left out rather than altered.
+pub fn with_signals(def: &SagaDefinition, saga: &Saga) -> Vec<u8> {
+    let received: Vec<(&str, &[u8])> = def
+        .steps
+        .iter()
+        .zip(&saga.steps)
+        .filter_map(|(step, state)| {
+            let signal = step.wait_for()?;
+            (state.phase == sagaflow_actors::machine::StepPhase::Succeeded)
+                .then_some((signal, state.output.as_deref().unwrap_or(b"null")))
+        })
+        .collect();
+    if received.is_empty() {
+        return saga.input.clone();
+    }
+    let Ok(serde_json::Value::Object(mut input)) =
+        serde_json::from_slice::<serde_json::Value>(&saga.input)
+    else {
+        return saga.input.clone();
+    };
+    let mut signals = serde_json::Map::new();
+    for (name, payload) in received {
+        let value = serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
+        signals.insert(name.to_string(), value);
+    }
+    input.insert("signals".to_string(), serde_json::Value::Object(signals));
+    serde_json::to_vec(&input).unwrap_or_else(|_| saga.input.clone())
 }
 
 /// The `Nats-TTL` of one attempt's command: its step's timeout in whole seconds, rounded up

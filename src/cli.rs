@@ -33,6 +33,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{NodeConfig, Overrides};
 use crate::dev::DevOptions;
 
+pub mod definitions;
 pub mod remote;
 pub mod render;
 pub mod security;
@@ -381,6 +382,95 @@ pub enum SagaCommand {
         #[arg(long, value_name = "JSON", value_parser = parse_json)]
         result: Option<String>,
     },
+    /// Deliver a signal to a saga's wait steps (`wait_for` in its definition): stored before
+    /// this returns; repeating it with the same `--signal-id` delivers it once.
+    Signal {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Saga id.
+        #[arg(value_name = "SAGA_ID")]
+        saga_id: String,
+        /// The signal's name (`delivery.confirmed`).
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Its payload, JSON: later steps get it in their input under `signals.<NAME>`.
+        #[arg(long, value_name = "JSON", value_parser = parse_json)]
+        payload: Option<String>,
+        /// Idempotency key (default: a fresh one).
+        #[arg(long, value_name = "ID")]
+        signal_id: Option<String>,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Show what applying definition files would change against the active versions (exit 0:
+    /// nothing to do, 2: changes, 1: errors, as terraform plan).
+    Plan {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Definition files, or folders of `*.toml`.
+        #[arg(value_name = "FILE_OR_DIR", required = true)]
+        files: Vec<PathBuf>,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Apply definition files on every node at once: validated as one set (an invalid set
+    /// changes nothing), stored as immutable versions, made active (new sagas start on them;
+    /// running sagas finish on theirs).
+    Apply {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Definition files, or folders of `*.toml`.
+        #[arg(value_name = "FILE_OR_DIR", required = true)]
+        files: Vec<PathBuf>,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List a saga definition's versions: hash, who applied it and when, active, running sagas.
+    Versions {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Saga name.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Print one version of a saga definition (default: the active one).
+    #[command(disable_version_flag = true)]
+    Show {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Saga name.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The version (as `saga versions` lists it).
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+    },
+    /// Make an older version of a saga definition active again.
+    Rollback {
+        /// Node.
+        #[command(flatten)]
+        server: ServerArg,
+        /// Saga name.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The version to make active.
+        #[arg(long = "to", value_name = "VERSION")]
+        to: String,
+        /// Output.
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Stop going forward and compensate (also: compensate through a parked pivot).
     Compensate {
         /// Saga and operator.
@@ -611,6 +701,8 @@ pub enum Plan {
         /// Its role.
         role: String,
     },
+    /// `sagaflow saga plan|apply|versions|show|rollback`: the definitions client.
+    Definitions(SagaCommand),
     /// A gRPC client command.
     Remote(Command),
 }
@@ -658,6 +750,13 @@ impl Cli {
                 },
             }),
             Command::Saga(SagaCommand::Validate { files }) => Plan::Validate(files),
+            Command::Saga(
+                c @ (SagaCommand::Plan { .. }
+                | SagaCommand::Apply { .. }
+                | SagaCommand::Versions { .. }
+                | SagaCommand::Show { .. }
+                | SagaCommand::Rollback { .. }),
+            ) => Plan::Definitions(c),
             Command::Security(SecurityCommand::GenToken { name, role }) => {
                 Plan::GenToken { name, role }
             }
@@ -739,6 +838,7 @@ impl Plan {
                 emit(&gen_token(&name, &role)?)?;
                 Ok(ExitCode::SUCCESS)
             }
+            Plan::Definitions(command) => definitions::run(command).await,
             Plan::Remote(command) => remote::run(command).await.map(|()| ExitCode::SUCCESS),
         }
     }

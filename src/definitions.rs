@@ -137,11 +137,24 @@ fn active_key(name: &str) -> String {
     format!("active.{name}")
 }
 
+/// Called after a version became active on this node (the node re-reads what its sagas call).
+pub type OnActivate = Arc<dyn Fn(&Catalog) + Send + Sync>;
+
 /// The bucket and the node's [`Catalog`], kept in step.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DefinitionStore {
     kv: kv::Store,
     catalog: Arc<Catalog>,
+    on_activate: Option<OnActivate>,
+}
+
+impl std::fmt::Debug for DefinitionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DefinitionStore")
+            .field("bucket", &DEFINITIONS_BUCKET)
+            .field("sagas", &self.catalog.names())
+            .finish()
+    }
 }
 
 impl DefinitionStore {
@@ -165,7 +178,23 @@ impl DefinitionStore {
             },
         )
         .await?;
-        Ok(DefinitionStore { kv, catalog })
+        Ok(DefinitionStore {
+            kv,
+            catalog,
+            on_activate: None,
+        })
+    }
+
+    /// Calls `hook` after each activation on this node.
+    pub fn on_activate(mut self, hook: OnActivate) -> Self {
+        self.on_activate = Some(hook);
+        self
+    }
+
+    fn activated(&self) {
+        if let Some(hook) = &self.on_activate {
+            hook(&self.catalog);
+        }
     }
 
     /// The node's catalog.
@@ -286,6 +315,7 @@ impl DefinitionStore {
         if let Some(before) = self.catalog.activate(def.clone()) {
             tracing::info!(saga = %def.name, version = %record.version, was = %plan::version(&before), by, "definition version activated");
         }
+        self.activated();
         Ok(())
     }
 
@@ -448,6 +478,7 @@ impl DefinitionStore {
                 if let Some(before) = self.catalog.activate(def) {
                     tracing::info!(saga = name, version = %active.version, was = %plan::version(&before), by = %active.activated_by, "definition version now active");
                 }
+                self.activated();
                 Ok(())
             }
             None => Err(DefinitionError::Corrupt(format!(

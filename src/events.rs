@@ -55,6 +55,9 @@ impl std::fmt::Display for Refusal {
 /// Control events: the kinds that name their saga in a header.
 pub use sagaflow_proto::subjects::CONTROL_KINDS;
 
+/// Largest signal payload accepted (the API refuses larger ones first).
+pub const MAX_SIGNAL_PAYLOAD: usize = 64 * 1024;
+
 /// Decodes and checks a saga event from its subject, headers and payload, for a deployment of
 /// `partitions` partitions.
 ///
@@ -178,7 +181,7 @@ pub fn decode(
                 },
             )
         }
-        "start" | "cancel" | "intervene" => {
+        "start" | "cancel" | "intervene" | "signal" => {
             let saga_id = named(in_header)?;
             let control = wire::decode_control(payload)
                 .map_err(|e| Refusal::new("undecodable", e.to_string()))?;
@@ -208,6 +211,32 @@ pub fn decode(
                     text("intervention operator", &intervention.operator, false)?;
                     text("intervention reason", &intervention.reason, false)?;
                     Input::Intervene(intervention)
+                }
+                Control::Signal {
+                    id, name, payload, ..
+                } => {
+                    if !ids::valid_id(&id, ids::MAX_SAGA_ID) {
+                        return Err(Refusal::new(
+                            "field",
+                            format!("signal id {} is not an id", ids::quote(&id)),
+                        ));
+                    }
+                    if !sagaflow_actors::definition::valid_signal_name(&name) {
+                        return Err(Refusal::new(
+                            "field",
+                            format!("signal name {} is not a signal name", ids::quote(&name)),
+                        ));
+                    }
+                    if payload.len() > MAX_SIGNAL_PAYLOAD {
+                        return Err(Refusal::new(
+                            "field",
+                            format!(
+                                "signal payload of {} bytes is over {MAX_SIGNAL_PAYLOAD}",
+                                payload.len()
+                            ),
+                        ));
+                    }
+                    Input::Signal { id, name, payload }
                 }
             };
             (saga_id, input)

@@ -15,6 +15,7 @@ pub use crate::api::{valid_id, ApiError, SagaApi, MAX_INPUT};
 
 pub mod admin;
 pub mod analytics;
+pub mod definitions;
 pub mod orders;
 pub mod render;
 pub mod sagas;
@@ -45,6 +46,8 @@ impl From<ApiError> for Status {
                 Status::unavailable(chain)
             }
             e @ ApiError::Encode(_) => Status::internal(e.to_string()),
+            e @ ApiError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            ApiError::Precondition(message) => Status::failed_precondition(message),
         }
     }
 }

@@ -539,6 +539,7 @@ mod tests {
                 status: "PENDING".into(),
                 definition: "order".into(),
                 started_at,
+                version: None,
             }),
             expires_at: None,
         }

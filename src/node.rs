@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use ractor::{Actor, ActorRef};
+use sagaflow_actors::catalog::Catalog;
 use sagaflow_actors::coordinator::{Context, Coordinator, CoordinatorMsg};
 use sagaflow_actors::definition::{self, SagaDefinition};
 use sagaflow_actors::service::restart_backoff;
@@ -36,6 +37,7 @@ use crate::api::SagaApi;
 use crate::bus::JetStreamBus;
 use crate::cluster::{self, ClusterView, SharedView};
 use crate::config::{redact_url, NodeConfig};
+use crate::definitions::DefinitionStore;
 use crate::demo::{self, Demo};
 use crate::fence::{Fence, FencedBus, FencedStore};
 use crate::grpc::{analytics::Analytics, orders::Orders, sagas::Sagas};
@@ -238,11 +240,53 @@ fn warn_of_unbounded_snapshots(
     }
 }
 
+/// Tells `metrics` which services the active definitions call.
+fn watch_services(metrics: &Metrics, catalog: &Catalog) {
+    let mut services: Vec<String> = catalog
+        .active_all()
+        .iter()
+        .flat_map(|d| d.services())
+        .collect();
+    services.sort();
+    services.dedup();
+    metrics.watch_services(services);
+}
+
+/// Each definition with the text it was read from (its file, or the built-in copy), to be
+/// stored as its version.
+fn definition_texts(
+    definitions: &HashMap<String, Arc<SagaDefinition>>,
+) -> Vec<(Arc<SagaDefinition>, String)> {
+    let mut out: Vec<(Arc<SagaDefinition>, String)> = definitions
+        .values()
+        .filter_map(|def| {
+            let built_in = BUILT_IN_DEFINITIONS
+                .iter()
+                .find(|(file, _)| std::path::Path::new(file) == def.source)
+                .map(|(_, text)| (*text).to_string());
+            let text = std::fs::read_to_string(&def.source).ok().or(built_in);
+            match text {
+                Some(text) => Some((def.clone(), text)),
+                None => {
+                    tracing::warn!(saga = %def.name, file = %def.source.display(), "cannot read the definition's file again: its version is not stored");
+                    None
+                }
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    out
+}
+
 /// The saga definitions built into the binary (the repository's `sagas/`): a node or
 /// `sagaflow dev` started where the default folder `sagas` does not exist runs these.
 pub const BUILT_IN_DEFINITIONS: &[(&str, &str)] = &[
     ("sagas/order.toml", include_str!("../sagas/order.toml")),
     ("sagas/trip.toml", include_str!("../sagas/trip.toml")),
+    (
+        "sagas/delivery.toml",
+        include_str!("../sagas/delivery.toml"),
+    ),
 ];
 
 /// Loads and validates the saga definitions of `dir`. The default folder (`sagas`, relative)
@@ -268,7 +312,7 @@ fn load_definitions_in(
     };
     let defs = if default && !dir.exists() {
         tracing::info!(
-            "no `sagas` folder here: running the saga definitions built into the binary (order, trip); --saga-dir DIR loads your own"
+            "no `sagas` folder here: running the saga definitions built into the binary (order, trip, delivery); --saga-dir DIR loads your own"
         );
         let mut defs = Vec::new();
         let mut errors = Vec::new();
@@ -394,10 +438,10 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     tracing::info!(node_id = %config.node_id, sagas = ?definitions.keys().collect::<Vec<_>>(), "definitions loaded");
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new());
-    let mut services: Vec<String> = definitions.values().flat_map(|d| d.services()).collect();
-    services.sort();
-    services.dedup();
-    metrics.watch_services(services);
+    // Every version seen and the active one of each saga: the files' until the bucket says
+    // otherwise (below).
+    let catalog = Arc::new(Catalog::new(definitions.values().cloned()));
+    watch_services(&metrics, &catalog);
     let client = connect_with(&config, readiness.clone()).await?;
     warn_of_unbounded_snapshots(&config, &definitions, client.server_info().max_payload);
     let js = jetstream::new(client.clone());
@@ -448,6 +492,44 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     };
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // Definitions are live configuration (crate::definitions): this node's files are applied
+    // (a no-op when unchanged), the catalog follows the bucket's active versions, and sagas
+    // started on a version this node lacks find it there.
+    let definition_store = {
+        let mut failures = 0u32;
+        let texts = definition_texts(&definitions);
+        loop {
+            let opened =
+                match DefinitionStore::open(&js, config.streams.replicas, catalog.clone()).await {
+                    Ok(store) => {
+                        let hook_metrics = metrics.clone();
+                        let store = store.on_activate(Arc::new(move |c: &Catalog| {
+                            watch_services(&hook_metrics, c)
+                        }));
+                        store
+                            .apply_at_start(&texts, &config.node_id)
+                            .await
+                            .map(|()| store)
+                            .map_err(|e| crate::telemetry::error_chain(&e))
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+            match opened {
+                Ok(store) => break store,
+                Err(e) => {
+                    failures += 1;
+                    let delay = restart_backoff(failures).max(Duration::from_millis(500));
+                    tracing::warn!(error = %e, retry_in = ?delay, "definitions bucket not ready, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    };
+    tracing::info!(
+        sagas = ?catalog.active_all().iter().map(|d| format!("{} {}", d.name, sagaflow_actors::definition::plan::version(d))).collect::<Vec<_>>(),
+        "definitions active"
+    );
+    tasks.spawn(definition_store.clone().watch(cancel.child_token()));
     // Commands that exhausted their deliveries become dead letters.
     tasks.spawn(crate::advisories::run(js.clone(), cancel.child_token()));
 
@@ -456,10 +538,8 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     // The saga actors' writes pass this node's fence (crate::fence), kept by its heartbeats.
     let fence = Arc::new(Fence::new(metrics.fenced_writes.clone()));
     let ctx = Arc::new(Context {
-        definitions: definitions
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        definitions: catalog.clone(),
+        definition_source: Arc::new(definition_store.clone()),
         store: Arc::new(FencedStore {
             inner: KvStateStore::new(js.clone(), sagas_kv.clone(), config.partitions)
                 .expire_finished(config.retention.finished_sagas),
@@ -521,7 +601,7 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     let api = SagaApi::new(
         js.clone(),
         sagas_kv,
-        definitions,
+        catalog.clone(),
         config.partitions,
         cancel.child_token(),
     )
@@ -613,8 +693,14 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
                 .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            v1::saga_service_server::SagaServiceServer::new(Sagas::new(api))
+            v1::saga_service_server::SagaServiceServer::new(Sagas::new(api.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            v1::definition_service_server::DefinitionServiceServer::new(
+                crate::grpc::definitions::Definitions::new(definition_store.clone(), api),
+            )
+            .max_decoding_message_size(4 * MAX_MESSAGE),
         )
         .add_service(v1::analytics_service_server::AnalyticsServiceServer::new(
             Analytics::new(js.clone()),
@@ -787,6 +873,14 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
     health
         .set_service_status(
             <v1::analytics_service_server::AnalyticsServiceServer<Analytics> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <v1::definition_service_server::DefinitionServiceServer<
+                crate::grpc::definitions::Definitions,
+            > as tonic::server::NamedService>::NAME,
             status,
         )
         .await;

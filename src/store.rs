@@ -35,8 +35,10 @@ use sagaflow_actors::wire;
 
 use crate::topology::{saga_key, update_conflict};
 
-/// Header of every snapshot write: `<phase> <status> <started ms> <definition>`, e.g.
-/// `COMPLETED SHIPPED 1765012345678 order`.
+/// Header of every snapshot write: `<phase> <status> <started ms> <definition> <version>`,
+/// e.g. `COMPLETED SHIPPED 1765012345678 order 5f1c0e8a2b3d4c6e` (the version, the
+/// definition's content hash, was added with versioned definitions: a header without it is
+/// still read, as one of an unknown version).
 ///
 /// It lets a reader that asks for headers only (a JetStream consumer with `headers_only`) know
 /// what a saga is without its snapshot: take-over finds the unfinished sagas of a partition this
@@ -173,11 +175,12 @@ pub fn index_headers(saga: &Saga, headers: &mut HeaderMap) {
         return;
     }
     let value = format!(
-        "{} {} {} {}",
+        "{} {} {} {} {:016x}",
         saga.phase.as_str(),
         saga.status,
         saga.started_at,
-        saga.definition
+        saga.definition,
+        saga.fingerprint
     );
     headers.insert(INDEX_HEADER, value.as_str());
 }
@@ -193,6 +196,8 @@ pub struct IndexHeaders {
     pub definition: String,
     /// When it started (ms since the epoch).
     pub started_at: i64,
+    /// The version of its definition it runs on (`None`: written before versions).
+    pub version: Option<u64>,
 }
 
 impl IndexHeaders {
@@ -205,6 +210,10 @@ impl IndexHeaders {
         let status = parts.next()?.to_string();
         let started_at = parts.next()?.parse().ok()?;
         let definition = parts.next()?.to_string();
+        let version = match parts.next() {
+            Some(v) => Some(u64::from_str_radix(v, 16).ok()?),
+            None => None,
+        };
         if parts.next().is_some() {
             return None;
         }
@@ -213,6 +222,7 @@ impl IndexHeaders {
             status,
             definition,
             started_at,
+            version,
         })
     }
 }
@@ -310,7 +320,10 @@ read_only = true
         index_headers(&saga, &mut headers);
         assert_eq!(
             headers.get(INDEX_HEADER).unwrap().as_str(),
-            "COMPLETED SHIPPED 1765012345678 order"
+            format!(
+                "COMPLETED SHIPPED 1765012345678 order {:016x}",
+                def.fingerprint
+            )
         );
         assert_eq!(
             IndexHeaders::read(Some(&headers)),
@@ -319,8 +332,13 @@ read_only = true
                 status: "SHIPPED".into(),
                 definition: "order".into(),
                 started_at: 1_765_012_345_678,
+                version: Some(def.fingerprint),
             })
         );
+        // Written before versions: read, with no version.
+        let mut older = HeaderMap::new();
+        older.insert(INDEX_HEADER, "COMPLETED SHIPPED 1765012345678 order");
+        assert_eq!(IndexHeaders::read(Some(&older)).unwrap().version, None);
         saga.status = "NOT A LABEL".into();
         let mut none = HeaderMap::new();
         index_headers(&saga, &mut none);

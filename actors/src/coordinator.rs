@@ -35,7 +35,6 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::definition::SagaDefinition;
 use crate::machine::{Intervention, Millis, Saga, StepError};
 use crate::ports::{AttentionCount, CommandBus, Delivery, Observer, Parker, StateStore};
 use crate::service::restart_backoff;
@@ -79,12 +78,24 @@ pub enum Input {
     },
     /// An operator's action.
     Intervene(Intervention),
+    /// A signal for the saga's wait steps.
+    Signal {
+        /// Its id.
+        id: String,
+        /// Its name.
+        name: String,
+        /// Its payload, JSON.
+        payload: Vec<u8>,
+    },
 }
 
 /// What the actors share: definitions, ports, clock.
 pub struct Context {
-    /// Definitions by name.
-    pub definitions: HashMap<String, Arc<SagaDefinition>>,
+    /// Every known version of each definition, and the active one (what new sagas start on).
+    pub definitions: Arc<crate::catalog::Catalog>,
+    /// Where a version this node does not know is loaded from (a saga started on a version
+    /// applied elsewhere).
+    pub definition_source: Arc<dyn crate::ports::DefinitionSource>,
     /// Snapshot store.
     pub store: Arc<dyn StateStore>,
     /// Command and status publisher.
@@ -178,7 +189,7 @@ impl Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .field("definitions", &self.definitions.names())
             .finish()
     }
 }
@@ -478,10 +489,9 @@ impl CoordinatorState {
     /// that became stuck (once).
     fn census(&mut self) {
         let now = (self.ctx.clock)();
-        let mut counts: HashMap<&str, AttentionCount> = self
-            .ctx
-            .definitions
-            .keys()
+        let names = self.ctx.definitions.names();
+        let mut counts: HashMap<&str, AttentionCount> = names
+            .iter()
             .map(|name| {
                 (
                     name.as_str(),

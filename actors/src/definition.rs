@@ -108,7 +108,37 @@ pub struct Action {
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.service, self.name)
+        if self.service.is_empty() {
+            write!(f, "wait for signal `{}`", self.name)
+        } else {
+            write!(f, "{}.{}", self.service, self.name)
+        }
+    }
+}
+
+/// Longest signal name, in bytes.
+pub const MAX_SIGNAL_NAME: usize = 64;
+
+/// Whether `name` is a valid signal name: dot-separated parts, each a lowercase letter followed
+/// by lowercase letters, digits or `_`; at most [`MAX_SIGNAL_NAME`] bytes (`delivery.confirmed`).
+pub fn valid_signal_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SIGNAL_NAME
+        && name.split('.').all(|part| {
+            let mut chars = part.chars();
+            chars.next().is_some_and(|c| c.is_ascii_lowercase())
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        })
+}
+
+impl Step {
+    /// The signal this step waits for, if it waits instead of calling a service (`wait_for`
+    /// in the file; its action then names no service).
+    pub fn wait_for(&self) -> Option<&str> {
+        self.action
+            .service
+            .is_empty()
+            .then_some(self.action.name.as_str())
     }
 }
 
@@ -144,6 +174,17 @@ impl RetryPolicy {
 }
 
 impl SagaDefinition {
+    /// Every signal a step of this saga waits for, in step order (each once).
+    pub fn signals(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for signal in self.steps.iter().filter_map(Step::wait_for) {
+            if !out.contains(&signal) {
+                out.push(signal);
+            }
+        }
+        out
+    }
+
     /// The step at `index`, the after-compensation step being `steps.len()`.
     pub fn step(&self, index: StepIndex) -> Option<&Step> {
         if index == self.steps.len() {
@@ -184,7 +225,7 @@ impl SagaDefinition {
         let all = self.steps.iter().chain(self.after_compensation.iter());
         for step in all {
             for action in std::iter::once(&step.action).chain(step.compensation.iter()) {
-                if !out.contains(&action.service) {
+                if !action.service.is_empty() && !out.contains(&action.service) {
                     out.push(action.service.clone());
                 }
             }

@@ -132,6 +132,9 @@ pub enum StepPhase {
     CompensationFailed,
     /// Never started because the saga took another path.
     Skipped,
+    /// A step that waits for a signal (`wait_for`): no command was sent; the signal or its
+    /// timeout (`due_at`) ends it. (Appended: snapshots without it keep their bytes.)
+    Waiting,
 }
 
 impl StepPhase {
@@ -148,6 +151,7 @@ impl StepPhase {
             StepPhase::Compensated => "COMPENSATED",
             StepPhase::CompensationFailed => "COMPENSATION_FAILED",
             StepPhase::Skipped => "SKIPPED",
+            StepPhase::Waiting => "WAITING",
         }
     }
 }
@@ -350,6 +354,29 @@ pub enum Happening {
         /// How many replies were refused while that attempt was the latest.
         count: u32,
     },
+    /// A wait step started waiting for its signal. (Appended.)
+    Waiting {
+        /// The signal.
+        signal: String,
+    },
+    /// A signal arrived ([`Event::Signal`]): it ended its step's wait, or is kept for a step
+    /// that has not started waiting yet. (Appended.)
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// Its id (a duplicate with the same id is ignored).
+        id: String,
+        /// Whether a step still to wait for it keeps it (it arrived early).
+        kept: bool,
+    },
+    /// A signal arrived that no step waits for any more (its wait ended, or the saga
+    /// compensates): nothing changed but this entry. (Appended.)
+    SignalIgnored {
+        /// The signal's name.
+        name: String,
+        /// Its id.
+        id: String,
+    },
 }
 
 impl std::fmt::Display for Happening {
@@ -442,6 +469,20 @@ impl std::fmt::Display for Happening {
                 }
                 Ok(())
             }
+            Happening::Waiting { signal } => write!(f, "waiting for signal `{signal}`"),
+            Happening::SignalReceived { name, id, kept } => {
+                write!(f, "signal `{name}` received (id {id})")?;
+                if *kept {
+                    write!(f, ", kept until its step waits")?;
+                }
+                Ok(())
+            }
+            Happening::SignalIgnored { name, id } => {
+                write!(
+                    f,
+                    "signal `{name}` (id {id}) ignored: no step waits for it any more"
+                )
+            }
         }
     }
 }
@@ -508,6 +549,17 @@ pub enum Event {
     },
     /// An operator acts on the saga.
     Intervene(Intervention),
+    /// A signal for the saga's wait steps (`wait_for`): it ends the wait of the first step
+    /// waiting for `name`, or is kept for the first one that will; a repeat of an `id` already
+    /// received is ignored.
+    Signal {
+        /// The signal's id (duplicates share it).
+        id: String,
+        /// Its name (`delivery.confirmed`).
+        name: String,
+        /// Its payload, JSON (may be empty): the step's output.
+        payload: Vec<u8>,
+    },
     /// The host refused a reply before it could be matched (it names a step the saga does
     /// not have, `step` is then `None`, or came from another service than the command's):
     /// recorded in the history like the replies the machine refuses, and dead-lettered
@@ -800,6 +852,9 @@ impl Saga {
                 self.refuse_reply(step, reason, true, now, &mut t)
             }
             Event::Tick => self.on_tick(def, now, &mut t),
+            Event::Signal { id, name, payload } => {
+                self.on_signal(def, id, name, payload, now, &mut t)
+            }
             Event::Cancel { reason } => {
                 if self.phase == Phase::Running {
                     self.begin_compensation(def, format!("cancelled: {reason}"), now, &mut t);
@@ -959,6 +1014,11 @@ impl Saga {
             ));
         };
         let name = step.name.as_str();
+        if let Some(signal) = step.wait_for() {
+            return ReplyFit::Unsent(format!(
+                "reply to step `{name}`, which waits for signal `{signal}` and sends no command"
+            ));
+        }
         let (sent, in_flight, what) = if compensation {
             let sent = if step.compensation.is_some() {
                 s.comp_attempt
@@ -1182,7 +1242,12 @@ impl Saga {
                         match phase {
                             Phase::Running => {
                                 stage.contains(&i)
-                                    && matches!(p, StepPhase::Running | StepPhase::RetryWait)
+                                    && matches!(
+                                        p,
+                                        StepPhase::Running
+                                            | StepPhase::RetryWait
+                                            | StepPhase::Waiting
+                                    )
                             }
                             Phase::Compensating => {
                                 matches!(
@@ -1233,7 +1298,11 @@ impl Saga {
                 }
                 let ok = match phase {
                     Phase::Running => {
-                        stage.contains(&i) && matches!(p, StepPhase::Running | StepPhase::RetryWait)
+                        stage.contains(&i)
+                            && matches!(
+                                p,
+                                StepPhase::Running | StepPhase::RetryWait | StepPhase::Waiting
+                            )
                     }
                     Phase::Compensating => {
                         matches!(p, StepPhase::Compensating | StepPhase::CompensationRetryWait)
@@ -1250,7 +1319,10 @@ impl Saga {
                 };
                 // Only a forward step settled by hand records a result: a compensation (or a
                 // compensation that parked the saga) counts as done and keeps none.
-                let records_result = matches!(p, StepPhase::Running | StepPhase::RetryWait);
+                let records_result = matches!(
+                    p,
+                    StepPhase::Running | StepPhase::RetryWait | StepPhase::Waiting
+                );
                 if ok && !output.is_empty() && !records_result {
                     return Err(format!(
                         "skipping step `{}` ({}) counts its compensation as done and records no result, so it takes none: skip it without a result",
@@ -1385,7 +1457,8 @@ impl Saga {
                     let entry = journal(String::new());
                     self.log(now, Some(i), entry);
                     match self.steps[i].phase {
-                        StepPhase::Running | StepPhase::RetryWait => {
+                        // A wait step waits again, with a fresh timeout.
+                        StepPhase::Running | StepPhase::RetryWait | StepPhase::Waiting => {
                             self.send_forward(def, i, now, t)
                         }
                         _ => {
@@ -1401,7 +1474,8 @@ impl Saga {
                 self.log(now, Some(i), entry);
                 let s = &mut self.steps[i];
                 match s.phase {
-                    StepPhase::Running | StepPhase::RetryWait => {
+                    // A wait settled by hand: the result stands for the signal's payload.
+                    StepPhase::Running | StepPhase::RetryWait | StepPhase::Waiting => {
                         s.settle(StepPhase::Succeeded, now);
                         s.output = (!output.is_empty()).then(|| output.clone());
                         if self.is_after_compensation(def, i) {
@@ -1489,6 +1563,95 @@ impl Saga {
         for &i in self.stage_steps(def) {
             self.send_forward(def, i, now, t);
         }
+        // Signals that arrived before their steps waited end those waits now (after every
+        // step of the stage started, so the stage advances once).
+        let early: Vec<StepIndex> = self
+            .stage_steps(def)
+            .iter()
+            .copied()
+            .filter(|&i| {
+                self.steps[i].phase == StepPhase::Waiting && self.steps[i].output.is_some()
+            })
+            .collect();
+        if !early.is_empty() {
+            for i in early {
+                let attempt = self.steps[i].attempt;
+                self.steps[i].settle(StepPhase::Succeeded, now);
+                self.log(now, Some(i), Happening::Succeeded { attempt });
+            }
+            self.after_forward_settled(def, now, t);
+        }
+    }
+
+    /// A signal for this saga (see [`Event::Signal`]).
+    fn on_signal(
+        &mut self,
+        def: &SagaDefinition,
+        id: String,
+        name: String,
+        payload: Vec<u8>,
+        now: Millis,
+        t: &mut Transition,
+    ) {
+        let seen = self.history.iter().any(|h| {
+            matches!(&h.what, Happening::SignalReceived { id: seen, .. } | Happening::SignalIgnored { id: seen, .. } if *seen == id)
+        });
+        if seen {
+            return; // a duplicate (a retried request, a redelivery)
+        }
+        t.changed = true;
+        // A kept signal is a step output that is set: an empty payload is JSON `null`.
+        let payload = if payload.is_empty() {
+            b"null".to_vec()
+        } else {
+            payload
+        };
+        // The first step waiting for it, else the first that will: a forward step not started
+        // yet, with no signal kept, while the saga still goes forward.
+        let waiting = (0..def.steps.len()).find(|&i| {
+            def.steps[i].wait_for() == Some(name.as_str())
+                && self.steps[i].phase == StepPhase::Waiting
+        });
+        let later = || {
+            (0..def.steps.len()).find(|&i| {
+                def.steps[i].wait_for() == Some(name.as_str())
+                    && self.steps[i].phase == StepPhase::Pending
+                    && self.steps[i].output.is_none()
+            })
+        };
+        match waiting {
+            Some(i) => {
+                self.log(
+                    now,
+                    Some(i),
+                    Happening::SignalReceived {
+                        name,
+                        id,
+                        kept: false,
+                    },
+                );
+                let attempt = self.steps[i].attempt;
+                self.steps[i].settle(StepPhase::Succeeded, now);
+                self.steps[i].output = Some(payload);
+                self.log(now, Some(i), Happening::Succeeded { attempt });
+                self.after_forward_settled(def, now, t);
+            }
+            None => match later().filter(|_| self.phase == Phase::Running) {
+                Some(i) => {
+                    self.steps[i].output = Some(payload);
+                    self.log(
+                        now,
+                        Some(i),
+                        Happening::SignalReceived {
+                            name,
+                            id,
+                            kept: true,
+                        },
+                    );
+                }
+                None => self.log(now, None, Happening::SignalIgnored { name, id }),
+            },
+        }
     }
 
     fn send_forward(
@@ -1502,9 +1665,23 @@ impl Saga {
         let timeout = millis(step.timeout);
         let s = &mut self.steps[i];
         s.attempt += 1;
-        s.phase = StepPhase::Running;
         s.due_at = Some(now.saturating_add(timeout));
         s.started_at.get_or_insert(now);
+        if let Some(signal) = step.wait_for() {
+            // No command: the signal (Event::Signal) or the timeout ends the wait. A signal
+            // that came early is taken by `start_stage`.
+            s.phase = StepPhase::Waiting;
+            t.changed = true;
+            self.log(
+                now,
+                Some(i),
+                Happening::Waiting {
+                    signal: signal.to_string(),
+                },
+            );
+            return;
+        }
+        s.phase = StepPhase::Running;
         let attempt = s.attempt;
         self.log(now, Some(i), Happening::Sent { attempt });
         t.changed = true;
@@ -1689,7 +1866,8 @@ impl Saga {
         for i in 0..def.steps.len() {
             let s = &mut self.steps[i];
             match s.phase {
-                StepPhase::RetryWait => {
+                // A wait ends too: nothing was done, nothing to undo.
+                StepPhase::RetryWait | StepPhase::Waiting => {
                     s.settle(StepPhase::Failed, now);
                     self.log(now, Some(i), Happening::StepFailed);
                 }
@@ -1878,6 +2056,11 @@ impl Saga {
                     let attempt = self.steps[i].attempt;
                     self.on_reply(def, i, attempt, false, Err(timeout), now, t);
                 }
+                StepPhase::Waiting => {
+                    // No signal in time: the step fails for good (a wait is not retried).
+                    let timeout = self.timeout_error(def, i);
+                    self.on_forward_result(def, i, Err(timeout), now, t);
+                }
                 StepPhase::Compensating => {
                     let timeout = self.timeout_error(def, i);
                     let attempt = self.steps[i].comp_attempt;
@@ -1898,6 +2081,15 @@ impl Saga {
     /// `no reply after 5s`, or, if replies were refused while it waited, `no accepted reply
     /// after 5s (2 replies refused; the first: …)`.
     fn timeout_error(&self, def: &SagaDefinition, i: StepIndex) -> StepError {
+        if let Some((signal, timeout)) = def
+            .step(i)
+            .and_then(|s| s.wait_for().map(|w| (w, s.timeout)))
+        {
+            return StepError {
+                kind: TIMEOUT_KIND.to_string(),
+                message: format!("no signal `{signal}` within {timeout:?}"),
+            };
+        }
         let after = def
             .step(i)
             .map_or_else(String::new, |s: &Step| format!(" after {:?}", s.timeout));
@@ -2098,3 +2290,5 @@ fn backoff(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod waits;

@@ -184,6 +184,21 @@ pub struct NoopObserver;
 
 impl Observer for NoopObserver {}
 
+/// A [`DefinitionSource`] that knows nothing beyond the catalog (tests, single-version setups).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoDefinitionSource;
+
+#[async_trait]
+impl DefinitionSource for NoDefinitionSource {
+    async fn load(
+        &self,
+        _name: &str,
+        _fingerprint: u64,
+    ) -> Result<Option<std::sync::Arc<SagaDefinition>>, Error> {
+        Ok(None)
+    }
+}
+
 /// Where a node finds a definition version it does not know (one applied elsewhere, which
 /// sagas it adopts still run on).
 #[async_trait]

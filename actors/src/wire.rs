@@ -58,6 +58,18 @@ pub enum Control {
         /// Whether the creator published the first commands itself.
         commands_sent: bool,
     },
+    /// A signal for the saga's wait steps (`Event::Signal`). (Appended: older events keep
+    /// their bytes.)
+    Signal {
+        /// Its id (duplicates share it).
+        id: String,
+        /// Its name.
+        name: String,
+        /// Its payload, JSON.
+        payload: Vec<u8>,
+        /// When it was accepted.
+        at: Millis,
+    },
 }
 
 /// A payload that could not be decoded.

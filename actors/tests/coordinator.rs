@@ -822,7 +822,8 @@ async fn spawn_coordinator(
     clock: Clock,
 ) -> ActorRef<CoordinatorMsg> {
     let ctx = Context {
-        definitions: HashMap::from([(def.name.clone(), def.clone())]),
+        definitions: Arc::new(sagaflow_actors::catalog::Catalog::new([def.clone()])),
+        definition_source: Arc::new(sagaflow_actors::ports::NoDefinitionSource),
         store: store.clone(),
         bus: bus.clone(),
         clock,

@@ -10,7 +10,7 @@ pub const DLQ_STREAM: &str = "SAGA_DLQ";
 
 /// Control events: the kinds that name their saga in a header, never a service (a reply
 /// subject `sagaflow.evt.<p>.reply.<service>` cannot end in one of these).
-pub const CONTROL_KINDS: [&str; 3] = ["start", "cancel", "intervene"];
+pub const CONTROL_KINDS: [&str; 4] = ["start", "cancel", "intervene", "signal"];
 
 /// The durable consumer (consumer group) of a participant service: `svc-<service>`.
 pub fn service_consumer(service: &str) -> String {

@@ -148,7 +148,7 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
 }
 
 /// Awaits one unary call within [`CALL_TIMEOUT`], mapping its status.
-async fn call<T>(
+pub(crate) async fn call<T>(
     fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> anyhow::Result<T> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
@@ -158,7 +158,7 @@ async fn call<T>(
     }
 }
 
-fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     emit(&format!("{value}\n"))
 }
 
@@ -398,6 +398,48 @@ async fn order(command: OrderCommand) -> anyhow::Result<()> {
 async fn saga(command: SagaCommand) -> anyhow::Result<()> {
     match command {
         SagaCommand::Validate { .. } => bail!("`saga validate` runs locally"),
+        SagaCommand::Signal {
+            server,
+            saga_id,
+            name,
+            payload,
+            signal_id,
+            json,
+        } => {
+            let mut client = SagaServiceClient::new(connect(&server).await?);
+            let r = call(client.signal_saga(sagaflow_proto::v1::SignalSagaRequest {
+                saga_id,
+                name: name.clone(),
+                payload_json: payload.unwrap_or_default(),
+                signal_id: signal_id.unwrap_or_default(),
+            }))
+            .await?;
+            if json.json {
+                print_json(&serde_json::json!({
+                    "saga_id": r.saga_id,
+                    "signal_id": r.signal_id,
+                    "duplicate": r.duplicate,
+                }))?;
+            } else if r.duplicate {
+                emit(&format!(
+                    "saga {} had already received signal `{name}` (id {}): nothing sent\n",
+                    r.saga_id, r.signal_id
+                ))?;
+            } else {
+                emit(&format!(
+                    "signal `{name}` delivered to saga {} (id {})\n",
+                    r.saga_id, r.signal_id
+                ))?;
+            }
+            Ok(())
+        }
+        SagaCommand::Plan { .. }
+        | SagaCommand::Apply { .. }
+        | SagaCommand::Versions { .. }
+        | SagaCommand::Show { .. }
+        | SagaCommand::Rollback { .. } => {
+            bail!("definition commands run through `cli::definitions`")
+        }
         SagaCommand::List { server, json } => {
             let mut client = SagaServiceClient::new(connect(&server).await?);
             let defs = call(client.list_definitions(ListDefinitionsRequest {}))

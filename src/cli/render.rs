@@ -64,6 +64,7 @@ pub fn saga_json(s: &Saga) -> Value {
     json!({
         "saga_id": s.saga_id,
         "saga_name": s.saga_name,
+        "definition_version": s.definition_version,
         "status": s.status,
         "phase": s.phase,
         "terminal": s.terminal,
@@ -95,6 +96,8 @@ pub fn order_json(o: &Order) -> Value {
         "reason": o.reason,
         "terminal": o.terminal,
         "saga_id": saga.saga_id,
+        "saga_name": saga.saga_name,
+        "definition_version": saga.definition_version,
         "phase": saga.phase,
         "started_at_unix_ms": saga.started_at_unix_ms,
         "updated_at_unix_ms": saga.updated_at_unix_ms,
@@ -296,7 +299,15 @@ pub fn order_text(o: &Order) -> String {
         vec!["customer".to_string(), or_dash(&o.customer)],
         vec!["amount".to_string(), format!("{} cents", o.amount_cents)],
         vec!["items".to_string(), items_text(&o.items)],
-        vec!["saga".to_string(), or_dash(&saga.saga_id)],
+        vec![
+            "saga".to_string(),
+            format!(
+                "{} ({} version {})",
+                or_dash(&saga.saga_id),
+                or_dash(&saga.saga_name),
+                or_dash(&saga.definition_version)
+            ),
+        ],
         vec!["started".to_string(), time(saga.started_at_unix_ms)],
         vec!["updated".to_string(), time(saga.updated_at_unix_ms)],
     ];
@@ -308,7 +319,12 @@ pub fn saga_text(s: &Saga) -> String {
     let header = vec![
         vec![
             "saga".to_string(),
-            format!("{} ({})", s.saga_id, or_dash(&s.saga_name)),
+            format!(
+                "{} ({} version {})",
+                s.saga_id,
+                or_dash(&s.saga_name),
+                or_dash(&s.definition_version)
+            ),
         ],
         vec![
             "status".to_string(),

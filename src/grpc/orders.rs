@@ -157,7 +157,7 @@ impl OrderService for Orders {
             .get(&id)
             .await
             .map_err(|e| order_error(e, order_id_of(&id)))?;
-        let def = self.api.definition(&saga.definition);
+        let def = self.api.definition_of(&saga);
         Ok(Response::new(render::order(&saga, rev, def.as_deref())))
     }
 
@@ -176,7 +176,7 @@ impl OrderService for Orders {
             .map_err(|e| order_error(e, order_id_of(&id)))?;
         let stream = stream.map(move |item| {
             item.map_err(Status::from).map(|(saga, rev)| {
-                let def = api.definition(&saga.definition);
+                let def = api.definition_of(&saga);
                 render::order(&saga, rev, def.as_deref())
             })
         });
@@ -223,7 +223,7 @@ impl OrderService for Orders {
         let orders = sagas
             .iter()
             .map(|s| {
-                let def = self.api.definition(&s.definition);
+                let def = self.api.definition_of(s);
                 let mut o = render::order(s, 0, def.as_deref());
                 // Lists stay small: the history is in GetOrder.
                 if let Some(saga) = o.saga.as_mut() {

@@ -126,6 +126,7 @@ pub fn saga(s: &Saga, revision: u64, def: Option<&SagaDefinition>) -> v1::Saga {
         progress: def.map(|d| progress(s, d, now)).unwrap_or_default(),
         stuck: stuck_at.is_some_and(|at| now >= at),
         stuck_at_unix_ms: stuck_at.unwrap_or_default(),
+        definition_version: sagaflow_actors::definition::plan::version_of(s.fingerprint),
     }
 }
 
@@ -248,6 +249,11 @@ pub fn progress(s: &Saga, def: &SagaDefinition, now: Millis) -> String {
                     step.compensation_retry.max_attempts
                 ),
                 after(st)
+            ),
+            StepPhase::Waiting => format!(
+                "waiting for signal `{}` (step `{}`) until {due}",
+                step.wait_for().unwrap_or_default(),
+                step.name
             ),
             StepPhase::Running => format!(
                 "waiting for `{}` ({}): {}, times out at {due}",

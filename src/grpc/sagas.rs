@@ -118,14 +118,14 @@ fn answered(
 fn definition_services(
     def: &sagaflow_actors::definition::SagaDefinition,
     consumers: &std::collections::HashSet<String>,
-) -> Vec<v1::DefinitionService> {
-    let mut out: Vec<v1::DefinitionService> = Vec::new();
+) -> Vec<v1::CalledService> {
+    let mut out: Vec<v1::CalledService> = Vec::new();
     let steps = def.steps.iter().chain(def.after_compensation.as_ref());
     for action in steps.flat_map(|s| std::iter::once(&s.action).chain(s.compensation.as_ref())) {
         let i = match out.iter().position(|s| s.name == action.service) {
             Some(i) => i,
             None => {
-                out.push(v1::DefinitionService {
+                out.push(v1::CalledService {
                     name: action.service.clone(),
                     actions: Vec::new(),
                     consumer: consumers.contains(&format!("svc-{}", action.service)),
@@ -165,11 +165,11 @@ impl SagaService for Sagas {
         let (saga, rev) = self.api.get(&req.saga_id).await?;
         // A repeated request (same id) answers with what became of the first one.
         if let Some(refused) = outcome_of(&saga, &request_id) {
-            let def = self.api.definition(&saga.definition);
+            let def = self.api.definition_of(&saga);
             let saga = render::saga(&saga, rev, def.as_deref());
             return Ok(answered(req.saga_id, request_id, refused, saga));
         }
-        let def = self.api.definition(&saga.definition).ok_or_else(|| {
+        let def = self.api.definition_of(&saga).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "saga definition `{}` is not loaded on this node",
                 saga.definition
@@ -296,7 +296,7 @@ impl SagaService for Sagas {
         let consumers = self.served().await;
         let unserved = |saga: &Saga| {
             let consumers = consumers.as_ref()?;
-            let def = self.api.definition(&saga.definition)?;
+            let def = self.api.definition_of(saga)?;
             render::unserved(saga, &def, consumers)
         };
         let accept = |saga: &Saga| {
@@ -305,7 +305,7 @@ impl SagaService for Sagas {
             }
             let stuck = self
                 .api
-                .definition(&saga.definition)
+                .definition_of(saga)
                 .as_deref()
                 .and_then(|d| saga.stuck_at(d, crate::config::STUCK_MULTIPLE))
                 .is_some_and(|at| now >= at);
@@ -318,7 +318,7 @@ impl SagaService for Sagas {
         let out = sagas
             .iter()
             .map(|s| {
-                let mut v = render::saga(s, 0, self.api.definition(&s.definition).as_deref());
+                let mut v = render::saga(s, 0, self.api.definition_of(s).as_deref());
                 if let Some(why) = unserved(s) {
                     v.progress = format!("{why}; {}", v.progress);
                 }
@@ -376,7 +376,7 @@ impl SagaService for Sagas {
         let id = request.into_inner().saga_id;
         validate_saga_id(&id)?;
         let (saga, rev) = self.api.get(&id).await?;
-        let def = self.api.definition(&saga.definition);
+        let def = self.api.definition_of(&saga);
         Ok(Response::new(render::saga(&saga, rev, def.as_deref())))
     }
 
@@ -391,7 +391,7 @@ impl SagaService for Sagas {
         let api = self.api.clone();
         let stream = self.api.watch(&id).await?.map(move |item| {
             item.map_err(Status::from).map(|(saga, rev)| {
-                let def = api.definition(&saga.definition);
+                let def = api.definition_of(&saga);
                 render::saga(&saga, rev, def.as_deref())
             })
         });
@@ -422,7 +422,7 @@ impl SagaService for Sagas {
         let mut definitions: Vec<v1::Definition> = self
             .api
             .definitions()
-            .values()
+            .iter()
             .map(|d| v1::Definition {
                 name: d.name.clone(),
                 description: d.description.clone(),
@@ -452,5 +452,27 @@ impl SagaService for Sagas {
             .collect();
         definitions.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(ListDefinitionsResponse { definitions }))
+    }
+
+    async fn signal_saga(
+        &self,
+        request: Request<v1::SignalSagaRequest>,
+    ) -> Result<Response<v1::SignalSagaResponse>, Status> {
+        let req = request.into_inner();
+        validate_saga_id(&req.saga_id)?;
+        let done = self
+            .api
+            .signal(
+                &req.saga_id,
+                &req.name,
+                req.payload_json.into_bytes(),
+                req.signal_id,
+            )
+            .await?;
+        Ok(Response::new(v1::SignalSagaResponse {
+            saga_id: req.saga_id,
+            signal_id: done.signal_id,
+            duplicate: done.duplicate,
+        }))
     }
 }

@@ -407,6 +407,15 @@ pub fn events(data: &[u8]) -> String {
                     assert!(ids::valid_text(&i.reason, ids::MAX_TEXT));
                     "intervene"
                 }
+                Input::Signal { id, name, payload } => {
+                    assert!(ids::valid_id(&id, ids::MAX_SAGA_ID), "signal id {id:?}");
+                    assert!(
+                        sagaflow_actors::definition::valid_signal_name(&name),
+                        "signal name {name:?}"
+                    );
+                    assert!(payload.len() <= sagaflow::events::MAX_SIGNAL_PAYLOAD);
+                    "signal"
+                }
             };
             // A partition token such as `+3` or `03` decodes as 3 (the consumers' subject
             // filters never deliver one): a kind of its own, so the corpus keeps an example.
@@ -572,6 +581,7 @@ pub fn control(data: &[u8]) -> String {
                 wire::Control::Started { .. } => "started",
                 wire::Control::Cancel { .. } => "cancel",
                 wire::Control::Intervene { .. } => "intervene",
+                wire::Control::Signal { .. } => "signal",
                 wire::Control::Created { snapshot, .. } => {
                     if wire::decode_snapshot(&snapshot).is_ok() {
                         "created:snapshot"

@@ -27,7 +27,7 @@ const TOKENS: [(&str, &str, &str); 4] = [
 
 /// Every RPC of the protocol and the lowest role it needs, written out here rather than read
 /// from the node's table, so a change there has to change this too.
-const RPCS: [(&str, usize); 16] = [
+const RPCS: [(&str, usize); 22] = [
     ("OrderService/PlaceOrder", 1),
     ("OrderService/GetOrder", 0),
     ("OrderService/WatchOrder", 0),
@@ -38,6 +38,12 @@ const RPCS: [(&str, usize); 16] = [
     ("SagaService/ListDefinitions", 0),
     ("SagaService/InterveneSaga", 2),
     ("SagaService/ListSagasNeedingAttention", 0),
+    ("SagaService/SignalSaga", 1),
+    ("DefinitionService/PlanDefinitions", 0),
+    ("DefinitionService/ApplyDefinitions", 3),
+    ("DefinitionService/ListDefinitionVersions", 0),
+    ("DefinitionService/GetDefinition", 0),
+    ("DefinitionService/RollbackDefinition", 3),
     ("AnalyticsService/GetSales", 0),
     ("AdminService/ClusterStatus", 0),
     ("AdminService/ListDeadLetters", 0),
@@ -78,6 +84,9 @@ async fn call(channel: &Channel, rpc: &str, secret: Option<&str>) -> Code {
     let mut sagas = SagaServiceClient::new(channel.clone());
     let mut analytics = AnalyticsServiceClient::new(channel.clone());
     let mut admin = AdminServiceClient::new(channel.clone());
+    let mut defs = sagaflow_proto::v1::definition_service_client::DefinitionServiceClient::new(
+        channel.clone(),
+    );
     fn code<T>(r: Result<T, tonic::Status>) -> Code {
         r.map_or_else(|s| s.code(), |_| Code::Ok)
     }
@@ -102,6 +111,23 @@ async fn call(channel: &Channel, rpc: &str, secret: Option<&str>) -> Code {
                     .list_sagas_needing_attention(req(Default::default(), s))
                     .await,
             ),
+            "SagaService/SignalSaga" => code(sagas.signal_saga(req(Default::default(), s)).await),
+            "DefinitionService/PlanDefinitions" => {
+                code(defs.plan_definitions(req(Default::default(), s)).await)
+            }
+            "DefinitionService/ApplyDefinitions" => {
+                code(defs.apply_definitions(req(Default::default(), s)).await)
+            }
+            "DefinitionService/ListDefinitionVersions" => code(
+                defs.list_definition_versions(req(Default::default(), s))
+                    .await,
+            ),
+            "DefinitionService/GetDefinition" => {
+                code(defs.get_definition(req(Default::default(), s)).await)
+            }
+            "DefinitionService/RollbackDefinition" => {
+                code(defs.rollback_definition(req(Default::default(), s)).await)
+            }
             "AnalyticsService/GetSales" => {
                 code(analytics.get_sales(req(Default::default(), s)).await)
             }

@@ -398,7 +398,18 @@ async fn saga_validate_accepts_the_shipped_sagas() {
     );
     // A folder stands for its *.toml files.
     let run = sagaflow(&["saga", "validate", "sagas"]).await;
-    assert_eq!(run.stdout_lines().len(), 2, "{run:#?}");
+    let shipped = std::fs::read_dir(repo_dir().join("sagas"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "toml")
+        })
+        .count();
+    assert_eq!(shipped, 3, "order, trip and delivery");
+    assert_eq!(run.stdout_lines().len(), shipped, "{run:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -307,8 +307,12 @@ impl SagaState {
 
     /// Takes `saga` (at `revision`) as the loaded copy, as if read from the store.
     fn adopt(&mut self, saga: Saga, revision: u64) {
-        let Some(def) = self.ctx.definitions.get(&saga.definition).cloned() else {
-            // Not loadable here: `load` reads the store and reports it.
+        let Some(def) = self
+            .ctx
+            .definitions
+            .version(&saga.definition, saga.fingerprint)
+        else {
+            // Not known here yet: `load` reads the store and the definition's version.
             return;
         };
         if let Err(e) = saga.consistent_with(&def) {
@@ -323,6 +327,36 @@ impl SagaState {
         });
     }
 
+    /// The version of its definition `saga` started on: from the catalog, else from the
+    /// definition source (applied on another node). A saga whose version is known nowhere
+    /// (started before versions were stored, under a file changed since) runs on the active
+    /// version if its snapshot fits it, as before versions.
+    async fn definition_of(&self, saga: &Saga) -> Result<Arc<SagaDefinition>, Failure> {
+        let (name, fingerprint) = (&saga.definition, saga.fingerprint);
+        if let Some(def) = self.ctx.definitions.version(name, fingerprint) {
+            return Ok(def);
+        }
+        match self.ctx.definition_source.load(name, fingerprint).await {
+            Ok(Some(def)) => Ok(self.ctx.definitions.insert(def)),
+            Ok(None) => match self.ctx.definitions.active(name) {
+                Some(def) => {
+                    tracing::warn!(
+                        saga_id = %self.id, definition = %name,
+                        version = %crate::definition::plan::version_of(fingerprint),
+                        active = %crate::definition::plan::version(&def),
+                        "the version this saga started on is stored nowhere: running it on the active version"
+                    );
+                    Ok(def)
+                }
+                None => Err(Failure::Permanent(format!(
+                    "saga definition `{name}` is not loaded on this node"
+                ))),
+            },
+            Err(PortError::Corrupt { message, .. }) => Err(Failure::Permanent(message)),
+            Err(e) => Err(Failure::Transient(e.to_string())),
+        }
+    }
+
     /// Loads the snapshot if not loaded; `Ok(false)` if the saga does not exist.
     async fn load(&mut self) -> Result<bool, Failure> {
         if self.loaded.is_some() {
@@ -331,12 +365,12 @@ impl SagaState {
         self.loaded_from_cache = false;
         match self.ctx.store.load(&self.id).await {
             Ok(Some((saga, revision))) => {
-                let Some(def) = self.ctx.definitions.get(&saga.definition).cloned() else {
-                    self.unusable = true;
-                    return Err(Failure::Permanent(format!(
-                        "saga definition `{}` is not loaded on this node",
-                        saga.definition
-                    )));
+                let def = match self.definition_of(&saga).await {
+                    Ok(def) => def,
+                    Err(e) => {
+                        self.unusable = matches!(e, Failure::Permanent(_));
+                        return Err(e);
+                    }
                 };
                 if let Err(e) = saga.consistent_with(&def) {
                     self.unusable = true;
@@ -344,9 +378,6 @@ impl SagaState {
                         "stored snapshot of saga `{}` cannot run under definition `{}`: {e}",
                         self.id, def.name
                     )));
-                }
-                if saga.fingerprint != def.fingerprint {
-                    tracing::warn!(saga_id = %self.id, definition = %def.name, "saga started under a different version of its definition");
                 }
                 self.loaded = Some(Loaded {
                     saga,
@@ -429,6 +460,7 @@ impl SagaState {
                 return;
             }
             Input::Cancel { reason } => Event::Cancel { reason },
+            Input::Signal { id, name, payload } => Event::Signal { id, name, payload },
             Input::Intervene(intervention) => {
                 tracing::info!(
                     saga_id = %self.id,

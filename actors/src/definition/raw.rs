@@ -46,6 +46,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(60 * 60);
 /// Longest step timeout accepted: an attempt that may take longer should be split.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest wait for a signal (a carrier's delivery, a customer's approval).
+const MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// Longest saga deadline accepted.
 const MAX_DEADLINE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// Longest backoff accepted (initial or maximum).
@@ -135,7 +137,10 @@ struct RawStage {
 #[serde(deny_unknown_fields)]
 struct RawStep {
     name: Spanned<String>,
-    action: Spanned<String>,
+    #[serde(default)]
+    action: Option<Spanned<String>>,
+    #[serde(default)]
+    wait_for: Option<Spanned<String>>,
     #[serde(default)]
     compensation: Option<Spanned<String>>,
     #[serde(default)]
@@ -772,7 +777,32 @@ impl Validator<'_> {
         let name = raw.name.get_ref();
         let mut ok = self.identifier(&raw.name, format!("{path}.name"), "step name", 62);
 
-        let action = self.action(&raw.action, &format!("{path}.action"));
+        let waits = raw.wait_for.is_some();
+        // A step calls a service (`action`) or waits for a signal (`wait_for`): one of them.
+        let action = match (&raw.action, &raw.wait_for) {
+            (Some(a), None) => self.action(a, &format!("{path}.action")),
+            (None, Some(w)) => {
+                let wait = self.wait_for(w, &format!("{path}.wait_for"));
+                ok &= self.wait_step(raw, &slot, &path, name, step_span.clone());
+                wait
+            }
+            (Some(_), Some(w)) => {
+                self.error(
+                    w.span(),
+                    format!("{path}.wait_for"),
+                    format!("step `{name}` has both `action` and `wait_for`: a step calls a service or waits for a signal, not both"),
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    step_span.clone(),
+                    format!("{path}.action"),
+                    format!("step `{name}` needs `action` (a service to call, `service.action`) or `wait_for` (a signal to wait for)"),
+                );
+                None
+            }
+        };
         let compensation = match &raw.compensation {
             Some(c) => {
                 let parsed = self.action(c, &format!("{path}.compensation"));
@@ -782,7 +812,8 @@ impl Validator<'_> {
             None => None,
         };
         let pivot = is_true(&raw.pivot);
-        let read_only = is_true(&raw.read_only);
+        // A wait step changes nothing: there is nothing to undo.
+        let read_only = is_true(&raw.read_only) || waits;
 
         // The compensation rules: every step that changes state can be undone, or is the pivot.
         match slot {
@@ -804,6 +835,8 @@ impl Validator<'_> {
                     );
                 }
             }
+            // A wait step's rules are `wait_step`'s.
+            Slot::Forward { .. } if waits => {}
             Slot::Forward { .. } => {
                 if read_only && pivot {
                     ok = false;
@@ -846,7 +879,7 @@ impl Validator<'_> {
                 }
             }
         }
-        if let (None, Some(r)) = (&raw.compensation, &raw.compensation_retry) {
+        if let (None, Some(r), false) = (&raw.compensation, &raw.compensation_retry, waits) {
             ok = false;
             self.error(
                 r.span(),
@@ -856,11 +889,21 @@ impl Validator<'_> {
         }
 
         let timeout = match &raw.timeout {
-            Some(text) => self.duration(text, &format!("{path}.timeout"), false, MAX_TIMEOUT),
+            Some(text) => self.duration(
+                text,
+                &format!("{path}.timeout"),
+                false,
+                if waits { MAX_WAIT } else { MAX_TIMEOUT },
+            ),
             None => defaults.map(|d| d.timeout),
         };
         let retry = match &raw.retry {
             Some(r) => self.retry(r, &format!("{path}.retry"), default_retry()),
+            // A wait ends once: the signal arrives, or its timeout fails the step for good.
+            None if waits => Some(RetryPolicy {
+                max_attempts: 1,
+                ..default_retry()
+            }),
             None => defaults.map(|d| d.retry.clone()),
         };
         let compensation_retry = match &raw.compensation_retry {
@@ -887,6 +930,87 @@ impl Validator<'_> {
             compensation_retry: compensation_retry?,
             timeout: timeout?,
         })
+    }
+
+    /// A signal name: dot-separated parts, each `[a-z][a-z0-9_]*`, 64 bytes at most
+    /// (`delivery.confirmed`). A wait step's action has no service and the signal as its name.
+    fn wait_for(&mut self, value: &Spanned<String>, field: &str) -> Option<Action> {
+        let text = value.get_ref();
+        if crate::definition::valid_signal_name(text) {
+            return Some(Action {
+                service: String::new(),
+                name: text.clone(),
+            });
+        }
+        self.error(
+            value.span(),
+            field,
+            format!(
+                "invalid signal name `{text}`: expected dot-separated parts, each a lowercase letter \
+                 followed by lowercase letters, digits or `_`, 64 bytes at most (e.g. `delivery.confirmed`)"
+            ),
+        );
+        None
+    }
+
+    /// What a wait step may not have: a compensation (it changes nothing), `pivot`, `retry`
+    /// (it ends once), `read_only` (it is), and the after-compensation slot (it runs once the
+    /// saga failed, when nobody waits for the world).
+    fn wait_step(
+        &mut self,
+        raw: &RawStep,
+        slot: &Slot,
+        path: &str,
+        name: &str,
+        step_span: std::ops::Range<usize>,
+    ) -> bool {
+        let mut ok = true;
+        if matches!(slot, Slot::AfterCompensation) {
+            ok = false;
+            self.error(
+                step_span,
+                format!("{path}.wait_for"),
+                format!("after-compensation step `{name}` cannot wait for a signal; it must call a service"),
+            );
+        }
+        let not_for_waits: [(&str, Option<std::ops::Range<usize>>, &str); 5] = [
+            (
+                "compensation",
+                raw.compensation.as_ref().map(Spanned::span),
+                "it changes nothing, so there is nothing to undo",
+            ),
+            (
+                "pivot",
+                raw.pivot.as_ref().map(Spanned::span),
+                "it changes nothing, so it cannot be the point of no return",
+            ),
+            (
+                "retry",
+                raw.retry.as_ref().map(Spanned::span),
+                "a wait ends once: the signal arrives, or its `timeout` fails the step",
+            ),
+            (
+                "read_only",
+                raw.read_only.as_ref().map(Spanned::span),
+                "a wait step is read-only already",
+            ),
+            (
+                "compensation_retry",
+                raw.compensation_retry.as_ref().map(Spanned::span),
+                "it has no compensation",
+            ),
+        ];
+        for (field, span, why) in not_for_waits {
+            if let Some(span) = span {
+                ok = false;
+                self.error(
+                    span,
+                    format!("{path}.{field}"),
+                    format!("step `{name}` waits for a signal and takes no `{field}`: {why}"),
+                );
+            }
+        }
+        ok
     }
 
     /// `service.action`, each part `[a-z][a-z0-9_]{0,31}`.
@@ -1112,6 +1236,85 @@ mod tests {
             let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
             panic!("expected a valid saga, got:\n{}", text.join("\n"))
         })
+    }
+
+    const WAITS: &str = r#"
+version = 1
+name = "delivery"
+[statuses]
+initial = "NEW"
+completed = "DELIVERED"
+compensated = "CANCELLED"
+failed = "FAILED"
+[defaults]
+timeout = "10s"
+[[stage]]
+name = "ship"
+[[stage.step]]
+name = "ship"
+action = "shipping.prepare"
+compensation = "shipping.cancel"
+[[stage]]
+name = "wait"
+[[stage.step]]
+name = "delivered"
+wait_for = "delivery.confirmed"
+timeout = "72h"
+"#;
+
+    #[test]
+    fn a_step_may_wait_for_a_signal_and_takes_nothing_a_call_takes() {
+        let def = ok(WAITS);
+        let step = &def.steps[1];
+        assert_eq!(step.wait_for(), Some("delivery.confirmed"));
+        assert_eq!(
+            step.action.to_string(),
+            "wait for signal `delivery.confirmed`"
+        );
+        assert_eq!(step.retry.max_attempts, 1, "a wait ends once");
+        assert_eq!(step.timeout, Duration::from_secs(72 * 3600));
+        assert_eq!(def.steps[0].wait_for(), None);
+        assert_eq!(def.signals(), ["delivery.confirmed"]);
+        assert_eq!(def.services(), ["shipping"], "a wait calls no service");
+
+        let with = |extra: &str| {
+            let text = WAITS.replace(
+                "wait_for = \"delivery.confirmed\"\n",
+                &format!("wait_for = \"delivery.confirmed\"\n{extra}\n"),
+            );
+            parse(&text, Path::new("d.toml"))
+                .unwrap_err()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        for (extra, field) in [
+            ("compensation = \"x.undo\"", "stage[1].step[0].compensation"),
+            ("pivot = true", "stage[1].step[0].pivot"),
+            ("retry = { max_attempts = 3 }", "stage[1].step[0].retry"),
+            ("read_only = true", "stage[1].step[0].read_only"),
+            ("action = \"x.y\"", "stage[1].step[0].wait_for"),
+        ] {
+            let errors = with(extra);
+            assert!(errors.contains(&format!("`{field}`")), "{extra}: {errors}");
+            assert_eq!(errors.lines().count(), 1, "{extra}: {errors}");
+        }
+        let bad_name = WAITS.replace("delivery.confirmed", "Delivery confirmed");
+        let errors = parse(&bad_name, Path::new("d.toml")).unwrap_err();
+        assert!(
+            errors[0].to_string().contains("invalid signal name"),
+            "{errors:?}"
+        );
+        let neither = WAITS.replace("wait_for = \"delivery.confirmed\"\n", "");
+        let errors = parse(&neither, Path::new("d.toml")).unwrap_err();
+        assert!(
+            errors[0].to_string().contains("needs `action`"),
+            "{errors:?}"
+        );
+        // The shipped definitions' versions do not change with the new field.
+        let order = ok(ORDER);
+        assert!(order.steps.iter().all(|s| s.wait_for().is_none()));
     }
 
     fn action(text: &str) -> Action {
@@ -1442,7 +1645,7 @@ mod tests {
         ("duplicate_status", &[(8, 10, Some("statuses.failed"), "is already the `compensated` status")]),
         ("duplicate_step", &[(27, 8, Some("stage[1].step[1].name"), "duplicate step name `charge`: first defined at line 14")]),
         ("empty_stage", &[(18, 1, Some("stage[1].step"), "stage `ship` has no steps")]),
-        ("missing_action", &[(13, 1, Some("stage[0].step[0].action"), "missing field `action`")]),
+        ("missing_action", &[(13, 1, Some("stage[0].step[0].action"), "step `charge` needs `action` (a service to call, `service.action`) or `wait_for`")]),
         ("missing_compensation", &[(26, 1, Some("stage[1].step[1].compensation"), "step `ship` changes state but has no `compensation`; add one or mark it `pivot = true`")]),
         ("missing_statuses", &[(1, 1, Some("statuses"), "missing field `statuses`")]),
         ("multiple_errors", &[

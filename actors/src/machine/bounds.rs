@@ -303,6 +303,10 @@ fn weight(h: &HistoryEntry) -> usize {
             Happening::CompensationStarted { reason }
             | Happening::Parked { reason }
             | Happening::ReplyRefused { reason, .. } => reason.len(),
+            Happening::Waiting { signal } => signal.len(),
+            Happening::SignalReceived { name, id, .. } | Happening::SignalIgnored { name, id } => {
+                name.len() + id.len()
+            }
             Happening::Intervened {
                 id,
                 action,
