@@ -231,3 +231,63 @@ pub fn versions_text(versions: &[DefinitionVersion]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use sagaflow_actors::definition::{parse, plan};
+    use sagaflow_proto::v1::SagaChanges;
+
+    use super::*;
+
+    /// The plan `saga plan` prints for `tests/fixtures/sagas/versions/v2` against v1, checked
+    /// against its golden file (`UPDATE_GOLDEN=1` rewrites it after a deliberate change).
+    #[test]
+    fn the_plan_text_matches_its_golden_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sagas/versions");
+        let load = |v: &str| {
+            let path = root.join(v).join("pin.toml");
+            parse(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
+        };
+        let (v1, v2) = (load("v1"), load("v2"));
+        let changes =
+            |from: Option<&sagaflow_actors::definition::SagaDefinition>, to| SagaChanges {
+                name: "pin".into(),
+                active_version: from.map(plan::version).unwrap_or_default(),
+                new_version: plan::version(to),
+                changes: plan::diff(from, to)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            };
+        let text = [
+            plan_text(
+                &DefinitionPlan {
+                    sagas: vec![changes(Some(&v1), &v2)],
+                },
+                false,
+            ),
+            plan_text(
+                &DefinitionPlan {
+                    sagas: vec![changes(Some(&v2), &v2)],
+                },
+                false,
+            ),
+            plan_text(
+                &DefinitionPlan {
+                    sagas: vec![changes(None, &v1)],
+                },
+                true,
+            ),
+        ]
+        .join("---\n")
+        // Versions are content hashes: stable, but named here so the file reads as a plan.
+        .replace(&plan::version(&v1), "<v1>")
+        .replace(&plan::version(&v2), "<v2>");
+        let golden = root.join("plan.golden");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, &text).unwrap();
+        }
+        assert_eq!(text, std::fs::read_to_string(&golden).unwrap());
+    }
+}

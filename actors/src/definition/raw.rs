@@ -1514,7 +1514,7 @@ timeout = "72h"
     fn load_dir_reads_the_shipped_sagas_in_name_order() {
         let sagas = load_dir(&manifest_path("../sagas")).unwrap();
         let names: Vec<&str> = sagas.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["order", "trip"]);
+        assert_eq!(names, ["delivery", "order", "trip"]);
     }
 
     #[test]
