@@ -1,7 +1,7 @@
 //! The node's plain HTTP endpoint (on `http_addr`): `GET /metrics` (OpenMetrics text),
-//! `GET /healthz` (200 while the NATS connection is up, else 503) and `GET /readyz` (200 once
+//! `GET /healthz` (200 while the NATS connection is up, else 503), `GET /readyz` (200 once
 //! the node serves and while NATS is connected; 503 before, during shutdown and while
-//! disconnected).
+//! disconnected), and the web console under `/ui` ([`crate::console`]; `/` leads there).
 
 use std::sync::Arc;
 
@@ -21,21 +21,25 @@ struct AppState {
     client: async_nats::Client,
 }
 
-/// The router of the HTTP endpoint.
+/// The router of the HTTP endpoint, with `console` (the web console's routes, all under
+/// `/ui`) mounted beside the probes.
 pub fn router(
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     client: async_nats::Client,
+    console: Router,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/", get(|| async { axum::response::Redirect::to("/ui/") }))
         .with_state(AppState {
             metrics,
             readiness,
             client,
         })
+        .merge(console)
 }
 
 /// Serves `router` on `listener` until `cancel`.

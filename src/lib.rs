@@ -24,6 +24,7 @@
 //!   again on `SIGHUP` or change.
 //! - [`grpc`], [`http`]: the API edges, which only translate; [`admission`]: refusing sagas
 //!   when overloaded.
+//! - [`console`]: the web console on the HTTP endpoint (`/ui`), over the gRPC services in-process.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; logs and traces.
 //! - [`demo`]: the demo participant services, on the participant SDK (`sagaflow-participant`).
 //!
@@ -46,6 +47,7 @@ pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod consume;
 pub mod definitions;
 pub mod demo;
@@ -100,7 +102,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "node",
         &[
-            "metrics", "api", "auth", "tls", "http", "grpc", "demo", "node",
+            "metrics", "api", "auth", "tls", "http", "grpc", "console", "demo", "node",
         ],
     ),
     ("binaries", &["cli", "dev"]),

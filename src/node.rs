@@ -10,7 +10,7 @@
 //!    ├─ recover unfinished sagas from the snapshot bucket
 //!    ├─ demo services (optional): one ServicePool + consumer task per service, analytics
 //!    ├─ gRPC server (orders, sagas, analytics, health, reflection)
-//!    └─ HTTP server (/metrics, /healthz, /readyz) and the metrics poller
+//!    └─ HTTP server (/metrics, /healthz, /readyz, the web console under /ui) and the metrics poller
 //!  shutdown()
 //!    stop taking work (health NOT_SERVING, /readyz 503, consumers and gRPC stop) → stop actors →
 //!    join every task → drain the NATS connection
@@ -681,6 +681,22 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
         .build_v1alpha()
         .map_err(|e| Error::Actor(format!("reflection: {e}")))?;
     const MAX_MESSAGE: usize = 1024 * 1024;
+    // The web console (served on the HTTP endpoint) calls the same services in-process.
+    let console = crate::console::Console::new(crate::console::Parts {
+        api: api.clone(),
+        definitions: definition_store.clone(),
+        admin: crate::grpc::admin::Admin::new(
+            js.clone(),
+            view.clone(),
+            config.node_id.clone(),
+            config.partitions,
+        ),
+        auth: auth.clone(),
+        metrics: metrics.clone(),
+        node_id: config.node_id.clone(),
+        insecure: config.insecure,
+        cancel: cancel.child_token(),
+    });
     let reflection = config.auth.reflection.then_some(reflection);
     let reflection_v1alpha = config.auth.reflection.then_some(reflection_v1alpha);
     let router = tonic::transport::Server::builder()
@@ -796,9 +812,15 @@ pub async fn start(mut config: NodeConfig) -> Result<NodeHandle, Error> {
     })?;
     tasks.spawn(crate::http::serve(
         http_listener,
-        crate::http::router(metrics.clone(), readiness.clone(), client.clone()),
+        crate::http::router(
+            metrics.clone(),
+            readiness.clone(),
+            client.clone(),
+            console.router(http_addr),
+        ),
         cancel.child_token(),
     ));
+    tasks.spawn(console.sample_metrics(cancel.child_token()));
     tasks.spawn(crate::metrics::poll(
         js.clone(),
         metrics.clone(),

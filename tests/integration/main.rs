@@ -20,6 +20,7 @@ mod auth;
 mod cli;
 mod cluster;
 mod cluster_cli;
+mod console;
 mod custom_saga;
 mod dashboards;
 mod definitions;
