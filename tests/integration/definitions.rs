@@ -399,6 +399,35 @@ async fn an_apply_through_one_node_is_in_force_on_the_others_within_two_seconds(
         "{defs4:?}"
     );
     late.shutdown().await.unwrap();
+    // A node that never saw v1 (an empty catalog) loads it from the bucket, as a saga's new
+    // owner does for a saga started on it.
+    let js = async_nats::jetstream::new(nats_client(&nats.url()).await.unwrap());
+    let catalog = std::sync::Arc::new(sagaflow_actors::catalog::Catalog::default());
+    let store = sagaflow::definitions::DefinitionStore::open(&js, 1, catalog.clone())
+        .await
+        .unwrap();
+    let v1 =
+        sagaflow::node::load_definitions(&fixture_sagas("versions/v1")).unwrap()["pin"].clone();
+    assert!(catalog.version("pin", v1.fingerprint).is_none());
+    let loaded = store
+        .load_version("pin", v1.fingerprint)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.fingerprint, v1.fingerprint);
+    assert_eq!(
+        loaded
+            .steps
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert!(
+        catalog.version("pin", v1.fingerprint).is_some(),
+        "kept once loaded"
+    );
+    assert!(store.load_version("pin", 0x0123).await.unwrap().is_none());
     for node in nodes {
         node.shutdown().await.unwrap();
     }
