@@ -383,6 +383,8 @@ mod tests {
 
     #[test]
     fn commands_the_node_builds_pass_the_participants_check() {
+        // The forged commands it refuses are the SDK's own tests
+        // (sagaflow_participant::command).
         let built = command();
         assert_eq!(sagaflow_participant::command::check_command(&built), Ok(()));
         assert!(
@@ -396,41 +398,5 @@ mod tests {
             ..command()
         };
         assert_eq!(sagaflow_participant::command::check_command(&older), Ok(()));
-        let forged = [
-            // Another service's reply subject.
-            v1::Command {
-                reply_subject: built.reply_subject.replace(".payment", ".shipping"),
-                ..command()
-            },
-            v1::Command {
-                reply_subject: "$JS.API.STREAM.DELETE.SAGA_EVENTS".into(),
-                ..command()
-            },
-            v1::Command {
-                reply_subject: "sagaflow.evt.x.reply".into(),
-                ..command()
-            },
-            v1::Command {
-                reply_subject: "sagaflow.evt.+5.reply".into(),
-                ..command()
-            },
-            v1::Command {
-                command_id: "order-A-1/charge/1\r\nPUB x 1".into(),
-                ..command()
-            },
-            v1::Command {
-                saga_id: "Z".repeat(5_000),
-                ..command()
-            },
-            v1::Command {
-                attempt: 0,
-                ..command()
-            },
-        ];
-        for cmd in forged {
-            let why = sagaflow_participant::command::check_command(&cmd).unwrap_err();
-            assert!(why.starts_with("command's"), "{why}");
-            assert!(!why.chars().any(char::is_control), "{why:?}");
-        }
     }
 }
