@@ -1238,29 +1238,7 @@ mod tests {
         })
     }
 
-    const WAITS: &str = r#"
-version = 1
-name = "delivery"
-[statuses]
-initial = "NEW"
-completed = "DELIVERED"
-compensated = "CANCELLED"
-failed = "FAILED"
-[defaults]
-timeout = "10s"
-[[stage]]
-name = "ship"
-[[stage.step]]
-name = "ship"
-action = "shipping.prepare"
-compensation = "shipping.cancel"
-[[stage]]
-name = "wait"
-[[stage.step]]
-name = "delivered"
-wait_for = "delivery.confirmed"
-timeout = "72h"
-"#;
+    const WAITS: &str = include_str!("../../../sagas/delivery.toml");
 
     #[test]
     fn a_step_may_wait_for_a_signal_and_takes_nothing_a_call_takes() {
@@ -1275,7 +1253,11 @@ timeout = "72h"
         assert_eq!(step.timeout, Duration::from_secs(72 * 3600));
         assert_eq!(def.steps[0].wait_for(), None);
         assert_eq!(def.signals(), ["delivery.confirmed"]);
-        assert_eq!(def.services(), ["shipping"], "a wait calls no service");
+        assert_eq!(
+            def.services(),
+            ["shipping", "notification"],
+            "a wait calls no service"
+        );
 
         let with = |extra: &str| {
             let text = WAITS.replace(

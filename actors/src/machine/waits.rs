@@ -12,41 +12,11 @@ const SHIP: StepIndex = 0;
 const DELIVERED: StepIndex = 1;
 const NOTIFY: StepIndex = 2;
 
-/// Ship, wait up to an hour for `delivery.confirmed`, then notify.
+/// The shipped example (`sagas/delivery.toml`): ship, wait for `delivery.confirmed`, notify.
 fn delivery() -> SagaDefinition {
     crate::definition::parse(
-        r#"
-version = 1
-name = "delivery"
-deadline = "2h"
-[statuses]
-initial = "NEW"
-completed = "DELIVERED"
-compensated = "CANCELLED"
-failed = "FAILED"
-[defaults]
-timeout = "10s"
-[[stage]]
-name = "ship"
-[[stage.step]]
-name = "ship"
-action = "shipping.prepare"
-compensation = "shipping.cancel"
-[[stage]]
-name = "wait"
-status = "SHIPPED"
-[[stage.step]]
-name = "delivered"
-wait_for = "delivery.confirmed"
-timeout = "1h"
-[[stage]]
-name = "notify"
-[[stage.step]]
-name = "notify"
-action = "notification.send"
-read_only = true
-"#,
-        Path::new("delivery.toml"),
+        include_str!("../../../sagas/delivery.toml"),
+        Path::new("sagas/delivery.toml"),
     )
     .expect("a valid saga")
 }
@@ -92,14 +62,15 @@ fn a_wait_sends_nothing_and_its_signal_ends_it() {
     let (mut saga, t) = shipped(&def);
     assert!(sends(&t).is_empty(), "a wait step sends no command: {t:?}");
     assert_eq!(saga.steps[DELIVERED].phase, StepPhase::Waiting);
-    assert_eq!(saga.status, "NEW");
+    assert_eq!(saga.status, "IN_TRANSIT", "the shipment stage's status");
     assert!(
         saga.in_flight().is_empty(),
         "nothing to publish again after a crash"
     );
+    let wait = i64::try_from(def.steps[DELIVERED].timeout.as_millis()).unwrap();
     assert_eq!(
         saga.next_wakeup(),
-        Some(T0 + 1 + 3_600_000),
+        Some(T0 + 1 + wait),
         "its timeout is due"
     );
     assert!(saga
@@ -115,7 +86,7 @@ fn a_wait_sends_nothing_and_its_signal_ends_it() {
         saga.steps[DELIVERED].output.as_deref(),
         Some(&br#"{"by":"ann"}"#[..])
     );
-    assert_eq!(saga.status, "SHIPPED");
+    assert_eq!(saga.status, "IN_TRANSIT");
     assert_eq!(
         sends(&t),
         [CommandSpec {
@@ -230,6 +201,7 @@ fn a_cancel_ends_the_wait_and_a_finished_saga_ignores_signals() {
     )
     .unwrap();
     assert_eq!(saga.phase, Phase::Compensated);
+    assert_eq!(saga.status, "RETURNED");
     let t = saga.apply(&def, signal("s-9", "{}"), T0 + 40).unwrap();
     assert!(!t.changed);
 }
