@@ -225,9 +225,10 @@ fn chart(title: &str, unit: fn(f64) -> String, lines: &[(&str, &str, &[Option<f6
         .flat_map(|l| l.2.iter().flatten())
         .fold(0.0_f64, |m, v| m.max(*v));
     let top = if max > 0.0 { max } else { 1.0 };
-    // Right-aligned: the newest point at the right edge, one step per sample interval.
-    let step = W / (SAMPLES - 2) as f64;
+    // The points collected so far across the width, the newest at the right edge.
+    let step = W / n.saturating_sub(1).max(1) as f64;
     let x = |i: usize| W - (n - 1 - i) as f64 * step;
+    let spanned = layout::duration((n as u64 * SAMPLE_EVERY.as_secs() * 1000) as i64);
     let y = |v: f64| H - 2.0 - v / top * (H - 4.0);
     let described: Vec<String> = lines
         .iter()
@@ -248,7 +249,7 @@ fn chart(title: &str, unit: fn(f64) -> String, lines: &[(&str, &str, &[Option<f6
                 }
             }
             svg viewBox=(format!("0 0 {W} {H}")) preserveAspectRatio="none" role="img"
-                aria-label=(format!("{title} over the last {} minutes: {}; highest {}", SAMPLES * SAMPLE_EVERY.as_secs() as usize / 60, described.join(", "), unit(max))) {
+                aria-label=(format!("{title} over the last {spanned}: {}; highest {}", described.join(", "), unit(max))) {
                 line.axis x1="0" y1=(H - 1.0) x2=(W) y2=(H - 1.0) {}
                 @for (_, class, points) in lines {
                     @let segments = {
@@ -274,7 +275,7 @@ fn chart(title: &str, unit: fn(f64) -> String, lines: &[(&str, &str, &[Option<f6
                     }
                 }
             }
-            div.scale { span { "max " (unit(max)) } span { "now" } }
+            div.scale { span { "−" (spanned) } span { "max " (unit(max)) } span { "now" } }
         }
     }
 }
@@ -327,7 +328,7 @@ async fn overview_html(console: &Console) -> Markup {
             }
         }
         section aria-labelledby="charts-h" {
-            h2 #charts-h { "This node, last minutes " span.muted.small { "(node " (console.inner.node_id) "; " (last.in_flight) " sagas in flight, " (last.dlq) " dead letters)" } }
+            h2 #charts-h { "This node, last 10 minutes " span.muted.small { "(node " (console.inner.node_id) "; " (last.in_flight) " sagas in flight, " (last.dlq) " dead letters)" } }
             @if samples.len() < 2 {
                 p.muted { "Collecting: the charts start after two samples (" (SAMPLE_EVERY.as_secs()) " s apart)." }
             }
