@@ -357,6 +357,11 @@ async fn an_operator_watches_and_acts_in_a_real_browser() {
         43,
         "the page was reloaded"
     );
+    // Its shareable URL, as the README shows it.
+    c.goto(&format!("{base}/ui/sagas/order-HOLD-1"))
+        .await
+        .unwrap();
+    until_text(&c, ".saga-head", "CANCELLED").await;
     shot(&c, "cancelled.png").await;
 
     // A participant's error with markup in it is text on the page, and nothing of it runs.

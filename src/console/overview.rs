@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use maud::{html, Markup};
 use sagaflow_proto::v1::saga_service_server::SagaService;
-use sagaflow_proto::v1::ListSagasNeedingAttentionRequest;
+use sagaflow_proto::v1::{self, ListSagasNeedingAttentionRequest};
 use tokio_util::sync::CancellationToken;
 
 use super::layout::{self, Nav};
@@ -66,6 +66,43 @@ impl Samples {
             .iter()
             .cloned()
             .collect()
+    }
+}
+
+/// How long the overview's list of sagas needing attention is kept: finding them loads
+/// unfinished sagas (up to `ListSagasNeedingAttention`'s bound), too much to do every few
+/// seconds for every open overview.
+const ATTENTION_FOR: Duration = Duration::from_secs(15);
+
+/// A listing of the sagas needing attention.
+type Listing = Result<Vec<v1::Saga>, tonic::Status>;
+
+/// The sagas needing attention, as last listed, and when.
+#[derive(Debug, Default)]
+pub(crate) struct Attention {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Listing)>>,
+}
+
+impl Attention {
+    /// The first sagas needing attention, listed again when older than [`ATTENTION_FOR`].
+    async fn get(&self, console: &Console) -> Listing {
+        let mut last = self.last.lock().await;
+        if let Some((at, list)) = last.as_ref() {
+            if at.elapsed() < ATTENTION_FOR {
+                return list.clone();
+            }
+        }
+        let list = console
+            .inner
+            .sagas
+            .list_sagas_needing_attention(tonic::Request::new(ListSagasNeedingAttentionRequest {
+                limit: 10,
+                ..Default::default()
+            }))
+            .await
+            .map(|r| r.into_inner().sagas);
+        *last = Some((tokio::time::Instant::now(), list.clone()));
+        list
     }
 }
 
@@ -298,15 +335,7 @@ fn percent(v: f64) -> String {
 
 async fn overview_html(console: &Console) -> Markup {
     let counts = sagas::count(console, |_| true).await;
-    let attention = console
-        .inner
-        .sagas
-        .list_sagas_needing_attention(tonic::Request::new(ListSagasNeedingAttentionRequest {
-            limit: 10,
-            ..Default::default()
-        }))
-        .await
-        .map(|r| r.into_inner().sagas);
+    let attention = console.inner.attention.get(console).await;
     let samples = console.inner.samples.all();
     let s = series(&samples);
     let last = samples.last().cloned().unwrap_or_default();
@@ -339,7 +368,7 @@ async fn overview_html(console: &Console) -> Markup {
             }
         }
         section aria-labelledby="attention-h" {
-            h2 #attention-h { "Needing attention" }
+            h2 #attention-h { "Needing attention " span.muted.small { "(listed every " (ATTENTION_FOR.as_secs()) " s)" } }
             @match &attention {
                 Err(status) => { (layout::error_box(&layout::status_text(status))) }
                 Ok(list) if list.is_empty() => { p.muted { "None: no saga is parked, stuck or waiting on an unserved service." } }

@@ -342,7 +342,8 @@ async fn list_fragment(console: &Console, q: &ListQuery, now: i64) -> Markup {
     html! {
         @match &counts {
             Ok(c) => {
-                div.counts aria-label="Sagas by status (the other filters applied)" {
+                div.counts aria-label="Sagas by status (the other filters applied)"
+                    data-announce=(format!("{} sagas: {}", c.total, c.by_status.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", "))) {
                     @let all = q.with(|x| x.status.clear());
                     a.chip href=(list_url(&all, false)) aria-current=[q.status.is_empty().then_some("true")] {
                         "all " strong { (c.total) }

@@ -464,6 +464,31 @@ async fn sign_in_roles_and_csrf_guard_every_action() {
         late.body
     );
 
+    // A token taken out of the file ends its sessions (the file is read again on change).
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"olga\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            sha256_hex(OPERATOR)
+        ),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(20), "rita's session ends", || {
+        let mut rita = Web {
+            addr,
+            cookie: rita.cookie.clone(),
+            host: addr.to_string(),
+        };
+        async move { rita.get("/ui/sagas").await.status == 303 }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        olga.get("/ui/sagas").await.status,
+        200,
+        "olga's token stays"
+    );
+
     // Signing out ends the session.
     let out = olga.post("/ui/logout", &[("csrf", &csrf)]).await;
     assert_eq!(

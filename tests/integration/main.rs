@@ -4,9 +4,9 @@
 //!
 //! Run one area with a filter, e.g. `cargo test --test integration orders::`.
 //!
-//! Two kinds of test keep binaries of their own: `tests/chaos.rs` (a 3-node NATS cluster and
-//! node kills, alone on the machine) and `tests/tracing.rs` (it installs the process's one
-//! global tracing subscriber).
+//! Three kinds of test keep binaries of their own: `tests/chaos.rs` (a 3-node NATS cluster and
+//! node kills, alone on the machine), `tests/tracing.rs` (it installs the process's one
+//! global tracing subscriber) and `tests/console.rs` (the web console in a headless browser).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../common/mod.rs"]
