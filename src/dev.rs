@@ -203,8 +203,8 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()> + Send) ->
                     format!("with the demo services {}", opts.demo_services.join(", "))
                 };
                 println!(
-                    "sagaflow node {} serving gRPC on {} {with}",
-                    node.node_id, node.grpc_addr
+                    "sagaflow node {} serving gRPC on {} {with}; web console: http://{}/ui/",
+                    node.node_id, node.grpc_addr, node.http_addr
                 );
                 nodes.push(node);
             }

@@ -390,6 +390,16 @@ mod tests {
     }
 
     #[test]
+    fn the_pivot_is_marked_as_what_cannot_be_undone() {
+        let html = diagram(&load("sagas/trip.toml")).into_string();
+        let pivot = html.find("data-step=\"issue_tickets\"").unwrap();
+        let after = &html[pivot..];
+        assert!(after.contains("PIVOT"), "{html}");
+        assert!(after.contains("cannot be undone"), "{html}");
+        assert!(html.contains("class=\"step pivot\""), "{html}");
+    }
+
+    #[test]
     fn a_wait_step_is_marked() {
         let html = diagram(&load("sagas/delivery.toml")).into_string();
         assert!(html.contains("WAIT"));

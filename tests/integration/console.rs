@@ -636,6 +636,162 @@ async fn without_tokens_pages_escape_what_participants_say_and_stay_light() {
         finished.body
     );
 
+    // Filters read the list index; pages go through it, 50 at a time.
+    for (query, shown) in [
+        ("?q=x-1", true),
+        (
+            "?since=1h&phase=COMPENSATED&status=cancelled&definition=order",
+            true,
+        ),
+        ("?phase=finished", true),
+        ("?to=2000-01-01T00:00", false),
+        ("?status=SHIPPED", false),
+        ("?definition=delivery", false),
+        ("?phase=unfinished", false),
+    ] {
+        let r = web.get(&format!("/ui/sagas{query}")).await;
+        assert_eq!(r.status, 200, "{query}");
+        assert_eq!(
+            r.body.contains("data-saga=\"order-X-1\""),
+            shown,
+            "{query}: {}",
+            r.body
+        );
+    }
+    let bad = web.get("/ui/sagas?phase=SLEEPING&from=soon").await;
+    assert!(
+        bad.body.contains("invalid_argument: phase: no phase"),
+        "{}",
+        bad.body
+    );
+    assert!(bad.body.contains("invalid_argument: from:"), "{}", bad.body);
+    let more: Vec<String> = (0..55).map(|i| format!("P-{i:02}")).collect();
+    futures::future::join_all(more.iter().map(|id| {
+        let mut orders = orders.clone();
+        async move {
+            orders
+                .place_order(PlaceOrderRequest {
+                    order_id: id.clone(),
+                    customer: "ann".into(),
+                    amount_cents: 100,
+                    items: vec![OrderItem {
+                        sku: "SKU-1".into(),
+                        quantity: 1,
+                    }],
+                })
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let first = web.get("/ui/sagas").await;
+    assert_eq!(
+        first.body.matches("data-saga=").count(),
+        50,
+        "{}",
+        first.body
+    );
+    assert!(
+        first.body.contains("all <strong>56</strong>"),
+        "{}",
+        first.body
+    );
+    let next = first
+        .body
+        .split("rel=\"next\"")
+        .next()
+        .and_then(|b| b.rsplit("href=\"").next())
+        .map(|h| h.split('"').next().unwrap().replace("&amp;", "&"))
+        .unwrap();
+    let second = web.get(&next).await;
+    assert_eq!(
+        second.body.matches("data-saga=").count(),
+        6,
+        "{next}: {}",
+        second.body
+    );
+    assert!(
+        second.body.contains("data-saga=\"order-X-1\""),
+        "the oldest is last"
+    );
+    assert!(!second.body.contains("rel=\"next\""));
+
+    // A dead letter is discarded with a reason, and journaled.
+    let js = async_nats::jetstream::new(nats_client(&nats.url()).await.unwrap());
+    js.publish("sagaflow.evt.0.order-y.reply", b"\x00junk".to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let seq = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    wait_until(Duration::from_secs(20), "a dead letter", || {
+        let seq = seq.clone();
+        let mut web = Web::new(node.http_addr);
+        async move {
+            let page = web.get("/ui/dlq").await;
+            let found = page
+                .body
+                .split("<tr data-seq=\"")
+                .nth(1)
+                .map(|r| r.split('"').next().unwrap().to_string());
+            let ok = found.is_some();
+            *seq.lock().unwrap() = found.unwrap_or_default();
+            ok
+        }
+    })
+    .await
+    .unwrap();
+    let seq = seq.lock().unwrap().clone();
+    let shown = web.get(&format!("/ui/dlq/{seq}")).await;
+    assert!(
+        shown.body.contains("00000000  00 6a 75 6e 6b"),
+        "{}",
+        shown.body
+    );
+    let form = web.get(&format!("/ui/dlq/{seq}/discard")).await;
+    let csrf = form.csrf();
+    let no_reason = web
+        .post(
+            &format!("/ui/dlq/{seq}/discard"),
+            &[("csrf", &csrf), ("operator", "ann")],
+        )
+        .await;
+    assert_eq!(no_reason.status, 400);
+    assert!(
+        no_reason
+            .body
+            .contains("invalid_argument: reason: required"),
+        "{}",
+        no_reason.body
+    );
+    let gone = web
+        .post(
+            &format!("/ui/dlq/{seq}/discard"),
+            &[
+                ("csrf", &csrf),
+                ("operator", "ann"),
+                ("reason", "test junk"),
+            ],
+        )
+        .await;
+    assert_eq!(gone.status, 303, "{gone:?}");
+    let listed = web.get(gone.header("location").unwrap()).await;
+    assert!(
+        listed
+            .body
+            .contains(&format!("discarded dead letter {seq}")),
+        "{}",
+        listed.body
+    );
+    let journal = web.get("/ui/dlq?journal=1").await;
+    assert!(
+        journal
+            .body
+            .contains(&format!("discard of {seq} by ann: test junk")),
+        "{}",
+        journal.body
+    );
+
     // The first load: page, stylesheet and script, well under 200 KB.
     let list = web.get("/ui/sagas").await;
     let css = web.get(&asset(&list.body, "stylesheet")).await;
