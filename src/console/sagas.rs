@@ -329,7 +329,9 @@ async fn list_fragment(console: &Console, q: &ListQuery, now: i64) -> Markup {
         "" => None,
         t => Cursor::parse(t),
     };
-    let counts = count(console, |l| filter.keep(l, false)).await;
+    let counts = count(console, |l| filter.keep(l, false))
+        .await
+        .map_err(tonic::Status::from);
     let page = api
         .list_page(
             after.as_ref(),
@@ -338,7 +340,8 @@ async fn list_fragment(console: &Console, q: &ListQuery, now: i64) -> Markup {
             |l| filter.keep(l, true),
             |s| filter.accept(s),
         )
-        .await;
+        .await
+        .map_err(tonic::Status::from);
     html! {
         @match &counts {
             Ok(c) => {
@@ -356,10 +359,10 @@ async fn list_fragment(console: &Console, q: &ListQuery, now: i64) -> Markup {
                     }
                 }
             }
-            Err(e) => { (layout::error_box(&format!("cannot count: {}", layout::status_text(&tonic::Status::from(clone_error(e)))))) }
+            Err(status) => { (layout::error_box(&format!("cannot count: {}", layout::status_text(status)))) }
         }
         @match &page {
-            Err(e) => { (layout::error_box(&layout::status_text(&tonic::Status::from(clone_error(e))))) }
+            Err(status) => { (layout::error_box(&layout::status_text(status))) }
             Ok((sagas, next)) => {
                 @if sagas.is_empty() {
                     p.empty { "No saga matches. " @if !q.encode(false).is_empty() { a href="/ui/sagas" { "Clear the filters" } } }
@@ -403,16 +406,6 @@ async fn list_fragment(console: &Console, q: &ListQuery, now: i64) -> Markup {
                 }
             }
         }
-    }
-}
-
-/// An [`ApiError`] for display (it is not `Clone`; its words are what is shown).
-fn clone_error(e: &ApiError) -> ApiError {
-    match e {
-        ApiError::NotFound(id) => ApiError::NotFound(id.clone()),
-        ApiError::Corrupt(m) => ApiError::Corrupt(m.clone()),
-        ApiError::Precondition(m) => ApiError::Precondition(m.clone()),
-        other => ApiError::Corrupt(crate::telemetry::error_chain(other)),
     }
 }
 

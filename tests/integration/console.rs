@@ -805,6 +805,10 @@ async fn without_tokens_pages_escape_what_participants_say_and_stay_light() {
         js.body.len()
     );
     assert!(weight < 200_000, "{weight} bytes");
+    let saga_page =
+        web.get("/ui/sagas/order-X-1").await.body.len() + css.body.len() + js.body.len();
+    eprintln!("console first load of a saga's page: {saga_page} bytes");
+    assert!(saga_page < 200_000, "{saga_page} bytes");
     // The overview, definitions, cluster and dead letters answer.
     for path in [
         "/ui/",
