@@ -121,7 +121,9 @@ fn definition_services(
 ) -> Vec<v1::CalledService> {
     let mut out: Vec<v1::CalledService> = Vec::new();
     let steps = def.steps.iter().chain(def.after_compensation.as_ref());
-    for action in steps.flat_map(|s| std::iter::once(&s.action).chain(s.compensation.as_ref())) {
+    let actions = steps.flat_map(|s| std::iter::once(&s.action).chain(s.compensation.as_ref()));
+    // A wait step's action names a signal, not a service.
+    for action in actions.filter(|a| !a.service.is_empty()) {
         let i = match out.iter().position(|s| s.name == action.service) {
             Some(i) => i,
             None => {

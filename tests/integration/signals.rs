@@ -118,6 +118,17 @@ async fn signals_before_during_and_after_the_wait_duplicates_and_timeouts() {
     let inputs = Arc::new(Mutex::new(Vec::new()));
     let _participant = participant(&nats.url(), held.clone(), inputs.clone()).await;
 
+    // A wait step calls no service: the definition lists only the participant's.
+    let defs = sagas
+        .list_definitions(v1::ListDefinitionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .definitions;
+    let approval = defs.iter().find(|d| d.name == "approval").unwrap();
+    let services: Vec<&str> = approval.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(services, ["approvals"], "{approval:?}");
+
     // During the wait: the signal ends it, its payload reaches the next command's input.
     start(&mut sagas, "during").await;
     until_step(&mut sagas, "during", "approved", "WAITING").await;
