@@ -719,6 +719,14 @@ async fn load(console: &Console, id: &str) -> Result<(Saga, u64), tonic::Status>
     console.inner.api.get(id).await.map_err(tonic::Status::from)
 }
 
+/// Saga `id` for a form's page, or the error page to answer instead.
+async fn saga_or_error(console: &Console, viewer: &Viewer, id: &str) -> Result<Saga, Response> {
+    load(console, id)
+        .await
+        .map(|(saga, _)| saga)
+        .map_err(|status| layout::error_page(console, viewer, Nav::Sagas, "Saga", &status))
+}
+
 /// What became of the intervention `request` of `saga`, in the CLI's words.
 fn intervention_notice(saga: &Saga, request: &str) -> Markup {
     let found = saga.history.iter().rev().find_map(|h| match &h.what {
@@ -1046,9 +1054,9 @@ pub(crate) async fn confirm(
     Query(q): Query<ActForm>,
 ) -> Response {
     let console = &ctx.console;
-    let (saga, _) = match load(console, &id).await {
+    let saga = match saga_or_error(console, &viewer, &id).await {
         Ok(s) => s,
-        Err(status) => return layout::error_page(console, &viewer, Nav::Sagas, "Saga", &status),
+        Err(page) => return page,
     };
     let form = ActForm {
         action: q.action,
@@ -1068,9 +1076,9 @@ pub(crate) async fn act(
     Form(form): Form<ActForm>,
 ) -> Response {
     let console = &ctx.console;
-    let (saga, _) = match load(console, &id).await {
+    let saga = match saga_or_error(console, &viewer, &id).await {
         Ok(s) => s,
-        Err(status) => return layout::error_page(console, &viewer, Nav::Sagas, "Saga", &status),
+        Err(page) => return page,
     };
     let refuse = |status: tonic::Status| {
         confirm_page(
@@ -1193,9 +1201,9 @@ pub(crate) async fn signal_form(
     Path(id): Path<String>,
 ) -> Response {
     let console = &ctx.console;
-    let (saga, _) = match load(console, &id).await {
+    let saga = match saga_or_error(console, &viewer, &id).await {
         Ok(s) => s,
-        Err(status) => return layout::error_page(console, &viewer, Nav::Sagas, "Saga", &status),
+        Err(page) => return page,
     };
     let form = SignalForm {
         signal_id: format!("console-{:016x}", rand::random::<u64>()),
@@ -1212,9 +1220,9 @@ pub(crate) async fn signal(
     Form(form): Form<SignalForm>,
 ) -> Response {
     let console = &ctx.console;
-    let (saga, _) = match load(console, &id).await {
+    let saga = match saga_or_error(console, &viewer, &id).await {
         Ok(s) => s,
-        Err(status) => return layout::error_page(console, &viewer, Nav::Sagas, "Saga", &status),
+        Err(page) => return page,
     };
     let refuse = |status: tonic::Status| {
         signal_page(
