@@ -50,7 +50,7 @@ fn binary(env: &str, default: &str) -> PathBuf {
     assert!(
         path.is_file(),
         "{} not found: the console's browser test needs Debian's chromium and chromium-driver \
-         (`apt-get install -y chromium chromium-driver`, as .ci/run does), or {env} naming the binary",
+         (`bash scripts/install-browser.sh`, as .ci/run and the README's test command do), or {env} naming the binary",
         path.display()
     );
     path
