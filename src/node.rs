@@ -265,10 +265,15 @@ fn definition_texts(
                 .find(|(file, _)| std::path::Path::new(file) == def.source)
                 .map(|(_, text)| (*text).to_string());
             let text = std::fs::read_to_string(&def.source).ok().or(built_in);
-            match text {
+            // The file may have changed since it was loaded: store only a text that is this
+            // version, or other nodes would load something else under its name.
+            let same = |text: &String| {
+                definition::parse(text, &def.source).is_ok_and(|d| d.fingerprint == def.fingerprint)
+            };
+            match text.filter(same) {
                 Some(text) => Some((def.clone(), text)),
                 None => {
-                    tracing::warn!(saga = %def.name, file = %def.source.display(), "cannot read the definition's file again: its version is not stored");
+                    tracing::warn!(saga = %def.name, file = %def.source.display(), "cannot read the definition's file again as it was loaded (changed since?): its version is not stored");
                     None
                 }
             }
