@@ -335,10 +335,7 @@ impl Delivery for JsDelivery {
     }
 
     async fn nak(self: Box<Self>, delay: Duration) {
-        let delay = (!delay.is_zero()).then_some(delay);
-        if let Err(e) = self.message.ack_with(AckKind::Nak(delay)).await {
-            tracing::warn!(subject = %self.message.subject, error = %e, "nak failed");
-        }
+        sagaflow_participant::nak(&self.message, delay).await;
     }
 
     async fn in_progress(&self) {

@@ -194,14 +194,18 @@ impl Returnable for std::sync::Arc<async_nats::jetstream::Message> {
         self: Box<Self>,
         delay: std::time::Duration,
     ) -> futures::future::BoxFuture<'static, ()> {
-        Box::pin(async move {
-            let delay = (!delay.is_zero()).then_some(delay);
-            if let Err(e) = self
-                .ack_with(async_nats::jetstream::AckKind::Nak(delay))
-                .await
-            {
-                tracing::warn!(subject = %self.subject, error = %e, "nak failed");
-            }
-        })
+        Box::pin(async move { nak(&self, delay).await })
+    }
+}
+
+/// Returns `message` to JetStream for redelivery after `delay` (at once when zero); a failure
+/// is logged (the message then comes back after the consumer's `ack_wait`).
+pub async fn nak(message: &async_nats::jetstream::Message, delay: std::time::Duration) {
+    let delay = (!delay.is_zero()).then_some(delay);
+    if let Err(e) = message
+        .ack_with(async_nats::jetstream::AckKind::Nak(delay))
+        .await
+    {
+        tracing::warn!(subject = %message.subject, error = %e, "nak failed");
     }
 }

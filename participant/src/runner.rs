@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use async_nats::HeaderMap;
 use futures::future::BoxFuture;
 use prost::Message as _;
@@ -32,7 +32,7 @@ use crate::consume::{pull_forever, Flow};
 use crate::consumer::{ensure_consumer, ConsumerSettings};
 use crate::pool::{Job, PoolStats, ServicePool, ServicePoolArgs, ServicePoolMsg};
 use crate::trace::{self, TraceParent};
-use crate::{Handler, Outcome, Unavailable};
+use crate::{nak, Handler, Outcome, Unavailable};
 
 /// Messages asked for per pull request (at most the commands in hand).
 const PULL_BATCH: usize = 256;
@@ -317,13 +317,6 @@ async fn consume(
         },
     )
     .await;
-}
-
-async fn nak(message: &jetstream::Message, delay: Duration) {
-    let delay = (!delay.is_zero()).then_some(delay);
-    if let Err(e) = message.ack_with(AckKind::Nak(delay)).await {
-        tracing::warn!(subject = %message.subject, error = %e, "nak failed");
-    }
 }
 
 async fn ack(message: &jetstream::Message) {
